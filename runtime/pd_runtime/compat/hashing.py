@@ -52,3 +52,51 @@ def builtin_factors(
         "cache_dtype": cache_dtype,
         "family": family,
     }
+
+
+def vllm_factors(pool, version) -> tuple[dict[str, Any] | None, str | None]:
+    """The factors vLLM `version` (an EngineVersion) hashes for `pool` (a ResolvedPool).
+
+    Returns (factors, None), or (None, why) when a factor is unknown before launch. Never
+    guesses: an auto attention backend, an eagle-family draft (its aux layer ids come from the
+    draft's config) or a model redirect leave the hash unknown.
+    """
+    from .versions import NIXL_CONNECTOR_VERSION
+
+    minor = version.minor
+    if minor not in NIXL_CONNECTOR_VERSION:
+        return None, f"the NIXL connector version of vLLM {version.text} is not known"
+    connector_version = NIXL_CONNECTOR_VERSION[minor]
+    if connector_version is None:
+        return None, f"vLLM {version.text} has no compatibility hash"
+    if pool.attention_backend == "auto":
+        return None, "attention backend 'auto' is chosen by vLLM at start-up from the GPU"
+    if "VLLM_MODEL_REDIRECT_PATH" in pool.env:
+        return None, "VLLM_MODEL_REDIRECT_PATH rewrites the model string at start-up"
+    factors: dict[str, Any] = {
+        "vllm_version": version.text,
+        "nixl_connector_version": connector_version,
+        "model": pool.model_name,
+        "dtype": f"torch.{pool.dtype}",
+        "num_kv_heads": pool.num_kv_heads,
+        "head_size": pool.head_size,
+        "num_hidden_layers": pool.num_hidden_layers,
+        "attn_backend_name": pool.attention_backend,
+        "cache_dtype": pool.kv_cache_dtype,
+    }
+    if (0, 16) <= minor <= (0, 28):
+        from .rules_vllm import _effective_cross_layers
+
+        factors["cross_layers_blocks"] = _effective_cross_layers(pool)
+    if minor >= (0, 18):
+        factors["is_hma_enabled"] = pool.hma
+    if minor >= (0, 28):
+        spec = pool.speculative
+        if spec is not None and spec.is_eagle_family:
+            return None, (
+                "the eagle-family speculative_config factor includes auxiliary layer ids read "
+                "from the draft model's config at start-up"
+            )
+        factors["speculative_config"] = None
+        factors["transfer_mode"] = "push" if pool.is_push else "pull"
+    return factors, None

@@ -1,0 +1,1 @@
+"""The PDDeployment API (group serving.pd-operator.dev)."""

@@ -1,0 +1,146 @@
+"""Resolve a PDDeployment spec into two fully explicit pools (pure).
+
+Per-pool overrides (`spec.<pool>.model`, `.engine`, `.kvTransfer`) replace the shared values field
+by field; defaults fill the rest. Each resolved value remembers the JSON path it came from, so a
+verdict can name the field the user has to change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pd_runtime.compat import ResolvedPool, Speculative
+from pd_runtime.compat.versions import version_from_image
+
+from .api.v1alpha1 import PDDeploymentSpec, PoolSpec
+
+DEFAULT_LAYOUT = "HND"  # NixlConnector's preferred layout for non-MLA models
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+
+
+class _Picker:
+    """Reads a value from a per-pool override when set there, else from the shared block."""
+
+    def __init__(self, origin: dict[str, str]):
+        self.origin = origin
+
+    def pick(self, name: str, attr: str, override: Any, override_path: str,
+             shared: Any, shared_path: str) -> Any:
+        value = getattr(override, attr, None) if override is not None else None
+        if value is not None:
+            self.origin[name] = f"{override_path}.{_json_name(attr)}"
+            return value
+        self.origin[name] = f"{shared_path}.{_json_name(attr)}"
+        return getattr(shared, attr)
+
+
+def _json_name(attr: str) -> str:
+    from .api.v1alpha1 import _alias
+
+    return _alias(attr)
+
+
+def _engine(spec: PDDeploymentSpec, pool: PoolSpec, role: str, origin: dict[str, str]):
+    over = pool.engine
+    base = f"spec.{role}.engine" if over else "spec.engine"
+    etype = over.type if over and over.type else spec.engine.type
+    origin["engine_type"] = f"{base}.type" if over and over.type else "spec.engine.type"
+    if over and over.image:
+        image, image_path = over.image, f"spec.{role}.engine.image"
+        version = over.version or version_from_image(over.image)
+        version_path = f"spec.{role}.engine.version" if over.version else image_path
+    else:
+        image, image_path = spec.engine.image, "spec.engine.image"
+        if over and over.version:
+            version, version_path = over.version, f"spec.{role}.engine.version"
+        elif spec.engine.version:
+            version, version_path = spec.engine.version, "spec.engine.version"
+        else:
+            version, version_path = version_from_image(image), image_path
+    origin["engine_image"] = image_path
+    origin["engine_version"] = version_path
+    return etype, image, version
+
+
+def _env(pool: PoolSpec) -> dict[str, str]:
+    """Literal env values by name; a valueFrom entry counts as set, with an empty value."""
+    return {e["name"]: str(e.get("value", "")) for e in pool.template.env if "name" in e}
+
+
+def resolve_pool(spec: PDDeploymentSpec, role: str) -> ResolvedPool:
+    pool: PoolSpec = getattr(spec, role)
+    origin: dict[str, str] = {}
+    pick = _Picker(origin).pick
+    m_over, m_path = pool.model, f"spec.{role}.model"
+    t_over, t_path = pool.kv_transfer, f"spec.{role}.kvTransfer"
+
+    def model(name: str, attr: str | None = None):
+        return pick(name, attr or name, m_over, m_path, spec.model, "spec.model")
+
+    def transfer(name: str, attr: str | None = None):
+        return pick(name, attr or name, t_over, t_path, spec.kv_transfer, "spec.kvTransfer")
+
+    engine_type, engine_image, engine_version = _engine(spec, pool, role, origin)
+    for name, attr in [("tp", "tensor_parallel_size"), ("pp", "pipeline_parallel_size"),
+                       ("dp", "data_parallel_size"), ("dcp", "decode_context_parallel_size"),
+                       ("hma", "hybrid_kv_cache_manager")]:
+        origin[name] = f"spec.{role}.{_json_name(attr)}"
+    for name in ("block_size", "attention_backend", "kv_cache_dtype", "kv_cache_layout",
+                 "kv_cache_scales", "prefix_caching", "speculative", "args", "replicas"):
+        origin[name] = f"spec.{role}.{_json_name(name)}"
+    origin["env"] = f"spec.{role}.template.env"
+    origin["gpu_product"] = f"spec.{role}.template.nodeSelector"
+    origin["backends"] = "spec.kvTransfer.backends"
+    origin["side_channel_port"] = "spec.kvTransfer.sideChannelPort"
+    spec_block = pool.speculative
+    lease = transfer("kv_lease_duration_s", "kv_lease_duration_seconds")
+    return ResolvedPool(
+        role=role,
+        engine_type=engine_type,
+        engine_image=engine_image,
+        engine_version=engine_version,
+        model_name=model("model_name", "name"),
+        model_revision=model("model_revision", "revision"),
+        family=model("family"),
+        dtype=model("dtype"),
+        num_kv_heads=model("num_kv_heads"),
+        head_size=model("head_size"),
+        num_hidden_layers=model("num_hidden_layers"),
+        sliding_window=model("sliding_window"),
+        mamba_type=model("mamba_type"),
+        tp=pool.tensor_parallel_size,
+        pp=pool.pipeline_parallel_size,
+        dp=pool.data_parallel_size,
+        dcp=pool.decode_context_parallel_size,
+        block_size=pool.block_size,
+        attention_backend=pool.attention_backend,
+        kv_cache_dtype=pool.kv_cache_dtype,
+        kv_cache_layout=pool.kv_cache_layout or DEFAULT_LAYOUT,
+        kv_cache_scales=pool.kv_cache_scales,
+        hma=pool.hybrid_kv_cache_manager,
+        prefix_caching=pool.prefix_caching,
+        speculative=Speculative(
+            method=spec_block.method, model=spec_block.model,
+            num_speculative_tokens=spec_block.num_speculative_tokens,
+            revision=spec_block.revision, kv_cache_dtype=spec_block.kv_cache_dtype,
+        ) if spec_block else None,
+        connector=transfer("connector"),
+        backends=tuple(spec.kv_transfer.backends),
+        buffer_device=transfer("buffer_device"),
+        enforce_handshake_compat=transfer("enforce_handshake_compat"),
+        enable_permute_local_kv=transfer("enable_permute_local_kv"),
+        enable_cross_layers_blocks=transfer("enable_cross_layers_blocks"),
+        side_channel_port=spec.kv_transfer.side_channel_port,
+        kv_load_failure_policy=transfer("kv_load_failure_policy"),
+        kv_lease_duration_s=lease,
+        replicas=pool.replicas,
+        gpu_product=pool.template.node_selector.get(GPU_PRODUCT_LABEL),
+        args=tuple(pool.args),
+        env=_env(pool),
+        origin=origin,
+    )
+
+
+def resolve(spec: PDDeploymentSpec) -> tuple[ResolvedPool, ResolvedPool]:
+    """The prefill and decode pools, every value explicit."""
+    return resolve_pool(spec, "prefill"), resolve_pool(spec, "decode")

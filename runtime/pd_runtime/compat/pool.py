@@ -1,0 +1,118 @@
+"""A fully resolved pool: every value the rules and the hash need, with where it came from.
+
+The operator resolves a PDDeployment into two of these (prefill and decode); the runtime builds
+them from its own arguments. Nothing here imports torch or pydantic, so every side can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MLA_FAMILIES = frozenset({"mla", "sparse-mla"})
+PUSH_CONNECTORS = frozenset({"NixlPushConnector"})
+EAGLE_FAMILY = frozenset({"eagle", "eagle3", "mtp", "dflash", "dspark"})
+
+
+@dataclass(frozen=True)
+class Speculative:
+    method: str
+    model: str | None = None
+    num_speculative_tokens: int | None = None
+    revision: str | None = None
+    kv_cache_dtype: str | None = None
+
+    @property
+    def is_eagle_family(self) -> bool:
+        return self.method in EAGLE_FAMILY
+
+
+@dataclass(frozen=True)
+class ResolvedPool:
+    role: str  # "prefill" | "decode"
+    # engine
+    engine_type: str
+    engine_image: str
+    engine_version: str | None  # None when neither the field nor the image tag gives it
+    # model
+    model_name: str
+    model_revision: str | None
+    family: str
+    dtype: str
+    num_kv_heads: int
+    head_size: int
+    num_hidden_layers: int
+    sliding_window: int
+    mamba_type: str | None
+    # parallelism
+    tp: int
+    pp: int
+    dp: int
+    dcp: int
+    # KV cache
+    block_size: int
+    attention_backend: str
+    kv_cache_dtype: str
+    kv_cache_layout: str
+    kv_cache_scales: str
+    hma: bool
+    prefix_caching: bool
+    speculative: Speculative | None
+    # transfer
+    connector: str
+    backends: tuple[str, ...]
+    buffer_device: str
+    enforce_handshake_compat: bool
+    enable_permute_local_kv: bool
+    enable_cross_layers_blocks: bool
+    side_channel_port: int
+    kv_load_failure_policy: str
+    kv_lease_duration_s: int | None
+    # scheduling and pass-through
+    replicas: int
+    gpu_product: str | None
+    args: tuple[str, ...]
+    env: dict[str, str]
+    # logical field name -> JSON path of the field it came from, for messages
+    origin: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    # --- derived facts the rules share -------------------------------------------------
+    @property
+    def is_mla(self) -> bool:
+        return self.family in MLA_FAMILIES
+
+    @property
+    def is_hybrid_ssm(self) -> bool:
+        return self.family == "hybrid-ssm"
+
+    @property
+    def hma_required(self) -> bool:
+        """Sliding-window or Mamba layers make the hybrid KV cache manager mandatory."""
+        return self.sliding_window > 0 or self.is_hybrid_ssm
+
+    @property
+    def is_push(self) -> bool:
+        return self.connector in PUSH_CONNECTORS
+
+    @property
+    def transfer_tp(self) -> int:
+        """P advertises max(TP, DCP) as its TP size (vllm-nixl-rules.md §3.1)."""
+        return max(self.tp, self.dcp)
+
+    @property
+    def kv_heads_per_rank(self) -> int:
+        return max(1, self.num_kv_heads // self.tp)
+
+    @property
+    def is_quantized_kv(self) -> bool:
+        return self.kv_cache_dtype not in ("auto", "float16", "bfloat16")
+
+    def has_arg(self, *flags: str) -> bool:
+        """True when the extra args contain any of `flags` (as `--flag` or `--flag=value`)."""
+        return any(a == f or a.startswith(f + "=") for a in self.args for f in flags)
+
+    def path(self, name: str) -> str:
+        return self.origin.get(name, f"spec.{self.role}.{name}")
+
+    def fact(self, name: str) -> Any:
+        return getattr(self, name)
