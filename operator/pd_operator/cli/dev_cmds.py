@@ -1,5 +1,147 @@
-"""Placeholder: filled in by its own issue."""
+"""`pdctl dev cluster build|up|down|status|kubeconfig`: the local control plane.
+
+See docs/development.md. The heavy lifting is in pd_operator.devcluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
 
 
-def register(sub) -> None:  # noqa: ARG001 - nothing yet
-    return None
+def _dir(args: argparse.Namespace) -> Path | None:
+    return Path(args.dir) if args.dir else None
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from pd_operator.devcluster import build
+
+    only = tuple(x for x in (args.only or "").split(",") if x)
+    try:
+        paths = build.ensure_built(force=args.force, only=only)
+    except RuntimeError as exc:
+        _err(f"build failed: {exc}")
+        return 1
+    for name, path in sorted(paths.items()):
+        print(f"{name}\t{path}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from pd_operator.devcluster import cluster
+
+    try:
+        cluster.up(
+            _dir(args),
+            node_count=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            build_missing=not args.no_build,
+            timeout=args.timeout,
+        )
+    except RuntimeError as exc:
+        _err(f"up failed: {exc}")
+        return 1
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from pd_operator.devcluster import cluster
+
+    stopped = cluster.down(_dir(args), purge=args.purge)
+    if not stopped:
+        _err("nothing was running")
+    return 0
+
+
+def _table(st) -> str:
+    rows = [("COMPONENT", "PID", "RUNNING", "HEALTHY", "RSS(MiB)", "DETAIL")]
+    for c in st.components:
+        rows.append((c.name, str(c.pid or "-"), "yes" if c.running else "NO",
+                     "yes" if c.healthy else "NO", f"{c.rss_mib:.0f}", c.detail[:50]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    nodes = ("-" if st.nodes_total is None else f"{st.nodes_ready}/{st.nodes_total} Ready")
+    total = sum(c.rss_mib for c in st.components)
+    lines += ["", f"nodes (kwok): {nodes}", f"memory (RSS, all components): {total:.0f} MiB",
+              f"kubeconfig: {st.kubeconfig}", f"state: {'OK' if st.ok else 'DEGRADED'}"]
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pd_operator.devcluster import cluster
+
+    st = cluster.status(_dir(args))
+    if args.output == "json":
+        print(json.dumps(st.to_dict(), indent=2))
+    elif args.output == "yaml":
+        import yaml
+
+        print(yaml.safe_dump(st.to_dict(), sort_keys=False), end="")
+    else:
+        print(_table(st))
+    return 0 if st.ok else 1
+
+
+def cmd_kubeconfig(args: argparse.Namespace) -> int:
+    from pd_operator.devcluster import cluster
+
+    path = cluster.layout_for(_dir(args)).kubeconfig
+    print(path)
+    if not path.is_file():
+        _err("no kubeconfig yet: run `pdctl dev cluster up`")
+        return 1
+    return 0
+
+
+def register(sub) -> None:
+    dev = sub.add_parser("dev", help="development helpers (local control plane)")
+    dev_sub = dev.add_subparsers(dest="dev_command", metavar="COMMAND")
+    cl = dev_sub.add_parser(
+        "cluster",
+        help="local Kubernetes control plane with fake GPU nodes (etcd, apiserver, "
+        "controller-manager, scheduler, kwok)",
+    )
+    cl_sub = cl.add_subparsers(dest="cluster_command", metavar="COMMAND")
+
+    def with_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--dir", help="cluster state directory (default: $PD_DEV_CLUSTER_DIR or "
+                       "~/.cache/pd-operator/clusters/default)")
+        return p
+
+    p = cl_sub.add_parser("build", help="build/install the binaries into the cache only")
+    p.add_argument("--force", action="store_true", help="rebuild even if present and right")
+    p.add_argument("--only", help="comma-separated subset of k8s,etcd,kwok,helm")
+    p.set_defaults(func=cmd_build)
+
+    p = with_dir(cl_sub.add_parser("up", help="build if needed, start, create fake GPU nodes"))
+    p.add_argument("--nodes", type=int, default=4, help="fake GPU nodes (default 4)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="nvidia.com/gpu per node")
+    p.add_argument("--no-build", action="store_true", help="fail instead of building")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per component")
+    p.set_defaults(func=cmd_up)
+
+    p = with_dir(cl_sub.add_parser("down", help="stop the processes `up` started"))
+    p.add_argument("--purge", action="store_true", help="also delete the state dir (PKI, logs)")
+    p.set_defaults(func=cmd_down)
+
+    p = with_dir(cl_sub.add_parser("status", help="components, health, nodes, memory"))
+    p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    p.set_defaults(func=cmd_status)
+
+    p = with_dir(cl_sub.add_parser("kubeconfig", help="print the kubeconfig path"))
+    p.set_defaults(func=cmd_kubeconfig)
+
+    def _help(parser: argparse.ArgumentParser):
+        def show(_args: argparse.Namespace) -> int:
+            parser.print_help(sys.stderr)
+            return 2
+        return show
+
+    dev.set_defaults(func=_help(dev))
+    cl.set_defaults(func=_help(cl))

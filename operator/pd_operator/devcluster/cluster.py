@@ -1,0 +1,331 @@
+"""`pdctl dev cluster up|down|status`: one local control plane per state directory.
+
+State (ports, PIDs) lives in ``<dir>/state.json``; the default dir is
+``~/.cache/pd-operator/clusters/default`` (``PD_DEV_CLUSTER_DIR`` overrides). `up` is idempotent:
+it starts only what is not running and healthy. `down` stops exactly the PIDs it recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import build, components, nodes, pki, processes
+from . import versions as _v
+from .components import ORDER, PORT_NAMES, Layout
+from .processes import Proc
+
+Progress = Callable[[str], None]
+
+
+def _default_progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def default_dir() -> Path:
+    env = os.environ.get("PD_DEV_CLUSTER_DIR")
+    return Path(env).expanduser() if env else _v.cache_root() / "clusters" / "default"
+
+
+def layout_for(directory: Path | None = None) -> Layout:
+    d = (directory or default_dir()).resolve()
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        tag = hashlib.sha1(str(d).encode()).hexdigest()[:10]
+        etcd_data = shm / f"pd-operator-{os.getuid()}-{tag}" / "etcd"
+    else:
+        etcd_data = d / "etcd-data"
+    return Layout(dir=d, etcd_data=etcd_data)
+
+
+@dataclass
+class State:
+    ports: dict[str, int] = field(default_factory=dict)
+    procs: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, layout: Layout) -> State:
+        try:
+            raw = json.loads(layout.state.read_text())
+        except FileNotFoundError:
+            return cls()
+        return cls(ports=raw.get("ports", {}), procs=raw.get("procs", {}))
+
+    def save(self, layout: Layout) -> None:
+        layout.dir.mkdir(parents=True, exist_ok=True)
+        tmp = layout.state.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        tmp.replace(layout.state)
+
+    def proc(self, name: str) -> Proc | None:
+        p = self.procs.get(name)
+        return Proc(p["pid"], p["start_time"]) if p else None
+
+
+@contextlib.contextmanager
+def _locked(layout: Layout) -> Iterator[None]:
+    layout.dir.mkdir(parents=True, exist_ok=True)
+    with open(layout.dir / "lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _ports(state: State) -> dict[str, int]:
+    ports = dict(state.ports)
+    taken = set(ports.values())
+    for name in PORT_NAMES:
+        if name not in ports:
+            while (p := processes.free_port()) in taken:
+                pass
+            ports[name] = p
+            taken.add(p)
+    return ports
+
+
+def _write_kubeconfig(layout: Layout, ports: dict[str, int], cpki: pki.ClusterPKI) -> None:
+    cfg = components.kubeconfig_yaml(
+        f"https://{components.HOST}:{ports['kube-apiserver']}",
+        cpki.ca.crt.read_bytes(), cpki.admin.crt.read_bytes(), cpki.admin.key.read_bytes(),
+    )
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    if not layout.kubeconfig.is_file() or layout.kubeconfig.read_text() != text:
+        layout.kubeconfig.write_text(text)
+        layout.kubeconfig.chmod(0o600)
+
+
+def _probe(layout: Layout, comp: components.Component) -> tuple[bool, str]:
+    pr = comp.probe
+    return processes.probe(
+        pr.url,
+        ca=layout.pki / "ca.crt" if pr.verify_ca else None,
+        cert=(layout.pki / "admin.crt", layout.pki / "admin.key") if pr.client_cert else None,
+    )
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _wait_healthy(layout: Layout, comp: components.Component, proc: Proc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    detail = ""
+    while time.monotonic() < deadline:
+        if not processes.alive(proc):
+            log = layout.logs / f"{comp.name}.log"
+            raise RuntimeError(f"{comp.name} exited during start-up; last lines of {log}:\n"
+                               + _tail(log))
+        ok, detail = _probe(layout, comp)
+        if ok:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{comp.name} not healthy after {timeout:.0f}s ({detail}); "
+                       f"see {layout.logs / (comp.name + '.log')}")
+
+
+def _bins() -> dict[str, Path]:
+    v = _v.load()
+    cache = _v.cache_root()
+    return {b.name: t.bin_dir(cache) / b.name for t in build.tools(v) for b in t.binaries}
+
+
+def _commands(layout: Layout, ports: dict[str, int]) -> dict[str, components.Component]:
+    stages = [build.stages_dir() / s for s in build.KWOK_STAGES]
+    return components.commands(_bins(), layout, ports, stages)
+
+
+def api_client(layout: Layout | None = None):
+    from kubernetes import config
+
+    layout = layout or layout_for()
+    return config.new_client_from_config(config_file=str(layout.kubeconfig))
+
+
+def ensure_nodes(layout: Layout, count: int, gpus: int, timeout: float, progress: Progress) -> None:
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    with api_client(layout) as api:
+        core = client.CoreV1Api(api)
+        for obj in nodes.node_objects(count, gpus):
+            try:
+                core.create_node(obj)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+        names = {s.name for s in nodes.node_specs(count, gpus)}
+        deadline = time.monotonic() + timeout
+        ready: set[str] = set()
+        while time.monotonic() < deadline:
+            ready = {
+                n.metadata.name
+                for n in core.list_node(label_selector="type=kwok").items
+                if any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or [])
+            }
+            if names <= ready:
+                progress(f"nodes: {len(names)} fake GPU nodes Ready ({gpus} x nvidia.com/gpu each)")
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"nodes not Ready after {timeout:.0f}s: {sorted(names - ready)}; "
+                           f"see {layout.logs / 'kwok.log'}")
+
+
+def up(
+    directory: Path | None = None,
+    node_count: int = 4,
+    gpus_per_node: int = 8,
+    build_missing: bool = True,
+    progress: Progress | None = None,
+    timeout: float = 120.0,
+) -> list[str]:
+    """Start what is not running; return the names of the components started now."""
+    progress = progress or _default_progress
+    layout = layout_for(directory)
+    t0 = time.monotonic()
+    if build_missing:
+        build.ensure_built(progress=progress)
+    elif not build.all_present():
+        raise RuntimeError("binaries missing: run `pdctl dev cluster build` first")
+    started: list[str] = []
+    with _locked(layout):
+        state = State.load(layout)
+        state.ports = _ports(state)
+        state.save(layout)
+        cpki = pki.ensure_cluster_pki(layout.pki)
+        _write_kubeconfig(layout, state.ports, cpki)
+        layout.etcd_data.parent.mkdir(parents=True, exist_ok=True)
+        layout.etcd_data.parent.chmod(0o700)
+        cmds = _commands(layout, state.ports)
+        for name in ORDER:
+            comp = cmds[name]
+            old = state.proc(name)
+            if old is not None and processes.alive(old):
+                progress(f"{name}: running (pid {old.pid})")
+                _wait_healthy(layout, comp, old, timeout)
+                continue
+            proc = processes.start(comp.argv, layout.logs / f"{name}.log")
+            state.procs[name] = {"pid": proc.pid, "start_time": proc.start_time}
+            state.save(layout)
+            t1 = time.monotonic()
+            _wait_healthy(layout, comp, proc, timeout)
+            started.append(name)
+            progress(f"{name}: started (pid {proc.pid}), healthy in {time.monotonic() - t1:.1f}s")
+        ensure_nodes(layout, node_count, gpus_per_node, timeout, progress)
+    progress(f"cluster up in {time.monotonic() - t0:.1f}s; export KUBECONFIG={layout.kubeconfig}")
+    return started
+
+
+def down(directory: Path | None = None, purge: bool = False,
+         progress: Progress | None = None) -> list[str]:
+    """Stop the recorded processes (reverse order, by PID); return the names stopped."""
+    progress = progress or _default_progress
+    layout = layout_for(directory)
+    stopped: list[str] = []
+    if not layout.dir.exists():
+        progress(f"no cluster in {layout.dir}")
+        return stopped
+    with _locked(layout):
+        state = State.load(layout)
+        for name in reversed(ORDER):
+            p = state.proc(name)
+            if p is None:
+                continue
+            if processes.stop(p):
+                stopped.append(name)
+                progress(f"{name}: stopped (pid {p.pid})")
+            state.procs.pop(name, None)
+            state.save(layout)
+        if layout.etcd_data.parent.name.startswith("pd-operator-"):
+            shutil.rmtree(layout.etcd_data.parent, ignore_errors=True)
+        else:
+            shutil.rmtree(layout.etcd_data, ignore_errors=True)
+    if purge:
+        shutil.rmtree(layout.dir, ignore_errors=True)
+        progress(f"removed {layout.dir}")
+    return stopped
+
+
+@dataclass
+class ComponentStatus:
+    name: str
+    pid: int | None
+    running: bool
+    healthy: bool
+    detail: str
+    rss_mib: float
+
+
+@dataclass
+class Status:
+    dir: str
+    kubeconfig: str
+    components: list[ComponentStatus]
+    nodes_ready: int | None
+    nodes_total: int | None
+
+    @property
+    def ok(self) -> bool:
+        return all(c.running and c.healthy for c in self.components)
+
+    @property
+    def any_running(self) -> bool:
+        return any(c.running for c in self.components)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ok"] = self.ok
+        d["rss_mib_total"] = round(sum(c.rss_mib for c in self.components), 1)
+        return d
+
+
+def status(directory: Path | None = None, with_nodes: bool = True) -> Status:
+    layout = layout_for(directory)
+    state = State.load(layout)
+    cmds = _commands(layout, state.ports) if state.ports else {}
+    comps = []
+    for name in ORDER:
+        p = state.proc(name)
+        running = p is not None and processes.alive(p)
+        healthy, detail = (False, "not running")
+        if p is None:
+            detail = "not started"
+        if running:
+            healthy, detail = _probe(layout, cmds[name])
+        comps.append(ComponentStatus(
+            name, p.pid if p else None, running, healthy, detail,
+            round(processes.rss_kib(p) / 1024, 1) if running and p else 0.0,
+        ))
+    ready = total = None
+    api_ok = next(c for c in comps if c.name == "kube-apiserver").healthy
+    if with_nodes and api_ok:
+        try:
+            from kubernetes import client
+
+            with api_client(layout) as api:
+                items = client.CoreV1Api(api).list_node(
+                    label_selector="type=kwok", _request_timeout=5).items
+            total = len(items)
+            ready = sum(
+                1 for n in items
+                if any(c.type == "Ready" and c.status == "True"
+                       for c in n.status.conditions or [])
+            )
+        except Exception:  # noqa: BLE001 - status reports, never raises
+            pass
+    return Status(str(layout.dir), str(layout.kubeconfig), comps, ready, total)
