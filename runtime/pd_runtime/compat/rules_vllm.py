@@ -81,7 +81,7 @@ RULES: tuple[Rule, ...] = (
         "so every handshake fails",
         fix="use one image and version for both pools: set spec.engine and remove the per-pool "
         "engine overrides",
-        source="nixl/metadata.py L146-216 (hash factors); vllm-project/vllm#33702",
+        source="vLLM 0.33.0 nixl/metadata.py L146-216 (hash factors); vllm-project/vllm#33702",
     ),
     Rule(
         id="ENGINE-IMAGE-DIFFERS", severity=WARN, checklist="A1",
@@ -92,7 +92,7 @@ RULES: tuple[Rule, ...] = (
         message="prefill image {p.engine_image} and decode image {d.engine_image} differ although "
         "both claim vLLM {p.engine_version}; a dev or patched build reports another version string",
         fix="use the same image reference (ideally pinned by digest) for both pools",
-        source="nixl/metadata.py L146-216 (vllm_version is compared as an exact string)",
+        source="vLLM 0.33.0 nixl/metadata.py L146-216 (vllm_version is compared as an exact string)",
     ),
     Rule(
         id="CONNECTOR-MATCH", severity=REJECT, checklist="A2", versions=since(0, 24),
@@ -103,7 +103,7 @@ RULES: tuple[Rule, ...] = (
         "cannot pair with a push instance (transfer_mode is hashed from 0.28, and 0.24-0.26 "
         "fail at run time)",
         fix="set spec.kvTransfer.connector once, for both pools",
-        source="nixl/connector.py L391-432; nixl/metadata.py (transfer_mode factor, 0.28+)",
+        source="vLLM 0.33.0 nixl/connector.py L391-432; nixl/metadata.py (transfer_mode factor, 0.28+)",
     ),
     Rule(
         id="PUSH-CONNECTOR-UNAVAILABLE", severity=REJECT, versions=until(0, 22),
@@ -123,7 +123,7 @@ RULES: tuple[Rule, ...] = (
         "model string itself is hashed (not the weights), so even identical weights under "
         "different paths fail the handshake",
         fix="start both pools with exactly the same spec.model.name (same path or hub id)",
-        source="nixl/metadata.py L146-216 (model = model_config.model)",
+        source="vLLM 0.33.0 nixl/metadata.py L146-216 (model = model_config.model)",
     ),
     Rule(
         id="MODEL-REVISION-DIFFERS", severity=WARN, checklist="A3",
@@ -134,7 +134,7 @@ RULES: tuple[Rule, ...] = (
         "{d.model_revision}; the revision is not hashed, so mismatched weights would exchange "
         "KV silently",
         fix="pin the same spec.model.revision on both pools",
-        source="nixl/metadata.py L146-216 (revision not hashed)",
+        source="vLLM 0.33.0 nixl/metadata.py L146-216 (revision not hashed)",
     ),
     Rule(
         id="DTYPE-MATCH", severity=REJECT, checklist="A4",
@@ -144,7 +144,7 @@ RULES: tuple[Rule, ...] = (
         message="prefill runs {p.dtype} and decode runs {d.dtype}; dtype is a hash factor and "
         "the KV bytes would not line up",
         fix="set the same spec.model.dtype on both pools",
-        source="nixl/metadata.py L146-216 (dtype factor)",
+        source="vLLM 0.33.0 nixl/metadata.py L146-216 (dtype factor)",
     ),
     Rule(
         id="MODEL-GEOMETRY-MATCH", severity=REJECT, checklist="A5",
@@ -157,7 +157,7 @@ RULES: tuple[Rule, ...] = (
         "layers, decode has {d.num_kv_heads} x {d.head_size} x {d.num_hidden_layers}; these "
         "are hash factors and set every block's size",
         fix="describe the same model on both pools (pdctl model-info CONFIG.json prints the block)",
-        source="nixl/metadata.py L146-216; base_worker.py L2877-2979 (block-length checks)",
+        source="vLLM 0.33.0 nixl/metadata.py L146-216; base_worker.py L2877-2979 (block-length checks)",
     ),
     Rule(
         id="ATTN-BACKEND-MATCH", severity=REJECT, checklist="A6",
@@ -168,7 +168,7 @@ RULES: tuple[Rule, ...] = (
         message="prefill uses attention backend {p.attention_backend} and decode "
         "{d.attention_backend}; attn_backend_name is a hash factor",
         fix="set the same attentionBackend on both pools",
-        source="nixl/metadata.py L146-216; base_worker.py L977-978",
+        source="vLLM 0.33.0 nixl/metadata.py L146-216; base_worker.py L977-978",
     ),
     Rule(
         id="ATTN-BACKEND-AUTO", severity=WARN, checklist="A6",
@@ -179,7 +179,7 @@ RULES: tuple[Rule, ...] = (
         "{d.attention_backend}; GPUs {p.gpu_product} / {d.gpu_product}); vLLM picks it per GPU, "
         "so P and D on different GPU generations can pick different backends and fail the hash",
         fix="pin attentionBackend (e.g. FLASH_ATTN) on both pools",
-        source="vllm-project/vllm attention selector; nixl/base_worker.py L977-978",
+        source="vLLM attention selector; vLLM 0.33.0 nixl/base_worker.py L977-978",
     ),
     Rule(
         id="KV-DTYPE-MATCH", severity=REJECT, checklist="A7",
@@ -190,7 +190,7 @@ RULES: tuple[Rule, ...] = (
         "differ; cache_dtype is hashed as the literal string (fp8 and fp8_e4m3 are different "
         "hashes even where they mean the same bytes)",
         fix="spell kvCacheDtype identically on both pools",
-        source="nixl/metadata.py L146-216 (cache_dtype as given to --kv-cache-dtype)",
+        source="vLLM 0.33.0 nixl/metadata.py L146-216 (cache_dtype as given to --kv-cache-dtype)",
     ),
     Rule(
         id="HMA-MATCH", severity=REJECT, checklist="A8", versions=since(0, 18),
@@ -200,7 +200,7 @@ RULES: tuple[Rule, ...] = (
         message="hybridKVCacheManager is {p.hma} on prefill and {d.hma} on decode; "
         "is_hma_enabled is a hash factor from 0.18, even for dense models",
         fix="set the same hybridKVCacheManager on both pools (leave it on)",
-        source="nixl/metadata.py L146-216; config/vllm.py L2223-2295",
+        source="vLLM 0.33.0 nixl/metadata.py L146-216; config/vllm.py L2223-2295",
     ),
     Rule(
         id="SPEC-MATCH", severity=REJECT, checklist="A9",
@@ -212,7 +212,7 @@ RULES: tuple[Rule, ...] = (
         "layers, so the pools cannot exchange KV",
         fix="give both pools the same speculative block (method, model, revision, kv dtype); "
         "numSpeculativeTokens may differ except for multi-module MTP",
-        source=f"nixl/metadata.py L103-143; {MATRIX_PAGE} footnote 1",
+        source=f"vLLM 0.33.0 nixl/metadata.py L103-143; {MATRIX_PAGE} footnote 1",
     ),
     Rule(
         id="SPEC-MTP-TOKENS", severity=WARN, checklist="A9",
@@ -225,7 +225,7 @@ RULES: tuple[Rule, ...] = (
         "and {d.speculative.num_speculative_tokens} on decode: each side backs off a different "
         "number of prompt tokens, so D can load positions P never computed",
         fix="use the same numSpeculativeTokens on both pools",
-        source="nixl/base_scheduler.py L385-409; config/vllm.py L655-675",
+        source="vLLM 0.33.0 nixl/base_scheduler.py L385-409; config/vllm.py L655-675",
     ),
     Rule(
         id="CROSS-LAYER-MATCH", severity=REJECT, checklist="A10", versions=between((0, 16), (0, 28)),
@@ -236,7 +236,7 @@ RULES: tuple[Rule, ...] = (
         message="cross-layer blocks end up enabled on one pool only (it needs the flag, a "
         "FLASH_ATTN/FLASHINFER backend and HND); cross_layers_blocks is a hash factor in 0.16-0.28",
         fix="enable cross-layer blocks on both pools with the same backend and HND, or on neither",
-        source=f"nixl/metadata.py (0.16-0.28); {MATRIX_PAGE} footnote 2",
+        source=f"vLLM 0.33.0 nixl/metadata.py (0.16-0.28); {MATRIX_PAGE} footnote 2",
     ),
     Rule(
         id="CROSS-LAYER-REQUIREMENTS", severity=WARN, versions=between((0, 16), (0, 28)),
@@ -278,7 +278,7 @@ RULES: tuple[Rule, ...] = (
         message="prefill TP {p.transfer_tp} and decode TP {d.transfer_tp} do not divide each "
         "other; heterogeneous TP maps whole head groups between ranks",
         fix="choose TP sizes where one divides the other (e.g. 2 and 4, or 4 and 8)",
-        source="kv_connector/utils.py L522-539 (tp_ratio assert)",
+        source="vLLM 0.33.0 kv_connector/utils.py L522-539 (tp_ratio assert)",
     ),
     Rule(
         id="TP-PREFILL-GT-DECODE", severity=REJECT, checklist="B12", versions=until(0, 13),
@@ -300,7 +300,7 @@ RULES: tuple[Rule, ...] = (
         "{p.num_kv_heads} KV heads, so prefill ranks hold replicated heads that decode cannot "
         "merge (a bare assert in the worker)",
         fix="use prefill TP <= {p.num_kv_heads} or decode TP >= prefill TP",
-        source="nixl/base_worker.py L2726-2730",
+        source="vLLM 0.33.0 nixl/base_worker.py L2726-2730",
     ),
     Rule(
         id="NVFP4-HETERO-TP", severity=REJECT, checklist="B14",
@@ -311,7 +311,7 @@ RULES: tuple[Rule, ...] = (
         message="kvCacheDtype {p.kv_cache_dtype} with {p.kv_heads_per_rank} heads per prefill "
         "rank and {d.kv_heads_per_rank} per decode rank: NVFP4 heads are not contiguous slices",
         fix="use the same TP on both pools with NVFP4 KV",
-        source="nixl/base_worker.py L2862-2876",
+        source="vLLM 0.33.0 nixl/base_worker.py L2862-2876",
     ),
     Rule(
         id="DECODE-PP", severity=REJECT, checklist="B15",
@@ -320,7 +320,7 @@ RULES: tuple[Rule, ...] = (
         fields=("d.pp",),
         message="decode pipelineParallelSize is {d.pp}; a KV consumer with PP > 1 is not supported",
         fix="set decode pipelineParallelSize to 1 (use TP instead)",
-        source="nixl/base_worker.py L866-889",
+        source="vLLM 0.33.0 nixl/base_worker.py L866-889",
     ),
     Rule(
         id="PREFILL-PP-PULL", severity=REJECT, checklist="B15",
@@ -330,7 +330,7 @@ RULES: tuple[Rule, ...] = (
         message="prefill pipelineParallelSize is {p.pp} with the pull connector; decode would "
         "see a partial layer set and fail the layer-count check",
         fix="set prefill pipelineParallelSize to 1, or use NixlPushConnector (0.24+)",
-        source="nixl/base_worker.py L866-889",
+        source="vLLM 0.33.0 nixl/base_worker.py L866-889",
     ),
     Rule(
         id="PREFILL-PP-MAMBA", severity=REJECT, checklist="B15", families=frozenset({"hybrid-ssm"}),
@@ -339,7 +339,7 @@ RULES: tuple[Rule, ...] = (
         fields=("p.pp", "d.pp"),
         message="pipeline parallelism is not supported with Mamba layers",
         fix="set pipelineParallelSize to 1 on both pools",
-        source="nixl/base_worker.py L878-884",
+        source="vLLM 0.33.0 nixl/base_worker.py L878-884",
     ),
     Rule(
         id="DCP-VALUE", severity=REJECT, checklist="B16",
@@ -349,7 +349,7 @@ RULES: tuple[Rule, ...] = (
         message="decodeContextParallelSize must be 1 or equal to the pool's TP (prefill DCP "
         "{p.dcp} with TP {p.tp}, decode DCP {d.dcp} with TP {d.tp})",
         fix="set decodeContextParallelSize to 1 or to tensorParallelSize",
-        source="config/vllm.py L1573-1590",
+        source="vLLM 0.33.0 config/vllm.py L1573-1590",
     ),
     Rule(
         id="DCP-NON-MLA", severity=REJECT, checklist="B16",
@@ -359,7 +359,7 @@ RULES: tuple[Rule, ...] = (
         fields=("p.dcp", "d.dcp", "p.family"),
         message="decodeContextParallelSize > 1 needs an MLA model; this is a {p.family} model",
         fix="set decodeContextParallelSize to 1",
-        source="config/vllm.py L1573-1590",
+        source="vLLM 0.33.0 config/vllm.py L1573-1590",
     ),
     Rule(
         id="DCP-DIVISIBLE", severity=REJECT, checklist="B16",
@@ -368,7 +368,7 @@ RULES: tuple[Rule, ...] = (
         fields=("p.dcp", "d.dcp"),
         message="prefill DCP {p.dcp} and decode DCP {d.dcp} do not divide each other",
         fix="choose DCP sizes where one divides the other",
-        source="nixl/base_worker.py L2706-2713",
+        source="vLLM 0.33.0 nixl/base_worker.py L2706-2713",
     ),
     Rule(
         id="DCP-PUSH", severity=REJECT, checklist="B16",
@@ -377,7 +377,7 @@ RULES: tuple[Rule, ...] = (
         fields=("p.connector", "p.dcp", "d.dcp"),
         message="NixlPushConnector with decodeContextParallelSize > 1 is rejected by vLLM",
         fix="use the pull connector, or DCP 1",
-        source="nixl/connector.py L401-404",
+        source="vLLM 0.33.0 nixl/connector.py L401-404",
     ),
     Rule(
         id="SIDE-CHANNEL-PORTS", severity=REJECT, checklist="B18",
@@ -389,7 +389,7 @@ RULES: tuple[Rule, ...] = (
         f"must not include the engine's HTTP port {ENGINE_HTTP_PORT}",
         fix="choose a sideChannelPort such that port + dataParallelSize - 1 avoids "
         f"{ENGINE_HTTP_PORT} and 65535",
-        source="nixl/base_scheduler.py L76-80 (port = base + DP index)",
+        source="vLLM 0.33.0 nixl/base_scheduler.py L76-80 (port = base + DP index)",
     ),
     # ---------------------------------------------------------------- C. layout and block size
     Rule(
@@ -402,7 +402,7 @@ RULES: tuple[Rule, ...] = (
         "differ ('Heterogeneous TP expects same kv_cache_layout'); only HND prefill to NHD "
         "decode with enablePermuteLocalKV is handled",
         fix="use kvCacheLayout HND on both pools",
-        source="nixl/base_worker.py L2795-2814",
+        source="vLLM 0.33.0 nixl/base_worker.py L2795-2814",
     ),
     Rule(
         id="LAYOUT-PERMUTE-EXPERIMENTAL", severity=WARN, checklist="C19",
@@ -422,7 +422,7 @@ RULES: tuple[Rule, ...] = (
         message="enablePermuteLocalKV with a sliding-window or hybrid model: 'HMA does not "
         "support block size post processing'",
         fix="use kvCacheLayout HND on both pools",
-        source=f"nixl/base_worker.py L2800-2806; {MATRIX_PAGE} (permute: not supported with HMA)",
+        source=f"vLLM 0.33.0 nixl/base_worker.py L2800-2806; {MATRIX_PAGE} (permute: not supported with HMA)",
     ),
     Rule(
         id="HETERO-TP-LAYOUT", severity=REJECT, checklist="C20",
@@ -434,7 +434,7 @@ RULES: tuple[Rule, ...] = (
         message="prefill TP {p.tp} and decode TP {d.tp} need head splitting, which requires "
         "contiguous heads inside a block; decode layout NHD interleaves them",
         fix="use kvCacheLayout HND on both pools (the NixlConnector default), or equal TP",
-        source=f"nixl/base_worker.py L2832-2844; {MATRIX_PAGE} (NHD does not allow hetero TP)",
+        source=f"vLLM 0.33.0 nixl/base_worker.py L2832-2844; {MATRIX_PAGE} (NHD does not allow hetero TP)",
     ),
     Rule(
         id="BLOCK-DIVISIBLE", severity=REJECT, checklist="C21",
@@ -444,7 +444,7 @@ RULES: tuple[Rule, ...] = (
         message="decode blockSize {d.block_size} is not a multiple of prefill blockSize "
         "{p.block_size}; D maps each of its blocks onto whole P blocks",
         fix="make decode blockSize a multiple of prefill blockSize (e.g. P 16, D 16/32/64)",
-        source=f"kv_connector/utils.py L541-547; {MATRIX_PAGE} footnote 3",
+        source=f"vLLM 0.33.0 kv_connector/utils.py L541-547; {MATRIX_PAGE} footnote 3",
     ),
     Rule(
         id="BLOCK-HOST-BUFFER", severity=REJECT, checklist="C21",
@@ -453,7 +453,7 @@ RULES: tuple[Rule, ...] = (
         fields=("p.block_size", "d.block_size", "d.buffer_device"),
         message="blockSize differs ({p.block_size} vs {d.block_size}) with bufferDevice cpu",
         fix="use equal block sizes with a host buffer",
-        source="nixl/base_worker.py L2782-2787",
+        source="vLLM 0.33.0 nixl/base_worker.py L2782-2787",
     ),
     Rule(
         id="BLOCK-HETERO-TP-MERGE", severity=REJECT, checklist="C21",
@@ -464,7 +464,7 @@ RULES: tuple[Rule, ...] = (
         message="blockSize differs ({p.block_size} vs {d.block_size}) while prefill TP {p.tp} "
         "is above decode TP {d.tp}",
         fix="use equal block sizes when prefill TP exceeds decode TP",
-        source="nixl/base_worker.py L2940-2943",
+        source="vLLM 0.33.0 nixl/base_worker.py L2940-2943",
     ),
     Rule(
         id="BLOCK-PUSH", severity=REJECT, checklist="C21",
@@ -473,7 +473,7 @@ RULES: tuple[Rule, ...] = (
         fields=("p.block_size", "d.block_size", "p.connector"),
         message="blockSize differs ({p.block_size} vs {d.block_size}) with NixlPushConnector",
         fix="use equal block sizes with the push connector",
-        source="nixl/push_worker.py (block ratio computed from the P side)",
+        source="vLLM 0.33.0 nixl/push_worker.py (block ratio computed from the P side)",
     ),
     Rule(
         id="BLOCK-HMA", severity=REJECT, checklist="C21", versions=until(0, 26),
@@ -551,7 +551,7 @@ RULES: tuple[Rule, ...] = (
         message="VLLM_SSM_CONV_STATE_LAYOUT is overridden to something other than DS; the "
         "3-read Mamba transfer requires DS on both pools",
         fix="remove the VLLM_SSM_CONV_STATE_LAYOUT override (the operator sets DS)",
-        source="nixl/base_worker.py L701-707; mamba_utils.py L29-50",
+        source="vLLM 0.33.0 nixl/base_worker.py L701-707; mamba_utils.py L29-50",
     ),
     Rule(
         id="SSM-HMA-OFF", severity=REJECT, checklist="D23", families=frozenset({"hybrid-ssm"}),
@@ -561,7 +561,7 @@ RULES: tuple[Rule, ...] = (
         message="hybridKVCacheManager is off (prefill {p.hma}, decode {d.hma}); Mamba layers "
         "require it",
         fix="set hybridKVCacheManager: true on both pools",
-        source="nixl/base_worker.py L700",
+        source="vLLM 0.33.0 nixl/base_worker.py L700",
     ),
     Rule(
         id="SSM-MAMBA-TYPE", severity=REJECT, checklist="D23", families=frozenset({"hybrid-ssm"}),
@@ -572,7 +572,7 @@ RULES: tuple[Rule, ...] = (
         message="mambaType {p.mamba_type} (e.g. LFM2, MiniMax-linear) raises NotImplementedError "
         "in the NIXL worker",
         fix="serve this model without P/D disaggregation",
-        source="ssm_conv_transfer_utils.py L107-219",
+        source="vLLM 0.33.0 ssm_conv_transfer_utils.py L107-219",
     ),
     Rule(
         id="SSM-PREFIX-BLOCKS", severity=REJECT, checklist="D23", families=frozenset({"hybrid-ssm"}),
@@ -582,7 +582,7 @@ RULES: tuple[Rule, ...] = (
         message="prefix caching with different block sizes ({p.block_size} vs {d.block_size}) "
         "on a Mamba model: 'Prefix caching with heterogeneous physical_blocks_per_logical'",
         fix="use equal block sizes, or prefixCaching: false on both pools",
-        source="nixl/base_worker.py L2765-2777",
+        source="vLLM 0.33.0 nixl/base_worker.py L2765-2777",
     ),
     Rule(
         id="SSM-SPEC-UNVALIDATED", severity=WARN, families=frozenset({"hybrid-ssm"}),
@@ -632,7 +632,7 @@ RULES: tuple[Rule, ...] = (
         message="VLLM_NIXL_SIDE_CHANNEL_HOST is overridden; it must be an address the prefill "
         "pod can bind and decode can reach, which only the pod IP is",
         fix="remove the override; the operator sets it from status.podIP",
-        source="nixl/base_scheduler.py L296-383; envs.py L1720-1727",
+        source="vLLM 0.33.0 nixl/base_scheduler.py L296-383; envs.py L1720-1727",
     ),
     Rule(
         id="LAYOUT-ENV", severity=REJECT, checklist="C19",
@@ -642,7 +642,7 @@ RULES: tuple[Rule, ...] = (
         message="VLLM_KV_CACHE_LAYOUT is set in the pool environment, which overrides the "
         "validated kvCacheLayout",
         fix="remove the env var and set kvCacheLayout",
-        source="v1/attention/backends/utils.py L298-381",
+        source="vLLM 0.33.0 v1/attention/backends/utils.py L298-381",
     ),
     Rule(
         id="EXPANDABLE-SEGMENTS", severity=REJECT, checklist="E29",
@@ -653,7 +653,7 @@ RULES: tuple[Rule, ...] = (
         message="PYTORCH_CUDA_ALLOC_CONF enables expandable_segments; remapped pages invalidate "
         "the RDMA registrations of the KV cache",
         fix="remove expandable_segments:True from PYTORCH_CUDA_ALLOC_CONF",
-        source="config/vllm.py L1270-1300",
+        source="vLLM 0.33.0 config/vllm.py L1270-1300",
     ),
     Rule(
         id="SLEEP-MODE", severity=REJECT, checklist="E30",
@@ -664,7 +664,7 @@ RULES: tuple[Rule, ...] = (
         message="--enable-sleep-mode works only with the pull connector and backends [UCX] "
         "(connector {p.connector}, backends {p.backends})",
         fix="drop --enable-sleep-mode, or use NixlConnector with backends [UCX]",
-        source="nixl/connector.py L371-374; config/vllm.py L1254-1267",
+        source="vLLM 0.33.0 nixl/connector.py L371-374; config/vllm.py L1254-1267",
     ),
     Rule(
         id="ROUTED-EXPERTS", severity=REJECT, checklist="E31",
@@ -673,7 +673,7 @@ RULES: tuple[Rule, ...] = (
         fields=("p.args", "d.args"),
         message="--enable-return-routed-experts cannot be combined with a NIXL connector",
         fix="remove --enable-return-routed-experts",
-        source="config/vllm.py L1231-1244",
+        source="vLLM 0.33.0 config/vllm.py L1231-1244",
     ),
     Rule(
         id="ARGS-MANAGED", severity=REJECT,
@@ -704,7 +704,7 @@ RULES: tuple[Rule, ...] = (
         message="kvLeaseDurationSeconds {p.kv_lease_duration_s} is shorter than router-to-decode "
         "forwarding plus the 5 s handshake timeout; blocks can expire and be reused",
         fix="use at least 10 s (the default is 30 s)",
-        source="nixl/base_scheduler.py L82-88; base_worker.py L3380-3400",
+        source="vLLM 0.33.0 nixl/base_scheduler.py L82-88; base_worker.py L3380-3400",
     ),
     Rule(
         id="LEASE-IGNORED", severity=WARN, versions=until(0, 20),
@@ -724,7 +724,7 @@ RULES: tuple[Rule, ...] = (
         message="enforceHandshakeCompat is false: hash-only differences corrupt KV or crash "
         "instead of failing cleanly",
         fix="leave enforceHandshakeCompat true",
-        source="nixl/base_worker.py L1037-1040, L1190-1208",
+        source="vLLM 0.33.0 nixl/base_worker.py L1037-1040, L1190-1208",
     ),
     Rule(
         id="MODEL-REDIRECT", severity=WARN, checklist="A3",
@@ -734,7 +734,7 @@ RULES: tuple[Rule, ...] = (
         message="VLLM_MODEL_REDIRECT_PATH rewrites the model string before it is hashed; the "
         "predicted hash does not apply",
         fix="start the engine with the final model path in spec.model.name",
-        source="config/model.py L605",
+        source="vLLM 0.33.0 config/model.py L605",
     ),
 )
 
