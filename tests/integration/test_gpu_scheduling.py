@@ -1,0 +1,115 @@
+"""Real kube-scheduler + kwok: GPU requests land on fake GPU nodes and the pods run."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from kubernetes import client
+
+from pd_operator.devcluster import nodes
+
+pytestmark = pytest.mark.cluster
+
+
+def _deployment(name: str, gpus: int, replicas: int, selector: dict | None = None) -> dict:
+    spec: dict = {
+        "containers": [{
+            "name": "engine",
+            "image": "example.invalid/engine:never-pulled",
+            "resources": {"limits": {nodes.GPU_RESOURCE: str(gpus)}},
+        }],
+    }
+    if selector:
+        spec["nodeSelector"] = selector
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": spec},
+        },
+    }
+
+
+def _pods(core: client.CoreV1Api, ns: str, app: str) -> list:
+    return core.list_namespaced_pod(ns, label_selector=f"app={app}").items
+
+
+def _ready(pod) -> bool:
+    return pod.status.phase == "Running" and any(
+        c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []
+    )
+
+
+def _wait(pred, timeout: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        val = pred()
+        if val:
+            return val
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_fake_gpu_nodes_advertise_gpus(kube_api):
+    core = client.CoreV1Api(kube_api)
+    gpu_nodes = core.list_node(label_selector="type=kwok").items
+    assert len(gpu_nodes) >= 4
+    products = set()
+    for n in gpu_nodes:
+        assert n.status.allocatable[nodes.GPU_RESOURCE] == "8"
+        assert any(c.type == "Ready" and c.status == "True" for c in n.status.conditions)
+        assert n.metadata.labels[nodes.ZONE_LABEL]
+        assert not n.spec.taints, "fake nodes carry no taint: pods need no toleration"
+        products.add(n.metadata.labels[nodes.PRODUCT_LABEL])
+    assert {"NVIDIA-H100-80GB-HBM3", "NVIDIA-H200"} <= products
+
+
+def test_gpu_deployment_scheduled_and_running(kube_api, namespace):
+    apps, core = client.AppsV1Api(kube_api), client.CoreV1Api(kube_api)
+    apps.create_namespaced_deployment(namespace, _deployment("gpu4", gpus=4, replicas=2))
+    pods = _wait(
+        lambda: (p := _pods(core, namespace, "gpu4")) and len(p) == 2 and all(map(_ready, p)) and p,
+        what="2 Running+Ready pods",
+    )
+    gpu_node_names = {n.metadata.name for n in core.list_node(label_selector="type=kwok").items}
+    for p in pods:
+        assert p.spec.node_name in gpu_node_names
+        assert p.status.pod_ip and p.status.pod_ip.startswith("10.0.")  # kwok's fake pod CIDR
+    dep = _wait(
+        lambda: (d := apps.read_namespaced_deployment(namespace=namespace, name="gpu4"))
+        .status.ready_replicas == 2 and d,
+        what="deployment readyReplicas=2",
+    )
+    assert dep.status.available_replicas == 2
+
+
+def test_gpu_product_selector_and_capacity_are_enforced(kube_api, namespace):
+    """The scheduler really counts nvidia.com/gpu and honours the product label."""
+    apps, core = client.AppsV1Api(kube_api), client.CoreV1Api(kube_api)
+    apps.create_namespaced_deployment(
+        namespace,
+        _deployment("h200", gpus=1, replicas=1,
+                    selector={nodes.PRODUCT_LABEL: "NVIDIA-H200"}),
+    )
+    apps.create_namespaced_deployment(namespace, _deployment("too-big", gpus=9, replicas=1))
+    (pod,) = _wait(lambda: (p := _pods(core, namespace, "h200")) and all(map(_ready, p)) and p,
+                   what="h200 pod Ready")
+    node = core.read_node(pod.spec.node_name)
+    assert node.metadata.labels[nodes.PRODUCT_LABEL] == "NVIDIA-H200"
+
+    def unschedulable():
+        ps = _pods(core, namespace, "too-big")
+        if not ps:
+            return None
+        conds = {c.type: c for c in ps[0].status.conditions or []}
+        c = conds.get("PodScheduled")
+        return c if c is not None and c.status == "False" else None
+
+    cond = _wait(unschedulable, what="too-big pod marked unschedulable")
+    assert cond.reason == "Unschedulable"
+    assert "nvidia.com/gpu" in cond.message
+    assert _pods(core, namespace, "too-big")[0].spec.node_name is None
