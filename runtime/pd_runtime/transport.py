@@ -1,0 +1,143 @@
+"""NIXL (UCX) transport: one registered arena per side, one READ descriptor per (request, peer).
+
+On one GPU host set UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y and keep tcp in UCX_TLS (NIXL needs an
+active-message transport): see ../shared/reference/transfer-performance.md §0a. `default_env()`
+sets both unless the user already did.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+
+class TransferError(RuntimeError):
+    pass
+
+
+def default_env(device: str) -> None:
+    if device == "cuda":
+        os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
+        os.environ.setdefault("UCX_TLS", "cuda_ipc,cuda_copy,tcp")
+
+
+def import_nixl():
+    """(nixl_agent, nixl_agent_config). Raises ImportError with the reason."""
+    errors = []
+    for mod in ("nixl._api", "nixl_cu13._api", "nixl_cu12._api"):
+        try:
+            m = __import__(mod, fromlist=["nixl_agent", "nixl_agent_config"])
+            return m.nixl_agent, m.nixl_agent_config
+        except Exception as e:  # noqa: BLE001 - report every failure
+            errors.append(f"{mod}: {e}")
+    raise ImportError("nixl cannot be imported: " + "; ".join(errors))
+
+
+class Transport:
+    def __init__(self, name: str, device: str = "cpu", num_threads: int = 0):
+        default_env(device)
+        agent_cls, cfg_cls = import_nixl()
+        self.name = name
+        self.device = device
+        self.mem_type = "VRAM" if device == "cuda" else "DRAM"
+        self.agent = agent_cls(name, cfg_cls(enable_prog_thread=True, backends=["UCX"], num_threads=num_threads))
+        self.regs: list[Any] = []
+        self.peers: set[str] = set()
+
+    @staticmethod
+    def dev_id(t: torch.Tensor) -> int:
+        return t.device.index or 0 if t.is_cuda else 0
+
+    def register(self, t: torch.Tensor) -> None:
+        reg = self.agent.register_memory([(t.data_ptr(), t.numel() * t.element_size(), self.dev_id(t), "")], self.mem_type)
+        self.regs.append(reg)
+
+    def metadata(self) -> bytes:
+        return self.agent.get_agent_metadata()
+
+    def add_peer(self, meta: bytes) -> str:
+        name = self.agent.add_remote_agent(meta)
+        name = name.decode() if isinstance(name, bytes) else name
+        self.peers.add(name)
+        return name
+
+    def remove_peer(self, name: str) -> None:
+        if name in self.peers:
+            self.peers.discard(name)
+            try:
+                self.agent.remove_remote_agent(name)
+            except Exception:  # noqa: BLE001 - best effort on teardown
+                pass
+
+    def read(self, peer: str, local: tuple[int, int, int], remote: tuple[int, int, int], notif: str):
+        """Post one READ of `local[1]` bytes: local (addr, len, dev) <- remote (addr, len, dev)."""
+        ld = self.agent.get_xfer_descs([local], self.mem_type)
+        rd = self.agent.get_xfer_descs([remote], self.mem_type)
+        try:
+            h = self.agent.initialize_xfer("READ", ld, rd, peer, notif.encode())
+            st = self.agent.transfer(h)
+        except Exception as e:  # noqa: BLE001 - nixl raises typed pybind errors
+            raise TransferError(f"READ from {peer} could not be posted: {e}") from e
+        if st == "ERR":
+            self.agent.release_xfer_handle(h)
+            raise TransferError(f"READ from {peer} failed at post")
+        return h
+
+    def wait(self, handles: list, timeout: float) -> None:
+        """Poll until every handle is DONE; on error or timeout release them all and raise."""
+        deadline = time.monotonic() + timeout
+        pending = list(handles)
+        err = None
+        try:
+            while pending:
+                still = []
+                for h in pending:
+                    try:
+                        st = self.agent.check_xfer_state(h)
+                    except Exception as e:  # noqa: BLE001
+                        err = f"transfer failed: {e}"
+                        break
+                    if st == "ERR":
+                        err = "transfer failed (peer error or dead peer)"
+                        break
+                    if st != "DONE":
+                        still.append(h)
+                if err:
+                    break
+                pending = still
+                if pending and time.monotonic() > deadline:
+                    err = f"transfer timed out after {timeout:.1f}s"
+                    break
+                if pending:
+                    time.sleep(0.0002)
+        finally:
+            for h in handles:
+                try:
+                    self.agent.release_xfer_handle(h)
+                except Exception:  # noqa: BLE001 - a failed handle may refuse release
+                    pass
+        if err:
+            raise TransferError(err)
+
+    def notifs(self) -> list[tuple[str, str]]:
+        out = []
+        for agent, msgs in self.agent.get_new_notifs().items():
+            for m in msgs:
+                out.append((agent, m.decode() if isinstance(m, bytes) else m))
+        return out
+
+    def send_notif(self, peer: str, msg: str) -> None:
+        self.agent.send_notif(peer, msg.encode())
+
+    def close(self) -> None:
+        for p in list(self.peers):
+            self.remove_peer(p)
+        for r in self.regs:
+            try:
+                self.agent.deregister_memory(r)
+            except Exception:  # noqa: BLE001
+                pass
+        self.regs.clear()

@@ -1,0 +1,237 @@
+"""Prefill and decode ranks: the handshake, the gather on P, one READ per peer, the scatter on D."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .compat.hashing import hash_factors
+from .handshake import HandshakeError, SideChannelClient, SideChannelServer, compare_hash
+from .kernels import SegmentProgram
+from .kvcache import RankSpec, arena_layout
+from .lease import LeaseError, LeaseTable
+from .planner import Request, Segments, expected_consumers, plan_d_rank, plan_peer
+from .transport import Transport, TransferError
+
+__all__ = ["PrefillRank", "DecodeRank", "TransferError", "HandshakeError", "LeaseError", "req_to_wire", "req_from_wire"]
+
+
+def req_to_wire(r: Request) -> dict:
+    return {"num_tokens": r.num_tokens, "block_tables": {str(k): list(v) for k, v in r.block_tables.items()}}
+
+
+def req_from_wire(d: dict) -> Request:
+    return Request(int(d["num_tokens"]), {int(k): [int(x) for x in v] for k, v in d["block_tables"].items()})
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class PrefillRank:
+    """Serves metadata and PREPARE on the side channel; gathers into staging slots; frees on notif."""
+
+    def __init__(self, spec: RankSpec, factors: dict, token: bytes, device: str = "cpu",
+                 staging_bytes: int | None = None, lease_s: float = 30.0, host: str = "127.0.0.1",
+                 port: int = 0, name: str | None = None, arena: torch.Tensor | None = None):
+        self.spec, self.device, self.factors = spec, device, factors
+        self.hash = hash_factors(factors)
+        nb = arena_layout(spec).nbytes
+        self.arena = arena if arena is not None else torch.zeros(nb, dtype=torch.uint8, device=device)
+        staging_bytes = staging_bytes or 2 * nb + (1 << 20)
+        self.staging = torch.zeros(staging_bytes, dtype=torch.uint8, device=device)
+        self.leases = LeaseTable(staging_bytes, lease_s)
+        self.requests: dict[str, Request] = {}
+        self.name = name or f"prefill-{spec.tp_rank}-{id(self):x}"
+        self.transport = Transport(self.name, device)
+        self.transport.register(self.arena)
+        self.transport.register(self.staging)
+        self.lock = threading.Lock()
+        self.fault: str | None = None  # test hook: "die_after_prepare"
+        self.server = SideChannelServer(token, self._handle, host, port)
+        self._stop = False
+        self._poller = threading.Thread(target=self._poll, daemon=True)
+        self._poller.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.host, self.server.port
+
+    def hold(self, req_id: str, req: Request) -> None:
+        """A finished prefill: its blocks stay until consumed or the lease expires."""
+        if ":" in req_id or "," in req_id:
+            raise ValueError("request ids may not contain ':' or ','")
+        self.requests[req_id] = req
+        self.leases.hold(req_id)
+
+    def _poll(self) -> None:
+        while not self._stop:
+            try:
+                with self.lock:
+                    notes = self.transport.notifs()
+                for _, msg in notes:
+                    self.leases.handle_notif(msg)
+                for r in self.leases.expire():
+                    self.requests.pop(r, None)
+                for r in list(self.leases.completed):
+                    self.requests.pop(r, None)
+            except Exception:  # noqa: BLE001 - keep polling; errors surface on the D side
+                pass
+            time.sleep(0.001)
+
+    def _handle(self, req: dict) -> dict:
+        op = req.get("op")
+        if op == "meta":
+            if req.get("hash") != self.hash:
+                from .compat.hashing import differing_factors
+
+                return {"error": "hash", "differing": differing_factors(req.get("factors", {}), self.factors),
+                        "local_hash": req.get("hash", ""), "remote_hash": self.hash}
+            with self.lock:
+                self.transport.add_peer(req["agent_meta"])
+            return {"ok": True, "hash": self.hash, "factors": self.factors, "spec": self.spec.to_dict(),
+                    "agent_name": self.name, "agent_meta": self.transport.metadata(),
+                    "staging": [self.staging.data_ptr(), self.staging.numel(), Transport.dev_id(self.staging)],
+                    "lease_s": self.leases.lease_s}
+        if op == "prepare":
+            rid = req["req_id"]
+            le = self.leases.get(rid)  # raises LeaseError when expired / unknown
+            mine = self.requests.get(rid)
+            p_req = req_from_wire(req["p_req"])
+            if mine is None or mine != p_req:
+                raise LeaseError(f"request {rid!r}: block table differs from the one this rank holds")
+            d = RankSpec.from_dict(req["d_spec"])
+            pp = plan_peer(self.spec, d, p_req, req_from_wire(req["d_req"]))
+            if pp is None:
+                raise LeaseError(f"decode rank {d.tp_rank} reads nothing from prefill rank {self.spec.tp_rank}")
+            le.expected = expected_consumers(self.spec, d, self.spec.tp_rank)
+            off = self.leases.slot(rid, d.tp_rank, pp.nbytes)
+            prog = SegmentProgram.prepare(pp.gather.shifted(dst_by=off), self.device)
+            prog.run(self.arena, self.staging)
+            _sync(self.device)
+            if self.fault == "die_after_prepare":
+                import os
+
+                threading.Timer(0.05, lambda: os._exit(17)).start()
+            return {"ok": True, "addr": self.staging.data_ptr() + off, "nbytes": pp.nbytes,
+                    "dev": Transport.dev_id(self.staging), "lease_s": self.leases.lease_s,
+                    "gather_segments": pp.gather.count}
+        raise HandshakeError(f"unknown op {op!r}")
+
+    def stats(self) -> dict:
+        return {"held": self.leases.held(), "staging_in_use": self.leases.alloc.in_use(),
+                "completed": len(self.leases.completed), "expired": len(self.leases.expired),
+                "auth_failures": self.server.auth_failures}
+
+    def close(self) -> None:
+        self._stop = True
+        self.server.close()
+        self._poller.join(timeout=1)
+        self.transport.close()
+
+
+@dataclass
+class PullStats:
+    bytes: int = 0
+    seconds: float = 0.0
+    read_seconds: float = 0.0
+    peers: int = 0
+    descriptors: int = 0
+    gather_segments: int = 0
+    scatter_segments: int = 0
+
+
+@dataclass
+class _Peer:
+    client: SideChannelClient
+    agent: str
+    staging: tuple
+    lease_s: float
+
+
+class DecodeRank:
+    def __init__(self, spec: RankSpec, factors: dict, token: bytes, device: str = "cpu",
+                 name: str | None = None, arena: torch.Tensor | None = None, timeout: float = 30.0):
+        self.spec, self.device, self.factors, self.token = spec, device, factors, token
+        self.hash = hash_factors(factors)
+        nb = arena_layout(spec).nbytes
+        self.arena = arena if arena is not None else torch.zeros(nb, dtype=torch.uint8, device=device)
+        self.recv = torch.zeros(nb + (1 << 16), dtype=torch.uint8, device=device)
+        self.name = name or f"decode-{spec.tp_rank}-{id(self):x}"
+        self.transport = Transport(self.name, device)
+        self.transport.register(self.arena)
+        self.transport.register(self.recv)
+        self.timeout = timeout
+        self.peers: dict[int, _Peer] = {}
+        self.p_pool: RankSpec | None = None
+        self.fault: str | None = None  # test hook: "skip_read"
+
+    def connect(self, addrs: list[tuple[str, int]]) -> None:
+        """Handshake with every prefill rank: hash first, then geometry and NIXL metadata."""
+        for host, port in addrs:
+            cl = SideChannelClient(host, port, self.token, self.timeout)
+            rep = cl.call({"op": "meta", "hash": self.hash, "factors": self.factors,
+                           "agent_meta": self.transport.metadata()})
+            compare_hash(self.factors, self.hash, rep["factors"], rep["hash"])
+            pspec = RankSpec.from_dict(rep["spec"])
+            agent = self.transport.add_peer(rep["agent_meta"])
+            self.peers[pspec.tp_rank] = _Peer(cl, agent, tuple(rep["staging"]), float(rep["lease_s"]))
+            self.p_pool = pspec
+        if self.p_pool is None or sorted(self.peers) != list(range(self.p_pool.tp_size)):
+            raise HandshakeError(f"expected prefill ranks 0..{self.p_pool.tp_size - 1 if self.p_pool else '?'}, got {sorted(self.peers)}")
+
+    def pull(self, req_id: str, p_req: Request, d_req: Request) -> PullStats:
+        assert self.p_pool is not None, "connect() first"
+        t0 = time.perf_counter()
+        tl0 = time.monotonic()
+        plan = plan_d_rank(self.p_pool, self.spec, p_req, d_req)
+        st = PullStats(bytes=plan.nbytes, peers=len(plan.peers))
+        handles, scat, recv_off = [], [], 0
+        lease = min((self.peers[pr].lease_s for pr in plan.peers), default=30.0)
+        try:
+            replies = {}
+            for pr, pp in plan.peers.items():
+                replies[pr] = self.peers[pr].client.call({
+                    "op": "prepare", "req_id": req_id, "d_spec": self.spec.to_dict(),
+                    "p_req": req_to_wire(p_req), "d_req": req_to_wire(d_req)})
+                if replies[pr]["nbytes"] != pp.nbytes:
+                    raise TransferError(f"prefill rank {pr} staged {replies[pr]['nbytes']} bytes, planned {pp.nbytes}")
+                st.gather_segments += int(replies[pr].get("gather_segments", 0))
+            if self.fault == "skip_read":
+                return st
+            tr = time.perf_counter()
+            for pr, pp in plan.peers.items():
+                peer = self.peers[pr]
+                exp = expected_consumers(self.p_pool.with_rank(pr), self.spec, pr)
+                handles.append(self.transport.read(
+                    peer.agent, (self.recv.data_ptr() + recv_off, pp.nbytes, Transport.dev_id(self.recv)),
+                    (replies[pr]["addr"], pp.nbytes, replies[pr]["dev"]),
+                    f"{req_id}:{self.spec.tp_rank}:{exp}"))
+                scat.append(pp.scatter.shifted(src_by=recv_off))
+                recv_off += (pp.nbytes + 255) // 256 * 256
+                st.descriptors += 1
+            self.transport.wait(handles, self.timeout)
+            st.read_seconds = time.perf_counter() - tr
+            if time.monotonic() - tl0 > lease * 0.9:
+                raise LeaseError(f"request {req_id}: READ finished after the prefill lease ({lease}s); data may be stale")
+            seg = Segments.concat(scat)
+            st.scatter_segments = seg.count
+            SegmentProgram.prepare(seg, self.device).run(self.recv, self.arena)
+            _sync(self.device)
+            for pr in plan.release_only:
+                exp = expected_consumers(self.p_pool.with_rank(pr), self.spec, pr)
+                self.transport.send_notif(self.peers[pr].agent, f"REL:{req_id}:{self.spec.tp_rank}:{exp}")
+        finally:
+            pass
+        st.seconds = time.perf_counter() - t0
+        return st
+
+    def close(self) -> None:
+        for p in self.peers.values():
+            p.client.close()
+        self.transport.close()
