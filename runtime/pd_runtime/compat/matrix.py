@@ -67,7 +67,7 @@ NOTES = {
        "of the prefill block; prefix caching needs equal sizes (SSM-PREFIX-BLOCKS).",
     10: "The flag was removed in 0.30; packed (BL*) layouts replace it and are not configured "
         "by pd-operator (CROSS-LAYER-REMOVED).",
-    11: "Not available before 0.16.",
+    11: "Not available before 0.16 (CROSS-LAYER-UNAVAILABLE).",
     12: "Up to 0.16 NIXL lacks hybrid KV cache manager support, so hybrid models cannot run "
         "P/D at all (SSM-UNSUPPORTED).",
 }
@@ -92,7 +92,7 @@ def _standard_row(hetero_tp: list[Span]) -> dict[str, list[Span]]:
         "spec_decode": _all(SUPPORTED, (1,), ("SPEC-MATCH",)),
         "hetero_tp": hetero_tp,
         "cross_layer": [
-            Span(until(0, 15), UNSUPPORTED, (11,)),
+            Span(until(0, 15), UNSUPPORTED, (11,), ("CROSS-LAYER-UNAVAILABLE",)),
             Span(between((0, 16), (0, 28)), SUPPORTED, (2,),
                  ("CROSS-LAYER-MATCH", "CROSS-LAYER-REQUIREMENTS")),
             Span(since(0, 29), PARTIAL, (10,), ("CROSS-LAYER-REMOVED",)),
@@ -122,7 +122,8 @@ MATRIX: dict[str, dict[str, list[Span]]] = {
         "spec_decode": _all(UNKNOWN, (), ("SSM-SPEC-UNVALIDATED",)),
         "hetero_tp": [Span(until(0, 18), WIP, (5,), ("SSM-HETERO-TP",)),
                       Span(since(0, 19), SUPPORTED, (8,), ("SSM-CONV-LAYOUT", "TP-DIVISIBLE"))],
-        "cross_layer": [Span(until(0, 28), UNSUPPORTED, (), ("CROSS-LAYER-SSM",)),
+        "cross_layer": [Span(until(0, 28), UNSUPPORTED, (),
+                               ("CROSS-LAYER-SSM", "CROSS-LAYER-UNAVAILABLE")),
                         Span(since(0, 29), UNSUPPORTED, (10,), ("CROSS-LAYER-REMOVED",))],
         "swa": _all(SUPPORTED),
         "host_buffer": _all(SUPPORTED, (), ("BLOCK-HOST-BUFFER",)),

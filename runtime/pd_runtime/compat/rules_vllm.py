@@ -260,6 +260,16 @@ RULES: tuple[Rule, ...] = (
         source=f"{MATRIX_PAGE} (Hybrid SSM x Cross-layer blocks: not supported)",
     ),
     Rule(
+        id="CROSS-LAYER-UNAVAILABLE", severity=REJECT, versions=until(0, 15),
+        summary="Cross-layer blocks do not exist before vLLM 0.16.",
+        when=_both(lambda x: x.enable_cross_layers_blocks),
+        fields=("p.enable_cross_layers_blocks", "p.engine_version"),
+        message="enableCrossLayersBlocks is set but vLLM {p.engine_version} has no cross-layer "
+        "blocks (added in 0.16)",
+        fix="remove spec.kvTransfer.enableCrossLayersBlocks, or use vLLM 0.16-0.28",
+        source="vLLM 0.16 release (enable_cross_layers_blocks added)",
+    ),
+    Rule(
         id="CROSS-LAYER-REMOVED", severity=WARN, versions=since(0, 30),
         summary="enable_cross_layers_blocks was removed in 0.30 (packed layouts replace it).",
         when=_both(lambda x: x.enable_cross_layers_blocks),
