@@ -270,7 +270,7 @@ RULES: tuple[Rule, ...] = (
         source="vLLM 0.16 release (enable_cross_layers_blocks added)",
     ),
     Rule(
-        id="CROSS-LAYER-REMOVED", severity=WARN, versions=since(0, 30),
+        id="CROSS-LAYER-REMOVED", severity=WARN, versions=since(0, 29),
         summary="enable_cross_layers_blocks was removed in 0.30 (packed layouts replace it).",
         when=_both(lambda x: x.enable_cross_layers_blocks),
         fields=("p.enable_cross_layers_blocks",),
