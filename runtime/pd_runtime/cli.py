@@ -1,0 +1,91 @@
+"""`pd-runtime`: the bundled runtime's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.machine()}, {platform.processor() or 'unknown'})"
+
+
+def transfer_test(args: argparse.Namespace) -> int:
+    from .transfer_test import Cell, pairing_problems, run_cells
+
+    cell = Cell(family=args.family, num_kv_heads=args.kv_heads, head_size=args.head_size, layers=args.layers,
+                p_tp=args.p_tp, d_tp=args.d_tp, p_block=args.p_block, d_block=args.d_block,
+                p_layout=args.p_layout, d_layout=args.d_layout, dtype=args.dtype, tokens=args.tokens,
+                requests=args.requests, seed=args.seed, sliding_window=args.sliding_window,
+                timeout_s=args.timeout)
+    problems, checker = pairing_problems(cell, args.rules)
+    if problems:
+        out = {"result": "rejected", "checker": checker, "rules": problems, "cell": cell.label()}
+        if args.output == "json":
+            print(json.dumps(out, indent=2))
+        else:
+            print(f"REJECTED by {checker}: {cell.label()}")
+            for p in problems:
+                print(f"  - {p}")
+        return 2
+    if args.output != "json":
+        print(f"transfer-test: {cell.label()}, {cell.tokens} tokens x {cell.requests} requests, "
+              f"{cell.p_tp} P + {cell.d_tp} D processes on {args.device}", flush=True)
+    (res,) = run_cells([cell], args.device)
+    res["device_name"] = _device_name(args.device)
+    res["checker"] = checker
+    res["result"] = "match" if res["ok"] else "mismatch"
+    if args.output == "json":
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        for o in res.get("decode", []):
+            if o.get("error"):
+                print(f"  D rank {o['rank']}: ERROR {o['error']}: {o.get('message')}")
+            else:
+                print(f"  D rank {o['rank']}: {o['bytes']} bytes from {o['peers']} P rank(s), "
+                      f"{o['descriptors']} READ descriptor(s), {o['mismatched_bytes']} mismatched bytes")
+        print(f"  bytes moved {res['bytes']}, {res['gbps']:.3f} GB/s end to end, "
+              f"{res['read_gbps']:.3f} GB/s READ, leaked {res['leaked']}")
+        print("MATCH" if res["ok"] else "MISMATCH")
+    return 0 if res["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pd-runtime")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("transfer-test", help="move random KV between P and D ranks over NIXL and check every byte")
+    t.add_argument("--family", default="dense", choices=["dense", "moe", "mla", "sliding", "hybrid-ssm"])
+    t.add_argument("--p-tp", type=int, default=1)
+    t.add_argument("--d-tp", type=int, default=1)
+    t.add_argument("--p-block", type=int, default=16)
+    t.add_argument("--d-block", type=int, default=16)
+    t.add_argument("--p-layout", default="HND", choices=["HND", "NHD", "LBHNC", "LBNHC"])
+    t.add_argument("--d-layout", default="HND", choices=["HND", "NHD", "LBHNC", "LBNHC"])
+    t.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8"])
+    t.add_argument("--tokens", type=int, default=256)
+    t.add_argument("--requests", type=int, default=2)
+    t.add_argument("--layers", type=int, default=4)
+    t.add_argument("--kv-heads", type=int, default=8)
+    t.add_argument("--head-size", type=int, default=64)
+    t.add_argument("--sliding-window", type=int, default=100)
+    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--timeout", type=float, default=60.0)
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    t.add_argument("--rules", default="auto", choices=["auto", "compat", "capabilities"],
+                   help="which rules decide exit code 2: compat.check_pools (auto, when present) or the "
+                        "runtime's own capabilities")
+    t.add_argument("-o", "--output", default="table", choices=["table", "json"])
+    args = ap.parse_args(argv)
+    if args.cmd == "transfer-test":
+        return transfer_test(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""`pd-runtime transfer-test`: prove a P/D pairing before deploying it (like nccl-tests).
+
+P ranks and D ranks run as separate processes. Each cell: P ranks fill their caches with random
+KV (stored from a random logical KV through the reference), serve the real side channel, D ranks
+handshake (hash, HMAC token), pull every request over NIXL (one READ per request and peer), and
+compare their whole cache, byte for byte, with the reference's expectation (untouched bytes
+included). One pool of processes runs many cells, so the CI suite starts Python only a few times.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+RUNTIME_VERSION = "0.1.0"
+
+
+@dataclass
+class Cell:
+    family: str = "dense"
+    num_kv_heads: int = 4
+    head_size: int = 16
+    layers: int = 2
+    p_tp: int = 1
+    d_tp: int = 1
+    p_block: int = 16
+    d_block: int = 16
+    p_layout: str = "HND"
+    d_layout: str = "HND"
+    dtype: str = "bfloat16"  # bfloat16 | float16 | fp8 (fp8 cache, bf16 model)
+    tokens: int = 100
+    requests: int = 2
+    seed: int = 0
+    sliding_window: int = 37
+    model: str = "pd-runtime/transfer-test"
+    iters: int = 1  # extra timed pulls of the same requests (benchmarking)
+    # test hooks
+    token: str = "transfer-test-token"
+    d_token: str | None = None  # a different token on the decode side (bad-token test)
+    d_model: str | None = None  # a different model name on the decode side (hash test)
+    fault: str | None = None  # p_die_after_prepare | d_skip_read_then_retry
+    lease_s: float = 30.0
+    timeout_s: float = 30.0
+
+    def model_spec(self):
+        from .kvcache import ModelSpec
+
+        fam = self.family
+        return ModelSpec(
+            family=fam if fam != "moe" else "dense",
+            num_layers=self.layers,
+            num_kv_heads=1 if fam == "mla" else self.num_kv_heads,
+            head_size=self.head_size,
+            dtype="bfloat16" if self.dtype == "fp8" else self.dtype,
+            cache_dtype="fp8" if self.dtype == "fp8" else "auto",
+            kv_lora_rank=4 * self.head_size,
+            rope_dim=self.head_size // 2 or 1,
+            sliding_window=self.sliding_window if fam == "sliding" else 0,
+            ssm_heads=max(2, self.num_kv_heads),
+            ssm_head_dim=self.head_size,
+            ssm_groups=2 if self.num_kv_heads % 2 == 0 else 1,
+            d_state=8,
+            conv_kernel=4,
+        )
+
+    def pools(self):
+        from .kvcache import GROUP_STATE, RankSpec, blocks_needed
+
+        m = self.model_spec()
+        nb_p = self.requests * blocks_needed(self.tokens, self.p_block) + 2
+        nb_d = self.requests * blocks_needed(self.tokens, self.d_block) + 2
+        p = RankSpec(m, self.p_tp, 0, self.p_block, self.p_layout, nb_p, self.requests + 1)
+        d = RankSpec(m, self.d_tp, 0, self.d_block, self.d_layout, nb_d, self.requests + 1)
+        del GROUP_STATE
+        return p, d
+
+    def factors(self, side: str) -> dict:
+        from .compat.hashing import builtin_factors
+
+        m = self.model_spec()
+        return builtin_factors(
+            runtime_version=RUNTIME_VERSION,
+            model=(self.d_model or self.model) if side == "d" else self.model,
+            dtype=m.dtype,
+            num_kv_heads=m.num_kv_heads,
+            head_size=m.head_size,
+            num_hidden_layers=m.num_layers,
+            cache_dtype=m.cache_dtype,
+            family=self.family,
+        )
+
+    def label(self) -> str:
+        return (f"{self.family} {self.dtype} TP {self.p_tp}->{self.d_tp} block {self.p_block}->{self.d_block} "
+                f"{self.p_layout}->{self.d_layout}")
+
+
+def cell_requests(cell: Cell):
+    """Deterministic requests with disjoint blocks: [(req_id, p_req, d_req, logical)]."""
+    import numpy as np
+
+    from .kvcache import GROUP_STATE, groups_of, make_block_table
+    from .planner import Request
+    from .reference import random_logical
+
+    p, d = cell.pools()
+    rng = np.random.default_rng(cell.seed)
+    tables = {}
+    for side, spec in (("p", p), ("d", d)):
+        per = [dict() for _ in range(cell.requests)]
+        for g in groups_of(spec.model):
+            pool = spec.num_state_slots if g == GROUP_STATE else spec.num_blocks
+            ids = [int(x) for x in rng.permutation(pool)]
+            for i in range(cell.requests):
+                n = 1 if g == GROUP_STATE else (cell.tokens + spec.block_size - 1) // spec.block_size
+                mine, ids = ids[:n], ids[n:]
+                per[i][g] = make_block_table(spec.model, g, cell.tokens, spec.block_size, mine)
+        tables[side] = per
+    out = []
+    for i in range(cell.requests):
+        out.append((f"req{cell.seed}x{i}", Request(cell.tokens, tables["p"][i]), Request(cell.tokens, tables["d"][i]),
+                    random_logical(p, cell.tokens, cell.seed * 7919 + i)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# worker processes
+
+
+def _p_setup(state: dict, cell: Cell, rank: int, device: str) -> dict:
+    import torch
+
+    from .reference import random_arena, store
+    from .worker import PrefillRank
+
+    if state.get("rank_obj"):
+        state["rank_obj"].close()
+        state["rank_obj"] = None
+    p, _ = cell.pools()
+    spec = p.with_rank(rank)
+    arena = random_arena(spec, cell.seed * 31 + 1000 + rank)
+    reqs = cell_requests(cell)
+    for _, preq, _, lg in reqs:
+        store(spec, arena, preq, lg)
+    t = torch.from_numpy(arena).to(device)
+    pr = PrefillRank(spec, cell.factors("p"), cell.token.encode(), device, lease_s=cell.lease_s,
+                     name=f"p{rank}-c{cell.seed}-{os.getpid()}", arena=t)
+    if cell.fault == "p_die_after_prepare" and rank == 0:
+        pr.fault = "die_after_prepare"
+    for rid, preq, _, _ in reqs:
+        pr.hold(rid, preq)
+    state["rank_obj"] = pr
+    return {"addr": list(pr.address)}
+
+
+def _d_run(state: dict, cell: Cell, rank: int, device: str, addrs: list) -> dict:
+    import numpy as np
+    import torch
+
+    from .reference import random_arena, store
+    from .worker import DecodeRank
+
+    _, d = cell.pools()
+    spec = d.with_rank(rank)
+    init = random_arena(spec, cell.seed * 31 + 2000 + rank)
+    reqs = cell_requests(cell)
+    want = init.copy()
+    for _, _, dreq, lg in reqs:
+        store(spec, want, dreq, lg)
+    dr = DecodeRank(spec, cell.factors("d"), (cell.d_token or cell.token).encode(), device,
+                    name=f"d{rank}-c{cell.seed}-{os.getpid()}", arena=torch.from_numpy(init.copy()).to(device),
+                    timeout=cell.timeout_s)
+    out: dict[str, Any] = {"rank": rank}
+    try:
+        dr.connect([tuple(a) for a in addrs])
+        if cell.fault == "d_skip_read_then_retry":
+            rid, preq, dreq, _ = reqs[0]
+            dr.fault = "skip_read"
+            dr.pull(rid, preq, dreq)
+            time.sleep(cell.lease_s * 1.5)
+            dr.fault = None
+            dr.pull(rid, preq, dreq)  # must fail: the lease expired and the blocks are gone
+            out["error"] = None
+            return out
+        if cell.fault == "p_die_after_prepare":
+            from . import worker as _w
+
+            orig = _w.Transport.read
+
+            def slow_read(self, *a, **k):  # let the prefill process die first
+                time.sleep(0.5)
+                return orig(self, *a, **k)
+
+            _w.Transport.read = slow_read
+        stats = [dr.pull(rid, preq, dreq) for rid, preq, dreq, _ in reqs]
+        got = dr.arena.cpu().numpy()
+        mism = int(np.count_nonzero(got != want))
+        out.update(
+            mismatched_bytes=mism,
+            bytes=sum(s.bytes for s in stats),
+            seconds=sum(s.seconds for s in stats),
+            read_seconds=sum(s.read_seconds for s in stats),
+            descriptors=sum(s.descriptors for s in stats),
+            gather_segments=sum(s.gather_segments for s in stats),
+            scatter_segments=sum(s.scatter_segments for s in stats),
+            peers=max(s.peers for s in stats),
+        )
+        out["error"] = None
+    except Exception as e:  # noqa: BLE001 - reported to the controller
+        out["error"] = type(e).__name__
+        out["message"] = str(e)
+        out["differing"] = getattr(e, "differing", None)
+    finally:
+        dr.close()
+    return out
+
+
+def _worker_main(role: str, rank: int, device: str, conn) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    state: dict = {}
+    while True:
+        msg = conn.recv()
+        cmd = msg[0]
+        try:
+            if cmd == "exit":
+                if state.get("rank_obj"):
+                    state["rank_obj"].close()
+                conn.send({"ok": True})
+                return
+            if cmd == "setup":
+                conn.send(_p_setup(state, Cell(**msg[1]), rank, device))
+            elif cmd == "run":
+                conn.send(_d_run(state, Cell(**msg[1]), rank, device, msg[2]))
+            elif cmd == "stats":
+                obj = state.get("rank_obj")
+                conn.send(obj.stats() if obj else {})
+            elif cmd == "teardown":
+                if state.get("rank_obj"):
+                    state["rank_obj"].close()
+                    state["rank_obj"] = None
+                conn.send({"ok": True})
+        except Exception as e:  # noqa: BLE001
+            conn.send({"error": type(e).__name__, "message": str(e), "trace": traceback.format_exc()})
+
+
+class Pool:
+    """max P ranks + max D ranks worker processes, reused across cells."""
+
+    def __init__(self, n_p: int, n_d: int, device: str = "cpu"):
+        self.ctx = mp.get_context("spawn")
+        self.device = device
+        self.p = [self._spawn("p", r) for r in range(n_p)]
+        self.d = [self._spawn("d", r) for r in range(n_d)]
+
+    def _spawn(self, role: str, rank: int):
+        a, b = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker_main, args=(role, rank, self.device, b), daemon=True)
+        proc.start()
+        return [proc, a]
+
+    def _ask(self, w, msg, timeout: float = 120.0):
+        proc, conn = w
+        conn.send(msg)
+        if not conn.poll(timeout):
+            raise TimeoutError(f"worker {proc.pid} did not answer {msg[0]!r} in {timeout}s")
+        return conn.recv()
+
+    def _alive(self, group: list, role: str) -> None:
+        for i, w in enumerate(group):
+            if not w[0].is_alive():
+                group[i] = self._spawn(role, i)
+
+    def run_cell(self, cell: Cell) -> dict:
+        self._alive(self.p, "p")
+        self._alive(self.d, "d")
+        c = asdict(cell)
+        res: dict[str, Any] = {"cell": c, "label": cell.label()}
+        addrs = []
+        for r in range(cell.p_tp):
+            rep = self._ask(self.p[r], ("setup", c))
+            if "error" in rep:
+                res.update(ok=False, error=rep["error"], message=rep["message"])
+                return res
+            addrs.append(rep["addr"])
+        for r in range(cell.d_tp):
+            self.d[r][1].send(("run", c, addrs))
+        outs = []
+        for r in range(cell.d_tp):
+            proc, conn = self.d[r]
+            limit = cell.timeout_s * 3 + cell.lease_s * 2 + 60
+            if not conn.poll(limit):
+                outs.append({"rank": r, "error": "Timeout", "message": "decode rank did not finish"})
+            else:
+                outs.append(conn.recv())
+        res["decode"] = outs
+        # the prefill side: give notifications / leases a moment, then count what is still held
+        deadline = time.monotonic() + 3.0
+        pstats = []
+        while True:
+            pstats = []
+            for r in range(cell.p_tp):
+                if self.p[r][0].is_alive():
+                    pstats.append(self._ask(self.p[r], ("stats",), 10))
+                else:
+                    pstats.append({"dead": True})
+            busy = any(s.get("held") or s.get("staging_in_use") for s in pstats if not s.get("dead"))
+            if not busy or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        res["prefill"] = pstats
+        for r in range(cell.p_tp):
+            if self.p[r][0].is_alive():
+                self._ask(self.p[r], ("teardown",), 10)
+        errors = [o for o in outs if o.get("error")]
+        mism = sum(o.get("mismatched_bytes", 0) for o in outs)
+        nbytes = sum(o.get("bytes", 0) for o in outs)
+        secs = max((o.get("seconds", 0) for o in outs), default=0)
+        rsecs = max((o.get("read_seconds", 0) for o in outs), default=0)
+        leaked = sum((s.get("held", 0) or 0) + (s.get("staging_in_use", 0) or 0) for s in pstats if not s.get("dead"))
+        res.update(
+            ok=not errors and mism == 0 and leaked == 0,
+            mismatched_bytes=mism,
+            bytes=nbytes,
+            gbps=nbytes / secs / 1e9 if secs else 0.0,
+            read_gbps=nbytes / rsecs / 1e9 if rsecs else 0.0,
+            leaked=leaked,
+            errors=errors,
+        )
+        return res
+
+    def close(self) -> None:
+        for w in self.p + self.d:
+            try:
+                if w[0].is_alive():
+                    self._ask(w, ("exit",), 10)
+            except Exception:  # noqa: BLE001
+                pass
+            w[0].join(timeout=5)
+            if w[0].is_alive():
+                w[0].kill()
+
+
+def run_cells(cells: list[Cell], device: str = "cpu") -> list[dict]:
+    pool = Pool(max(c.p_tp for c in cells), max(c.d_tp for c in cells), device)
+    try:
+        return [pool.run_cell(c) for c in cells]
+    finally:
+        pool.close()
+
+
+def pairing_problems(cell: Cell, rules: str = "auto") -> tuple[list[str], str]:
+    """Reasons the rules reject the pairing, and which checker said so."""
+    from . import capabilities
+    from .kvcache import GeometryError
+
+    pre = {"family": cell.family, "num_kv_heads": 1 if cell.family == "mla" else cell.num_kv_heads, "tp": cell.p_tp,
+           "block_size": cell.p_block, "layout": cell.p_layout,
+           "kv_cache_dtype": "fp8" if cell.dtype == "fp8" else "auto",
+           "dtype": "bfloat16" if cell.dtype == "fp8" else cell.dtype, "model": cell.model}
+    dec = dict(pre, tp=cell.d_tp, block_size=cell.d_block, layout=cell.d_layout)
+    problems: list[str] = []
+    checker = "pd_runtime.capabilities"
+    try:
+        from .compat import ResolvedPool, check_pools
+    except ImportError:
+        check_pools = None
+    if rules == "capabilities":
+        check_pools = None
+    if check_pools is not None:
+        def pool(role: str, side: dict) -> "ResolvedPool":
+            return ResolvedPool(
+                role=role, engine_type="builtin", engine_image="pd-runtime:" + RUNTIME_VERSION,
+                engine_version=RUNTIME_VERSION, model_name=cell.model, model_revision=None,
+                family="dense" if cell.family == "sliding" else cell.family, dtype=side["dtype"],
+                num_kv_heads=side["num_kv_heads"], head_size=cell.head_size, num_hidden_layers=cell.layers,
+                sliding_window=cell.sliding_window if cell.family == "sliding" else 0,
+                mamba_type="mamba2" if cell.family == "hybrid-ssm" else None,
+                tp=side["tp"], pp=1, dp=1, dcp=1, block_size=side["block_size"], attention_backend="auto",
+                kv_cache_dtype=side["kv_cache_dtype"], kv_cache_layout=side["layout"],
+                kv_cache_scales="packed" if side["kv_cache_dtype"] != "auto" else "static",
+                hma=True, prefix_caching=False, speculative=None, connector="NixlConnector",
+                backends=("UCX",), buffer_device="cuda", enforce_handshake_compat=True,
+                enable_permute_local_kv=False, enable_cross_layers_blocks=False, side_channel_port=5600,
+                kv_load_failure_policy="fail", kv_lease_duration_s=int(cell.lease_s), replicas=1,
+                gpu_product=None, args=(), env={})
+
+        try:
+            decision = check_pools(pool("prefill", pre), pool("decode", dec), policy="Strict")
+            checker = "pd_runtime.compat.check_pools"
+            problems += [f"{v.rule}: {v.message} (fix: {v.fix})" for v in decision.rejections]
+        except TypeError as e:  # the pool model changed under us: fall back, and say so
+            checker = f"pd_runtime.capabilities (compat.check_pools failed: {e})"
+            check_pools = None
+    if check_pools is None:
+        problems += capabilities.unsupported(pre, dec)
+    if not problems:
+        try:
+            cell.pools()
+        except (GeometryError, ValueError) as e:
+            problems.append(str(e))
+    return problems, checker
