@@ -7,12 +7,13 @@ verdict can name the field the user has to change.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from pd_runtime.compat import ResolvedPool, Speculative
 from pd_runtime.compat.versions import version_from_image
 
-from .api.v1alpha1 import PDDeploymentSpec, PoolSpec
+from .api.v1alpha1 import PDDeploymentSpec, PoolSpec, _alias
 
 DEFAULT_LAYOUT = "HND"  # NixlConnector's preferred layout for non-MLA models
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
@@ -34,9 +35,8 @@ class _Picker:
         return getattr(shared, attr)
 
 
+@lru_cache(maxsize=None)
 def _json_name(attr: str) -> str:
-    from .api.v1alpha1 import _alias
-
     return _alias(attr)
 
 
@@ -67,6 +67,24 @@ def _env(pool: PoolSpec) -> dict[str, str]:
     return {e["name"]: str(e.get("value", "")) for e in pool.template.env if "name" in e}
 
 
+_POOL_FIELDS = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size",
+                "dp": "data_parallel_size", "dcp": "decode_context_parallel_size",
+                "hma": "hybrid_kv_cache_manager"}
+_POOL_FIELDS.update((n, n) for n in (
+    "block_size", "attention_backend", "kv_cache_dtype", "kv_cache_layout", "kv_cache_scales",
+    "prefix_caching", "speculative", "args", "replicas"))
+
+
+@lru_cache(maxsize=None)
+def _pool_paths(role: str) -> dict[str, str]:
+    """JSON paths of the values that can only come from the pool itself (computed once)."""
+    paths = {name: f"spec.{role}.{_json_name(attr)}" for name, attr in _POOL_FIELDS.items()}
+    paths.update(env=f"spec.{role}.template.env", gpu_product=f"spec.{role}.template.nodeSelector",
+                 backends="spec.kvTransfer.backends",
+                 side_channel_port="spec.kvTransfer.sideChannelPort")
+    return paths
+
+
 def resolve_pool(spec: PDDeploymentSpec, role: str) -> ResolvedPool:
     pool: PoolSpec = getattr(spec, role)
     origin: dict[str, str] = {}
@@ -80,18 +98,8 @@ def resolve_pool(spec: PDDeploymentSpec, role: str) -> ResolvedPool:
     def transfer(name: str, attr: str | None = None):
         return pick(name, attr or name, t_over, t_path, spec.kv_transfer, "spec.kvTransfer")
 
+    origin.update(_pool_paths(role))
     engine_type, engine_image, engine_version = _engine(spec, pool, role, origin)
-    for name, attr in [("tp", "tensor_parallel_size"), ("pp", "pipeline_parallel_size"),
-                       ("dp", "data_parallel_size"), ("dcp", "decode_context_parallel_size"),
-                       ("hma", "hybrid_kv_cache_manager")]:
-        origin[name] = f"spec.{role}.{_json_name(attr)}"
-    for name in ("block_size", "attention_backend", "kv_cache_dtype", "kv_cache_layout",
-                 "kv_cache_scales", "prefix_caching", "speculative", "args", "replicas"):
-        origin[name] = f"spec.{role}.{_json_name(name)}"
-    origin["env"] = f"spec.{role}.template.env"
-    origin["gpu_product"] = f"spec.{role}.template.nodeSelector"
-    origin["backends"] = "spec.kvTransfer.backends"
-    origin["side_channel_port"] = "spec.kvTransfer.sideChannelPort"
     spec_block = pool.speculative
     lease = transfer("kv_lease_duration_s", "kv_lease_duration_seconds")
     return ResolvedPool(

@@ -31,9 +31,11 @@ def _path(loc: tuple) -> str:
             out += f"[{part}]"
         elif part in ("function-after", "function-before") or str(part).startswith("literal["):
             continue
+        elif part == "" or not str(part).replace("-", "_").isidentifier():
+            out += f"[{str(part)!r}]"  # keys that are not plain names stay readable
         else:
             out += f".{part}" if out else str(part)
-    return out
+    return out or "(document)"
 
 
 def schema_errors(exc: ValidationError) -> list[tuple[str, str]]:

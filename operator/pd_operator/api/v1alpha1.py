@@ -31,6 +31,7 @@ _ALIASES = {
     "num_kv_heads": "numKVHeads",
     "enable_permute_local_kv": "enablePermuteLocalKV",
     "kv_lease_duration_seconds": "kvLeaseDurationSeconds",
+    "hybrid_kv_cache_manager": "hybridKVCacheManager",
 }
 
 

@@ -7,6 +7,7 @@ them from its own arguments. Nothing here imports torch or pydantic, so every si
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 MLA_FAMILIES = frozenset({"mla", "sparse-mla"})
@@ -107,9 +108,14 @@ class ResolvedPool:
     def is_quantized_kv(self) -> bool:
         return self.kv_cache_dtype not in ("auto", "float16", "bfloat16")
 
+    @cached_property
+    def arg_flags(self) -> frozenset[str]:
+        """The flag names among the extra args (`--flag=value` counts as `--flag`)."""
+        return frozenset(a.split("=", 1)[0] for a in self.args if a.startswith("-"))
+
     def has_arg(self, *flags: str) -> bool:
         """True when the extra args contain any of `flags` (as `--flag` or `--flag=value`)."""
-        return any(a == f or a.startswith(f + "=") for a in self.args for f in flags)
+        return not self.arg_flags.isdisjoint(flags)
 
     def path(self, name: str) -> str:
         return self.origin.get(name, f"spec.{self.role}.{name}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 Minor = tuple[int, int]
 
@@ -48,6 +49,7 @@ class EngineVersion:
         return OLDEST_KNOWN <= self.minor <= NEWEST_KNOWN
 
 
+@lru_cache(maxsize=1024)
 def parse_version(text: str) -> EngineVersion | None:
     """Parse `0.33.0`, `v0.33.0` or `0.33.1.dev12+gabc`; None when it is not a version."""
     m = _VERSION_RE.match(text.strip())
