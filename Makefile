@@ -1,0 +1,40 @@
+# pd-operator: the two commands of the README, and their parts.
+#   make demo   - the main job: validate the examples, start the local control plane, run the
+#                 operator, deploy an example and show it Ready
+#   make test   - every test tier that runs without a GPU (unit, runtime over NIXL on CPU,
+#                 the real control plane); GPU tests skip cleanly
+# Both do their own setup on a fresh machine (Python venv, Go-built control plane, cached).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv cluster-binaries test test-unit demo clean-venv generate
+
+$(STAMP): pyproject.toml deploy/install-python-deps.sh
+	bash deploy/install-python-deps.sh $(PYTHON) $(VENV)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Build (or reuse from ~/.cache/pd-operator) etcd, kube-*, kubectl, kwok and helm.
+cluster-binaries: venv
+	$(BIN)/pdctl dev cluster build
+
+## Regenerate the files generated from code (CRD, compatibility docs).
+generate: venv
+	$(BIN)/pdctl crd > crds/pddeployment.yaml
+	$(BIN)/python -m pd_operator.docs_gen
+
+test-unit: venv
+	$(BIN)/python -m pytest tests/unit -q
+
+test: venv cluster-binaries
+	$(BIN)/python -m pytest tests -q
+
+demo: venv cluster-binaries
+	bash deploy/demo.sh
+
+clean-venv:
+	rm -rf $(VENV)
