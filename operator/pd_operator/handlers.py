@@ -1,0 +1,320 @@
+"""kopf handlers (thin): render, apply, watch the children, report status.
+
+- PDDeployment create / update / resume / timer: render every child (render/), server-side apply
+  them (kube.Client.apply), store what was rendered, and write the status.
+- Child events (StatefulSet, Deployment and every other kind rendered): update the observed
+  state and the owner's status; a child deleted or edited by hand is re-applied (drift repair).
+- PDDeployment deletion: nothing to do; the children carry owner references and the garbage
+  collector removes them.
+
+State kept in memory (`STATE`) is a cache: after a restart the resume handlers rebuild it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from . import kube, metrics, render, status
+from .api import v1alpha1 as api
+from .render import labels
+from .validate import SpecError, parse_spec
+
+log = logging.getLogger(__name__)
+
+API_VERSION = f"{api.GROUP}/{api.VERSION}"
+RESYNC_INTERVAL = 600.0  # full re-apply of every PDDeployment (belt and braces for drift)
+
+# Child kinds the operator renders and watches: (group, version, plural, apiVersion, kind)
+CHILD_KINDS = (
+    ("apps", "v1", "statefulsets", "apps/v1", "StatefulSet"),
+    ("apps", "v1", "deployments", "apps/v1", "Deployment"),
+    ("", "v1", "services", "v1", "Service"),
+    ("", "v1", "configmaps", "v1", "ConfigMap"),
+    ("", "v1", "serviceaccounts", "v1", "ServiceAccount"),
+    ("rbac.authorization.k8s.io", "v1", "roles", "rbac.authorization.k8s.io/v1", "Role"),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings", "rbac.authorization.k8s.io/v1",
+     "RoleBinding"),
+    ("policy", "v1", "poddisruptionbudgets", "policy/v1", "PodDisruptionBudget"),
+    ("networking.k8s.io", "v1", "networkpolicies", "networking.k8s.io/v1", "NetworkPolicy"),
+)
+
+# What the operator needs from RBAC (the chart's ClusterRole must cover it).
+RBAC_RULES = [
+    {"apiGroups": [api.GROUP], "resources": [api.PLURAL],
+     "verbs": ["get", "list", "watch", "patch", "update"]},
+    {"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"],
+     "verbs": ["get", "patch", "update"]},
+    *({"apiGroups": [g], "resources": [p],
+       "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"]}
+      for g, _, p, _, _ in CHILD_KINDS),
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+     "verbs": ["get", "create", "update"]},
+]
+
+
+@dataclass
+class Owned:
+    """What the operator last rendered for one PDDeployment, and what it observed since."""
+
+    uid: str
+    generation: int | None = None
+    rendered: render.Rendered | None = None
+    desired_children: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    desired_replicas: dict[str, int] = field(default_factory=dict)
+    observed: dict[str, dict[str, Any]] = field(default_factory=dict)  # prefill/decode/router
+    last_status: dict[str, Any] | None = None
+    spec_error: str | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Runtime:
+    """Process-wide state shared by the handlers (set by the runner before kopf starts)."""
+
+    def __init__(self) -> None:
+        self.client: kube.Client | None = None
+        self.owned: dict[tuple[str, str], Owned] = {}
+        self.apply_concurrency = 8
+
+    def api(self) -> kube.Client:
+        if self.client is None:
+            raise kopf.TemporaryError("the API client is not ready", delay=1)
+        return self.client
+
+
+RUNTIME = Runtime()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _owner_body(namespace: str, name: str, uid: str) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": api.KIND,
+            "metadata": {"name": name, "namespace": namespace, "uid": uid}}
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """kopf settings for this operator (applied by the runner)."""
+    settings.peering.standalone = True  # leadership comes from our own Lease (leader.py)
+    settings.posting.level = logging.WARNING  # only our own Events and real problems
+    settings.watching.connect_timeout = 10
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 30
+    settings.persistence.finalizer = f"{api.GROUP}/finalizer"  # no handler needs one today
+    selector = "app.kubernetes.io/managed-by=" + labels.MANAGER
+    for group, version, plural, _, _ in CHILD_KINDS:
+        settings.watching.label_selectors[(group or "v1", plural) if not group
+                                          else (group, version, plural)] = selector
+
+
+# ------------------------------------------------------------------------------ reconcile
+async def reconcile(body: kopf.Body, logger: logging.Logger | kopf.Logger) -> None:
+    meta = body.get("metadata", {})
+    name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+    key = (namespace, name)
+    state = RUNTIME.owned.get(key)
+    if state is None or state.uid != uid:
+        state = RUNTIME.owned[key] = Owned(uid=uid)
+    started = time.perf_counter()
+    client = RUNTIME.api()
+    async with state.lock:
+        state.generation = meta.get("generation")
+        try:
+            spec = parse_spec(dict(body.get("spec", {})))
+        except SpecError as exc:
+            state.spec_error = str(exc)
+            state.rendered = None
+            await _write_status(client, namespace, name, state, body.get("status"))
+            metrics.RECONCILES.labels("invalid").inc()
+            raise kopf.PermanentError(f"invalid spec: {exc}") from None
+        state.spec_error = None
+        rendered = render.render(labels.Owner(name, namespace, uid), spec)
+        state.rendered = rendered
+        state.desired_replicas = {"prefill": spec.prefill.replicas,
+                                  "decode": spec.decode.replicas,
+                                  "router": spec.router.replicas}
+        if not rendered.decision.accepted:
+            # Admitted without the webhook (or before it existed): launch nothing.
+            state.desired_children = {}
+            await _write_status(client, namespace, name, state, body.get("status"))
+            metrics.RECONCILES.labels("rejected").inc()
+            raise kopf.PermanentError("the pools are incompatible; see status.conditions")
+        state.desired_children = {render.child_key(c): c for c in rendered.children}
+        try:
+            results = await kube.apply_all(client, rendered.children,
+                                           concurrency=RUNTIME.apply_concurrency)
+        except kube.ApiError as exc:
+            metrics.RECONCILE_ERRORS.labels(str(exc.status)).inc()
+            raise kopf.TemporaryError(f"apply failed: {exc}", delay=5) from exc
+        except Exception as exc:  # network trouble, API server restarting
+            metrics.RECONCILE_ERRORS.labels(type(exc).__name__).inc()
+            raise kopf.TemporaryError(f"apply failed: {exc!r}", delay=5) from exc
+        for child, result in zip(rendered.children, results):
+            metrics.APPLIES.labels(child["kind"]).inc()
+            _observe(state, result)
+        await _write_status(client, namespace, name, state, body.get("status"))
+    metrics.RECONCILES.labels("applied").inc()
+    metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+    logger.info("applied %d children", len(rendered.children))
+
+
+def _observe(state: Owned, obj: dict[str, Any] | None, deleted: bool = False) -> None:
+    if not obj:
+        return
+    kind = obj.get("kind")
+    role = (obj.get("metadata", {}).get("labels") or {}).get(labels.ROLE_LABEL)
+    if (kind == "StatefulSet" and role in ("prefill", "decode")) or \
+            (kind == "Deployment" and role == "router"):
+        if deleted:
+            state.observed.pop(role, None)
+        else:
+            state.observed[role] = obj
+
+
+async def _write_status(client: kube.Client, namespace: str, name: str, state: Owned,
+                        stored: dict[str, Any] | None) -> None:
+    previous = state.last_status if state.last_status is not None else dict(stored or {})
+    decision = state.rendered.decision if state.rendered else None
+    new, transitions = status.compute(
+        generation=state.generation,
+        desired=state.desired_replicas or {"prefill": 0, "decode": 0, "router": 0},
+        decision=decision,
+        observed=status.Observed(state.observed.get("prefill"), state.observed.get("decode"),
+                                 state.observed.get("router")),
+        previous=previous, now=_now(), spec_error=state.spec_error)
+    if status.same(new, previous):
+        return
+    try:
+        await client.patch_merge(API_VERSION, api.KIND, namespace, name, {"status": new},
+                                 subresource="status")
+    except kube.ApiError as exc:
+        if exc.status == 404:
+            return
+        raise
+    state.last_status = new
+    owner = _owner_body(namespace, name, state.uid)
+    for t in transitions:
+        kopf.event(owner, type="Warning" if t.warning else "Normal",
+                   reason=f"{t.type}{'' if t.status == 'True' else 'False'}",
+                   message=t.message)
+
+
+@kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
+async def on_pddeployment(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    await reconcile(body, logger)
+
+
+@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=RESYNC_INTERVAL,
+            initial_delay=RESYNC_INTERVAL, idle=60)
+async def resync(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    try:
+        await reconcile(body, logger)
+    except kopf.PermanentError:
+        pass
+
+
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
+async def on_pddeployment_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        meta = body.get("metadata", {})
+        RUNTIME.owned.pop((meta.get("namespace"), meta.get("name")), None)
+
+
+# --------------------------------------------------------------------------- child events
+def _owner_of(meta: dict[str, Any]) -> tuple[str, str] | None:
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == api.KIND and ref.get("apiVersion", "").startswith(api.GROUP):
+            return ref["name"], ref["uid"]
+    return None
+
+
+def contains(desired: Any, live: Any) -> bool:
+    """True when every field of `desired` is present with the same value in `live` (lists
+    element by element): what server-side apply would not change."""
+    if isinstance(desired, dict):
+        return isinstance(live, dict) and all(k in live and contains(v, live[k])
+                                              for k, v in desired.items())
+    if isinstance(desired, list):
+        return isinstance(live, list) and len(desired) == len(live) and \
+            all(contains(a, b) for a, b in zip(desired, live))
+    return desired == live
+
+
+def drifted(desired: dict[str, Any], live: dict[str, Any]) -> bool:
+    for section in ("spec", "data", "rules", "roleRef", "subjects"):
+        if section in desired and not contains(desired[section], live.get(section)):
+            return True
+    meta_d, meta_l = desired["metadata"], live.get("metadata", {})
+    return not contains(meta_d.get("labels", {}), meta_l.get("labels") or {})
+
+
+async def _child_event(api_version: str, kind: str, event: kopf.RawEvent,
+                       logger: kopf.Logger) -> None:
+    obj = dict(event.get("object") or {})
+    obj.setdefault("apiVersion", api_version)
+    obj.setdefault("kind", kind)
+    meta = obj.get("metadata") or {}
+    owner = _owner_of(meta)
+    if owner is None:
+        return
+    namespace = meta.get("namespace")
+    state = RUNTIME.owned.get((namespace, owner[0]))
+    if state is None or state.uid != owner[1]:
+        return  # not reconciled yet in this process (resume will do it) or a stale owner
+    etype = event.get("type") or "ADDED"
+    client = RUNTIME.api()
+    key = (api_version, kind, meta.get("name"))
+    desired = state.desired_children.get(key)
+    if etype == "DELETED":
+        _observe(state, obj, deleted=True)
+        if desired is not None and await _owner_alive(client, namespace, owner):
+            logger.info("%s %s was deleted; re-creating it", kind, meta.get("name"))
+            metrics.DRIFT_REPAIRS.labels(kind).inc()
+            _observe(state, await client.apply(desired))
+    else:
+        _observe(state, obj)
+        if desired is not None and not meta.get("deletionTimestamp") and drifted(desired, obj):
+            logger.info("%s %s differs from what was rendered; re-applying", kind,
+                        meta.get("name"))
+            metrics.DRIFT_REPAIRS.labels(kind).inc()
+            _observe(state, await client.apply(desired))
+    if kind in ("StatefulSet", "Deployment"):
+        async with state.lock:
+            if RUNTIME.owned.get((namespace, owner[0])) is state:
+                await _write_status(client, namespace, owner[0], state, None)
+
+
+async def _owner_alive(client: kube.Client, namespace: str, owner: tuple[str, str]) -> bool:
+    obj = await client.get(API_VERSION, api.KIND, namespace, owner[0])
+    if not obj:
+        return False
+    meta = obj.get("metadata", {})
+    return meta.get("uid") == owner[1] and not meta.get("deletionTimestamp")
+
+
+def _register_child_handlers() -> None:
+    for group, version, plural, api_version, kind in CHILD_KINDS:
+        async def handler(event: kopf.RawEvent, logger: kopf.Logger, _av: str = api_version,
+                          _kind: str = kind, **_: Any) -> None:
+            try:
+                await _child_event(_av, _kind, event, logger)
+            except kube.ApiError as exc:
+                logger.warning("child event %s: %s", _kind, exc)
+                metrics.RECONCILE_ERRORS.labels(str(exc.status)).inc()
+        kopf.on.event(group or "", version, plural, id=f"child-{plural}",
+                      labels={"app.kubernetes.io/managed-by": labels.MANAGER})(handler)
+
+
+_register_child_handlers()

@@ -1,0 +1,113 @@
+"""The P/D router: vllm-router in P/D mode with Kubernetes pod discovery, and its RBAC (pure).
+
+The router finds the pools' pods by label (role + instance) and talks to their HTTP port; it
+needs list/watch on pods in the namespace, hence the ServiceAccount, Role and RoleBinding.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pd_runtime.compat.rules_vllm import ENGINE_HTTP_PORT
+
+from ..api.v1alpha1 import RouterSpec
+from . import labels
+from .labels import Owner
+
+COMPONENT = "router"
+ROUTER_PORT = 8000
+METRICS_PORT = 29000
+# Used when spec.router.image is unset; the chart sets PD_OPERATOR_ROUTER_IMAGE to the operator's
+# own image (which bundles vllm-router).
+DEFAULT_ROUTER_IMAGE = os.environ.get("PD_OPERATOR_ROUTER_IMAGE",
+                                      "ghcr.io/pd-operator/pd-operator:0.1.0")
+
+
+def _selector_args(owner: Owner, role: str) -> list[str]:
+    return [f"{labels.ROLE_LABEL}={role}", f"app.kubernetes.io/instance={owner.name}"]
+
+
+def command(owner: Owner, router: RouterSpec, connector: str) -> list[str]:
+    cmd = [
+        "vllm-router", "--vllm-pd-disaggregation",
+        "--service-discovery",
+        "--prefill-selector", *_selector_args(owner, "prefill"),
+        "--decode-selector", *_selector_args(owner, "decode"),
+        "--service-discovery-namespace", owner.namespace,
+        "--service-discovery-port", str(ENGINE_HTTP_PORT),
+        "--policy", router.policy,  # spec.router.policy
+        "--host", "0.0.0.0", "--port", str(ROUTER_PORT),
+        "--prometheus-host", "0.0.0.0", "--prometheus-port", str(METRICS_PORT),
+    ]
+    if connector == "NixlPushConnector":
+        cmd += ["--kv-connector", "nixl"]
+    return cmd
+
+
+def deployment(owner: Owner, router: RouterSpec, connector: str) -> dict[str, Any]:
+    name = labels.child_name(owner, COMPONENT)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": labels.metadata(owner, name, COMPONENT, role=COMPONENT),
+        "spec": {
+            "replicas": router.replicas,  # spec.router.replicas
+            "selector": {"matchLabels": labels.selector_labels(owner, COMPONENT)},
+            "template": {
+                "metadata": {"labels": labels.labels(owner, COMPONENT, role=COMPONENT)},
+                "spec": {
+                    "serviceAccountName": name,
+                    "containers": [{
+                        "name": "router",
+                        "image": router.image or DEFAULT_ROUTER_IMAGE,  # spec.router.image
+                        "command": command(owner, router, connector),
+                        "ports": [
+                            {"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"},
+                            {"name": "metrics", "containerPort": METRICS_PORT,
+                             "protocol": "TCP"},
+                        ],
+                        "readinessProbe": {
+                            "tcpSocket": {"port": "http"}, "periodSeconds": 5,
+                        },
+                    }],
+                },
+            },
+        },
+    }
+
+
+def service(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": labels.metadata(owner, labels.child_name(owner, COMPONENT), COMPONENT,
+                                    role=COMPONENT),
+        "spec": {
+            "selector": labels.selector_labels(owner, COMPONENT),
+            "ports": [
+                {"name": "http", "port": ROUTER_PORT, "targetPort": "http", "protocol": "TCP"},
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics",
+                 "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def rbac(owner: Owner) -> list[dict[str, Any]]:
+    name = labels.child_name(owner, COMPONENT)
+    meta = labels.metadata(owner, name, COMPONENT, role=COMPONENT)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
+            "rules": [{"apiGroups": [""], "resources": ["pods"],
+                       "verbs": ["get", "list", "watch"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name,
+                          "namespace": owner.namespace}],
+        },
+    ]

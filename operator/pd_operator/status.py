@@ -1,0 +1,156 @@
+"""PDDeployment status from what was observed (pure): children in, status and transitions out.
+
+Conditions (a list keyed by type): Validated, PrefillReady, DecodeReady, RouterReady, Ready.
+`lastTransitionTime` only moves when a condition's status changes. The handlers turn the
+returned transitions into Kubernetes Events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pd_runtime.compat import Decision
+
+CONDITION_TYPES = ("Validated", "PrefillReady", "DecodeReady", "RouterReady", "Ready")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The children whose state decides readiness (None = not found)."""
+
+    prefill: dict[str, Any] | None
+    decode: dict[str, Any] | None
+    router: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Transition:
+    type: str
+    status: str
+    reason: str
+    message: str
+    warning: bool
+
+
+def _workload(obj: dict[str, Any] | None, desired: int, kind: str) -> tuple[str, str, str, dict]:
+    """(status, reason, message, pool status) of a StatefulSet or Deployment."""
+    if obj is None:
+        return "False", "NotFound", f"the {kind} does not exist yet", {"replicas": desired,
+                                                                       "readyReplicas": 0}
+    st = obj.get("status") or {}
+    spec_replicas = (obj.get("spec") or {}).get("replicas", desired)
+    ready = int(st.get("readyReplicas") or 0)
+    updated = int(st.get("updatedReplicas") or 0)
+    pool = {"replicas": spec_replicas, "readyReplicas": ready}
+    generation = (obj.get("metadata") or {}).get("generation")
+    if generation is not None and st.get("observedGeneration", 0) < generation:
+        return "False", "Progressing", "the controller has not seen the latest spec yet", pool
+    if spec_replicas != desired:
+        return "False", "Scaling", f"{spec_replicas} replicas, {desired} wanted", pool
+    if updated < spec_replicas:
+        return "False", "RollingUpdate", f"{updated}/{spec_replicas} pods updated", pool
+    if ready < spec_replicas:
+        return "False", "ReplicasNotReady", f"{ready}/{spec_replicas} pods ready", pool
+    return "True", "AllReplicasReady", f"{ready}/{spec_replicas} pods ready", pool
+
+
+def _validated(decision: Decision | None, spec_error: str | None) -> tuple[str, str, str]:
+    if spec_error is not None:
+        return "False", "InvalidSpec", spec_error
+    assert decision is not None
+    if not decision.accepted:
+        ids = ", ".join(v.rule for v in decision.rejections)
+        return "False", "Rejected", f"rejected by {ids}"
+    if decision.warnings:
+        ids = ", ".join(v.rule for v in decision.warnings)
+        return "True", "AcceptedWithWarnings", f"warnings: {ids}"
+    return "True", "Accepted", "the pools are compatible"
+
+
+def compute(*, generation: int | None, desired: dict[str, int], decision: Decision | None,
+            observed: Observed, previous: dict[str, Any] | None, now: str,
+            spec_error: str | None = None) -> tuple[dict[str, Any], list[Transition]]:
+    """The full status and the condition transitions since `previous` (the stored status).
+
+    `desired` has the wanted replicas of "prefill", "decode" and "router".
+    """
+    previous = previous or {}
+    prev_conds = {c.get("type"): c for c in previous.get("conditions") or []}
+    rows: list[tuple[str, str, str, str]] = []
+    v_status, v_reason, v_msg = _validated(decision, spec_error)
+    rows.append(("Validated", v_status, v_reason, v_msg))
+    pools: dict[str, dict] = {}
+    for cond, key, kind in (("PrefillReady", "prefill", "StatefulSet"),
+                            ("DecodeReady", "decode", "StatefulSet"),
+                            ("RouterReady", "router", "Deployment")):
+        s, r, m, pool = _workload(getattr(observed, key), desired[key], kind)
+        pools[key] = pool
+        rows.append((cond, s, r, m))
+    not_ready = [t for t, s, _, _ in rows if s != "True"]
+    if not not_ready:
+        rows.append(("Ready", "True", "AllComponentsReady", "prefill, decode and router ready"))
+    else:
+        rows.append(("Ready", "False", "ComponentsNotReady", f"not yet: {', '.join(not_ready)}"))
+
+    conditions, transitions = [], []
+    for ctype, cstatus, reason, message in rows:
+        prev = prev_conds.get(ctype)
+        changed = prev is None or prev.get("status") != cstatus
+        conditions.append({
+            "type": ctype, "status": cstatus, "reason": reason, "message": message,
+            "lastTransitionTime": now if changed or not prev.get("lastTransitionTime")
+            else prev["lastTransitionTime"],
+            "observedGeneration": generation,
+        })
+        if changed and (prev is not None or cstatus == "True" or ctype == "Validated"):
+            transitions.append(Transition(ctype, cstatus, reason, message,
+                                          warning=cstatus != "True"))
+
+    ready = not not_ready
+    any_ready = any(p["readyReplicas"] > 0 for p in pools.values())
+    if v_status != "True":
+        phase = "Degraded"
+    elif ready:
+        phase = "Ready"
+    elif previous.get("phase") in ("Ready", "Degraded") and \
+            previous.get("observedGeneration") == generation:
+        phase = "Degraded"  # it was Ready for this generation and lost a component
+    elif not any_ready:
+        phase = "Pending"
+    else:
+        phase = "Progressing"
+
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "phase": phase,
+        "prefill": pools["prefill"],
+        "decode": pools["decode"],
+        "router": pools["router"],
+        "conditions": conditions,
+    }
+    if decision is not None:
+        status["compatibility"] = {
+            "prefillHash": decision.prefill_hash,
+            "decodeHash": decision.decode_hash,
+            "verdicts": [_verdict(v.to_dict()) for v in decision.verdicts],
+        }
+    return status, transitions
+
+
+def _verdict(d: dict[str, Any]) -> dict[str, Any]:
+    # The CRD's Verdict has rule/severity/fields/message/fix/source.
+    return {k: d[k] for k in ("rule", "severity", "fields", "message", "fix", "source")
+            if d.get(k) is not None}
+
+
+def same(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Equal ignoring condition timestamps (to skip no-op status patches)."""
+    def strip(s: dict[str, Any] | None) -> Any:
+        if not s:
+            return s
+        out = dict(s)
+        out["conditions"] = [{k: v for k, v in c.items() if k != "lastTransitionTime"}
+                             for c in s.get("conditions") or []]
+        return out
+    return strip(a) == strip(b)

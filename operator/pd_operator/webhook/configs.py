@@ -1,0 +1,63 @@
+"""The Validating- and MutatingWebhookConfiguration objects (pure).
+
+In a cluster the chart owns them (clientConfig.service); `pdctl operator run --local-webhook`
+registers these with clientConfig.url pointing at the host process.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from ..api import v1alpha1 as api
+
+NAME = "pd-operator.serving.pd-operator.dev"
+VALIDATE_PATH = "/validate"
+MUTATE_PATH = "/mutate"
+# The API server waits at most this long; the review is pure CPU work (about a millisecond),
+# so 5 s only matters when the operator is unreachable, where failurePolicy Fail then rejects.
+TIMEOUT_SECONDS = 5
+
+
+def _rules() -> list[dict[str, Any]]:
+    return [{"apiGroups": [api.GROUP], "apiVersions": [api.VERSION],
+             "operations": ["CREATE", "UPDATE"], "resources": [api.PLURAL],
+             "scope": "Namespaced"}]
+
+
+def client_config_url(base_url: str, path: str, ca_pem: bytes) -> dict[str, Any]:
+    return {"url": base_url.rstrip("/") + path, "caBundle": base64.b64encode(ca_pem).decode()}
+
+
+def _webhook(name: str, client_config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "clientConfig": client_config,
+        "rules": _rules(),
+        "admissionReviewVersions": ["v1"],
+        "sideEffects": "None",
+        "failurePolicy": "Fail",
+        "matchPolicy": "Equivalent",
+        "timeoutSeconds": TIMEOUT_SECONDS,
+    }
+
+
+def validating(base_url: str, ca_pem: bytes, name: str = NAME) -> dict[str, Any]:
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "pd-operator"}},
+        "webhooks": [_webhook(f"validate.{name}",
+                              client_config_url(base_url, VALIDATE_PATH, ca_pem))],
+    }
+
+
+def mutating(base_url: str, ca_pem: bytes, name: str = NAME) -> dict[str, Any]:
+    hook = _webhook(f"mutate.{name}", client_config_url(base_url, MUTATE_PATH, ca_pem))
+    hook["reinvocationPolicy"] = "Never"
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "pd-operator"}},
+        "webhooks": [hook],
+    }

@@ -1,0 +1,236 @@
+"""Admission logic (pure): an AdmissionReview dict in, an AdmissionReview response dict out.
+
+Validation (CREATE and UPDATE) runs the compatibility engine: under Strict every rejecting rule is
+listed in one message (id, fields, fix, source); warnings become admission warnings, which kubectl
+prints. On UPDATE, changing the pairing facts of one pool only is rejected (UPDATE-ONE-POOL): the
+running pods of the other pool would no longer be able to talk to the new ones.
+
+Mutation writes the resolved defaults into the stored object (kvCacheLayout of each pool,
+kvTransfer.sideChannelPort, engine versions read from image tags, validation.policy), so what
+`kubectl get -o yaml` shows is what runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pd_runtime.compat import Decision, ResolvedPool, Verdict, profiles
+from pd_runtime.compat.versions import version_from_image
+
+from ..api.v1alpha1 import PDDeploymentSpec
+from ..resolve import DEFAULT_LAYOUT, resolve
+from ..validate import SpecError, decide_spec, parse_spec
+
+UPDATE_RULE = "UPDATE-ONE-POOL"
+MAX_WARNING_LEN = 500  # the API server limits the total size of warning headers
+
+# Pool facts that decide whether the two pools can exchange KV, beyond the engine's own hash
+# factors (which cover engine version, model, dtype, heads, layers, backend, KV dtype, HMA,
+# speculation and transfer mode): the transfer geometry and the connector settings that the
+# handshake or the transfer plan depends on. Replicas, templates, args and env are not in it.
+PAIRING_FIELDS = (
+    "engine_type", "engine_image", "engine_version", "model_name", "model_revision", "family",
+    "dtype", "num_kv_heads", "head_size", "num_hidden_layers", "sliding_window", "mamba_type",
+    "tp", "pp", "dp", "dcp", "block_size", "attention_backend", "kv_cache_dtype",
+    "kv_cache_layout", "kv_cache_scales", "hma", "speculative", "connector", "backends",
+    "buffer_device", "enforce_handshake_compat", "enable_permute_local_kv",
+    "enable_cross_layers_blocks", "side_channel_port",
+)
+
+
+@dataclass
+class Outcome:
+    allowed: bool
+    message: str = ""
+    warnings: list[str] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)  # what fired (for metrics)
+    code: int = 403
+    patch: list[dict[str, Any]] | None = None
+
+
+# ------------------------------------------------------------------------------- validation
+def pairing_facts(pool: ResolvedPool, other: ResolvedPool) -> dict[str, Any]:
+    """Everything that must stay in lockstep between the pools: the hash factors of the
+    engine profile (when predictable) plus PAIRING_FIELDS."""
+    facts: dict[str, Any] = {name: getattr(pool, name) for name in PAIRING_FIELDS}
+    p, d = (pool, other) if pool.role == "prefill" else (other, pool)
+    factors = profiles.select(p, d).factors_of(pool)
+    facts["hash_factors"] = factors
+    return facts
+
+
+def changed_facts(old: ResolvedPool, old_other: ResolvedPool, new: ResolvedPool,
+                  new_other: ResolvedPool) -> list[str]:
+    a, b = pairing_facts(old, old_other), pairing_facts(new, new_other)
+    names = [k for k in PAIRING_FIELDS if a[k] != b[k]]
+    if not names and a["hash_factors"] != b["hash_factors"]:
+        names.append("hash_factors")
+    return names
+
+
+def _one_pool_update(old: PDDeploymentSpec, new: PDDeploymentSpec) -> Verdict | None:
+    op, od = resolve(old)
+    np_, nd = resolve(new)
+    p_changed = changed_facts(op, od, np_, nd)
+    d_changed = changed_facts(od, op, nd, np_)
+    if bool(p_changed) == bool(d_changed):
+        return None  # neither pool's pairing changed, or both changed together
+    role, names, pool, other = (
+        ("prefill", p_changed, np_, "decode") if p_changed else ("decode", d_changed, nd, "prefill"))
+    paths = [pool.path(n) for n in names if n != "hash_factors"] or [f"spec.{role}"]
+    return Verdict(
+        rule=UPDATE_RULE, severity="reject", fields=paths,
+        message=(f"this update changes {', '.join(names)} of the {role} pool only; the running "
+                 f"{other} pods would keep the old values and stop being able to exchange KV "
+                 f"with the new {role} pods"),
+        fix=(f"change the same fields of spec.{other} in the same update (both pools roll "
+             f"together), or create a new PDDeployment next to this one"),
+        source="pd-operator: pools of one PDDeployment keep matching pairing facts",
+    )
+
+
+def format_verdict(v: Verdict) -> str:
+    text = f"[{v.rule}] {v.message}; fields: {', '.join(v.fields)}; fix: {v.fix}"
+    if v.source:
+        text += f" (source: {v.source})"
+    return text
+
+
+def rejection_message(name: str, rejections: list[Verdict]) -> str:
+    head = (f"PDDeployment {name!r} is rejected by {len(rejections)} compatibility "
+            f"rule{'s' if len(rejections) != 1 else ''} "
+            f"({', '.join(v.rule for v in rejections)}):")
+    return "\n".join([head] + [f"  {i}. {format_verdict(v)}" for i, v in
+                               enumerate(rejections, 1)])
+
+
+def _warning(v: Verdict) -> str:
+    text = f"{v.rule}: {v.message} (fix: {v.fix})"
+    if v.policy_note:
+        text += f" [{v.policy_note}]"
+    return text if len(text) <= MAX_WARNING_LEN else text[: MAX_WARNING_LEN - 3] + "..."
+
+
+def validate(request: dict[str, Any]) -> Outcome:
+    """The validating webhook's decision for one AdmissionRequest."""
+    op = request.get("operation")
+    if op not in ("CREATE", "UPDATE"):
+        return Outcome(True)
+    obj = request.get("object") or {}
+    name = (obj.get("metadata") or {}).get("name") or request.get("name") or "(unnamed)"
+    try:
+        spec = parse_spec(obj.get("spec"))
+    except SpecError as exc:
+        lines = [f"  - {p}: {m}" for p, m in exc.problems]
+        return Outcome(False, f"PDDeployment {name!r} does not match the schema:\n"
+                       + "\n".join(lines), code=422)
+    old_spec = _old_spec(request) if op == "UPDATE" else None
+    if old_spec is not None and old_spec == spec:
+        return Outcome(True)  # metadata-only update (labels, annotations): nothing to judge
+    decision: Decision = decide_spec(spec)
+    verdicts = list(decision.verdicts)
+    if op == "UPDATE" and spec.validation.policy != "Disabled":
+        update_verdict = _one_pool_update(old_spec, spec) if old_spec else None
+        if update_verdict is not None:
+            if spec.validation.policy == "Warn":
+                update_verdict = Verdict(
+                    update_verdict.rule, "warn", update_verdict.fields, update_verdict.message,
+                    update_verdict.fix, update_verdict.source,
+                    policy_note="would reject under policy Strict")
+            verdicts.append(update_verdict)
+    rejections = [v for v in verdicts if v.severity == "reject"]
+    warnings = [_warning(v) for v in verdicts if v.severity != "reject"]
+    if rejections:
+        return Outcome(False, rejection_message(name, rejections), warnings, verdicts)
+    return Outcome(True, "", warnings, verdicts)
+
+
+def _old_spec(request: dict[str, Any]) -> PDDeploymentSpec | None:
+    old = request.get("oldObject") or {}
+    try:
+        return parse_spec(old.get("spec"))
+    except SpecError:
+        return None  # an unparseable old object cannot be compared; the new one is judged alone
+
+
+# --------------------------------------------------------------------------------- mutation
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def defaults_patch(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """JSONPatch ops that write the resolved defaults into `spec` (a raw dict); [] when none
+    are missing or the spec does not parse (the validating webhook reports that)."""
+    try:
+        parsed = parse_spec(spec)
+    except SpecError:
+        return []
+    ops: list[dict[str, Any]] = []
+
+    def add(path: str, value: Any) -> None:
+        ops.append({"op": "add", "path": path, "value": value})
+
+    engine = spec.get("engine") or {}
+    if not engine.get("version"):
+        version = version_from_image(parsed.engine.image)
+        if version:
+            add("/spec/engine/version", version)
+    kv = spec.get("kvTransfer")
+    if kv is None:
+        add("/spec/kvTransfer", {"sideChannelPort": parsed.kv_transfer.side_channel_port})
+    elif "sideChannelPort" not in kv:
+        add("/spec/kvTransfer/sideChannelPort", parsed.kv_transfer.side_channel_port)
+    validation = spec.get("validation")
+    if validation is None:
+        add("/spec/validation", {"policy": parsed.validation.policy})
+    elif "policy" not in validation:
+        add("/spec/validation/policy", parsed.validation.policy)
+    for role in ("prefill", "decode"):
+        pool = spec.get(role) or {}
+        if not pool.get("kvCacheLayout"):
+            add(f"/spec/{role}/kvCacheLayout", DEFAULT_LAYOUT)
+        over = pool.get("engine") or {}
+        if over.get("image") and not over.get("version"):
+            version = version_from_image(over["image"])
+            if version:
+                add(f"/spec/{role}/engine/version", version)
+    return ops
+
+
+def mutate(request: dict[str, Any]) -> Outcome:
+    if request.get("operation") not in ("CREATE", "UPDATE"):
+        return Outcome(True)
+    spec = (request.get("object") or {}).get("spec")
+    if not isinstance(spec, dict):
+        return Outcome(True)
+    return Outcome(True, patch=defaults_patch(spec))
+
+
+# --------------------------------------------------------------------------------- envelope
+def response(review: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+    """Wrap an Outcome as an AdmissionReview v1 response."""
+    uid = (review.get("request") or {}).get("uid", "")
+    resp: dict[str, Any] = {"uid": uid, "allowed": outcome.allowed}
+    if not outcome.allowed:
+        resp["status"] = {"code": outcome.code, "message": outcome.message,
+                          "reason": "Invalid" if outcome.code == 422 else "Forbidden"}
+    if outcome.warnings:
+        resp["warnings"] = outcome.warnings
+    if outcome.patch:
+        resp["patchType"] = "JSONPatch"
+        resp["patch"] = base64.b64encode(json.dumps(outcome.patch).encode()).decode()
+    return {"apiVersion": review.get("apiVersion", "admission.k8s.io/v1"),
+            "kind": "AdmissionReview", "response": resp}
+
+
+def review_validate(review: dict[str, Any]) -> tuple[dict[str, Any], Outcome]:
+    outcome = validate(review.get("request") or {})
+    return response(review, outcome), outcome
+
+
+def review_mutate(review: dict[str, Any]) -> tuple[dict[str, Any], Outcome]:
+    outcome = mutate(review.get("request") or {})
+    return response(review, outcome), outcome
