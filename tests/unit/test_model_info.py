@@ -420,3 +420,18 @@ def test_shipped_configs_match_the_examples():
         for key, value in derived.items():
             assert spec_model.get(key, 0 if key == "slidingWindow" else None) == value, (
                 cfg_name, key)
+
+
+def test_pdctl_model_info_prints_the_block():
+    """The console script reads a shipped config.json and prints the same spec.model block."""
+    import subprocess
+    import sys
+
+    path = HF_CONFIGS / "DeepSeek-V3.config.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pd_operator.cli.main", "model-info", str(path),
+         "--name", "deepseek-ai/DeepSeek-V3-0324", "-o", "json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"model": model_block_from_hf_config(
+        json.loads(path.read_text()), "deepseek-ai/DeepSeek-V3-0324")}
