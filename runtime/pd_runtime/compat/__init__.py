@@ -5,10 +5,10 @@
 """
 
 from .engine import POLICIES, Decision, check_pools, differing_hash_factors
-from .pool import ResolvedPool, Speculative
+from .pool import ResolvedPool, Speculative, make_pool
 from .rule import REJECT, WARN, Rule, Verdict
 
 __all__ = [
     "POLICIES", "REJECT", "WARN", "Decision", "ResolvedPool", "Rule", "Speculative", "Verdict",
-    "check_pools", "differing_hash_factors",
+    "check_pools", "differing_hash_factors", "make_pool",
 ]

@@ -122,3 +122,30 @@ class ResolvedPool:
 
     def fact(self, name: str) -> Any:
         return getattr(self, name)
+
+
+_POOL_DEFAULTS: dict[str, Any] = dict(
+    engine_type="builtin", engine_image="pd-runtime", engine_version=None,
+    model_name="model", model_revision=None, family="dense", dtype="bfloat16",
+    num_kv_heads=8, head_size=128, num_hidden_layers=1, sliding_window=0, mamba_type=None,
+    tp=1, pp=1, dp=1, dcp=1, block_size=16, attention_backend="FLASH_ATTN",
+    kv_cache_dtype="auto", kv_cache_layout="HND", kv_cache_scales="static", hma=True,
+    prefix_caching=True, speculative=None, connector="NixlConnector", backends=("UCX",),
+    buffer_device="cuda", enforce_handshake_compat=True, enable_permute_local_kv=False,
+    enable_cross_layers_blocks=False, side_channel_port=5600, kv_load_failure_policy="fail",
+    kv_lease_duration_s=None, replicas=1, gpu_product=None, args=(), env={},
+)
+
+
+def make_pool(role: str, **values: Any) -> ResolvedPool:
+    """A ResolvedPool from keyword values, the rest defaulted: for callers that describe a pool
+    by its geometry only (the runtime's transfer-test and handshake)."""
+    unknown = set(values) - set(_POOL_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown pool fields: {sorted(unknown)}")
+    merged = {**_POOL_DEFAULTS, **values}
+    if merged["engine_version"] is None and merged["engine_type"] == "builtin":
+        from .. import __version__
+
+        merged["engine_version"] = __version__
+    return ResolvedPool(role=role, **merged)
