@@ -202,4 +202,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.FULL)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if not args.verbose:  # kopf logs every handler success at INFO: one line per child event
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     return asyncio.run(_run(args))

@@ -19,6 +19,12 @@ MUTATE_PATH = "/mutate"
 TIMEOUT_SECONDS = 5
 
 
+def hook_name(kind: str, config_name: str) -> str:
+    """The webhook's own name (a DNS name with at least three labels, as the API requires)."""
+    name = f"{kind}.{config_name}"
+    return name if name.count(".") >= 2 else f"{name}.pd-operator.dev"
+
+
 def _rules() -> list[dict[str, Any]]:
     return [{"apiGroups": [api.GROUP], "apiVersions": [api.VERSION],
              "operations": ["CREATE", "UPDATE"], "resources": [api.PLURAL],
@@ -47,13 +53,13 @@ def validating(base_url: str, ca_pem: bytes, name: str = NAME) -> dict[str, Any]
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingWebhookConfiguration",
         "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "pd-operator"}},
-        "webhooks": [_webhook(f"validate.{name}",
+        "webhooks": [_webhook(hook_name("validate", name),
                               client_config_url(base_url, VALIDATE_PATH, ca_pem))],
     }
 
 
 def mutating(base_url: str, ca_pem: bytes, name: str = NAME) -> dict[str, Any]:
-    hook = _webhook(f"mutate.{name}", client_config_url(base_url, MUTATE_PATH, ca_pem))
+    hook = _webhook(hook_name("mutate", name), client_config_url(base_url, MUTATE_PATH, ca_pem))
     hook["reinvocationPolicy"] = "Never"
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",

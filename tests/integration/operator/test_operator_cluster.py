@@ -5,7 +5,9 @@ the test's namespace (webhook configurations too), so other tests are never affe
 from __future__ import annotations
 
 import copy
+import datetime
 import json
+import threading
 import time
 
 import pytest
@@ -13,6 +15,7 @@ import yaml
 
 from pd_operator.render import Owner, render
 from pd_operator.validate import parse_spec
+from pd_operator.webhook import configs
 
 from op_cluster import (EXAMPLES, Operator, extra_nodes, get_json, install_crd, is_ready,
                         load_example, pdd, wait_for, wait_ready, webhook_probe)
@@ -156,7 +159,8 @@ def test_rejected_examples_fail_at_kubectl_with_rule_id(operator, kubectl, names
         rule = doc["metadata"]["annotations"]["pd-operator.dev/expect-rule"]
         mine = [e for e in errors if f"'{doc['metadata']['name']}'" in e]
         assert mine, f"{path.name}: no error for it in:\n{out.stderr[:3000]}"
-        assert f'admission webhook "validate.{operator.config_name}" denied' in mine[0]
+        hook = configs.hook_name("validate", operator.config_name)
+        assert f'admission webhook "{hook}" denied the request' in mine[0]
         assert rule in mine[0], f"{path.name}: {rule} not in {mine[0][:800]}"
     assert get_json(kubectl, "pddeployments", "-n", namespace)["items"] == []
     assert operator.metric("pd_operator_verdicts_total", rule="TP-DIVISIBLE") >= 1
@@ -242,20 +246,49 @@ def _small(i: int) -> dict:
     return doc
 
 
+def _hold_lease(kubectl, ns: str, stop: threading.Event) -> None:
+    """Keep the leader Lease with a fake holder until `stop` is set (then it expires in 3 s)."""
+    while not stop.is_set():
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=test", "-f",
+                "-", input=json.dumps({
+                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": "pd-operator-leader", "namespace": ns},
+                    "spec": {"holderIdentity": "fake-holder", "leaseDurationSeconds": 3,
+                             "renewTime": now, "acquireTime": now}}), check=False)
+        stop.wait(0.5)
+
+
 def test_kill9_during_reconcile_then_converge(operator, kubectl, namespace):
-    docs = [_small(i) for i in range(20)]
-    for d in docs:
-        d["metadata"]["namespace"] = namespace
-    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                                 "items": docs}))
-    names = [d["metadata"]["name"] for d in docs]
-    # kill while it is still applying: some children exist, not all PDDeployments are Ready
-    wait_for("the first children", lambda: len(_children(kubectl, namespace)) > 0,
-             timeout=60, every=0.05)
+    # Hold reconciliation back (a fake holder owns the lease) while the webhook admits the 20
+    # objects, then let the operator take the lease and kill -9 it after its first applies.
+    operator.kill9()
+    stop = threading.Event()
+    holder = threading.Thread(target=_hold_lease, args=(kubectl, namespace, stop), daemon=True)
+    holder.start()
+    try:
+        wait_for("the fake lease holder", lambda: "fake-holder" in kubectl(
+            "get", "lease", "pd-operator-leader", "-n", namespace, "-o",
+            "jsonpath={.spec.holderIdentity}").stdout, timeout=20)
+        operator.start()
+        webhook_probe(kubectl, namespace)
+        docs = [_small(i) for i in range(20)]
+        for d in docs:
+            d["metadata"]["namespace"] = namespace
+        kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                     "items": docs}))
+        names = [d["metadata"]["name"] for d in docs]
+        assert operator.metric("pd_operator_applies_total") == 0
+    finally:
+        stop.set()
+        holder.join(10)
+    applied = wait_for("the first applies", lambda: operator.metric(
+        "pd_operator_applies_total"), timeout=60, every=0.01)
+    operator.kill9()
+    assert 0 < applied < 20 * 15, applied
     ready_at_kill = [i for i in get_json(kubectl, "pdd", "-n", namespace)["items"]
                      if is_ready(i)]
-    operator.kill9()
-    assert len(ready_at_kill) < len(names), "killed too late: everything was already Ready"
+    assert len(ready_at_kill) < len(names)
     operator.start()
     live = wait_ready(kubectl, namespace, names, timeout=240)
 
