@@ -72,6 +72,8 @@ def test_operator_recovers_from_apiserver_restart(dev_cluster, tmp_path):  # noq
         up2 = dev("up", "--nodes", "1", "--no-build")
         assert up2.returncode == 0, up2.stderr
         assert op.alive(), op.output()[-3000:]
+        st = json.loads(dev("status", "-o", "json").stdout)
+        assert next(c["pid"] for c in st["components"] if c["name"] == "kube-apiserver") != pid
 
         # changes made after the restart are reconciled by the same process
         kubectl("patch", "pdd", "before", "--type=merge", "-p",
