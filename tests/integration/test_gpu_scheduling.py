@@ -12,7 +12,11 @@ from pd_operator.devcluster import nodes
 pytestmark = pytest.mark.cluster
 
 
-def _deployment(name: str, gpus: int, replicas: int, selector: dict | None = None) -> dict:
+DEFAULT_NODES = [s.name for s in nodes.node_specs()]  # what `up` creates (other tests may add more)
+
+
+def _deployment(name: str, gpus: int, replicas: int, selector: dict | None = None,
+                only_default_nodes: bool = False) -> dict:
     spec: dict = {
         "containers": [{
             "name": "engine",
@@ -22,6 +26,10 @@ def _deployment(name: str, gpus: int, replicas: int, selector: dict | None = Non
     }
     if selector:
         spec["nodeSelector"] = selector
+    if only_default_nodes:
+        spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{
+                "key": "kubernetes.io/hostname", "operator": "In", "values": DEFAULT_NODES}]}]}}}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -56,8 +64,7 @@ def _wait(pred, timeout: float = 60, what: str = "condition"):
 
 def test_fake_gpu_nodes_advertise_gpus(kube_api):
     core = client.CoreV1Api(kube_api)
-    gpu_nodes = core.list_node(label_selector="type=kwok").items
-    assert len(gpu_nodes) >= 4
+    gpu_nodes = [core.read_node(name) for name in DEFAULT_NODES]
     products = set()
     for n in gpu_nodes:
         assert n.status.allocatable[nodes.GPU_RESOURCE] == "8"
@@ -95,7 +102,8 @@ def test_gpu_product_selector_and_capacity_are_enforced(kube_api, namespace):
         _deployment("h200", gpus=1, replicas=1,
                     selector={nodes.PRODUCT_LABEL: "NVIDIA-H200"}),
     )
-    apps.create_namespaced_deployment(namespace, _deployment("too-big", gpus=9, replicas=1))
+    apps.create_namespaced_deployment(
+        namespace, _deployment("too-big", gpus=9, replicas=1, only_default_nodes=True))
     (pod,) = _wait(lambda: (p := _pods(core, namespace, "h200")) and all(map(_ready, p)) and p,
                    what="h200 pod Ready")
     node = core.read_node(pod.spec.node_name)
@@ -111,5 +119,5 @@ def test_gpu_product_selector_and_capacity_are_enforced(kube_api, namespace):
 
     cond = _wait(unschedulable, what="too-big pod marked unschedulable")
     assert cond.reason == "Unschedulable"
-    assert "nvidia.com/gpu" in cond.message
+    assert "Insufficient nvidia.com/gpu" in cond.message
     assert _pods(core, namespace, "too-big")[0].spec.node_name is None

@@ -71,12 +71,6 @@ def node_object(spec: NodeSpec, cpu: str = "96", memory: str = "1536Gi", pods: s
         "status": {
             "capacity": capacity,
             "allocatable": dict(capacity),
-            "nodeInfo": {
-                "architecture": "amd64",
-                "operatingSystem": "linux",
-                "kubeletVersion": "fake",
-                "kubeProxyVersion": "fake",
-            },
         },
     }
 

@@ -108,7 +108,9 @@ def free_port() -> int:
 
 
 def port_free(port: int) -> bool:
+    """Nobody listens on 127.0.0.1:port (connections lingering in TIME_WAIT don't count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
