@@ -106,6 +106,7 @@ async def operator_run(kc: str, count: int, timeout: float) -> dict:
     try:
         probe = common.small("probe", OP_NS)
         probe["spec"]["prefill"]["tensorParallelSize"] = 3
+        probe["spec"]["decode"]["tensorParallelSize"] = 2
 
         def hooked() -> bool:
             out = common.kubectl(kc, "create", "--dry-run=server", "-f", "-",

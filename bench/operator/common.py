@@ -78,10 +78,11 @@ def free_port() -> int:
 class OperatorProcess:
     def __init__(self, kc: str, namespaces: list[str], log: Path, extra: tuple[str, ...] = ()):
         self.config_name = f"pd-bench-{namespaces[0]}"
+        self.metrics_port = free_port()
         args = [str(Path(sys.executable).parent / "pdctl"), "operator", "run",
                 "--kubeconfig", kc, "--local-webhook", "--webhook-port", "0",
                 "--webhook-config-name", self.config_name, "--metrics-port",
-                str(free_port()), "--no-leader-election", *extra]
+                str(self.metrics_port), "--no-leader-election", *extra]
         for ns in namespaces:
             args += ["-n", ns]
         self.log = log
