@@ -7,6 +7,7 @@ present and its ``--version`` reports the pinned version.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -260,6 +261,9 @@ def _run_with_progress(cmd, cwd, env, log: Path, label: str, total: int, progres
 
 
 def build_tool(t: Tool, cache: Path, local: Path, progress: Progress, log: Path) -> None:
+    if shutil.which("go") is None:
+        raise RuntimeError("`go` not found on PATH: the control plane is built from the Go "
+                           "module proxy and needs a Go toolchain (1.26+)")
     check_wrapper(t, local)
     wdir = local / t.wrapper
     env = go_env()
@@ -269,7 +273,7 @@ def build_tool(t: Tool, cache: Path, local: Path, progress: Progress, log: Path)
     tags = ["-tags", ",".join(t.tags)] if t.tags else []
     total = len(_go(["list", "-deps", *tags, *pkgs], wdir, env).split())
     progress(f"[{t.name} {t.version}] building {', '.join(b.name for b in t.binaries)} "
-             f"({total} packages; a cold build of k8s takes many minutes on 2 cores)")
+             f"({total} packages{'; cold: many minutes on 2 cores' if t.name == 'k8s' else ''})")
     t.bin_dir(cache).mkdir(parents=True, exist_ok=True)
     n = _run_with_progress(build_command(t, cache), wdir, env, log, t.name, total, progress)
     if t.name == "kwok":
@@ -295,13 +299,28 @@ def ensure_built(
     v = _v.load()
     cache = _v.cache_root()
     local = _v.local_dir()
-    if shutil.which("go") is None:
-        raise RuntimeError("`go` not found on PATH: the control plane is built from the Go "
-                           "module proxy and needs a Go toolchain (1.26+)")
     log = cache / "build.log"
     cache.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     t_all = time.monotonic()
+    with open(cache / "build.lock", "w") as lock:
+        if not _try_lock(lock):
+            progress(f"another build holds {cache / 'build.lock'}; waiting for it...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _build_all(v, cache, local, force, only, progress, log, paths)
+    progress(f"binaries ready in {time.monotonic() - t_all:.0f}s (cache: {cache}, log: {log})")
+    return paths
+
+
+def _try_lock(fh) -> bool:
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _build_all(v, cache, local, force, only, progress, log, paths) -> None:
     for t in tools(v):
         if only and t.name not in only:
             continue
@@ -311,8 +330,6 @@ def ensure_built(
             build_tool(t, cache, local, progress, log)
         for b in t.binaries:
             paths[b.name] = t.bin_dir(cache) / b.name
-    progress(f"binaries ready in {time.monotonic() - t_all:.0f}s (cache: {cache}, log: {log})")
-    return paths
 
 
 def all_present() -> bool:

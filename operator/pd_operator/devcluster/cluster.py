@@ -85,7 +85,11 @@ def _locked(layout: Layout) -> Iterator[None]:
 
 
 def _ports(state: State) -> dict[str, int]:
+    """Keep the recorded ports (so live components keep talking); when nothing of ours runs,
+    give up any that someone else took meanwhile (e.g. after a reboot)."""
     ports = dict(state.ports)
+    if not any(processes.alive(p) for n in ORDER if (p := state.proc(n)) is not None):
+        ports = {n: p for n, p in ports.items() if processes.port_free(p)}
     taken = set(ports.values())
     for name in PORT_NAMES:
         if name not in ports:
