@@ -193,7 +193,8 @@ VALUES: list[Value] = [
     Value("metrics.enabled", "boolean", True,
           "Serve Prometheus metrics (`--metrics-port`) and create the metrics Service."),
     Value("metrics.port", "integer", 8080,
-          "Metrics port (HTTP, path /metrics).", {"minimum": 1, "maximum": 65535}),
+          "Metrics port (HTTP, path /metrics) on the pod and the metrics Service. Change it "
+          "only when 8080 clashes with a sidecar.", {"minimum": 1, "maximum": 65535}),
     Value("metrics.serviceAnnotations", "object", {},
           "Annotations on the metrics Service. For example: "
           "`{prometheus.io/scrape: \"true\", prometheus.io/port: \"8080\"}`.", free_form=True),
