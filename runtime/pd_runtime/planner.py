@@ -204,8 +204,9 @@ def _check_table(side: str, spec: RankSpec, req: Request, group: int, lo: int, h
 
 def _row_offsets(pl: Placement, spec: RankSpec, bt: list[int], heads: np.ndarray, tok: np.ndarray) -> np.ndarray:
     """Byte offsets of rows (heads x tokens as given by broadcasting) in the rank's arena."""
-    local = {h: i for i, h in enumerate(pl.heads)}
-    j = np.array([local[int(h)] for h in heads.ravel()], dtype=np.int64).reshape(heads.shape)
+    lut = np.full(max(pl.heads) + 1, -1, dtype=np.int64)
+    lut[list(pl.heads)] = np.arange(len(pl.heads))
+    j = lut[heads]
     if pl.comp.paged:
         table = np.asarray(bt, dtype=np.int64)
         slot = table[tok // spec.block_size]

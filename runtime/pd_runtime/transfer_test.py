@@ -130,6 +130,15 @@ def cell_requests(cell: Cell):
 # worker processes
 
 
+def _transport(state: dict, name: str, device: str):
+    """One NIXL agent per worker process, reused by every cell (agents are not cheap)."""
+    if state.get("transport") is None:
+        from .transport import Transport
+
+        state["transport"] = Transport(name, device)
+    return state["transport"]
+
+
 def _p_setup(state: dict, cell: Cell, rank: int, device: str) -> dict:
     import torch
 
@@ -147,7 +156,7 @@ def _p_setup(state: dict, cell: Cell, rank: int, device: str) -> dict:
         store(spec, arena, preq, lg)
     t = torch.from_numpy(arena).to(device)
     pr = PrefillRank(spec, cell.factors("p"), cell.token.encode(), device, lease_s=cell.lease_s,
-                     name=f"p{rank}-c{cell.seed}-{os.getpid()}", arena=t)
+                     arena=t, transport=_transport(state, f"p{rank}-{os.getpid()}", device))
     if cell.fault == "p_die_after_prepare" and rank == 0:
         pr.fault = "die_after_prepare"
     for rid, preq, _, _ in reqs:
@@ -171,8 +180,8 @@ def _d_run(state: dict, cell: Cell, rank: int, device: str, addrs: list) -> dict
     for _, _, dreq, lg in reqs:
         store(spec, want, dreq, lg)
     dr = DecodeRank(spec, cell.factors("d"), (cell.d_token or cell.token).encode(), device,
-                    name=f"d{rank}-c{cell.seed}-{os.getpid()}", arena=torch.from_numpy(init.copy()).to(device),
-                    timeout=cell.timeout_s)
+                    arena=torch.from_numpy(init.copy()).to(device), timeout=cell.timeout_s,
+                    transport=_transport(state, f"d{rank}-{os.getpid()}", device))
     out: dict[str, Any] = {"rank": rank}
     try:
         dr.connect([tuple(a) for a in addrs])
@@ -195,7 +204,12 @@ def _d_run(state: dict, cell: Cell, rank: int, device: str, addrs: list) -> dict
                 return orig(self, *a, **k)
 
             _w.Transport.read = slow_read
-        stats = [dr.pull(rid, preq, dreq) for rid, preq, dreq, _ in reqs]
+            try:
+                stats = [dr.pull(rid, preq, dreq) for rid, preq, dreq, _ in reqs]
+            finally:
+                _w.Transport.read = orig
+        else:
+            stats = [dr.pull(rid, preq, dreq) for rid, preq, dreq, _ in reqs]
         got = dr.arena.cpu().numpy()
         mism = int(np.count_nonzero(got != want))
         out.update(

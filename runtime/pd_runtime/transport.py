@@ -59,7 +59,12 @@ class Transport:
         return self.agent.get_agent_metadata()
 
     def add_peer(self, meta: bytes) -> str:
-        name = self.agent.add_remote_agent(meta)
+        try:
+            name = self.agent.add_remote_agent(meta)
+        except Exception:  # noqa: BLE001 - already known (a reconnect): load the new metadata
+            from .handshake import HandshakeError
+
+            raise HandshakeError("NIXL refused the peer's metadata (agent already loaded?)")
         name = name.decode() if isinstance(name, bytes) else name
         self.peers.add(name)
         return name
@@ -131,6 +136,10 @@ class Transport:
 
     def send_notif(self, peer: str, msg: str) -> None:
         self.agent.send_notif(peer, msg.encode())
+
+    def reset(self) -> None:
+        """Forget peers and registrations but keep the agent (and its UCX workers) for reuse."""
+        self.close()
 
     def close(self) -> None:
         for p in list(self.peers):

@@ -38,7 +38,8 @@ class PrefillRank:
 
     def __init__(self, spec: RankSpec, factors: dict, token: bytes, device: str = "cpu",
                  staging_bytes: int | None = None, lease_s: float = 30.0, host: str = "127.0.0.1",
-                 port: int = 0, name: str | None = None, arena: torch.Tensor | None = None):
+                 port: int = 0, name: str | None = None, arena: torch.Tensor | None = None,
+                 transport: Transport | None = None):
         self.spec, self.device, self.factors = spec, device, factors
         self.hash = hash_factors(factors)
         nb = arena_layout(spec).nbytes
@@ -47,8 +48,9 @@ class PrefillRank:
         self.staging = torch.zeros(staging_bytes, dtype=torch.uint8, device=device)
         self.leases = LeaseTable(staging_bytes, lease_s)
         self.requests: dict[str, Request] = {}
-        self.name = name or f"prefill-{spec.tp_rank}-{id(self):x}"
-        self.transport = Transport(self.name, device)
+        self.own_transport = transport is None
+        self.transport = transport or Transport(name or f"prefill-{spec.tp_rank}-{id(self):x}", device)
+        self.name = self.transport.name
         self.transport.register(self.arena)
         self.transport.register(self.staging)
         self.lock = threading.Lock()
@@ -82,7 +84,7 @@ class PrefillRank:
                     self.requests.pop(r, None)
             except Exception:  # noqa: BLE001 - keep polling; errors surface on the D side
                 pass
-            time.sleep(0.001)
+            time.sleep(0.002)
 
     def _handle(self, req: dict) -> dict:
         op = req.get("op")
@@ -106,21 +108,25 @@ class PrefillRank:
             if mine is None or mine != p_req:
                 raise LeaseError(f"request {rid!r}: block table differs from the one this rank holds")
             d = RankSpec.from_dict(req["d_spec"])
+            t0 = time.perf_counter()
             pp = plan_peer(self.spec, d, p_req, req_from_wire(req["d_req"]))
             if pp is None:
                 raise LeaseError(f"decode rank {d.tp_rank} reads nothing from prefill rank {self.spec.tp_rank}")
             le.expected = expected_consumers(self.spec, d, self.spec.tp_rank)
             off = self.leases.slot(rid, d.tp_rank, pp.nbytes)
             prog = SegmentProgram.prepare(pp.gather.shifted(dst_by=off), self.device)
+            _sync(self.device)
+            t1 = time.perf_counter()
             prog.run(self.arena, self.staging)
             _sync(self.device)
+            t2 = time.perf_counter()
             if self.fault == "die_after_prepare":
                 import os
 
                 threading.Timer(0.05, lambda: os._exit(17)).start()
             return {"ok": True, "addr": self.staging.data_ptr() + off, "nbytes": pp.nbytes,
                     "dev": Transport.dev_id(self.staging), "lease_s": self.leases.lease_s,
-                    "gather_segments": pp.gather.count}
+                    "gather_segments": pp.gather.count, "plan_s": t1 - t0, "gather_s": t2 - t1}
         raise HandshakeError(f"unknown op {op!r}")
 
     def stats(self) -> dict:
@@ -132,7 +138,8 @@ class PrefillRank:
         self._stop = True
         self.server.close()
         self._poller.join(timeout=1)
-        self.transport.close()
+        with self.lock:
+            self.transport.reset() if not self.own_transport else self.transport.close()
 
 
 @dataclass
@@ -144,6 +151,14 @@ class PullStats:
     descriptors: int = 0
     gather_segments: int = 0
     scatter_segments: int = 0
+    plan_seconds: float = 0.0  # D planning + P planning (as P reports it)
+    gather_seconds: float = 0.0  # P's gather kernel
+    scatter_seconds: float = 0.0  # D's scatter kernel
+
+    @property
+    def data_path_seconds(self) -> float:
+        """gather kernel + READ + scatter kernel: the bytes' own path, without planning or RPC."""
+        return self.gather_seconds + self.read_seconds + self.scatter_seconds
 
 
 @dataclass
@@ -156,14 +171,16 @@ class _Peer:
 
 class DecodeRank:
     def __init__(self, spec: RankSpec, factors: dict, token: bytes, device: str = "cpu",
-                 name: str | None = None, arena: torch.Tensor | None = None, timeout: float = 30.0):
+                 name: str | None = None, arena: torch.Tensor | None = None, timeout: float = 30.0,
+                 transport: Transport | None = None):
         self.spec, self.device, self.factors, self.token = spec, device, factors, token
         self.hash = hash_factors(factors)
         nb = arena_layout(spec).nbytes
         self.arena = arena if arena is not None else torch.zeros(nb, dtype=torch.uint8, device=device)
         self.recv = torch.zeros(nb + (1 << 16), dtype=torch.uint8, device=device)
-        self.name = name or f"decode-{spec.tp_rank}-{id(self):x}"
-        self.transport = Transport(self.name, device)
+        self.own_transport = transport is None
+        self.transport = transport or Transport(name or f"decode-{spec.tp_rank}-{id(self):x}", device)
+        self.name = self.transport.name
         self.transport.register(self.arena)
         self.transport.register(self.recv)
         self.timeout = timeout
@@ -191,6 +208,7 @@ class DecodeRank:
         tl0 = time.monotonic()
         plan = plan_d_rank(self.p_pool, self.spec, p_req, d_req)
         st = PullStats(bytes=plan.nbytes, peers=len(plan.peers))
+        st.plan_seconds = time.perf_counter() - t0
         handles, scat, recv_off = [], [], 0
         lease = min((self.peers[pr].lease_s for pr in plan.peers), default=30.0)
         try:
@@ -202,6 +220,8 @@ class DecodeRank:
                 if replies[pr]["nbytes"] != pp.nbytes:
                     raise TransferError(f"prefill rank {pr} staged {replies[pr]['nbytes']} bytes, planned {pp.nbytes}")
                 st.gather_segments += int(replies[pr].get("gather_segments", 0))
+                st.plan_seconds += float(replies[pr].get("plan_s", 0.0))
+                st.gather_seconds = max(st.gather_seconds, float(replies[pr].get("gather_s", 0.0)))
             if self.fault == "skip_read":
                 return st
             tr = time.perf_counter()
@@ -221,8 +241,12 @@ class DecodeRank:
                 raise LeaseError(f"request {req_id}: READ finished after the prefill lease ({lease}s); data may be stale")
             seg = Segments.concat(scat)
             st.scatter_segments = seg.count
-            SegmentProgram.prepare(seg, self.device).run(self.recv, self.arena)
+            prog = SegmentProgram.prepare(seg, self.device)
             _sync(self.device)
+            ts = time.perf_counter()
+            prog.run(self.recv, self.arena)
+            _sync(self.device)
+            st.scatter_seconds = time.perf_counter() - ts
             for pr in plan.release_only:
                 exp = expected_consumers(self.p_pool.with_rank(pr), self.spec, pr)
                 self.transport.send_notif(self.peers[pr].agent, f"REL:{req_id}:{self.spec.tp_rank}:{exp}")
@@ -234,4 +258,4 @@ class DecodeRank:
     def close(self) -> None:
         for p in self.peers.values():
             p.client.close()
-        self.transport.close()
+        self.transport.reset() if not self.own_transport else self.transport.close()

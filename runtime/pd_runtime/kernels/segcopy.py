@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +12,8 @@ from ..planner import Segments
 
 _WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 MAX_PIECE_BYTES = 8192  # pieces longer than this are cut (one Triton row of the tile)
-TILE_BYTES = 16384  # bytes one Triton program copies
+TILE_BYTES = int(os.environ.get("PD_RUNTIME_TILE_BYTES", "32768"))  # bytes one Triton program copies
+NUM_WARPS = int(os.environ.get("PD_RUNTIME_NUM_WARPS", "16"))  # 0: pick by tile size
 
 try:  # Triton is optional (CPU CI has it with torch, but it needs a GPU to run)
     import triton
@@ -127,7 +129,7 @@ class SegmentProgram:
             if self.use_triton:
                 bs = max(1, min(1024, TILE_BYTES // (c.unit * c.word)))
                 grid = (triton.cdiv(c.n, bs),)
-                nw = 8 if bs * c.unit * c.word >= 8192 else 4
+                nw = NUM_WARPS or (8 if bs * c.unit * c.word >= 8192 else 4)
                 _segcopy_kernel[grid](sw, dw, c.soff, c.doff, c.n, U=c.unit, BS=bs, VEC=c.vec, num_warps=nw)
             else:
                 dw[c.idx_d] = sw[c.idx_s]

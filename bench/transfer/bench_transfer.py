@@ -1,0 +1,258 @@
+"""Runtime transfer benchmark (GPU): kernels vs a plain copy, NIXL two-process VRAM->VRAM vs the
+copy, and ours (gather + one READ + scatter) vs a per-block-descriptor READ (what NixlConnector
+posts) on the same data. Prints a short table and writes JSON (baseline and ours side by side).
+
+    python bench/transfer/bench_transfer.py --out results.json [--sizes-mib 64,256,1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "runtime"))
+
+from pd_runtime.kernels import SegmentProgram  # noqa: E402
+from pd_runtime.kvcache import ModelSpec, RankSpec, arena_layout  # noqa: E402
+from pd_runtime.planner import Request, plan_d_rank  # noqa: E402
+
+LLAMA8B = dict(num_layers=32, num_kv_heads=8, head_size=128)  # 128 KiB per token, bf16
+
+
+def bench_ms(fn, reps: int = 20, warm: int = 3) -> float:
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return float(np.median(ts))
+
+
+def make_case(tokens: int, p_tp: int, d_tp: int, pb: int, db: int, pl: str, dl: str, seed: int = 0):
+    m = ModelSpec(**LLAMA8B)
+    nbp = (tokens + pb - 1) // pb
+    nbd = (tokens + db - 1) // db
+    p = RankSpec(m, p_tp, 0, pb, pl, nbp + nbp // 4 + 1)
+    d = RankSpec(m, d_tp, 0, db, dl, nbd + nbd // 4 + 1)
+    rng = np.random.default_rng(seed)
+    preq = Request(tokens, {0: [int(x) for x in rng.permutation(p.num_blocks)[:nbp]]})
+    dreq = Request(tokens, {0: [int(x) for x in rng.permutation(d.num_blocks)[:nbd]]})
+    return p, d, preq, dreq
+
+
+def kernel_rows(sizes_mib: list[int]) -> list[dict]:
+    rows = []
+    dev = "cuda"
+    for mib in sizes_mib:
+        tokens = mib * 1024 * 1024 // (128 * 1024)
+        cases = [
+            ("gather, equal TP, HND", (1, 1, 16, 16, "HND", "HND"), "gather"),
+            ("gather, P TP1 -> D TP2 head split, HND", (1, 2, 16, 16, "HND", "HND"), "gather"),
+            ("scatter, TP1->TP2, block 16->32, HND->NHD", (1, 2, 16, 32, "HND", "NHD"), "scatter"),
+            ("gather, P TP2 -> D TP1 merge, NHD", (2, 1, 16, 16, "NHD", "HND"), "gather"),
+        ]
+        for name, geo, side in cases:
+            p, d, preq, dreq = make_case(tokens, *geo)
+            plan = plan_d_rank(p, d, preq, dreq)
+            pp = plan.peers[0]
+            seg = pp.gather if side == "gather" else pp.scatter
+            src_n = arena_layout(p).nbytes if side == "gather" else pp.nbytes + 256
+            dst_n = pp.nbytes + 256 if side == "gather" else arena_layout(d).nbytes
+            src = torch.randint(0, 256, (src_n,), dtype=torch.uint8, device=dev)
+            dst = torch.zeros(dst_n, dtype=torch.uint8, device=dev)
+            prog = SegmentProgram.prepare(seg, dev, use_triton=True)
+            ref_prog = SegmentProgram.prepare(seg, dev, use_triton=False)
+            prog.run(src, dst)
+            ref = torch.zeros_like(dst)
+            ref_prog.run(src, ref)
+            exact = bool(torch.equal(dst, ref))
+            del ref, ref_prog
+            t_ours = bench_ms(lambda: prog.run(src, dst))
+            a = torch.randint(0, 256, (pp.nbytes,), dtype=torch.uint8, device=dev)
+            b = torch.empty_like(a)
+            t_copy = bench_ms(lambda: b.copy_(a))
+            nb = pp.nbytes
+            rows.append(dict(kind="kernel", case=name, payload_mib=nb / 2**20, segments=seg.count,
+                             launches=prog.launches, copy_ms=t_copy, ours_ms=t_ours,
+                             copy_gbps_rw=2 * nb / t_copy / 1e6, ours_gbps_rw=2 * nb / t_ours / 1e6,
+                             ratio=t_copy / t_ours, byte_exact=exact))
+            print(f"  {name:45s} {nb / 2**20:8.0f} MiB  copy {t_copy:7.3f} ms  ours {t_ours:7.3f} ms  "
+                  f"{100 * t_copy / t_ours:5.1f}% of copy  exact={exact}", flush=True)
+            del src, dst, a, b, prog
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# two processes on one GPU over NIXL
+
+
+def _prefill_proc(geo, tokens, q_in, q_out):
+    from pd_runtime.compat.hashing import builtin_factors
+    from pd_runtime.worker import PrefillRank
+
+    p, d, preq, dreq = make_case(tokens, *geo)
+    arena = torch.randint(0, 256, (arena_layout(p).nbytes,), dtype=torch.uint8, device="cuda")
+    f = builtin_factors(runtime_version="bench", model="bench", dtype="bfloat16", num_kv_heads=8,
+                        head_size=128, num_hidden_layers=32, cache_dtype="auto", family="dense")
+    pr = PrefillRank(p, f, b"bench", "cuda", staging_bytes=arena_layout(p).nbytes + (1 << 24),
+                     lease_s=600, arena=arena)
+    q_out.put({"addr": list(pr.address), "arena": [arena.data_ptr(), arena.numel(), 0]})
+    n = 0
+    while True:
+        msg = q_in.get()
+        if msg == "stop":
+            break
+        for le in list(pr.leases.leases.values()):  # only D rank 0 runs here: drop old holds
+            le.deadline = 0
+        pr.leases.expire()
+        pr.hold(f"r{n}", preq)  # re-hold the request for every timed pull
+        n += 1
+        q_out.put("held")
+    pr.close()
+
+
+def _decode_run(geo, tokens, reps: int) -> dict:
+    from pd_runtime.compat.hashing import builtin_factors
+    from pd_runtime.worker import DecodeRank
+
+    ctx = mp.get_context("spawn")
+    q_in, q_out = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_prefill_proc, args=(geo, tokens, q_in, q_out))
+    proc.start()
+    info = q_out.get(timeout=300)
+    p, d, preq, dreq = make_case(tokens, *geo)
+    f = builtin_factors(runtime_version="bench", model="bench", dtype="bfloat16", num_kv_heads=8,
+                        head_size=128, num_hidden_layers=32, cache_dtype="auto", family="dense")
+    dr = DecodeRank(d, f, b"bench", "cuda", timeout=120)
+    dr.connect([tuple(info["addr"])])
+    ours, reads, paths = [], [], []
+    n = 0
+    for i in range(reps + 1):
+        q_in.put("hold")
+        q_out.get(timeout=60)
+        torch.cuda.synchronize()
+        st = dr.pull(f"r{n}", preq, dreq)
+        n += 1
+        if i:
+            ours.append(st.seconds)
+            reads.append(st.read_seconds)
+            paths.append(st.data_path_seconds)
+    nbytes = st.bytes
+    ours_arena = dr.arena.clone()
+    # per-block-descriptor baseline on the same data: read P's arena blocks in place
+    agent = dr.transport.agent
+    pa, da = arena_layout(p), arena_layout(d)
+    peer = dr.peers[0]
+    rem, loc = [], []
+    p_base, d_base = info["arena"][0], dr.arena.data_ptr()
+    for ppl, dpl in zip(pa.placements, da.placements):
+        blk_p = ppl.nbytes // ppl.n_slots  # one block of all local heads
+        nh_d = len(dpl.heads)
+        head_bytes = ppl.n_pos * ppl.comp.row_bytes
+        off_heads = (dpl.heads[0] - ppl.heads[0]) * head_bytes  # head slice inside a P block (HND)
+        for bi, (bp, bd) in enumerate(zip(preq.block_tables[0], dreq.block_tables[0])):
+            ln = nh_d * head_bytes
+            rem.append((p_base + ppl.offset + bp * blk_p + off_heads, ln, 0))
+            loc.append((d_base + dpl.offset + bd * (dpl.nbytes // dpl.n_slots), ln, 0))
+    rh = agent.prep_xfer_dlist(peer.agent, rem, "VRAM")
+    lh = agent.prep_xfer_dlist("", loc, "VRAM")
+    idx = list(range(len(rem)))
+    base_t = []
+    dr.arena.zero_()
+    for i in range(reps + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        h = agent.make_prepped_xfer("READ", lh, idx, rh, idx, b"")
+        s = agent.transfer(h)
+        while s == "PROC":
+            s = agent.check_xfer_state(h)
+        assert s == "DONE", s
+        agent.release_xfer_handle(h)
+        if i:
+            base_t.append(time.perf_counter() - t0)
+    same = bool(torch.equal(dr.arena, ours_arena))
+    agent.release_dlist_handle(rh)
+    agent.release_dlist_handle(lh)
+    a = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t_copy = bench_ms(lambda: b.copy_(a)) / 1e3
+    dr.close()
+    q_in.put("stop")
+    proc.join(timeout=60)
+    t_ours, t_read, t_base = float(np.median(ours)), float(np.median(reads)), float(np.median(base_t))
+    t_path = float(np.median(paths))
+    return dict(kind="nixl", payload_mib=nbytes / 2**20, descriptors_ours=1, descriptors_baseline=len(rem),
+                copy_s=t_copy, ours_s=t_ours, ours_read_s=t_read, baseline_s=t_base,
+                copy_gbps=nbytes / t_copy / 1e9, ours_gbps=nbytes / t_ours / 1e9,
+                ours_read_gbps=nbytes / t_read / 1e9, baseline_gbps=nbytes / t_base / 1e9,
+                ours_data_path_s=t_path, ours_data_path_gbps=nbytes / t_path / 1e9,
+                speedup_vs_baseline=t_base / t_ours, speedup_data_path_vs_baseline=t_base / t_path,
+                same_bytes_as_baseline=same)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes-mib", default="64,256,1024")
+    ap.add_argument("--nixl-sizes-mib", default="64,512")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default="bench_transfer.json")
+    ap.add_argument("--skip-nixl", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_transfer: CUDA not available, nothing to measure")
+        return 0
+    os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
+    os.environ.setdefault("UCX_TLS", "cuda_ipc,cuda_copy,tcp")
+    machine = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+               "host": platform.node(), "cpus": os.cpu_count()}
+    print(f"machine: {machine}")
+    out = {"machine": machine, "kernels": [], "nixl": []}
+    print("kernels (Triton segment copy) vs b.copy_(a) of the same bytes:")
+    out["kernels"] = kernel_rows([int(x) for x in args.sizes_mib.split(",")])
+    json.dump(out, open(args.out, "w"), indent=2)
+    if not args.skip_nixl:
+        print("NIXL, two processes on one GPU (VRAM->VRAM):")
+        for mib in [int(x) for x in args.nixl_sizes_mib.split(",")]:
+            tokens = mib * 1024 * 1024 // (128 * 1024)
+            for name, geo in [("equal TP, HND", (1, 1, 16, 16, "HND", "HND")),
+                              ("P TP1 -> D TP2, HND", (1, 2, 16, 16, "HND", "HND"))]:
+                try:
+                    r = _decode_run(geo, tokens, args.reps)
+                except Exception as e:  # noqa: BLE001 - report, keep the other numbers
+                    r = {"kind": "nixl", "error": f"{type(e).__name__}: {e}"}
+                r["case"] = name
+                out["nixl"].append(r)
+                json.dump(out, open(args.out, "w"), indent=2)
+                print(f"  {name}: {json.dumps(r)}", flush=True)
+    print("\n| case | MiB | copy | ours | ratio |")
+    for r in out["kernels"]:
+        print(f"| {r['case']} | {r['payload_mib']:.0f} | {r['copy_gbps_rw']:.0f} GB/s r+w | "
+              f"{r['ours_gbps_rw']:.0f} GB/s r+w | {r['ratio']:.2f} |")
+    for r in out["nixl"]:
+        if "error" in r:
+            print(f"| NIXL {r['case']} | error {r['error']} |")
+            continue
+        print(f"| NIXL {r['case']} | {r['payload_mib']:.0f} | copy {r['copy_gbps']:.0f} GB/s | ours {r['ours_gbps']:.1f} "
+              f"GB/s end-to-end, data path {r['ours_data_path_gbps']:.1f} (READ {r['ours_read_gbps']:.1f}) | per-block {r['baseline_gbps']:.2f} GB/s "
+              f"({r['descriptors_baseline']} descs) | x{r['speedup_vs_baseline']:.1f} |")
+    json.dump(out, open(args.out, "w"), indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
