@@ -103,15 +103,19 @@ def path_for(api_version: str, kind: str, namespace: str | None, name: str | Non
 class Client:
     """A small async Kubernetes client. Create inside the running loop; close() when done."""
 
-    def __init__(self, creds: Credentials, *, limit: int = 64, timeout: float = 30.0):
+    def __init__(self, creds: Credentials, *, limit: int = 32, timeout: float = 60.0):
+        """`limit`: requests in flight at once, process-wide. Waiting for a slot has no
+        deadline; `timeout` applies to each request once it is sent. Flooding a busy API
+        server only makes every request slower (and time out), so the bound is low."""
         self.creds = creds
         headers = {"Accept": "application/json"}
         if creds.token:
             headers["Authorization"] = f"Bearer {creds.token}"
+        self._slots = asyncio.Semaphore(limit)
         self._session = aiohttp.ClientSession(
             base_url=None, headers=headers,
             connector=aiohttp.TCPConnector(ssl=creds.ssl_context(), limit=limit),
-            timeout=aiohttp.ClientTimeout(total=timeout),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout),
         )
 
     async def close(self) -> None:
@@ -125,7 +129,8 @@ class Client:
             url += "?" + urlencode(params)
         data = json.dumps(body) if body is not None else None
         headers = {"Content-Type": content_type} if data is not None else {}
-        async with self._session.request(method, url, data=data, headers=headers) as resp:
+        async with self._slots, \
+                self._session.request(method, url, data=data, headers=headers) as resp:
             text = await resp.text()
             try:
                 payload = json.loads(text) if text else None

@@ -50,6 +50,8 @@ def register(sub) -> None:
     run.add_argument("--identity", default=None, help="leader identity (default host:pid)")
     run.add_argument("--apply-concurrency", type=int, default=8,
                      help="concurrent server-side applies per PDDeployment")
+    run.add_argument("--api-concurrency", type=int, default=32,
+                     help="API requests in flight at once (process-wide)")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
 
@@ -116,7 +118,7 @@ async def _run(args: argparse.Namespace) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it
     creds = kube.Credentials.load(args.kubeconfig)
-    client = kube.Client(creds, limit=128)
+    client = kube.Client(creds, limit=args.api_concurrency)
     handlers.RUNTIME.client = client
     handlers.RUNTIME.apply_concurrency = args.apply_concurrency
     if args.metrics_port:
