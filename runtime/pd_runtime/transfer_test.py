@@ -280,10 +280,14 @@ class Pool:
 
     def _ask(self, w, msg, timeout: float = 120.0):
         proc, conn = w
-        conn.send(msg)
-        if not conn.poll(timeout):
-            raise TimeoutError(f"worker {proc.pid} did not answer {msg[0]!r} in {timeout}s")
-        return conn.recv()
+        try:
+            conn.send(msg)
+            if not conn.poll(timeout):
+                raise TimeoutError(f"worker {proc.pid} did not answer {msg[0]!r} in {timeout}s")
+            return conn.recv()
+        except (EOFError, ConnectionResetError, BrokenPipeError):
+            proc.join(timeout=5)
+            return {"dead": True, "error": "WorkerDied", "message": f"worker {proc.pid} died (exit {proc.exitcode})"}
 
     def _alive(self, group: list, role: str) -> None:
         for i, w in enumerate(group):
@@ -331,6 +335,7 @@ class Pool:
         for r in range(cell.p_tp):
             if self.p[r][0].is_alive():
                 self._ask(self.p[r], ("teardown",), 10)
+        pstats = [dict(s, dead=s.get("dead") or not self.p[r][0].is_alive()) for r, s in enumerate(pstats)]
         errors = [o for o in outs if o.get("error")]
         mism = sum(o.get("mismatched_bytes", 0) for o in outs)
         nbytes = sum(o.get("bytes", 0) for o in outs)

@@ -35,8 +35,15 @@ DTYPES = ["bfloat16", "fp8"]
 def matrix():
     from pd_runtime.transfer_test import Cell
 
+    import os
+
     cells = []
-    for i, (fam, tp, bl, lay, dt) in enumerate(itertools.product(FAMILIES, TPS, BLOCKS, LAYOUTS, DTYPES)):
+    full = os.environ.get("PD_RUNTIME_FULL_MATRIX") == "1"
+    combos = list(itertools.product(FAMILIES, TPS, BLOCKS, LAYOUTS, DTYPES))
+    if not full:  # every layout pair for every (family, TP, block, dtype) cell would be 4x: rotate
+        combos = [(f, t, b, LAYOUTS[k % 4], d)
+                  for k, (f, t, b, d) in enumerate(itertools.product(FAMILIES, TPS, BLOCKS, DTYPES))]
+    for i, (fam, tp, bl, lay, dt) in enumerate(combos):
         p_tp, d_tp = TPS[tp]
         pb, db = BLOCKS[bl]
         cells.append(Cell(family=fam, num_kv_heads=4, head_size=8, layers=2, p_tp=p_tp, d_tp=d_tp,
