@@ -52,14 +52,31 @@ def _ready(pod) -> bool:
     )
 
 
-def _wait(pred, timeout: float = 60, what: str = "condition"):
+def _diagnose(core: client.CoreV1Api) -> str:
+    """GPUs in use per node, and why pending pods are pending (the cluster may be shared)."""
+    used: dict[str, int] = {}
+    pending = []
+    for p in core.list_pod_for_all_namespaces().items:
+        gpus = sum(int((c.resources.limits or {}).get(nodes.GPU_RESOURCE, 0))
+                   for c in p.spec.containers if c.resources)
+        if p.spec.node_name and p.status.phase not in ("Succeeded", "Failed"):
+            used[p.spec.node_name] = used.get(p.spec.node_name, 0) + gpus
+        elif not p.spec.node_name:
+            msg = next((c.message for c in p.status.conditions or []
+                        if c.type == "PodScheduled"), "")
+            pending.append(f"{p.metadata.namespace}/{p.metadata.name}: {msg}")
+    return f"GPUs in use per node: {used}; pending: {pending[:10]}"
+
+
+def _wait(pred, timeout: float = 120, what: str = "condition", core=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         val = pred()
         if val:
             return val
         time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    extra = _diagnose(core) if core is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}. {extra}")
 
 
 def test_fake_gpu_nodes_advertise_gpus(kube_api):
@@ -80,7 +97,7 @@ def test_gpu_deployment_scheduled_and_running(kube_api, namespace):
     apps.create_namespaced_deployment(namespace, _deployment("gpu4", gpus=4, replicas=2))
     pods = _wait(
         lambda: (p := _pods(core, namespace, "gpu4")) and len(p) == 2 and all(map(_ready, p)) and p,
-        what="2 Running+Ready pods",
+        what="2 Running+Ready pods", core=core,
     )
     gpu_node_names = {n.metadata.name for n in core.list_node(label_selector="type=kwok").items}
     for p in pods:
@@ -105,7 +122,7 @@ def test_gpu_product_selector_and_capacity_are_enforced(kube_api, namespace):
     apps.create_namespaced_deployment(
         namespace, _deployment("too-big", gpus=9, replicas=1, only_default_nodes=True))
     (pod,) = _wait(lambda: (p := _pods(core, namespace, "h200")) and all(map(_ready, p)) and p,
-                   what="h200 pod Ready")
+                   what="h200 pod Ready", core=core)
     node = core.read_node(pod.spec.node_name)
     assert node.metadata.labels[nodes.PRODUCT_LABEL] == "NVIDIA-H200"
 
@@ -117,7 +134,7 @@ def test_gpu_product_selector_and_capacity_are_enforced(kube_api, namespace):
         c = conds.get("PodScheduled")
         return c if c is not None and c.status == "False" else None
 
-    cond = _wait(unschedulable, what="too-big pod marked unschedulable")
+    cond = _wait(unschedulable, what="too-big pod marked unschedulable", core=core)
     assert cond.reason == "Unschedulable"
     assert "Insufficient nvidia.com/gpu" in cond.message
     assert _pods(core, namespace, "too-big")[0].spec.node_name is None
