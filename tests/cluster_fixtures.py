@@ -78,7 +78,12 @@ def dev_cluster() -> Iterator[DevCluster]:
     before = cluster.status(layout.dir, with_nodes=False)
     started_here = not before.any_running
     if not before.ok or not cluster.status(layout.dir).nodes_ready:
-        cluster.up(layout.dir, progress=_progress)
+        try:
+            cluster.up(layout.dir, progress=_progress)
+        except BaseException:
+            if started_here:  # leave nothing half-started behind
+                cluster.down(layout.dir, progress=_progress)
+            raise
     else:
         _progress(f"reusing the running cluster in {layout.dir}")
     old_env = {k: os.environ.get(k) for k in ("KUBECONFIG", "NO_PROXY", "no_proxy")}
