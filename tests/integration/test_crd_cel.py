@@ -81,7 +81,7 @@ def test_cel_rule_rejects_bad_object_through_kubectl(kubectl, namespace, crd_gro
     assert "Invalid" in bad.stderr
 
     listed = kubectl("get", "pools", "-n", namespace, "-o", "name").stdout.split()
-    assert listed == ["pool.%s/good" % crd_group]
+    assert listed == [f"pool.{crd_group}/good"]
 
     # an update that breaks the rule is rejected too (rule runs on UPDATE)
     upd = kubectl("patch", "pool", "good", "-n", namespace, "--type=merge",

@@ -6,7 +6,6 @@ import time
 
 import pytest
 from kubernetes import client
-
 from pd_operator.devcluster import nodes
 
 pytestmark = pytest.mark.cluster

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from pd_operator.devcluster import build, cluster, processes
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -27,7 +26,7 @@ def _pdctl() -> str:
 
 def pdctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([_pdctl(), "dev", "cluster", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def _status(d: Path) -> tuple[int, dict]:
@@ -41,7 +40,8 @@ def _by_name(st: dict) -> dict[str, dict]:
 
 def _kubectl(d: Path, *args: str, input: str | None = None, check: bool = True):
     out = subprocess.run([str(build.binary_path("kubectl")), f"--kubeconfig={d / 'kubeconfig'}",
-                          *args], input=input, capture_output=True, text=True, timeout=60)
+                          *args], input=input, capture_output=True, text=True, timeout=60,
+                         check=False)
     if check:
         assert out.returncode == 0, out.stderr
     return out
@@ -57,7 +57,7 @@ def _wait_dead(d: Path, name: str) -> dict:
         time.sleep(0.2)
 
 
-def test_status_reports_dead_component_and_up_restores(dev_cluster, tmp_path):  # noqa: ARG001
+def test_status_reports_dead_component_and_up_restores(dev_cluster, tmp_path):
     d = tmp_path / "second-cluster"
     up = pdctl("up", "--dir", str(d), "--nodes", "1", "--no-build")
     assert up.returncode == 0, up.stderr

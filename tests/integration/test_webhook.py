@@ -14,7 +14,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
-
 from pd_operator.devcluster import pki
 
 pytestmark = pytest.mark.cluster
@@ -28,7 +27,7 @@ class _Webhook:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 req = review["request"]
                 outer.calls.append({"path": self.path, **req})

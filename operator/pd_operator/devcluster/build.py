@@ -146,7 +146,8 @@ def binary_ok(path: Path, b: Binary) -> bool:
         return False
     try:
         out = subprocess.run(
-            [str(path), *b.version_args], capture_output=True, text=True, timeout=30
+            [str(path), *b.version_args], capture_output=True, text=True, timeout=30,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -160,7 +161,7 @@ def tool_ok(t: Tool, cache: Path) -> bool:
     return ok
 
 
-_REQUIRE = re.compile(r"^\s*(?:require\s+)?(\S+)\s+(v\S+)", re.M)
+_REQUIRE = re.compile(r"^\s*(?:require\s+)?(\S+)\s+(v\S+)", re.MULTILINE)
 
 
 def check_wrapper(t: Tool, local: Path) -> None:
@@ -214,7 +215,8 @@ def build_command(t: Tool, cache: Path) -> list[str]:
 
 
 def _go(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    out = subprocess.run(["go", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    out = subprocess.run(["go", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                         check=False)
     if out.returncode != 0:
         raise RuntimeError(f"go {' '.join(args)} failed in {cwd}:\n{out.stderr[-4000:]}")
     return out.stdout

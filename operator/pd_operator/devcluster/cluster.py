@@ -330,6 +330,6 @@ def status(directory: Path | None = None, with_nodes: bool = True) -> Status:
                 if any(c.type == "Ready" and c.status == "True"
                        for c in n.status.conditions or [])
             )
-        except Exception:  # noqa: BLE001 - status reports, never raises
+        except Exception:  # noqa: BLE001, S110 - status reports, never raises
             pass
     return Status(str(layout.dir), str(layout.kubeconfig), comps, ready, total)

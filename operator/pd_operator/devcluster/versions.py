@@ -64,7 +64,7 @@ class Versions:
     @property
     def staging(self) -> str:
         """The staging-module twin of the Kubernetes version: v1.36.3 -> v0.36.3."""
-        major, minor, patch = self.kubernetes.lstrip("v").split(".")
+        _major, minor, patch = self.kubernetes.lstrip("v").split(".")
         return f"v0.{minor}.{patch}"
 
 
