@@ -7,5 +7,7 @@ venv=${2:-.venv}
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip="$venv/bin/python -m pip"
 $pip install --quiet --upgrade pip
-echo "installing pd-operator with its test extras" >&2
-$pip install --quiet -e '.[test]'
+echo "installing pd-operator with its runtime, router and test extras (torch is large: minutes)" >&2
+$pip install --progress-bar off -e '.[runtime,router,test]' | grep -E '^(Successfully|ERROR)' || true
+# fail here, not in the tests, when an install did not take
+"$venv/bin/python" -c "import pd_operator, pd_runtime.compat, torch, nixl_cu13, kopf, hypothesis"
