@@ -26,8 +26,9 @@ from pd_operator.devcluster import nodes  # noqa: E402
 from pd_operator.render import Owner, render  # noqa: E402
 from pd_operator.validate import parse_spec  # noqa: E402
 
-BASE_NS = "pd-bench-baseline"
-OP_NS = "pd-bench-reconcile"
+RUN = time.strftime("%H%M%S")
+BASE_NS = f"pd-bench-baseline-{RUN}"  # unique per run: a namespace takes minutes to delete
+OP_NS = f"pd-bench-reconcile-{RUN}"
 NODE_LABEL = "pd-operator.dev/bench-node"
 
 
@@ -92,8 +93,7 @@ def baseline(kc: str, count: int, timeout: float) -> dict:
                 timeout, every=1)
     t_ready = time.monotonic() - t0
     print(f"  baseline: workloads ready after {t_ready:.1f}s", file=sys.stderr, flush=True)
-    common.kubectl(kc, "delete", "namespace", BASE_NS, "--wait=false")
-    common.wait("baseline namespace gone", lambda: _ns_gone(kc, BASE_NS), timeout, every=2)
+    # kept until the end: deleting it now would load the API server during the operator run
     return {"objects": len(items), "kubectl_apply_s": round(t_apply, 2),
             "kubectl_apply_until_workloads_ready_s": round(t_ready, 2)}
 
@@ -137,7 +137,6 @@ async def operator_run(kc: str, count: int, timeout: float) -> dict:
         for kind in ("validatingwebhookconfiguration", "mutatingwebhookconfiguration"):
             common.kubectl(kc, "delete", kind, op.config_name, "--ignore-not-found",
                            check=False)
-    common.kubectl(kc, "delete", "namespace", OP_NS, "--wait=false", check=False)
     return {"create_s": round(t_created, 2), "all_ready_s": round(t_ready, 2),
             "operator_peak_rss_mib": round(rss, 1), "log": str(log)}
 
@@ -153,7 +152,8 @@ def main() -> int:
     info = common.machine()
     common.kubectl(kc, "apply", "--server-side", "--force-conflicts", "-f",
                    str(common.REPO / "crds" / "pddeployment.yaml"))
-    bench_nodes = _bench_nodes(max(2, (3 * args.count) // 200 + 1))
+    # both runs' pods stay until the end: 2 x count x 2 GPUs, 2 x count x 3 pods
+    bench_nodes = _bench_nodes(max(2, (4 * args.count) // 128 + 1))
     common.kubectl(kc, "apply", "-f", "-", input=json.dumps(
         {"apiVersion": "v1", "kind": "List", "items": bench_nodes}))
     common.kubectl(kc, "wait", "--for=condition=Ready", "--timeout=120s",
@@ -162,6 +162,8 @@ def main() -> int:
         base = baseline(kc, args.count, args.timeout)
         oper = asyncio.run(operator_run(kc, args.count, args.timeout))
     finally:
+        for ns in (BASE_NS, OP_NS):
+            common.kubectl(kc, "delete", "namespace", ns, "--wait=false", check=False)
         common.kubectl(kc, "delete", "nodes", "-l", f"{NODE_LABEL}=true", "--wait=false",
                        check=False)
     out = {
