@@ -291,8 +291,10 @@ def _rendered_children() -> list[dict[str, Any]]:
 
 
 CHILD_VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
-# kopf watches CRDs so that it serves PDDeployments whose CRD appears after it started.
-KOPF_EXTRA = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+# kopf watches CRDs so that it serves PDDeployments whose CRD appears after it started, and
+# lists namespaces when limited to some (-n).
+KOPF_EXTRA = {(g, r, v) for g, r in (("apiextensions.k8s.io", "customresourcedefinitions"),
+                                     ("", "namespaces")) for v in ("list", "watch")}
 
 
 def test_cluster_role_covers_the_operator_and_grants_nothing_else(default):
@@ -349,6 +351,8 @@ def test_operator_deployment(default):
     assert container["command"] == ["pdctl"] and container["args"][:2] == ["operator", "run"]
     assert {"name": "POD_NAMESPACE",
             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} in container["env"]
+    # routers run the operator's own image (render/router.py reads this variable)
+    assert {"name": "PD_OPERATOR_ROUTER_IMAGE", "value": container["image"]} in container["env"]
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "webhook",
                                                "scheme": "HTTPS"}
