@@ -70,7 +70,9 @@ class Credentials:
             config.load_incluster_config(client_configuration=cfg)
         except config.ConfigException:
             config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-        token = (cfg.api_key or {}).get("authorization")
+        # kubernetes>=30 keeps both kubeconfig and in-cluster tokens under "BearerToken"
+        keys = cfg.api_key or {}
+        token = keys.get("BearerToken") or keys.get("authorization")
         if token and token.lower().startswith("bearer "):
             token = token[7:]
         return cls(cfg.host, cfg.ssl_ca_cert, cfg.cert_file, cfg.key_file, token,

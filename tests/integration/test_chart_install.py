@@ -234,11 +234,6 @@ def test_chart_webhook_configuration_reaches_the_operator(chart, kubeconfig, kub
     print(f"webhook wiring, install -> uninstall: {time.monotonic() - started:.1f}s")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "operator bug outside the chart: pd_operator.kube.Credentials.load reads "
-    "api_key['authorization'], but the kubernetes client (37) stores a kubeconfig or "
-    "in-cluster token under api_key['BearerToken'], so token auth (every in-cluster pod) is "
-    "sent as system:anonymous. Passes with that one line fixed; then remove this mark."))
 def test_chart_rbac_lets_the_operator_reconcile(chart, tmp_path, kubeconfig, kubectl,
                                                  namespace):
     token = kubectl("create", "token", chart.fullname, "-n", namespace,
