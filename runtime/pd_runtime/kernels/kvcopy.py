@@ -1,0 +1,179 @@
+"""Template-driven gather / scatter: row addresses computed on the device from the block tables.
+
+A `KVProgram` is prepared once per (pair template, side, device): its entity tables live on the
+device. Per request `run()` uploads the block tables (one small int64 copy) and launches one
+Triton kernel per row-width class (usually one: K+V rows; fp8 scales and non-power-of-two rows add
+a class each). Each program copies TT rows of one entity; a row's paged address is
+base + table[t // block] * block_stride + (t % block) * pos_stride, its staging address is affine
+in the request's token counts. No per-request offset tables exist.
+
+Elsewhere (CPU, or CUDA without Triton) the same addresses are built with torch ops and copied
+with an index copy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..template import (C_BS, C_CF, C_CK, C_CS, C_KIND, C_LTS, C_NC, C_PBASE, C_PBS, C_PPS, C_SIZE,
+                        KIND_FULL, KIND_SLIDING, NCOL, Dyn, SideTables)
+from .segcopy import _HAVE_TRITON, triton_available
+
+KV_TILE_BYTES = int(os.environ.get("PD_RUNTIME_KV_TILE_BYTES", "32768"))
+KV_NUM_WARPS = int(os.environ.get("PD_RUNTIME_KV_NUM_WARPS", "8"))
+_WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_ADDR_COLS = [C_CF, C_CS, C_CK, C_LTS, C_PBASE, C_PBS, C_PPS, C_SIZE]
+
+if _HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _kv_kernel(src, dst, ent, bt, nF, nS, loS, offS, offSt, lin_add,
+                   NC: tl.constexpr, RB: tl.constexpr, TT: tl.constexpr, VEC: tl.constexpr,
+                   GATHER: tl.constexpr):
+        tile = tl.program_id(0)
+        e = tl.program_id(1).to(tl.int64)
+        row = ent + e * NC
+        kind = tl.load(row + 0)
+        cf = tl.load(row + 1)
+        cs = tl.load(row + 2)
+        ck = tl.load(row + 3)
+        lts = tl.load(row + 4)
+        pbase = tl.load(row + 5)
+        pbs = tl.load(row + 6)
+        pps = tl.load(row + 7)
+        bs = tl.load(row + 8)
+        nc = tl.load(row + 9)
+        n = tl.where(kind == 0, nF, tl.where(kind == 1, nS, nc))
+        lo = tl.where(kind == 1, loS, 0)
+        boff = tl.where(kind == 0, 0, tl.where(kind == 1, offS, offSt))
+        tt = tile.to(tl.int64) * TT + tl.arange(0, TT)
+        m = tt < n
+        t = lo + tt
+        blk = tl.load(bt + boff + t // bs, mask=m, other=0)
+        pg = pbase + blk * pbs + (t % bs) * pps
+        lin = lin_add + cf * nF + cs * nS + ck + tt * lts
+        if GATHER:
+            so = pg
+            do = lin
+        else:
+            so = lin
+            do = pg
+        so = tl.multiple_of(so, VEC)
+        do = tl.multiple_of(do, VEC)
+        cols = tl.arange(0, RB)
+        mm = m[:, None]
+        v = tl.load(src + (so[:, None] + cols[None, :]), mask=mm, cache_modifier=".cg")
+        tl.store(dst + (do[:, None] + cols[None, :]), v, mask=mm, cache_modifier=".cs")
+
+
+def _pow2_div(vals: np.ndarray, cap: int) -> int:
+    v = int(np.bitwise_or.reduce(np.abs(vals))) if vals.size else cap
+    g = 1
+    while g < cap and v % (2 * g) == 0:
+        g *= 2
+    return g
+
+
+@dataclass
+class _KClass:
+    word: int
+    unit: int  # words per row piece
+    vec: int
+    kinds: tuple[int, ...]
+    ent: torch.Tensor  # [E, NCOL] int64 on device (address columns in words)
+    ent_np: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.ent_np.shape[0])
+
+
+class KVProgram:
+    """One side's entity tables on one device; `run` moves one request's rows."""
+
+    def __init__(self, side: SideTables, device: torch.device | str, gather: bool, use_triton: bool | None = None):
+        self.device = torch.device(device)
+        self.gather = gather
+        self.use_triton = triton_available(self.device) if use_triton is None else use_triton
+        self.classes: list[_KClass] = []
+        ent = side.ent
+        for size in sorted({int(x) for x in ent[:, C_SIZE]}, reverse=True):
+            e = ent[ent[:, C_SIZE] == size].copy()
+            word = min(8, _pow2_div(np.concatenate([e[:, _ADDR_COLS].ravel(), [256]]), 8))
+            ew = e.copy()
+            ew[:, _ADDR_COLS] //= word
+            unit = size // word
+            addr = ew[:, [C_CF, C_CS, C_CK, C_LTS, C_PBASE, C_PBS, C_PPS]].ravel()
+            vec = min(_pow2_div(np.concatenate([addr, [256 // word]]), max(1, 16 // word)), unit)
+            kinds = tuple(sorted({int(k) for k in ew[:, C_KIND]}))
+            self.classes.append(_KClass(word, unit, vec, kinds, torch.from_numpy(ew).to(self.device), ew))
+
+    @property
+    def launches(self) -> int:
+        return len(self.classes)
+
+    def upload(self, dyn: Dyn) -> torch.Tensor:
+        t = torch.from_numpy(dyn.tables)
+        if self.device.type == "cuda":
+            return t.to(self.device, non_blocking=True)
+        return t
+
+    def run(self, src: torch.Tensor, dst: torch.Tensor, dyn: Dyn, lin_add: int = 0, bt: torch.Tensor | None = None) -> None:
+        """Gather: src = P arena, dst = staging (lin_add = slot offset). Scatter: src = received
+        bytes (lin_add = their offset), dst = D arena. Flat contiguous uint8 tensors."""
+        assert src.dtype == torch.uint8 and dst.dtype == torch.uint8
+        if bt is None:
+            bt = self.upload(dyn)
+        for c in self.classes:
+            assert lin_add % c.word == 0
+            w = c.word
+            sw = src[: src.numel() // w * w].view(_WORD[w])
+            dw = dst[: dst.numel() // w * w].view(_WORD[w])
+            nmax = max(dyn.counts(k, int(c.ent_np[:, C_NC].max())) for k in c.kinds)
+            if nmax <= 0:
+                continue
+            if self.use_triton:
+                tt = max(1, min(1024, KV_TILE_BYTES // (c.unit * c.word)))
+                tt = 1 << (tt.bit_length() - 1)
+                tt = min(tt, max(1, triton.next_power_of_2(nmax)))
+                grid = (triton.cdiv(nmax, tt), c.n)
+                _kv_kernel[grid](sw, dw, c.ent, bt, dyn.n_full, dyn.n_sliding, dyn.lo_sliding,
+                                 dyn.off_sliding, dyn.off_state, lin_add // c.word, NC=NCOL, RB=c.unit,
+                                 TT=tt, VEC=c.vec, GATHER=self.gather, num_warps=KV_NUM_WARPS)
+            else:
+                self._torch(c, sw, dw, bt, dyn, lin_add // c.word, nmax)
+
+    def _torch(self, c: _KClass, sw, dw, bt, dyn: Dyn, lin_add: int, nmax: int) -> None:
+        e = c.ent
+        col = lambda k: e[:, k][:, None]  # noqa: E731
+        kind = col(C_KIND)
+        n = torch.where(kind == KIND_FULL, dyn.n_full, torch.where(kind == KIND_SLIDING, dyn.n_sliding, col(C_NC)))
+        lo = torch.where(kind == KIND_SLIDING, dyn.lo_sliding, 0)
+        boff = torch.where(kind == KIND_FULL, 0, torch.where(kind == KIND_SLIDING, dyn.off_sliding, dyn.off_state))
+        tt = torch.arange(nmax, dtype=torch.int64, device=e.device)[None, :]
+        m = tt < n
+        t = lo + tt
+        idx = torch.where(m, boff + t // col(C_BS), 0)
+        blk = bt.to(e.device)[idx]
+        pg = col(C_PBASE) + blk * col(C_PBS) + (t % col(C_BS)) * col(C_PPS)
+        lin = lin_add + col(C_CF) * dyn.n_full + col(C_CS) * dyn.n_sliding + col(C_CK) + tt * col(C_LTS)
+        so, do = (pg, lin) if self.gather else (lin, pg)
+        so, do = so[m], do[m]
+        cols = torch.arange(c.unit, dtype=torch.int64, device=e.device)
+        dw[(do[:, None] + cols).reshape(-1)] = sw[(so[:, None] + cols).reshape(-1)]
+
+
+def program_for(side: SideTables, device: torch.device | str, gather: bool, use_triton: bool | None = None) -> KVProgram:
+    """Cached per (side table, device, path)."""
+    key = (str(torch.device(device)), gather, use_triton)
+    p = side.classes.get(key)
+    if p is None:
+        p = KVProgram(side, device, gather, use_triton)
+        side.classes[key] = p
+    return p
