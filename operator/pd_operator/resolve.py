@@ -19,22 +19,6 @@ DEFAULT_LAYOUT = "HND"  # NixlConnector's preferred layout for non-MLA models
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
 
-class _Picker:
-    """Reads a value from a per-pool override when set there, else from the shared block."""
-
-    def __init__(self, origin: dict[str, str]):
-        self.origin = origin
-
-    def pick(self, name: str, attr: str, override: Any, override_path: str,
-             shared: Any, shared_path: str) -> Any:
-        value = getattr(override, attr, None) if override is not None else None
-        if value is not None:
-            self.origin[name] = f"{override_path}.{_json_name(attr)}"
-            return value
-        self.origin[name] = f"{shared_path}.{_json_name(attr)}"
-        return getattr(shared, attr)
-
-
 @lru_cache(maxsize=None)
 def _json_name(attr: str) -> str:
     return _alias(attr)
@@ -85,37 +69,58 @@ def _pool_paths(role: str) -> dict[str, str]:
     return paths
 
 
+# Values a pool may override field by field: resolved name -> attribute of the block.
+_MODEL_FIELDS = {"model_name": "name", "model_revision": "revision", "family": "family",
+                 "dtype": "dtype", "num_kv_heads": "num_kv_heads", "head_size": "head_size",
+                 "num_hidden_layers": "num_hidden_layers", "sliding_window": "sliding_window",
+                 "mamba_type": "mamba_type"}
+_TRANSFER_FIELDS = {"connector": "connector", "buffer_device": "buffer_device",
+                    "enforce_handshake_compat": "enforce_handshake_compat",
+                    "enable_permute_local_kv": "enable_permute_local_kv",
+                    "enable_cross_layers_blocks": "enable_cross_layers_blocks",
+                    "kv_load_failure_policy": "kv_load_failure_policy",
+                    "kv_lease_duration_s": "kv_lease_duration_seconds"}
+
+
+@lru_cache(maxsize=None)
+def _override_paths(role: str, block: str, shared: str, fields: tuple) -> dict:
+    """name -> (path when the pool overrides it, path of the shared value)."""
+    return {name: (f"spec.{role}.{block}.{_json_name(attr)}", f"{shared}.{_json_name(attr)}")
+            for name, attr in fields}
+
+
+def _merge(shared: Any, override: Any, fields: dict[str, str], paths: dict,
+           origin: dict[str, str]) -> dict[str, Any]:
+    """Each field from the override when it sets it, else from the shared block."""
+    out = {}
+    for name, attr in fields.items():
+        value = getattr(override, attr) if override is not None else None
+        if value is None:
+            value = getattr(shared, attr)
+            origin[name] = paths[name][1]
+        else:
+            origin[name] = paths[name][0]
+        out[name] = value
+    return out
+
+
 def resolve_pool(spec: PDDeploymentSpec, role: str) -> ResolvedPool:
     pool: PoolSpec = getattr(spec, role)
-    origin: dict[str, str] = {}
-    pick = _Picker(origin).pick
-    m_over, m_path = pool.model, f"spec.{role}.model"
-    t_over, t_path = pool.kv_transfer, f"spec.{role}.kvTransfer"
-
-    def model(name: str, attr: str | None = None):
-        return pick(name, attr or name, m_over, m_path, spec.model, "spec.model")
-
-    def transfer(name: str, attr: str | None = None):
-        return pick(name, attr or name, t_over, t_path, spec.kv_transfer, "spec.kvTransfer")
-
-    origin.update(_pool_paths(role))
+    origin: dict[str, str] = dict(_pool_paths(role))
+    model = _merge(spec.model, pool.model, _MODEL_FIELDS,
+                   _override_paths(role, "model", "spec.model", tuple(_MODEL_FIELDS.items())),
+                   origin)
+    transfer = _merge(spec.kv_transfer, pool.kv_transfer, _TRANSFER_FIELDS,
+                      _override_paths(role, "kvTransfer", "spec.kvTransfer",
+                                      tuple(_TRANSFER_FIELDS.items())), origin)
     engine_type, engine_image, engine_version = _engine(spec, pool, role, origin)
     spec_block = pool.speculative
-    lease = transfer("kv_lease_duration_s", "kv_lease_duration_seconds")
     return ResolvedPool(
         role=role,
         engine_type=engine_type,
         engine_image=engine_image,
         engine_version=engine_version,
-        model_name=model("model_name", "name"),
-        model_revision=model("model_revision", "revision"),
-        family=model("family"),
-        dtype=model("dtype"),
-        num_kv_heads=model("num_kv_heads"),
-        head_size=model("head_size"),
-        num_hidden_layers=model("num_hidden_layers"),
-        sliding_window=model("sliding_window"),
-        mamba_type=model("mamba_type"),
+        **model,
         tp=pool.tensor_parallel_size,
         pp=pool.pipeline_parallel_size,
         dp=pool.data_parallel_size,
@@ -132,15 +137,9 @@ def resolve_pool(spec: PDDeploymentSpec, role: str) -> ResolvedPool:
             num_speculative_tokens=spec_block.num_speculative_tokens,
             revision=spec_block.revision, kv_cache_dtype=spec_block.kv_cache_dtype,
         ) if spec_block else None,
-        connector=transfer("connector"),
+        **transfer,
         backends=tuple(spec.kv_transfer.backends),
-        buffer_device=transfer("buffer_device"),
-        enforce_handshake_compat=transfer("enforce_handshake_compat"),
-        enable_permute_local_kv=transfer("enable_permute_local_kv"),
-        enable_cross_layers_blocks=transfer("enable_cross_layers_blocks"),
         side_channel_port=spec.kv_transfer.side_channel_port,
-        kv_load_failure_policy=transfer("kv_load_failure_policy"),
-        kv_lease_duration_s=lease,
         replicas=pool.replicas,
         gpu_product=pool.template.node_selector.get(GPU_PRODUCT_LABEL),
         args=tuple(pool.args),
