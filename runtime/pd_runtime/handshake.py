@@ -171,14 +171,30 @@ class SideChannelClient:
         self.lock = threading.Lock()
 
     def call(self, req: dict) -> dict:
-        with self.lock:
-            try:
-                self.conn.send(req)
-                rep = self.conn.recv()
-            except socket.timeout as e:
-                raise HandshakeError("side channel timed out") from e
-            except OSError as e:
-                raise HandshakeError(f"side channel failed: {e}") from e
+        self.start(req)
+        return self.finish()
+
+    def start(self, req: dict) -> None:
+        """Send a request; `finish()` reads its reply (so several peers can be asked at once)."""
+        self.lock.acquire()
+        try:
+            self.conn.send(req)
+        except socket.timeout as e:
+            self.lock.release()
+            raise HandshakeError("side channel timed out") from e
+        except OSError as e:
+            self.lock.release()
+            raise HandshakeError(f"side channel failed: {e}") from e
+
+    def finish(self) -> dict:
+        try:
+            rep = self.conn.recv()
+        except socket.timeout as e:
+            raise HandshakeError("side channel timed out") from e
+        except OSError as e:
+            raise HandshakeError(f"side channel failed: {e}") from e
+        finally:
+            self.lock.release()
         if isinstance(rep, dict) and "error" in rep:
             if rep["error"] == "hash":
                 raise HashMismatch(rep.get("differing", []), rep.get("local_hash", ""), rep.get("remote_hash", ""))

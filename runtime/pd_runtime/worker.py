@@ -11,10 +11,11 @@ import torch
 
 from .compat.hashing import hash_factors
 from .handshake import HandshakeError, SideChannelClient, SideChannelServer, compare_hash
-from .kernels import SegmentProgram
+from .kernels.kvcopy import program_for
 from .kvcache import RankSpec, arena_layout
 from .lease import LeaseError, LeaseTable
-from .planner import Request, Segments, expected_consumers, plan_d_rank, plan_peer
+from .planner import PlanError, Request, expected_consumers
+from .template import TemplateCache
 from .transport import Transport, TransferError
 
 __all__ = ["PrefillRank", "DecodeRank", "TransferError", "HandshakeError", "LeaseError", "req_to_wire", "req_from_wire"]
@@ -26,6 +27,19 @@ def req_to_wire(r: Request) -> dict:
 
 def req_from_wire(d: dict) -> Request:
     return Request(int(d["num_tokens"]), {int(k): [int(x) for x in v] for k, v in d["block_tables"].items()})
+
+
+def _same_request(mine: Request, wire: dict | None) -> bool:
+    """D's copy of the prefill block tables (as sent) equals the one this rank holds."""
+    if wire is None:
+        return False
+    if int(wire["num_tokens"]) != mine.num_tokens or len(wire["block_tables"]) != len(mine.block_tables):
+        return False
+    for k, v in wire["block_tables"].items():
+        bt = mine.block_tables.get(int(k))
+        if bt is None or list(bt) != list(v):
+            return False
+    return True
 
 
 def _sync(device: str) -> None:
@@ -48,6 +62,8 @@ class PrefillRank:
         self.staging = torch.zeros(staging_bytes, dtype=torch.uint8, device=device)
         self.leases = LeaseTable(staging_bytes, lease_s)
         self.requests: dict[str, Request] = {}
+        self.templates = TemplateCache()  # per D geometry: built once, reused for every request
+        self._dspecs: dict[str, RankSpec] = {}
         self.own_transport = transport is None
         self.transport = transport or Transport(name or f"prefill-{spec.tp_rank}-{id(self):x}", device)
         self.name = self.transport.name
@@ -104,29 +120,35 @@ class PrefillRank:
             rid = req["req_id"]
             le = self.leases.get(rid)  # raises LeaseError when expired / unknown
             mine = self.requests.get(rid)
-            p_req = req_from_wire(req["p_req"])
-            if mine is None or mine != p_req:
+            if mine is None or not _same_request(mine, req.get("p_req")):
                 raise LeaseError(f"request {rid!r}: block table differs from the one this rank holds")
-            d = RankSpec.from_dict(req["d_spec"])
             t0 = time.perf_counter()
-            pp = plan_peer(self.spec, d, p_req, req_from_wire(req["d_req"]))
-            if pp is None:
+            key = str(req["d_spec"])
+            d = self._dspecs.get(key)
+            if d is None:
+                d = self._dspecs[key] = RankSpec.from_dict(req["d_spec"])
+            T = mine.num_tokens
+            if int(req.get("num_tokens", T)) != T:
+                raise PlanError(f"token counts differ: prefill {T}, decode {req['num_tokens']}")
+            tm = self.templates.get(self.spec, d)
+            if tm is None or tm.nbytes(T) == 0:
                 raise LeaseError(f"decode rank {d.tp_rank} reads nothing from prefill rank {self.spec.tp_rank}")
-            le.expected = expected_consumers(self.spec, d, self.spec.tp_rank)
-            off = self.leases.slot(rid, d.tp_rank, pp.nbytes)
-            prog = SegmentProgram.prepare(pp.gather.shifted(dst_by=off), self.device)
-            _sync(self.device)
+            dyn = tm.dyn("prefill", mine, T)
+            nbytes = tm.nbytes(T)
+            le.expected = tm.expected
+            off = self.leases.slot(rid, d.tp_rank, nbytes)
+            prog = program_for(tm.gather, self.device, gather=True)
             t1 = time.perf_counter()
-            prog.run(self.arena, self.staging)
+            prog.run(self.arena, self.staging, dyn, off)
             _sync(self.device)
             t2 = time.perf_counter()
             if self.fault == "die_after_prepare":
                 import os
 
                 threading.Timer(0.05, lambda: os._exit(17)).start()
-            return {"ok": True, "addr": self.staging.data_ptr() + off, "nbytes": pp.nbytes,
+            return {"ok": True, "addr": self.staging.data_ptr() + off, "nbytes": nbytes,
                     "dev": Transport.dev_id(self.staging), "lease_s": self.leases.lease_s,
-                    "gather_segments": pp.gather.count, "plan_s": t1 - t0, "gather_s": t2 - t1}
+                    "gather_segments": tm.rows(T), "plan_s": t1 - t0, "gather_s": t2 - t1}
         raise HandshakeError(f"unknown op {op!r}")
 
     def stats(self) -> dict:
@@ -154,6 +176,7 @@ class PullStats:
     plan_seconds: float = 0.0  # D planning + P planning (as P reports it)
     gather_seconds: float = 0.0  # P's gather kernel
     scatter_seconds: float = 0.0  # D's scatter kernel
+    prepare_seconds: float = 0.0  # PREPARE round trip as D sees it (includes P's gather)
 
     @property
     def data_path_seconds(self) -> float:
@@ -186,6 +209,9 @@ class DecodeRank:
         self.timeout = timeout
         self.peers: dict[int, _Peer] = {}
         self.p_pool: RankSpec | None = None
+        self.templates = TemplateCache()
+        self._pair_cache: list | None = None
+        self._release: list[int] = []
         self.fault: str | None = None  # test hook: "skip_read"
 
     def connect(self, addrs: list[tuple[str, int]]) -> None:
@@ -199,59 +225,92 @@ class DecodeRank:
             agent = self.transport.add_peer(rep["agent_meta"])
             self.peers[pspec.tp_rank] = _Peer(cl, agent, tuple(rep["staging"]), float(rep["lease_s"]))
             self.p_pool = pspec
+            self._pair_cache = None
         if self.p_pool is None or sorted(self.peers) != list(range(self.p_pool.tp_size)):
             raise HandshakeError(f"expected prefill ranks 0..{self.p_pool.tp_size - 1 if self.p_pool else '?'}, got {sorted(self.peers)}")
+
+    def _pairs(self) -> list:
+        """[(p_rank, PairTemplate)] for the P ranks this D rank reads from (built once)."""
+        if self._pair_cache is None:
+            assert self.p_pool is not None
+            pairs = []
+            for pr in range(self.p_pool.tp_size):
+                tm = self.templates.get(self.p_pool.with_rank(pr), self.spec)
+                if tm is not None:
+                    pairs.append((pr, tm))
+            self._pair_cache = pairs
+            self._release = self.templates.release_only(self.p_pool, self.spec)
+            self._d_spec_wire = self.spec.to_dict()
+        return self._pair_cache
 
     def pull(self, req_id: str, p_req: Request, d_req: Request) -> PullStats:
         assert self.p_pool is not None, "connect() first"
         t0 = time.perf_counter()
         tl0 = time.monotonic()
-        plan = plan_d_rank(self.p_pool, self.spec, p_req, d_req)
-        st = PullStats(bytes=plan.nbytes, peers=len(plan.peers))
+        T = p_req.num_tokens
+        if d_req.num_tokens != T:
+            raise PlanError(f"token counts differ: prefill {T}, decode {d_req.num_tokens}")
+        pairs = [(pr, tm) for pr, tm in self._pairs() if tm.nbytes(T) > 0]
+        dyns = [tm.dyn("decode", d_req, T) for _, tm in pairs]
+        progs = [program_for(tm.scatter, self.device, gather=False) for _, tm in pairs]
+        bts = [pg.upload(dy) for pg, dy in zip(progs, dyns)]  # H2D overlaps the PREPARE round trip
+        st = PullStats(bytes=sum(tm.nbytes(T) for _, tm in pairs), peers=len(pairs))
         st.plan_seconds = time.perf_counter() - t0
-        handles, scat, recv_off = [], [], 0
-        lease = min((self.peers[pr].lease_s for pr in plan.peers), default=30.0)
-        try:
-            replies = {}
-            for pr, pp in plan.peers.items():
-                replies[pr] = self.peers[pr].client.call({
-                    "op": "prepare", "req_id": req_id, "d_spec": self.spec.to_dict(),
-                    "p_req": req_to_wire(p_req), "d_req": req_to_wire(d_req)})
-                if replies[pr]["nbytes"] != pp.nbytes:
-                    raise TransferError(f"prefill rank {pr} staged {replies[pr]['nbytes']} bytes, planned {pp.nbytes}")
-                st.gather_segments += int(replies[pr].get("gather_segments", 0))
-                st.plan_seconds += float(replies[pr].get("plan_s", 0.0))
-                st.gather_seconds = max(st.gather_seconds, float(replies[pr].get("gather_s", 0.0)))
-            if self.fault == "skip_read":
-                return st
-            tr = time.perf_counter()
-            for pr, pp in plan.peers.items():
-                peer = self.peers[pr]
-                exp = expected_consumers(self.p_pool.with_rank(pr), self.spec, pr)
-                handles.append(self.transport.read(
-                    peer.agent, (self.recv.data_ptr() + recv_off, pp.nbytes, Transport.dev_id(self.recv)),
-                    (replies[pr]["addr"], pp.nbytes, replies[pr]["dev"]),
-                    f"{req_id}:{self.spec.tp_rank}:{exp}"))
-                scat.append(pp.scatter.shifted(src_by=recv_off))
-                recv_off += (pp.nbytes + 255) // 256 * 256
-                st.descriptors += 1
-            self.transport.wait(handles, self.timeout)
-            st.read_seconds = time.perf_counter() - tr
-            if time.monotonic() - tl0 > lease * 0.9:
-                raise LeaseError(f"request {req_id}: READ finished after the prefill lease ({lease}s); data may be stale")
-            seg = Segments.concat(scat)
-            st.scatter_segments = seg.count
-            prog = SegmentProgram.prepare(seg, self.device)
-            _sync(self.device)
-            ts = time.perf_counter()
-            prog.run(self.recv, self.arena)
-            _sync(self.device)
-            st.scatter_seconds = time.perf_counter() - ts
-            for pr in plan.release_only:
-                exp = expected_consumers(self.p_pool.with_rank(pr), self.spec, pr)
-                self.transport.send_notif(self.peers[pr].agent, f"REL:{req_id}:{self.spec.tp_rank}:{exp}")
-        finally:
-            pass
+        handles = []
+        lease = min((self.peers[pr].lease_s for pr, _ in pairs), default=30.0)
+        p_wire = req_to_wire(p_req)
+        # PREPARE to every peer at once, then collect the replies (one round trip, not one per peer)
+        started, err = [], None
+        for pr, _ in pairs:
+            try:
+                self.peers[pr].client.start({"op": "prepare", "req_id": req_id, "d_spec": self._d_spec_wire,
+                                             "num_tokens": T, "p_req": p_wire})
+            except Exception as e:  # noqa: BLE001 - collect the replies already asked for, then raise
+                err = e
+                break
+            started.append(pr)
+        replies = {}
+        for pr in started:
+            try:
+                replies[pr] = self.peers[pr].client.finish()
+            except Exception as e:  # noqa: BLE001 - drain every peer, then raise the first
+                err = err or e
+        if err is not None:
+            raise err
+        st.prepare_seconds = time.perf_counter() - t0 - st.plan_seconds
+        for pr, tm in pairs:
+            if replies[pr]["nbytes"] != tm.nbytes(T):
+                raise TransferError(f"prefill rank {pr} staged {replies[pr]['nbytes']} bytes, planned {tm.nbytes(T)}")
+            st.gather_segments += int(replies[pr].get("gather_segments", 0))
+            st.plan_seconds += float(replies[pr].get("plan_s", 0.0))
+            st.gather_seconds = max(st.gather_seconds, float(replies[pr].get("gather_s", 0.0)))
+        if self.fault == "skip_read":
+            return st
+        tr = time.perf_counter()
+        recv_offs, recv_off = [], 0
+        for pr, tm in pairs:
+            peer = self.peers[pr]
+            nb = tm.nbytes(T)
+            handles.append(self.transport.read(
+                peer.agent, (self.recv.data_ptr() + recv_off, nb, Transport.dev_id(self.recv)),
+                (replies[pr]["addr"], nb, replies[pr]["dev"]),
+                f"{req_id}:{self.spec.tp_rank}:{tm.expected}"))
+            recv_offs.append(recv_off)
+            recv_off += (nb + 255) // 256 * 256
+            st.descriptors += 1
+        self.transport.wait(handles, self.timeout)
+        st.read_seconds = time.perf_counter() - tr
+        if time.monotonic() - tl0 > lease * 0.9:
+            raise LeaseError(f"request {req_id}: READ finished after the prefill lease ({lease}s); data may be stale")
+        ts = time.perf_counter()
+        for (pr, tm), pg, dy, bt, ro in zip(pairs, progs, dyns, bts, recv_offs):
+            pg.run(self.recv, self.arena, dy, ro, bt)
+            st.scatter_segments += tm.rows(T)
+        _sync(self.device)
+        st.scatter_seconds = time.perf_counter() - ts
+        for pr in self._release:
+            exp = expected_consumers(self.p_pool.with_rank(pr), self.spec, pr)
+            self.transport.send_notif(self.peers[pr].agent, f"REL:{req_id}:{self.spec.tp_rank}:{exp}")
         st.seconds = time.perf_counter() - t0
         return st
 
