@@ -21,6 +21,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "runtime"))
 
 from pd_runtime.kernels import SegmentProgram  # noqa: E402
+from pd_runtime.kernels import kvcopy  # noqa: E402
+from pd_runtime.template import PairTemplate  # noqa: E402
 from pd_runtime.kvcache import ModelSpec, RankSpec, arena_layout  # noqa: E402
 from pd_runtime.planner import Request, plan_d_rank  # noqa: E402
 
@@ -54,47 +56,97 @@ def make_case(tokens: int, p_tp: int, d_tp: int, pb: int, db: int, pl: str, dl: 
     return p, d, preq, dreq
 
 
-def kernel_rows(sizes_mib: list[int]) -> list[dict]:
+KCASES = [
+    ("gather, equal TP, HND", (1, 1, 16, 16, "HND", "HND"), "gather"),
+    ("gather, P TP1 -> D TP2 head split, HND", (1, 2, 16, 16, "HND", "HND"), "gather"),
+    ("scatter, TP1->TP2, block 16->32, HND->NHD", (1, 2, 16, 32, "HND", "NHD"), "scatter"),
+    ("gather, P TP2 -> D TP1 merge, NHD", (2, 1, 16, 16, "NHD", "HND"), "gather"),
+]
+
+
+def _host_us(fn, n: int = 50) -> float:
+    """Median CPU time of one call (launch only, no sync): the host cost per transfer."""
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return float(np.median(ts)) * 1e6
+
+
+def kernel_rows(sizes_mib: list[int], cases=KCASES) -> list[dict]:
+    """Old segment-table kernel (baseline: numpy plan + offset tables per request), the template
+    kernel (ours) and b.copy_(a), same bytes, same run; byte-exact checks against the torch path."""
     rows = []
     dev = "cuda"
     for mib in sizes_mib:
         tokens = mib * 1024 * 1024 // (128 * 1024)
-        cases = [
-            ("gather, equal TP, HND", (1, 1, 16, 16, "HND", "HND"), "gather"),
-            ("gather, P TP1 -> D TP2 head split, HND", (1, 2, 16, 16, "HND", "HND"), "gather"),
-            ("scatter, TP1->TP2, block 16->32, HND->NHD", (1, 2, 16, 32, "HND", "NHD"), "scatter"),
-            ("gather, P TP2 -> D TP1 merge, NHD", (2, 1, 16, 16, "NHD", "HND"), "gather"),
-        ]
         for name, geo, side in cases:
             p, d, preq, dreq = make_case(tokens, *geo)
+            t0 = time.perf_counter()
             plan = plan_d_rank(p, d, preq, dreq)
             pp = plan.peers[0]
             seg = pp.gather if side == "gather" else pp.scatter
+            prog = SegmentProgram.prepare(seg, dev, use_triton=True)
+            torch.cuda.synchronize()
+            old_host_s = time.perf_counter() - t0  # per request: numpy plan + offset tables + upload
             src_n = arena_layout(p).nbytes if side == "gather" else pp.nbytes + 256
             dst_n = pp.nbytes + 256 if side == "gather" else arena_layout(d).nbytes
             src = torch.randint(0, 256, (src_n,), dtype=torch.uint8, device=dev)
             dst = torch.zeros(dst_n, dtype=torch.uint8, device=dev)
-            prog = SegmentProgram.prepare(seg, dev, use_triton=True)
             ref_prog = SegmentProgram.prepare(seg, dev, use_triton=False)
-            prog.run(src, dst)
             ref = torch.zeros_like(dst)
             ref_prog.run(src, ref)
+            del ref_prog
+            prog.run(src, dst)
+            exact_old = bool(torch.equal(dst, ref))
+            t_old = bench_ms(lambda: prog.run(src, dst))
+            del prog
+            # ours: template built once per geometry (not timed per request), per request only
+            # the block tables go up and the kernel runs
+            tm = PairTemplate(p, d)
+            kp = kvcopy.program_for(tm.gather if side == "gather" else tm.scatter, dev, side == "gather")
+            req = preq if side == "gather" else dreq
+            dst.zero_()
+
+            def ours():
+                kp.run(src, dst, tm.dyn("prefill" if side == "gather" else "decode", req, tokens), 0)
+
+            ours()
+            torch.cuda.synchronize()
             exact = bool(torch.equal(dst, ref))
-            del ref, ref_prog
-            t_ours = bench_ms(lambda: prog.run(src, dst))
+            del ref
+            dyn = tm.dyn("prefill" if side == "gather" else "decode", req, tokens)
+            bt = kp.upload(dyn)
+            t_ours = bench_ms(lambda: kp.run(src, dst, dyn, 0, bt))  # device time of the kernel(s)
+            host_us = _host_us(ours)  # per request on the host: check + pack tables, upload, launch
             a = torch.randint(0, 256, (pp.nbytes,), dtype=torch.uint8, device=dev)
             b = torch.empty_like(a)
             t_copy = bench_ms(lambda: b.copy_(a))
             nb = pp.nbytes
             rows.append(dict(kind="kernel", case=name, payload_mib=nb / 2**20, segments=seg.count,
-                             launches=prog.launches, copy_ms=t_copy, ours_ms=t_ours,
+                             launches=kp.launches, copy_ms=t_copy, ours_ms=t_ours, old_kernel_ms=t_old,
                              copy_gbps_rw=2 * nb / t_copy / 1e6, ours_gbps_rw=2 * nb / t_ours / 1e6,
-                             ratio=t_copy / t_ours, byte_exact=exact))
-            print(f"  {name:45s} {nb / 2**20:8.0f} MiB  copy {t_copy:7.3f} ms  ours {t_ours:7.3f} ms  "
-                  f"{100 * t_copy / t_ours:5.1f}% of copy  exact={exact}", flush=True)
-            del src, dst, a, b, prog
+                             ratio=t_copy / t_ours, old_ratio=t_copy / t_old, byte_exact=exact,
+                             old_byte_exact=exact_old, ours_host_us=host_us, old_host_ms=old_host_s * 1e3,
+                             tile_bytes=kvcopy.KV_TILE_BYTES, num_warps=kvcopy.KV_NUM_WARPS))
+            print(f"  {name:45s} {nb / 2**20:6.0f} MiB copy {t_copy:6.3f} ms ours {t_ours:6.3f} ms "
+                  f"({100 * t_copy / t_ours:5.1f}%) old {t_old:6.3f} ms ({100 * t_copy / t_old:5.1f}%) "
+                  f"host ours {host_us:6.1f} us old {old_host_s * 1e3:7.2f} ms exact={exact}/{exact_old}", flush=True)
+            del src, dst, a, b
             torch.cuda.empty_cache()
     return rows
+
+
+def sweep_rows(sizes_mib: list[int]) -> list[dict]:
+    out = []
+    for tb, nw in [(16384, 4), (16384, 8), (32768, 8), (32768, 16), (65536, 8), (65536, 16)]:
+        kvcopy.KV_TILE_BYTES, kvcopy.KV_NUM_WARPS = tb, nw
+        for r in kernel_rows(sizes_mib, KCASES[:2]):
+            r["kind"] = "sweep"
+            out.append(r)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,18 +192,21 @@ def _decode_run(geo, tokens, reps: int) -> dict:
                         head_size=128, num_hidden_layers=32, cache_dtype="auto", family="dense")
     dr = DecodeRank(d, f, b"bench", "cuda", timeout=120)
     dr.connect([tuple(info["addr"])])
-    ours, reads, paths = [], [], []
+    ours, reads, paths, hosts, brk = [], [], [], [], []
     n = 0
-    for i in range(reps + 1):
+    for i in range(reps + 2):
         q_in.put("hold")
         q_out.get(timeout=60)
         torch.cuda.synchronize()
         st = dr.pull(f"r{n}", preq, dreq)
         n += 1
-        if i:
+        if i > 1:  # first two: template build, Triton compile, IPC mapping
             ours.append(st.seconds)
             reads.append(st.read_seconds)
             paths.append(st.data_path_seconds)
+            hosts.append(st.seconds - st.data_path_seconds)
+            brk.append(dict(d_host_before_prepare_s=st.plan_seconds, prepare_rtt_s=st.prepare_seconds,
+                            gather_s=st.gather_seconds, read_s=st.read_seconds, scatter_s=st.scatter_seconds))
     nbytes = st.bytes
     ours_arena = dr.arena.clone()
     # per-block-descriptor baseline on the same data: read P's arena blocks in place
@@ -188,6 +243,7 @@ def _decode_run(geo, tokens, reps: int) -> dict:
     same = bool(torch.equal(dr.arena, ours_arena))
     agent.release_dlist_handle(rh)
     agent.release_dlist_handle(lh)
+    study = read_study(agent, peer.agent, dr.recv, info["arena"], st.bytes, reps)
     a = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     t_copy = bench_ms(lambda: b.copy_(a)) / 1e3
@@ -202,7 +258,67 @@ def _decode_run(geo, tokens, reps: int) -> dict:
                 ours_read_gbps=nbytes / t_read / 1e9, baseline_gbps=nbytes / t_base / 1e9,
                 ours_data_path_s=t_path, ours_data_path_gbps=nbytes / t_path / 1e9,
                 speedup_vs_baseline=t_base / t_ours, speedup_data_path_vs_baseline=t_base / t_path,
-                same_bytes_as_baseline=same)
+                same_bytes_as_baseline=same, ours_host_overhead_s=float(np.median(hosts)),
+                ours_host_overhead_max_s=float(np.max(hosts)), breakdown=brk, read_study=study)
+
+
+def read_study(agent, peer: str, recv: torch.Tensor, p_arena: list, nbytes: int, reps: int) -> dict:
+    """One READ of `nbytes` from P's arena, several ways: where does READ time go?"""
+    out = {}
+    nbytes = min(nbytes, p_arena[1], recv.numel())
+    loc = [(recv.data_ptr(), nbytes, recv.device.index or 0)]
+    rem = [(p_arena[0], nbytes, p_arena[2])]
+
+    def timed(post, poll_sleep: float, notif: bytes, prepped=None) -> tuple[float, float]:
+        ts, tp = [], []
+        for i in range(reps + 1):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            if prepped is not None:
+                h = prepped
+            else:
+                h = agent.initialize_xfer("READ", agent.get_xfer_descs(loc, "VRAM"),
+                                          agent.get_xfer_descs(rem, "VRAM"), peer, notif)
+            s = agent.transfer(h)
+            t1 = time.perf_counter()
+            while s == "PROC":
+                if poll_sleep:
+                    time.sleep(poll_sleep)
+                s = agent.check_xfer_state(h)
+            assert s == "DONE", s
+            t2 = time.perf_counter()
+            if prepped is None:
+                agent.release_xfer_handle(h)
+            if i:
+                ts.append(t2 - t0)
+                tp.append(t1 - t0)
+        return float(np.median(ts)), float(np.median(tp))
+
+    for name, sl, nt in [("init+notif, sleep 0.2ms poll (old)", 0.0002, b"study"),
+                         ("init+notif, busy poll", 0.0, b"study"),
+                         ("init, no notif, busy poll", 0.0, b"")]:
+        try:
+            t, tpost = timed(None, sl, nt)
+            out[name] = dict(s=t, post_s=tpost, gbps=nbytes / t / 1e9)
+        except Exception as e:  # noqa: BLE001
+            out[name] = dict(error=str(e))
+    try:
+        lh = agent.prep_xfer_dlist("", loc, "VRAM")
+        rh = agent.prep_xfer_dlist(peer, rem, "VRAM")
+        h = agent.make_prepped_xfer("READ", lh, [0], rh, [0], b"")
+        t, tpost = timed(None, 0.0, b"", prepped=h)
+        out["prepped handle reposted, no notif, busy poll"] = dict(s=t, post_s=tpost, gbps=nbytes / t / 1e9)
+        agent.release_xfer_handle(h)
+        agent.release_dlist_handle(lh)
+        agent.release_dlist_handle(rh)
+    except Exception as e:  # noqa: BLE001
+        out["prepped handle reposted, no notif, busy poll"] = dict(error=str(e))
+    # device-side view: CUDA events around a same-size device copy for reference
+    out["nbytes"] = nbytes
+    print(f"    READ study {nbytes / 2**20:.0f} MiB: " + "; ".join(
+        f"{k}: {v['gbps']:.0f} GB/s (post {v['post_s'] * 1e6:.0f} us)" if isinstance(v, dict) and "gbps" in v else f"{k}: {v}"
+        for k, v in out.items() if k != "nbytes"), flush=True)
+    return out
 
 
 def main() -> int:
@@ -212,6 +328,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="bench_transfer.json")
     ap.add_argument("--skip-nixl", action="store_true")
+    ap.add_argument("--sweep-mib", default="", help="tile/warp sweep of the template kernel at these sizes")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_transfer: CUDA not available, nothing to measure")
@@ -223,6 +340,12 @@ def main() -> int:
     print(f"machine: {machine}")
     out = {"machine": machine, "kernels": [], "nixl": []}
     print("kernels (Triton segment copy) vs b.copy_(a) of the same bytes:")
+    if args.sweep_mib:
+        out["sweep"] = sweep_rows([int(x) for x in args.sweep_mib.split(",")])
+        best = max(out["sweep"], key=lambda r: r["ratio"] if r["payload_mib"] >= 32 else 0)
+        kvcopy.KV_TILE_BYTES, kvcopy.KV_NUM_WARPS = 32768, 8
+        json.dump(out, open(args.out, "w"), indent=2)
+        print(f"sweep: best single row {best['case']} tile {best['tile_bytes']} warps {best['num_warps']}")
     out["kernels"] = kernel_rows([int(x) for x in args.sizes_mib.split(",")])
     json.dump(out, open(args.out, "w"), indent=2)
     if not args.skip_nixl:
@@ -242,11 +365,12 @@ def main() -> int:
     print("\n| case | MiB | copy | ours | ratio |")
     for r in out["kernels"]:
         print(f"| {r['case']} | {r['payload_mib']:.0f} | {r['copy_gbps_rw']:.0f} GB/s r+w | "
-              f"{r['ours_gbps_rw']:.0f} GB/s r+w | {r['ratio']:.2f} |")
+              f"{r['ours_gbps_rw']:.0f} GB/s r+w | {r['ratio']:.2f} (old kernel {r['old_ratio']:.2f}) |")
     for r in out["nixl"]:
         if "error" in r:
             print(f"| NIXL {r['case']} | error {r['error']} |")
             continue
+        print(f"  host overhead per pull: median {r['ours_host_overhead_s'] * 1e6:.0f} us, max {r['ours_host_overhead_max_s'] * 1e6:.0f} us")
         print(f"| NIXL {r['case']} | {r['payload_mib']:.0f} | copy {r['copy_gbps']:.0f} GB/s | ours {r['ours_gbps']:.1f} "
               f"GB/s end-to-end, data path {r['ours_data_path_gbps']:.1f} (READ {r['ours_read_gbps']:.1f}) | per-block {r['baseline_gbps']:.2f} GB/s "
               f"({r['descriptors_baseline']} descs) | x{r['speedup_vs_baseline']:.1f} |")
