@@ -1,7 +1,8 @@
 """kopf handlers (thin): render, apply, watch the children, report status.
 
-- PDDeployment create / update / resume / timer: render every child (render/), server-side apply
-  them (kube.Client.apply), store what was rendered, and write the status.
+- PDDeployment create / update / resume, and a periodic resync task: render every child
+  (render/), server-side apply them (kube.Client.apply), store what was rendered, and write
+  the status.
 - Child events (StatefulSet, Deployment and every other kind rendered): update the observed
   state and the owner's status; a child deleted or edited by hand is re-applied (drift repair).
 - PDDeployment deletion: nothing to do; the children carry owner references and the garbage
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 API_VERSION = f"{api.GROUP}/{api.VERSION}"
 RESYNC_INTERVAL = 600.0  # full re-apply of every PDDeployment (belt and braces for drift)
+# No handler here may need a finalizer (on.delete, timers, daemons): deletion is garbage
+# collection, and a finalizer would block it (and the namespace) whenever the operator is down.
 
 # Child kinds the operator renders and watches: (group, version, plural, apiVersion, kind)
 CHILD_KINDS = (
@@ -204,9 +207,12 @@ async def _write_status(client: kube.Client, namespace: str, name: str, state: O
     state.last_status = new
     owner = _owner_body(namespace, name, state.uid)
     for t in transitions:
-        kopf.event(owner, type="Warning" if t.warning else "Normal",
-                   reason=f"{t.type}{'' if t.status == 'True' else 'False'}",
-                   message=t.message)
+        try:
+            kopf.event(owner, type="Warning" if t.warning else "Normal",
+                       reason=f"{t.type}{'' if t.status == 'True' else 'False'}",
+                       message=t.message)
+        except LookupError:  # outside kopf's context (the resync task): log instead
+            log.info("%s/%s: %s=%s (%s)", namespace, name, t.type, t.status, t.message)
 
 
 @kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
@@ -216,13 +222,22 @@ async def on_pddeployment(body: kopf.Body, logger: kopf.Logger, **_: Any) -> Non
     await reconcile(body, logger)
 
 
-@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=RESYNC_INTERVAL,
-            initial_delay=RESYNC_INTERVAL, idle=60)
-async def resync(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-    try:
-        await reconcile(body, logger)
-    except kopf.PermanentError:
-        pass
+async def resync_forever(interval: float = RESYNC_INTERVAL) -> None:
+    """Re-apply every known PDDeployment every `interval` seconds (belt and braces for drift
+    that produced no event). A plain task, not a kopf timer: kopf timers put a finalizer on
+    every object, and deletion here is garbage collection only."""
+    while True:
+        await asyncio.sleep(interval)
+        for (namespace, name), state in list(RUNTIME.owned.items()):
+            try:
+                obj = await RUNTIME.api().get(API_VERSION, api.KIND, namespace, name)
+                if obj and obj["metadata"].get("uid") == state.uid and \
+                        not obj["metadata"].get("deletionTimestamp"):
+                    await reconcile(obj, log)
+            except (kopf.PermanentError, kopf.TemporaryError):
+                pass
+            except Exception as exc:  # keep resyncing the others
+                log.warning("resync of %s/%s failed: %r", namespace, name, exc)
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)

@@ -174,6 +174,7 @@ async def _run(args: argparse.Namespace) -> int:
             registry=kopf.get_default_registry(), settings=settings, standalone=True,
             clusterwide=not args.namespace, namespaces=args.namespace, stop_flag=stop))
         watchers = {kopf_task}
+        resync = asyncio.create_task(handlers.resync_forever())
         if elector is not None:
             watchers.add(asyncio.create_task(elector.renew_until_lost()))
         done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
@@ -181,6 +182,7 @@ async def _run(args: argparse.Namespace) -> int:
             exit_code = 1
             stop.set()
         await kopf_task
+        resync.cancel()
         for t in watchers - {kopf_task}:
             t.cancel()
     finally:

@@ -75,3 +75,16 @@ def test_lease_expiry():
     assert leader._parse(leader._fmt(datetime.datetime(2026, 1, 2, 3, 4, 5, 6,
                                                        tzinfo=datetime.timezone.utc))) \
         == datetime.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=datetime.timezone.utc)
+
+
+def test_no_handler_needs_a_finalizer():
+    """Timers, daemons and on.delete make kopf add a finalizer, which blocks garbage
+    collection (and namespace deletion) whenever the operator is not running."""
+    import kopf
+
+    reg = kopf.get_default_registry()
+    assert list(reg._spawning.get_all_handlers()) == []
+    reasons = {h.reason for h in reg._changing.get_all_handlers()}
+    assert "delete" not in {str(r).lower() for r in reasons}
+    assert all(not getattr(h, "requires_finalizer", False)
+               for h in reg._changing.get_all_handlers())
