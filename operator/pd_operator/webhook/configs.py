@@ -58,9 +58,31 @@ def validating(base_url: str, ca_pem: bytes, name: str = NAME) -> dict[str, Any]
     }
 
 
+def _pool_version_missing(role: str) -> str:
+    e = f"object.spec.{role}.engine"
+    return f"(has(object.spec.{role}.engine) && has({e}.image) && !has({e}.version))"
+
+
+# The mutating webhook is only called when a default it writes is missing (review.defaults_patch
+# is the authority; this mirrors it). Stored objects are explicit, so updates skip the call.
+DEFAULTS_MISSING = " || ".join([
+    "!has(object.spec.engine.version)",
+    "!has(object.spec.kvTransfer)", "!has(object.spec.kvTransfer.sideChannelPort)",
+    "!has(object.spec.validation)", "!has(object.spec.validation.policy)",
+    "!has(object.spec.prefill.kvCacheLayout)", "!has(object.spec.decode.kvCacheLayout)",
+    _pool_version_missing("prefill"), _pool_version_missing("decode"),
+])
+
+
 def mutating(base_url: str, ca_pem: bytes, name: str = NAME) -> dict[str, Any]:
     hook = _webhook(hook_name("mutate", name), client_config_url(base_url, MUTATE_PATH, ca_pem))
     hook["reinvocationPolicy"] = "Never"
+    hook["matchConditions"] = [{
+        "name": "defaults-missing",
+        # a spec without these maps is a schema error the validating webhook reports
+        "expression": "has(object.spec) && has(object.spec.engine) && has(object.spec.prefill)"
+                      " && has(object.spec.decode) ? (" + DEFAULTS_MISSING + ") : false",
+    }]
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",

@@ -108,6 +108,7 @@ def test_accepted_examples_become_ready_on_gpu_nodes(operator, kubectl, namespac
             assert obj["spec"][role]["kvCacheLayout"] in ("HND", "NHD"), name
         assert obj["spec"]["kvTransfer"]["sideChannelPort"] >= 1024
         assert obj["spec"]["engine"].get("version"), name
+        assert obj["spec"]["validation"]["policy"] in ("Strict", "Warn", "Disabled"), name
         expected = {(c["kind"], c["metadata"]["name"]): c for c in _expected(obj)}
         got = {(c["kind"], c["metadata"]["name"]): c for c in _children(kubectl, namespace,
                                                                          name)}
@@ -230,7 +231,8 @@ def test_update_scale_roll_drift_delete(operator, kubectl, namespace):
     reasons = {e["reason"] for e in events}
     assert {"Validated", "Ready"} <= reasons, reasons
 
-    # 6. delete: the garbage collector removes every child
+    # 6. delete: the garbage collector removes every child; no finalizer holds the object
+    assert not pdd(kubectl, namespace, name)["metadata"].get("finalizers")
     kubectl("delete", "pdd", name, "-n", namespace)
     wait_for("no children left", lambda: _children(kubectl, namespace, name) == [],
              timeout=90)

@@ -186,6 +186,18 @@ def test_webhook_configurations_shape():
         assert hook["rules"][0]["resources"] == ["pddeployments"]
 
 
+def test_mutating_match_condition_names_every_defaulted_field():
+    """The CEL matchCondition must mention every field defaults_patch can add."""
+    expr = configs.mutating("https://x", b"P")["webhooks"][0]["matchConditions"][0]["expression"]
+    full = copy.deepcopy(BASE)
+    full["spec"]["prefill"]["engine"] = {"image": "vllm/vllm-openai:v0.33.0"}
+    full["spec"]["decode"]["engine"] = {"image": "vllm/vllm-openai:v0.33.0"}
+    for op in review.defaults_patch(full["spec"]):
+        field_ = op["path"].replace("/", ".").lstrip(".")
+        assert f"object.{field_}" in expr or f"has(object.{field_})" in expr or \
+            "engine.version" in field_, field_
+
+
 def test_https_server_with_generated_ca(tmp_path):
     files = certs.generate(tmp_path)
 
