@@ -65,7 +65,9 @@ def _table(side: str, spec: RankSpec, req: Request, group: int, lo: int, hi: int
         if a.size < need:
             raise PlanError(f"{side}: block table of group {group} has {a.size} blocks, {need} needed for {hi} tokens")
         live = a[lo // spec.block_size : need]
-        if live.size and (live.min() < 0 or live.max() >= n_slots):
+        # small tables: Python min/max beat numpy's per-call overhead
+        src = bt[lo // spec.block_size : need] if (isinstance(bt, list) and len(bt) < 512) else live
+        if len(src) and (min(src) < 0 or max(src) >= n_slots):
             b = int(live[(live < 0) | (live >= n_slots)][0])
             raise PlanError(f"{side}: block id {b} outside [0, {n_slots}) in group {group}")
     return a
@@ -155,10 +157,10 @@ class PairTemplate:
     # ------------------------------------------------------------------------------------------
     def counts(self, T: int) -> tuple[int, int, int]:
         """(n_full, n_sliding, lo_sliding) for a request of T tokens."""
-        from .kvcache import GROUP_SLIDING
-
-        lo, hi = live_token_range(self.m, GROUP_SLIDING, T) if self.has_sliding else (0, T)
-        return T, hi - lo, lo
+        if not self.has_sliding:
+            return T, T, 0
+        lo = max(0, T - self.m.sliding_window)
+        return T, T - lo, lo
 
     def nbytes(self, T: int) -> int:
         nf, ns, _ = self.counts(T)
@@ -172,6 +174,8 @@ class PairTemplate:
         """Check a request's block tables on one side ("prefill" or "decode") and pack them."""
         spec = self.p if side == "prefill" else self.d
         nf, ns, lo = self.counts(T)
+        if self.groups == [GROUP_FULL]:  # the common case: one table
+            return Dyn(nf, ns, lo, 0, 0, _table(side, spec, req, GROUP_FULL, 0, T))
         parts = {}
         for g in self.groups:
             if g == GROUP_STATE:

@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
+import msgspec
 import torch
 
 from .compat.hashing import hash_factors
@@ -123,10 +123,10 @@ class PrefillRank:
             if mine is None or not _same_request(mine, req.get("p_req")):
                 raise LeaseError(f"request {rid!r}: block table differs from the one this rank holds")
             t0 = time.perf_counter()
-            key = str(req["d_spec"])
+            key = req["d_spec"]  # msgpack bytes of D's spec: a cheap cache key
             d = self._dspecs.get(key)
             if d is None:
-                d = self._dspecs[key] = RankSpec.from_dict(req["d_spec"])
+                d = self._dspecs[key] = RankSpec.from_dict(msgspec.msgpack.decode(key))
             T = mine.num_tokens
             if int(req.get("num_tokens", T)) != T:
                 raise PlanError(f"token counts differ: prefill {T}, decode {req['num_tokens']}")
@@ -139,7 +139,7 @@ class PrefillRank:
             off = self.leases.slot(rid, d.tp_rank, nbytes)
             prog = program_for(tm.gather, self.device, gather=True)
             t1 = time.perf_counter()
-            prog.run(self.arena, self.staging, dyn, off)
+            prog.run(self.arena, self.staging, dyn, off)  # uploads the tables + scalars, launches
             _sync(self.device)
             t2 = time.perf_counter()
             if self.fault == "die_after_prepare":
@@ -240,7 +240,7 @@ class DecodeRank:
                     pairs.append((pr, tm))
             self._pair_cache = pairs
             self._release = self.templates.release_only(self.p_pool, self.spec)
-            self._d_spec_wire = self.spec.to_dict()
+            self._d_spec_wire = msgspec.msgpack.encode(self.spec.to_dict())
         return self._pair_cache
 
     def pull(self, req_id: str, p_req: Request, d_req: Request) -> PullStats:
@@ -250,11 +250,21 @@ class DecodeRank:
         T = p_req.num_tokens
         if d_req.num_tokens != T:
             raise PlanError(f"token counts differ: prefill {T}, decode {d_req.num_tokens}")
-        pairs = [(pr, tm) for pr, tm in self._pairs() if tm.nbytes(T) > 0]
+        pairs, sizes = [], []
+        for pr, tm in self._pairs():
+            nb = tm.nbytes(T)
+            if nb > 0:
+                pairs.append((pr, tm))
+                sizes.append(nb)
+        recv_offs, recv_off = [], 0
+        for nb in sizes:
+            recv_offs.append(recv_off)
+            recv_off += (nb + 255) // 256 * 256
         dyns = [tm.dyn("decode", d_req, T) for _, tm in pairs]
         progs = [program_for(tm.scatter, self.device, gather=False) for _, tm in pairs]
-        bts = [pg.upload(dy) for pg, dy in zip(progs, dyns)]  # H2D overlaps the PREPARE round trip
-        st = PullStats(bytes=sum(tm.nbytes(T) for _, tm in pairs), peers=len(pairs))
+        # tables + scalars go up now: the copy overlaps the PREPARE round trip
+        bts = [pg.upload(dy, ro) for pg, dy, ro in zip(progs, dyns, recv_offs)]
+        st = PullStats(bytes=sum(sizes), peers=len(pairs))
         st.plan_seconds = time.perf_counter() - t0
         handles = []
         lease = min((self.peers[pr].lease_s for pr, _ in pairs), default=30.0)
@@ -278,25 +288,21 @@ class DecodeRank:
         if err is not None:
             raise err
         st.prepare_seconds = time.perf_counter() - t0 - st.plan_seconds
-        for pr, tm in pairs:
-            if replies[pr]["nbytes"] != tm.nbytes(T):
-                raise TransferError(f"prefill rank {pr} staged {replies[pr]['nbytes']} bytes, planned {tm.nbytes(T)}")
+        for (pr, tm), nb in zip(pairs, sizes):
+            if replies[pr]["nbytes"] != nb:
+                raise TransferError(f"prefill rank {pr} staged {replies[pr]['nbytes']} bytes, planned {nb}")
             st.gather_segments += int(replies[pr].get("gather_segments", 0))
             st.plan_seconds += float(replies[pr].get("plan_s", 0.0))
             st.gather_seconds = max(st.gather_seconds, float(replies[pr].get("gather_s", 0.0)))
         if self.fault == "skip_read":
             return st
         tr = time.perf_counter()
-        recv_offs, recv_off = [], 0
-        for pr, tm in pairs:
+        for (pr, tm), nb, ro in zip(pairs, sizes, recv_offs):
             peer = self.peers[pr]
-            nb = tm.nbytes(T)
             handles.append(self.transport.read(
-                peer.agent, (self.recv.data_ptr() + recv_off, nb, Transport.dev_id(self.recv)),
+                peer.agent, (self.recv.data_ptr() + ro, nb, Transport.dev_id(self.recv)),
                 (replies[pr]["addr"], nb, replies[pr]["dev"]),
                 f"{req_id}:{self.spec.tp_rank}:{tm.expected}"))
-            recv_offs.append(recv_off)
-            recv_off += (nb + 255) // 256 * 256
             st.descriptors += 1
         self.transport.wait(handles, self.timeout)
         st.read_seconds = time.perf_counter() - tr

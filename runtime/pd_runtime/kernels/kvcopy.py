@@ -27,17 +27,25 @@ KV_TILE_BYTES = int(os.environ.get("PD_RUNTIME_KV_TILE_BYTES", "32768"))
 KV_NUM_WARPS = int(os.environ.get("PD_RUNTIME_KV_NUM_WARPS", "8"))
 _WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _ADDR_COLS = [C_CF, C_CS, C_CK, C_LTS, C_PBASE, C_PBS, C_PPS, C_SIZE]
+HDR = 8  # int64 header in front of the block tables (see _kv_kernel)
 
 if _HAVE_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _kv_kernel(src, dst, ent, bt, nF, nS, loS, offS, offSt, lin_add,
-                   NC: tl.constexpr, RB: tl.constexpr, TT: tl.constexpr, VEC: tl.constexpr,
-                   GATHER: tl.constexpr):
+    def _kv_kernel(src, dst, ent, bt, NC: tl.constexpr, RB: tl.constexpr, TT: tl.constexpr,
+                   VEC: tl.constexpr, WORD: tl.constexpr, GATHER: tl.constexpr):
+        # bt: [n_full, n_sliding, lo_sliding, off_sliding, off_state, lin_add (bytes), 0, 0, tables...]
+        # (request scalars travel with the tables: one upload, and no recompile per token count)
         tile = tl.program_id(0)
         e = tl.program_id(1).to(tl.int64)
+        nF = tl.load(bt + 0)
+        nS = tl.load(bt + 1)
+        loS = tl.load(bt + 2)
+        offS = tl.load(bt + 3)
+        offSt = tl.load(bt + 4)
+        lin_add = tl.load(bt + 5) // WORD
         row = ent + e * NC
         kind = tl.load(row + 0)
         cf = tl.load(row + 1)
@@ -51,7 +59,7 @@ if _HAVE_TRITON:
         nc = tl.load(row + 9)
         n = tl.where(kind == 0, nF, tl.where(kind == 1, nS, nc))
         lo = tl.where(kind == 1, loS, 0)
-        boff = tl.where(kind == 0, 0, tl.where(kind == 1, offS, offSt))
+        boff = HDR + tl.where(kind == 0, 0, tl.where(kind == 1, offS, offSt))
         tt = tile.to(tl.int64) * TT + tl.arange(0, TT)
         m = tt < n
         t = lo + tt
@@ -88,10 +96,19 @@ class _KClass:
     kinds: tuple[int, ...]
     ent: torch.Tensor  # [E, NCOL] int64 on device (address columns in words)
     ent_np: np.ndarray
+    nconst: int = 0
 
     @property
     def n(self) -> int:
         return int(self.ent_np.shape[0])
+
+    @property
+    def tt(self) -> int:
+        t = max(1, min(1024, KV_TILE_BYTES // (self.unit * self.word)))
+        return 1 << (t.bit_length() - 1)
+
+    def nmax(self, dyn: Dyn) -> int:
+        return max(dyn.counts(k, self.nconst) for k in self.kinds)
 
 
 class KVProgram:
@@ -112,42 +129,45 @@ class KVProgram:
             addr = ew[:, [C_CF, C_CS, C_CK, C_LTS, C_PBASE, C_PBS, C_PPS]].ravel()
             vec = min(_pow2_div(np.concatenate([addr, [256 // word]]), max(1, 16 // word)), unit)
             kinds = tuple(sorted({int(k) for k in ew[:, C_KIND]}))
-            self.classes.append(_KClass(word, unit, vec, kinds, torch.from_numpy(ew).to(self.device), ew))
+            self.classes.append(_KClass(word, unit, vec, kinds, torch.from_numpy(ew).to(self.device), ew,
+                                        int(ew[:, C_NC].max())))
 
     @property
     def launches(self) -> int:
         return len(self.classes)
 
-    def upload(self, dyn: Dyn) -> torch.Tensor:
-        t = torch.from_numpy(dyn.tables)
+    def upload(self, dyn: Dyn, lin_add: int = 0) -> torch.Tensor:
+        """Request scalars + block tables as one int64 tensor on the device (one small copy)."""
+        t = np.empty(HDR + dyn.tables.size, np.int64)
+        t[:HDR] = (dyn.n_full, dyn.n_sliding, dyn.lo_sliding, dyn.off_sliding, dyn.off_state, lin_add, 0, 0)
+        t[HDR:] = dyn.tables
+        tt = torch.from_numpy(t)
         if self.device.type == "cuda":
-            return t.to(self.device, non_blocking=True)
-        return t
+            return tt.to(self.device, non_blocking=True)
+        return tt
 
     def run(self, src: torch.Tensor, dst: torch.Tensor, dyn: Dyn, lin_add: int = 0, bt: torch.Tensor | None = None) -> None:
         """Gather: src = P arena, dst = staging (lin_add = slot offset). Scatter: src = received
-        bytes (lin_add = their offset), dst = D arena. Flat contiguous uint8 tensors."""
+        bytes (lin_add = their offset), dst = D arena. Flat contiguous uint8 tensors. `bt`: a
+        tensor from upload(dyn, lin_add), or None to upload here."""
         assert src.dtype == torch.uint8 and dst.dtype == torch.uint8
         if bt is None:
-            bt = self.upload(dyn)
+            bt = self.upload(dyn, lin_add)
         for c in self.classes:
             assert lin_add % c.word == 0
             w = c.word
             sw = src[: src.numel() // w * w].view(_WORD[w])
             dw = dst[: dst.numel() // w * w].view(_WORD[w])
-            nmax = max(dyn.counts(k, int(c.ent_np[:, C_NC].max())) for k in c.kinds)
+            nmax = c.nmax(dyn)
             if nmax <= 0:
                 continue
             if self.use_triton:
-                tt = max(1, min(1024, KV_TILE_BYTES // (c.unit * c.word)))
-                tt = 1 << (tt.bit_length() - 1)
-                tt = min(tt, max(1, triton.next_power_of_2(nmax)))
-                grid = (triton.cdiv(nmax, tt), c.n)
-                _kv_kernel[grid](sw, dw, c.ent, bt, dyn.n_full, dyn.n_sliding, dyn.lo_sliding,
-                                 dyn.off_sliding, dyn.off_state, lin_add // c.word, NC=NCOL, RB=c.unit,
-                                 TT=tt, VEC=c.vec, GATHER=self.gather, num_warps=KV_NUM_WARPS)
+                tt = c.tt if nmax >= c.tt else max(1, triton.next_power_of_2(nmax))
+                _kv_kernel[(triton.cdiv(nmax, tt), c.n)](sw, dw, c.ent, bt, NC=NCOL, RB=c.unit, TT=tt,
+                                                         VEC=c.vec, WORD=w, GATHER=self.gather,
+                                                         num_warps=KV_NUM_WARPS)
             else:
-                self._torch(c, sw, dw, bt, dyn, lin_add // c.word, nmax)
+                self._torch(c, sw, dw, bt[HDR:], dyn, lin_add // c.word, nmax)
 
     def _torch(self, c: _KClass, sw, dw, bt, dyn: Dyn, lin_add: int, nmax: int) -> None:
         e = c.ent
