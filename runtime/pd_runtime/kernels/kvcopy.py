@@ -59,7 +59,7 @@ if _HAVE_TRITON:
         nc = tl.load(row + 9)
         n = tl.where(kind == 0, nF, tl.where(kind == 1, nS, nc))
         lo = tl.where(kind == 1, loS, 0)
-        boff = HDR + tl.where(kind == 0, 0, tl.where(kind == 1, offS, offSt))
+        boff = 8 + tl.where(kind == 0, 0, tl.where(kind == 1, offS, offSt))  # 8 = HDR
         tt = tile.to(tl.int64) * TT + tl.arange(0, TT)
         m = tt < n
         t = lo + tt
