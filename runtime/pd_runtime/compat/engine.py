@@ -79,8 +79,12 @@ def check_pools(p: ResolvedPool, d: ResolvedPool, policy: str = "Strict") -> Dec
         verdicts=verdicts,
         rules_version=profile.label,
     )
-    decision.prefill_hash, p_note = profile.hash_of(p)
-    decision.decode_hash, d_note = profile.hash_of(d)
+    (p_factors, p_note), (d_factors, d_note) = profile.factors(p), profile.factors(d)
+    decision.prefill_hash = hashing.hash_factors(p_factors) if p_factors is not None else None
+    # a matching pair (the usual case) has equal factors: hash them once
+    decision.decode_hash = (decision.prefill_hash if d_factors == p_factors
+                            else hashing.hash_factors(d_factors) if d_factors is not None
+                            else None)
     decision.hash_notes = [n for n in (p_note and f"prefill: {p_note}",
                                        d_note and f"decode: {d_note}") if n]
     return decision
