@@ -1,8 +1,9 @@
 """Admission decisions per second on one core, next to the cost of merely parsing the YAML.
 
 A decision is what the webhook does per request: schema validation of the object, resolving the
-two pools, every rule of the profile, and both hashes. Parsing is `yaml.safe_load` of the same
-text, measured in the same run as the baseline. Prints a table and writes JSON.
+two pools, every rule of the profile, and both hashes. Parsing is loading the same text with the
+YAML loader `pdctl check` uses (libyaml's when available), measured in the same run as the
+baseline. Prints a table and writes JSON.
 
     python bench/validate/bench_validate.py [--seconds 3] [--json bench/validate/result.json]
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from pd_operator.cli.validate_cmds import YAML_LOADER
 from pd_operator.validate import validate_object
 
 SPEC = """
@@ -81,13 +83,14 @@ def main() -> int:
     args = ap.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
-    doc = yaml.safe_load(SPEC)
+    doc = yaml.load(SPEC, Loader=YAML_LOADER)
     result = validate_object(doc)
     assert result.decision.prefill_hash, "the benchmark spec must produce a hash"
 
-    parse_rate, parse_n = rate(lambda: yaml.safe_load(SPEC), args.seconds)
+    parse_rate, parse_n = rate(lambda: yaml.load(SPEC, Loader=YAML_LOADER), args.seconds)
     decide_rate, decide_n = rate(lambda: validate_object(doc), args.seconds)
-    both_rate, both_n = rate(lambda: validate_object(yaml.safe_load(SPEC)), args.seconds)
+    both_rate, both_n = rate(lambda: validate_object(yaml.load(SPEC, Loader=YAML_LOADER)),
+                             args.seconds)
     rows = [
         ("parse YAML only (baseline)", parse_rate, parse_n),
         ("decision (schema + resolve + rules + hash)", decide_rate, decide_n),
