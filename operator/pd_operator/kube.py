@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -60,14 +61,17 @@ class Credentials:
     key_file: str | None
     token: str | None
     verify: bool = True
+    token_file: str | None = None  # in-cluster: the projected token, which the kubelet rotates
 
     @classmethod
     def load(cls, kubeconfig: str | None = None) -> Credentials:
         from kubernetes import client, config
 
         cfg = client.Configuration()
+        token_file = None
         try:
             config.load_incluster_config(client_configuration=cfg)
+            token_file = config.incluster_config.SERVICE_TOKEN_FILENAME
         except config.ConfigException:
             config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
         # kubernetes>=30 keeps both kubeconfig and in-cluster tokens under "BearerToken"
@@ -76,7 +80,17 @@ class Credentials:
         if token and token.lower().startswith("bearer "):
             token = token[7:]
         return cls(cfg.host, cfg.ssl_ca_cert, cfg.cert_file, cfg.key_file, token,
-                   bool(cfg.verify_ssl))
+                   bool(cfg.verify_ssl), token_file)
+
+    def current_token(self) -> str | None:
+        """The token to send now (re-read from the rotated file when in-cluster)."""
+        if self.token_file:
+            try:
+                with open(self.token_file) as fh:
+                    self.token = fh.read().strip() or self.token
+            except OSError:
+                pass
+        return self.token
 
     def ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=self.ca_file)
@@ -111,7 +125,8 @@ class Client:
         server only makes every request slower (and time out), so the bound is low."""
         self.creds = creds
         headers = {"Accept": "application/json"}
-        if creds.token:
+        self._token_read = time.monotonic()
+        if creds.current_token():
             headers["Authorization"] = f"Bearer {creds.token}"
         self._slots = asyncio.Semaphore(limit)
         self._session = aiohttp.ClientSession(
@@ -131,6 +146,10 @@ class Client:
             url += "?" + urlencode(params)
         data = json.dumps(body) if body is not None else None
         headers = {"Content-Type": content_type} if data is not None else {}
+        if self.creds.token_file and time.monotonic() - self._token_read > 60:
+            self._token_read = time.monotonic()  # the kubelet rotates the projected token
+            headers["Authorization"] = f"Bearer {self.creds.current_token()}"
+            self._session.headers["Authorization"] = headers["Authorization"]
         async with self._slots, \
                 self._session.request(method, url, data=data, headers=headers) as resp:
             text = await resp.text()

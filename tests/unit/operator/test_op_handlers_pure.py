@@ -88,3 +88,15 @@ def test_no_handler_needs_a_finalizer():
     assert "delete" not in {str(r).lower() for r in reasons}
     assert all(not getattr(h, "requires_finalizer", False)
                for h in reg._changing.get_all_handlers())
+
+
+def test_in_cluster_token_is_reread(tmp_path):
+    from pd_operator import kube
+
+    f = tmp_path / "token"
+    f.write_text("one\n")
+    creds = kube.Credentials("https://x", None, None, None, None, True, str(f))
+    assert creds.current_token() == "one"
+    f.write_text("two")
+    assert creds.current_token() == "two"
+    assert kube.Credentials("https://x", None, None, None, "static").current_token() == "static"
