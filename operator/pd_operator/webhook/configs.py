@@ -74,15 +74,18 @@ DEFAULTS_MISSING = " || ".join([
 ])
 
 
+MUTATE_MATCH_CONDITIONS = [{
+    "name": "defaults-missing",
+    # a spec without these maps is a schema error the validating webhook reports
+    "expression": "has(object.spec) && has(object.spec.engine) && has(object.spec.prefill)"
+                  " && has(object.spec.decode) ? (" + DEFAULTS_MISSING + ") : false",
+}]
+
+
 def mutating(base_url: str, ca_pem: bytes, name: str = NAME) -> dict[str, Any]:
     hook = _webhook(hook_name("mutate", name), client_config_url(base_url, MUTATE_PATH, ca_pem))
     hook["reinvocationPolicy"] = "Never"
-    hook["matchConditions"] = [{
-        "name": "defaults-missing",
-        # a spec without these maps is a schema error the validating webhook reports
-        "expression": "has(object.spec) && has(object.spec.engine) && has(object.spec.prefill)"
-                      " && has(object.spec.decode) ? (" + DEFAULTS_MISSING + ") : false",
-    }]
+    hook["matchConditions"] = MUTATE_MATCH_CONDITIONS
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
