@@ -14,6 +14,9 @@ head merge, replication with one source per head), any two block sizes, and any 
 (HND/NHD, both ways) plan the same way. MLA (replicated) is read once per D rank, from one P
 rank; P ranks that nobody reads get a release notification instead.
 
+The worker does not call this per request: template.py derives a per-geometry template with the
+same staging order (tests/unit/runtime/test_template.py checks they agree byte for byte).
+
 Staging order for a pair, per component in region order: if P's placement is head-major (HND)
 rows go [head][token], otherwise [token][head]; so the gather side merges into block-long runs.
 """

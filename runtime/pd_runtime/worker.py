@@ -1,4 +1,10 @@
-"""Prefill and decode ranks: the handshake, the gather on P, one READ per peer, the scatter on D."""
+"""Prefill and decode ranks: the handshake, the gather on P, one READ per peer, the scatter on D.
+
+Per request: D checks its block tables against the cached pair templates (template.py) and
+uploads them, sends PREPARE to every P rank it reads from (one round trip for all), P gathers
+into a staging slot with the template kernel, D posts one READ per peer and scatters. Nothing is
+planned per request; the planner (planner.py) is the reference the templates are tested against.
+"""
 
 from __future__ import annotations
 
