@@ -110,8 +110,10 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.peering.standalone = True  # leadership comes from our own Lease (leader.py)
     settings.posting.level = logging.WARNING  # only our own Events and real problems
     settings.watching.connect_timeout = 10
-    settings.watching.server_timeout = 300
-    settings.watching.client_timeout = 330
+    # Watches end every minute and are re-opened: a stream left silent by an API server restart
+    # (seen in tests after SIGKILL of kube-apiserver) then costs at most ~75 s, not 5 minutes.
+    settings.watching.server_timeout = 60
+    settings.watching.client_timeout = 75
     settings.networking.request_timeout = 30
     settings.persistence.finalizer = f"{api.GROUP}/finalizer"  # no handler needs one today
     selector = "app.kubernetes.io/managed-by=" + labels.MANAGER
