@@ -59,16 +59,6 @@ _POOL_FIELDS.update((n, n) for n in (
     "prefix_caching", "speculative", "args", "replicas"))
 
 
-@lru_cache(maxsize=None)
-def _pool_paths(role: str) -> dict[str, str]:
-    """JSON paths of the values that can only come from the pool itself (computed once)."""
-    paths = {name: f"spec.{role}.{_json_name(attr)}" for name, attr in _POOL_FIELDS.items()}
-    paths.update(env=f"spec.{role}.template.env", gpu_product=f"spec.{role}.template.nodeSelector",
-                 backends="spec.kvTransfer.backends",
-                 side_channel_port="spec.kvTransfer.sideChannelPort")
-    return paths
-
-
 # Values a pool may override field by field: resolved name -> attribute of the block.
 _MODEL_FIELDS = {"model_name": "name", "model_revision": "revision", "family": "family",
                  "dtype": "dtype", "num_kv_heads": "num_kv_heads", "head_size": "head_size",
@@ -80,39 +70,45 @@ _TRANSFER_FIELDS = {"connector": "connector", "buffer_device": "buffer_device",
                     "enable_cross_layers_blocks": "enable_cross_layers_blocks",
                     "kv_load_failure_policy": "kv_load_failure_policy",
                     "kv_lease_duration_s": "kv_lease_duration_seconds"}
+_OVERRIDABLE = (("model", "spec.model", _MODEL_FIELDS),
+                ("kvTransfer", "spec.kvTransfer", _TRANSFER_FIELDS))
 
 
 @lru_cache(maxsize=None)
-def _override_paths(role: str, block: str, shared: str, fields: tuple) -> dict:
-    """name -> (path when the pool overrides it, path of the shared value)."""
-    return {name: (f"spec.{role}.{block}.{_json_name(attr)}", f"{shared}.{_json_name(attr)}")
-            for name, attr in fields}
+def _default_paths(role: str) -> dict[str, str]:
+    """JSON path of every value when the pool overrides nothing (computed once per role)."""
+    paths = {name: f"spec.{role}.{_json_name(attr)}" for name, attr in _POOL_FIELDS.items()}
+    paths.update(env=f"spec.{role}.template.env", gpu_product=f"spec.{role}.template.nodeSelector",
+                 backends="spec.kvTransfer.backends",
+                 side_channel_port="spec.kvTransfer.sideChannelPort")
+    for _, shared, fields in _OVERRIDABLE:
+        paths.update((name, f"{shared}.{_json_name(attr)}") for name, attr in fields.items())
+    return paths
 
 
-def _merge(shared: Any, override: Any, fields: dict[str, str], paths: dict,
+def _merge(shared: Any, override: Any, fields: dict[str, str], block_path: str,
            origin: dict[str, str]) -> dict[str, Any]:
-    """Each field from the override when it sets it, else from the shared block."""
+    """Each field from the override when it sets it, else from the shared block; `origin`
+    learns the path of each overridden field."""
+    if override is None:
+        return {name: getattr(shared, attr) for name, attr in fields.items()}
     out = {}
     for name, attr in fields.items():
-        value = getattr(override, attr) if override is not None else None
+        value = getattr(override, attr)
         if value is None:
             value = getattr(shared, attr)
-            origin[name] = paths[name][1]
         else:
-            origin[name] = paths[name][0]
+            origin[name] = f"{block_path}.{_json_name(attr)}"
         out[name] = value
     return out
 
 
 def resolve_pool(spec: PDDeploymentSpec, role: str) -> ResolvedPool:
     pool: PoolSpec = getattr(spec, role)
-    origin: dict[str, str] = dict(_pool_paths(role))
-    model = _merge(spec.model, pool.model, _MODEL_FIELDS,
-                   _override_paths(role, "model", "spec.model", tuple(_MODEL_FIELDS.items())),
-                   origin)
+    origin: dict[str, str] = dict(_default_paths(role))
+    model = _merge(spec.model, pool.model, _MODEL_FIELDS, f"spec.{role}.model", origin)
     transfer = _merge(spec.kv_transfer, pool.kv_transfer, _TRANSFER_FIELDS,
-                      _override_paths(role, "kvTransfer", "spec.kvTransfer",
-                                      tuple(_TRANSFER_FIELDS.items())), origin)
+                      f"spec.{role}.kvTransfer", origin)
     engine_type, engine_image, engine_version = _engine(spec, pool, role, origin)
     spec_block = pool.speculative
     return ResolvedPool(

@@ -28,8 +28,11 @@ class Speculative:
         return self.method in EAGLE_FAMILY
 
 
-@dataclass(frozen=True)
+@dataclass(eq=True)
 class ResolvedPool:
+    """Read-only by convention: nothing changes a pool once resolved. (Not a frozen dataclass:
+    its 45-field frozen __init__ cost a tenth of an admission decision.)"""
+
     role: str  # "prefill" | "decode"
     # engine
     engine_type: str
