@@ -12,6 +12,9 @@ import hashlib
 import json
 from typing import Any
 
+from . import rules_vllm
+from .versions import NIXL_CONNECTOR_VERSION
+
 # The builtin runtime's own protocol number; bump it when the handshake metadata changes.
 BUILTIN_PROTOCOL_VERSION = 1
 
@@ -61,8 +64,6 @@ def vllm_factors(pool, version) -> tuple[dict[str, Any] | None, str | None]:
     guesses: an auto attention backend, an eagle-family draft (its aux layer ids come from the
     draft's config) or a model redirect leave the hash unknown.
     """
-    from .versions import NIXL_CONNECTOR_VERSION
-
     minor = version.minor
     if minor not in NIXL_CONNECTOR_VERSION:
         return None, f"the NIXL connector version of vLLM {version.text} is not known"
@@ -85,9 +86,7 @@ def vllm_factors(pool, version) -> tuple[dict[str, Any] | None, str | None]:
         "cache_dtype": pool.kv_cache_dtype,
     }
     if (0, 16) <= minor <= (0, 28):
-        from .rules_vllm import _effective_cross_layers
-
-        factors["cross_layers_blocks"] = _effective_cross_layers(pool)
+        factors["cross_layers_blocks"] = rules_vllm.effective_cross_layers(pool)
     if minor >= (0, 18):
         factors["is_hma_enabled"] = pool.hma
     if minor >= (0, 28):

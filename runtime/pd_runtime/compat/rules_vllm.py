@@ -44,7 +44,7 @@ def _kv_replicated_on_p(p: Pool, d: Pool) -> bool:
     return p.tp > p.num_kv_heads
 
 
-def _effective_cross_layers(x: Pool) -> bool:
+def effective_cross_layers(x: Pool) -> bool:
     return (
         x.enable_cross_layers_blocks
         and x.attention_backend in CROSS_LAYER_BACKENDS
@@ -230,7 +230,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="CROSS-LAYER-MATCH", severity=REJECT, checklist="A10", versions=between((0, 16), (0, 28)),
         summary="Effective cross-layer blocks agree (hashed in 0.16-0.28).",
-        when=lambda p, d: _effective_cross_layers(p) != _effective_cross_layers(d),
+        when=lambda p, d: effective_cross_layers(p) != effective_cross_layers(d),
         fields=("p.enable_cross_layers_blocks", "d.enable_cross_layers_blocks",
                 "p.attention_backend", "d.attention_backend"),
         message="cross-layer blocks end up enabled on one pool only (it needs the flag, a "
@@ -241,7 +241,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="CROSS-LAYER-REQUIREMENTS", severity=WARN, versions=between((0, 16), (0, 28)),
         summary="Cross-layer blocks need FLASH_ATTN/FLASHINFER and HND, else they stay off.",
-        when=_both(lambda x: x.enable_cross_layers_blocks and not _effective_cross_layers(x)
+        when=_both(lambda x: x.enable_cross_layers_blocks and not effective_cross_layers(x)
                    and not x.is_hybrid_ssm),
         fields=("p.enable_cross_layers_blocks", "p.attention_backend", "p.kv_cache_layout"),
         message="enableCrossLayersBlocks is set but needs the FLASH_ATTN or FLASHINFER backend "
