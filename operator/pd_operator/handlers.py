@@ -30,7 +30,8 @@ from .validate import SpecError, parse_spec
 log = logging.getLogger(__name__)
 
 API_VERSION = f"{api.GROUP}/{api.VERSION}"
-RESYNC_INTERVAL = 600.0  # full re-apply of every PDDeployment (belt and braces for drift)
+RESYNC_INTERVAL = 60.0  # re-reconcile PDDeployments whose status lags their spec
+FULL_RESYNC_EVERY = 10  # every 10th round re-applies every PDDeployment (drift with no event)
 # No handler here may need a finalizer (on.delete, timers, daemons): deletion is garbage
 # collection, and a finalizer would block it (and the namespace) whenever the operator is down.
 
@@ -110,10 +111,8 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.peering.standalone = True  # leadership comes from our own Lease (leader.py)
     settings.posting.level = logging.WARNING  # only our own Events and real problems
     settings.watching.connect_timeout = 10
-    # Watches end every minute and are re-opened: a stream left silent by an API server restart
-    # (seen in tests after SIGKILL of kube-apiserver) then costs at most ~75 s, not 5 minutes.
-    settings.watching.server_timeout = 60
-    settings.watching.client_timeout = 75
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
     settings.networking.request_timeout = 30
     settings.persistence.finalizer = f"{api.GROUP}/finalizer"  # no handler needs one today
     selector = "app.kubernetes.io/managed-by=" + labels.MANAGER
@@ -224,22 +223,42 @@ async def on_pddeployment(body: kopf.Body, logger: kopf.Logger, **_: Any) -> Non
     await reconcile(body, logger)
 
 
-async def resync_forever(interval: float = RESYNC_INTERVAL) -> None:
-    """Re-apply every known PDDeployment every `interval` seconds (belt and braces for drift
-    that produced no event). A plain task, not a kopf timer: kopf timers put a finalizer on
-    every object, and deletion here is garbage collection only."""
+def _lags(obj: dict[str, Any]) -> bool:
+    """The object's status does not describe its current spec, or it is not Ready yet."""
+    st = obj.get("status") or {}
+    return st.get("observedGeneration") != obj["metadata"].get("generation") or \
+        st.get("phase") != "Ready"
+
+
+async def resync_forever(namespaces: list[str] | None = None,
+                         interval: float = RESYNC_INTERVAL) -> None:
+    """Every `interval` seconds, list the PDDeployments (from the API, not from kopf's watch)
+    and reconcile those whose status lags; every FULL_RESYNC_EVERY-th round, all of them.
+
+    A safety net for events a watch never delivered (seen after an API server restart) and for
+    drift that produced no event. A plain task, not a kopf timer: kopf timers put a finalizer
+    on every object, and deletion here is garbage collection only."""
+    rounds = 0
     while True:
         await asyncio.sleep(interval)
-        for (namespace, name), state in list(RUNTIME.owned.items()):
+        rounds += 1
+        full = rounds % FULL_RESYNC_EVERY == 0
+        for namespace in namespaces or [None]:
             try:
-                obj = await RUNTIME.api().get(API_VERSION, api.KIND, namespace, name)
-                if obj and obj["metadata"].get("uid") == state.uid and \
-                        not obj["metadata"].get("deletionTimestamp"):
+                objs = await RUNTIME.api().list(API_VERSION, api.KIND, namespace)
+            except Exception as exc:  # API server away: try again next round
+                log.warning("resync: listing PDDeployments failed: %r", exc)
+                continue
+            for obj in objs:
+                if obj["metadata"].get("deletionTimestamp") or not (full or _lags(obj)):
+                    continue
+                try:
                     await reconcile(obj, log)
-            except (kopf.PermanentError, kopf.TemporaryError):
-                pass
-            except Exception as exc:  # keep resyncing the others
-                log.warning("resync of %s/%s failed: %r", namespace, name, exc)
+                except (kopf.PermanentError, kopf.TemporaryError):
+                    pass
+                except Exception as exc:  # keep resyncing the others
+                    log.warning("resync of %s/%s failed: %r", obj["metadata"].get("namespace"),
+                                obj["metadata"].get("name"), exc)
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)

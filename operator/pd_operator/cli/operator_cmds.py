@@ -174,7 +174,7 @@ async def _run(args: argparse.Namespace) -> int:
             registry=kopf.get_default_registry(), settings=settings, standalone=True,
             clusterwide=not args.namespace, namespaces=args.namespace, stop_flag=stop))
         watchers = {kopf_task}
-        resync = asyncio.create_task(handlers.resync_forever())
+        resync = asyncio.create_task(handlers.resync_forever(args.namespace))
         if elector is not None:
             watchers.add(asyncio.create_task(elector.renew_until_lost()))
         done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
