@@ -4,11 +4,11 @@
     decision = check_pools(prefill_pool, decode_pool, policy="Strict")
 """
 
-from .engine import POLICIES, Decision, check_pools, differing_hash_factors
+from .engine import POLICIES, Decision, check_pools
 from .pool import ResolvedPool, Speculative, make_pool
 from .rule import REJECT, WARN, Rule, Verdict
 
 __all__ = [
     "POLICIES", "REJECT", "WARN", "Decision", "ResolvedPool", "Rule", "Speculative", "Verdict",
-    "check_pools", "differing_hash_factors", "make_pool",
+    "check_pools", "make_pool",
 ]

@@ -69,6 +69,10 @@ def _apply_policy(verdicts: list[Verdict], policy: str) -> list[Verdict]:
     ]
 
 
+def _hash(factors: dict | None) -> str | None:
+    return hashing.hash_factors(factors) if factors is not None else None
+
+
 def check_pools(p: ResolvedPool, d: ResolvedPool, policy: str = "Strict") -> Decision:
     """Judge a pair under `policy` (Strict rejects, Warn downgrades, Disabled skips)."""
     profile = profiles.select(p, d)
@@ -80,20 +84,10 @@ def check_pools(p: ResolvedPool, d: ResolvedPool, policy: str = "Strict") -> Dec
         rules_version=profile.label,
     )
     (p_factors, p_note), (d_factors, d_note) = profile.factors(p), profile.factors(d)
-    decision.prefill_hash = hashing.hash_factors(p_factors) if p_factors is not None else None
+    decision.prefill_hash = _hash(p_factors)
     # a matching pair (the usual case) has equal factors: hash them once
-    decision.decode_hash = (decision.prefill_hash if d_factors == p_factors
-                            else hashing.hash_factors(d_factors) if d_factors is not None
-                            else None)
+    decision.decode_hash = decision.prefill_hash if d_factors == p_factors else _hash(d_factors)
     decision.hash_notes = [n for n in (p_note and f"prefill: {p_note}",
                                        d_note and f"decode: {d_note}") if n]
     return decision
 
-
-def differing_hash_factors(p: ResolvedPool, d: ResolvedPool) -> list[str]:
-    """Names of the hash factors that differ between the two pools (for handshake messages)."""
-    profile = profiles.select(p, d)
-    fp, fd = profile.factors_of(p), profile.factors_of(d)
-    if fp is None or fd is None:
-        return []
-    return hashing.differing_factors(fp, fd)

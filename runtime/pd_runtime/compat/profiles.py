@@ -9,7 +9,7 @@ from typing import Any, Callable
 from . import hashing, rules_builtin, rules_common, rules_vllm
 from .pool import ResolvedPool
 from .rule import Rule
-from .versions import NEWEST_KNOWN, EngineVersion, Minor, parse_version
+from .versions import NEWEST_KNOWN, Minor, known_version
 
 
 @dataclass(frozen=True)
@@ -21,28 +21,16 @@ class Profile:
     def factors_of(self, pool: ResolvedPool) -> dict[str, Any] | None:
         return self.factors(pool)[0]
 
-    def hash_of(self, pool: ResolvedPool) -> tuple[str | None, str | None]:
-        factors, why = self.factors(pool)
-        return (hashing.hash_factors(factors), None) if factors is not None else (None, why)
-
-
-def vllm_rules(minor: Minor, family: str) -> tuple[Rule, ...]:
-    return _vllm_rules(minor, family)
 
 
 @lru_cache(maxsize=None)
-def _vllm_rules(minor: Minor, family: str) -> tuple[Rule, ...]:
+def vllm_rules(minor: Minor, family: str) -> tuple[Rule, ...]:
     table = rules_common.RULES + rules_vllm.RULES
     return tuple(r for r in table if r.applies_to(family, minor))
 
 
-def _vllm_version(pool: ResolvedPool) -> EngineVersion | None:
-    parsed = parse_version(pool.engine_version) if pool.engine_version else None
-    return parsed if parsed and parsed.known else None
-
-
 def _vllm_factors(pool: ResolvedPool):
-    version = _vllm_version(pool)
+    version = known_version(pool.engine_version)
     if version is None:
         return None, "the engine version is unknown to the rules, so the hash factors are too"
     return hashing.vllm_factors(pool, version)
@@ -68,7 +56,7 @@ def select(p: ResolvedPool, d: ResolvedPool) -> Profile:
     if p.engine_type == "builtin":
         return Profile("builtin", rules_common.RULES + rules_builtin.rules_for(p.family),
                        _builtin_factors)
-    version = _vllm_version(p)
+    version = known_version(p.engine_version)
     minor = version.minor if version else NEWEST_KNOWN
     label = f"vllm {minor[0]}.{minor[1]}" + ("" if version else " (newest; version unknown)")
     return Profile(label, vllm_rules(minor, p.family), _vllm_factors)

@@ -11,6 +11,7 @@ from .. import capabilities
 from . import rules_vllm
 from .pool import ResolvedPool as Pool
 from .rule import REJECT, Rule
+from .rules_vllm import either_pool
 from .versions import NEWEST_KNOWN
 
 CAPS = capabilities.CAPABILITIES
@@ -44,15 +45,11 @@ def _tp_misfit(x: Pool) -> bool:
     return not capabilities.tp_fits_heads(x.tp, _heads(x))
 
 
-def _either(pred):
-    return lambda p, d: pred(p) or pred(d)
-
-
 RULES: tuple[Rule, ...] = (
     Rule(
         id="BUILTIN-FAMILY", severity=REJECT,
         summary="The runtime moves KV for " + ", ".join(CAPS["families"]) + " models.",
-        when=_either(lambda x: x.family not in CAPS["families"]),
+        when=either_pool(lambda x: x.family not in CAPS["families"]),
         fields=("p.family",),
         message="the builtin runtime does not move KV for {p.family} models",
         fix="use engine.type vllm for this model, or one of: " + ", ".join(CAPS["families"]),
@@ -61,7 +58,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="BUILTIN-TP-HEADS", severity=REJECT,
         summary="Each pool's TP divides the KV head count or is a multiple of it.",
-        when=_either(_tp_misfit),
+        when=either_pool(_tp_misfit),
         fields=("p.tp", "d.tp", "p.num_kv_heads"),
         message="prefill TP {p.tp} / decode TP {d.tp} with {p.num_kv_heads} KV heads: a TP that "
         "neither divides the head count nor is a multiple of it splits a head across ranks",
@@ -71,7 +68,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="BUILTIN-DTYPE", severity=REJECT,
         summary="Model dtype " + " or ".join(CAPS["model_dtypes"]) + ".",
-        when=_either(lambda x: x.dtype not in CAPS["model_dtypes"]),
+        when=either_pool(lambda x: x.dtype not in CAPS["model_dtypes"]),
         fields=("p.dtype", "d.dtype"),
         message="the builtin runtime serves {p.dtype} / {d.dtype} models only as "
         + " or ".join(CAPS["model_dtypes"]),
@@ -81,7 +78,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="BUILTIN-KV-DTYPE", severity=REJECT,
         summary="KV-cache dtypes: " + ", ".join(CAPS["kv_cache_dtypes"]) + ".",
-        when=_either(lambda x: x.kv_cache_dtype not in CAPS["kv_cache_dtypes"]),
+        when=either_pool(lambda x: x.kv_cache_dtype not in CAPS["kv_cache_dtypes"]),
         fields=("p.kv_cache_dtype", "d.kv_cache_dtype"),
         message="kvCacheDtype {p.kv_cache_dtype} / {d.kv_cache_dtype} is not one the builtin "
         "runtime moves",
@@ -91,7 +88,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="BUILTIN-PARALLELISM", severity=REJECT,
         summary="No pipeline or decode-context parallelism in the runtime.",
-        when=_either(lambda x: x.pp > 1 or x.dcp > 1),
+        when=either_pool(lambda x: x.pp > 1 or x.dcp > 1),
         fields=("p.pp", "d.pp", "p.dcp", "d.dcp"),
         message="pipelineParallelSize {p.pp}/{d.pp} and decodeContextParallelSize {p.dcp}/{d.dcp}: "
         "the builtin runtime runs one rank per TP rank only",
@@ -101,7 +98,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="BUILTIN-SPECULATIVE", severity=REJECT,
         summary="No speculative decoding in the runtime.",
-        when=_either(lambda x: x.speculative is not None),
+        when=either_pool(lambda x: x.speculative is not None),
         fields=("p.speculative", "d.speculative"),
         message="the builtin runtime does not move draft-model KV (speculative decoding)",
         fix="remove speculative, or use engine.type vllm",
@@ -110,7 +107,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="BUILTIN-TRANSPORT", severity=REJECT,
         summary="Pull connector over UCX only.",
-        when=_either(lambda x: x.connector not in CAPS["connectors"] + ["NixlPullConnector"]
+        when=either_pool(lambda x: x.connector not in CAPS["connectors"] + ["NixlPullConnector"]
                      or list(x.backends) != CAPS["backends"]),
         fields=("p.connector", "p.backends"),
         message="connector {p.connector} with backends {p.backends}: the builtin runtime pulls "

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from .pool import ResolvedPool as Pool
 from .rule import REJECT, WARN, Rule
-from .versions import parse_version
+from .versions import known_version
 
 
 def _version_unknown(x: Pool) -> bool:
-    if x.engine_type != "vllm" or x.engine_version is None:
-        return False
-    parsed = parse_version(x.engine_version)
-    return parsed is None or not parsed.known
+    return x.engine_type == "vllm" and x.engine_version is not None \
+        and known_version(x.engine_version) is None
 
 
 RULES: tuple[Rule, ...] = (

@@ -22,7 +22,6 @@ MANAGED_FLAGS = (
     "--speculative-config", "--port", "--decode-context-parallel-size", "-dcp",
 )
 CROSS_LAYER_BACKENDS = frozenset({"FLASH_ATTN", "FLASHINFER", "TRITON_ATTN"})
-NON_HMA_FAMILIES = frozenset({"dense", "moe", "mla", "sparse-mla", "multimodal"})
 
 
 # --- conditions shared by several rules --------------------------------------------------------
@@ -65,7 +64,8 @@ def _env(x: Pool, name: str) -> str | None:
     return x.env.get(name)
 
 
-def _both(pred) -> callable:
+def either_pool(pred) -> callable:
+    """A pair condition that holds when `pred` holds for the prefill or the decode pool."""
     return lambda p, d: pred(p) or pred(d)
 
 
@@ -108,7 +108,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="PUSH-CONNECTOR-UNAVAILABLE", severity=REJECT, versions=until(0, 22),
         summary="NixlPushConnector exists from vLLM 0.24.",
-        when=_both(lambda x: x.is_push),
+        when=either_pool(lambda x: x.is_push),
         fields=("p.connector", "d.connector"),
         message="NixlPushConnector does not exist in vLLM {p.engine_version}; it was added in 0.24",
         fix="use connector NixlConnector, or vLLM 0.24 or newer",
@@ -241,7 +241,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="CROSS-LAYER-REQUIREMENTS", severity=WARN, versions=between((0, 16), (0, 28)),
         summary="Cross-layer blocks need FLASH_ATTN/FLASHINFER and HND, else they stay off.",
-        when=_both(lambda x: x.enable_cross_layers_blocks and not effective_cross_layers(x)
+        when=either_pool(lambda x: x.enable_cross_layers_blocks and not effective_cross_layers(x)
                    and not x.is_hybrid_ssm),
         fields=("p.enable_cross_layers_blocks", "p.attention_backend", "p.kv_cache_layout"),
         message="enableCrossLayersBlocks is set but needs the FLASH_ATTN or FLASHINFER backend "
@@ -253,7 +253,7 @@ RULES: tuple[Rule, ...] = (
         id="CROSS-LAYER-SSM", severity=REJECT, versions=between((0, 16), (0, 28)),
         families=frozenset({"hybrid-ssm"}),
         summary="Hybrid SSM models cannot use cross-layer blocks.",
-        when=_both(lambda x: x.enable_cross_layers_blocks),
+        when=either_pool(lambda x: x.enable_cross_layers_blocks),
         fields=("p.enable_cross_layers_blocks", "d.enable_cross_layers_blocks"),
         message="cross-layer blocks are not supported for hybrid SSM (Mamba) models",
         fix="remove spec.kvTransfer.enableCrossLayersBlocks",
@@ -262,7 +262,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="CROSS-LAYER-UNAVAILABLE", severity=REJECT, versions=until(0, 15),
         summary="Cross-layer blocks do not exist before vLLM 0.16.",
-        when=_both(lambda x: x.enable_cross_layers_blocks),
+        when=either_pool(lambda x: x.enable_cross_layers_blocks),
         fields=("p.enable_cross_layers_blocks", "p.engine_version"),
         message="enableCrossLayersBlocks is set but vLLM {p.engine_version} has no cross-layer "
         "blocks (added in 0.16)",
@@ -272,7 +272,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="CROSS-LAYER-REMOVED", severity=WARN, versions=since(0, 29),
         summary="enable_cross_layers_blocks was removed in 0.30 (packed layouts replace it).",
-        when=_both(lambda x: x.enable_cross_layers_blocks),
+        when=either_pool(lambda x: x.enable_cross_layers_blocks),
         fields=("p.enable_cross_layers_blocks",),
         message="vLLM {p.engine_version} no longer reads enable_cross_layers_blocks; the flag "
         "is ignored",
@@ -354,7 +354,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="DCP-VALUE", severity=REJECT, checklist="B16",
         summary="Decode context parallel is 1 or equal to TP.",
-        when=_both(lambda x: x.dcp not in (1, x.tp)),
+        when=either_pool(lambda x: x.dcp not in (1, x.tp)),
         fields=("p.dcp", "d.dcp", "p.tp", "d.tp"),
         message="decodeContextParallelSize must be 1 or equal to the pool's TP (prefill DCP "
         "{p.dcp} with TP {p.tp}, decode DCP {d.dcp} with TP {d.tp})",
@@ -365,7 +365,7 @@ RULES: tuple[Rule, ...] = (
         id="DCP-NON-MLA", severity=REJECT, checklist="B16",
         families=frozenset({"dense", "moe", "hybrid-ssm", "multimodal", "encoder-decoder"}),
         summary="Decode context parallel works only for MLA models.",
-        when=_both(lambda x: x.dcp > 1),
+        when=either_pool(lambda x: x.dcp > 1),
         fields=("p.dcp", "d.dcp", "p.family"),
         message="decodeContextParallelSize > 1 needs an MLA model; this is a {p.family} model",
         fix="set decodeContextParallelSize to 1",
@@ -392,7 +392,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="SIDE-CHANNEL-PORTS", severity=REJECT, checklist="B18",
         summary="Side-channel ports base..base+DP-1 are valid and free.",
-        when=_both(lambda x: x.side_channel_port + x.dp - 1 > 65535
+        when=either_pool(lambda x: x.side_channel_port + x.dp - 1 > 65535
                    or x.side_channel_port <= ENGINE_HTTP_PORT < x.side_channel_port + x.dp),
         fields=("p.side_channel_port", "p.dp", "d.dp"),
         message=f"side-channel ports {{p.side_channel_port}}..+DP-1 must stay below 65536 and "
@@ -556,7 +556,7 @@ RULES: tuple[Rule, ...] = (
         id="SSM-CONV-LAYOUT", severity=REJECT, checklist="D23", families=frozenset({"hybrid-ssm"}),
         versions=since(0, 20),
         summary="Mamba conv state layout DS on both pools.",
-        when=_both(lambda x: x.env.get("VLLM_SSM_CONV_STATE_LAYOUT", "DS") != "DS"),
+        when=either_pool(lambda x: x.env.get("VLLM_SSM_CONV_STATE_LAYOUT", "DS") != "DS"),
         fields=("p.env", "d.env"),
         message="VLLM_SSM_CONV_STATE_LAYOUT is overridden to something other than DS; the "
         "3-read Mamba transfer requires DS on both pools",
@@ -566,7 +566,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="SSM-HMA-OFF", severity=REJECT, checklist="D23", families=frozenset({"hybrid-ssm"}),
         summary="Hybrid SSM models need the hybrid KV cache manager.",
-        when=_both(lambda x: not x.hma),
+        when=either_pool(lambda x: not x.hma),
         fields=("p.hma", "d.hma"),
         message="hybridKVCacheManager is off (prefill {p.hma}, decode {d.hma}); Mamba layers "
         "require it",
@@ -577,7 +577,7 @@ RULES: tuple[Rule, ...] = (
         id="SSM-MAMBA-TYPE", severity=REJECT, checklist="D23", families=frozenset({"hybrid-ssm"}),
         versions=since(0, 20),
         summary="Only Mamba1, Mamba2 and GDN state can be transferred.",
-        when=_both(lambda x: x.mamba_type in ("short-conv", "linear")),
+        when=either_pool(lambda x: x.mamba_type in ("short-conv", "linear")),
         fields=("p.mamba_type",),
         message="mambaType {p.mamba_type} (e.g. LFM2, MiniMax-linear) raises NotImplementedError "
         "in the NIXL worker",
@@ -597,7 +597,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="SSM-SPEC-UNVALIDATED", severity=WARN, families=frozenset({"hybrid-ssm"}),
         summary="Speculative decoding with hybrid SSM models is not validated upstream.",
-        when=_both(lambda x: x.speculative is not None),
+        when=either_pool(lambda x: x.speculative is not None),
         fields=("p.speculative",),
         message="speculative decoding with a hybrid SSM model is marked unknown upstream",
         fix="validate in staging, or disable speculation",
@@ -606,7 +606,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="KV-SCALES-DYNAMIC", severity=REJECT, checklist="D25",
         summary="Dynamic KV scales are computed per instance and never transferred.",
-        when=_both(lambda x: x.kv_cache_scales == "dynamic" or x.has_arg("--calculate-kv-scales")),
+        when=either_pool(lambda x: x.kv_cache_scales == "dynamic" or x.has_arg("--calculate-kv-scales")),
         fields=("p.kv_cache_scales", "d.kv_cache_scales", "p.args", "d.args"),
         message="dynamic KV-cache scales (kvCacheScales dynamic or --calculate-kv-scales): P and "
         "D compute different scales and NIXL does not carry them",
@@ -616,7 +616,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="KV-SCALES-UNQUANTIZED", severity=REJECT,
         summary="kvCacheScales other than static needs a quantized kv-cache dtype.",
-        when=_both(lambda x: x.kv_cache_scales != "static" and not x.is_quantized_kv),
+        when=either_pool(lambda x: x.kv_cache_scales != "static" and not x.is_quantized_kv),
         fields=("p.kv_cache_scales", "p.kv_cache_dtype"),
         message="kvCacheScales {p.kv_cache_scales} with kvCacheDtype {p.kv_cache_dtype}: scales "
         "only exist for a quantized KV cache",
@@ -626,7 +626,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="KV-QUANTIZED", severity=WARN, checklist="D25",
         summary="Quantized KV support depends on the attention backend.",
-        when=_both(lambda x: x.is_quantized_kv and x.kv_cache_scales != "dynamic"),
+        when=either_pool(lambda x: x.is_quantized_kv and x.kv_cache_scales != "dynamic"),
         fields=("p.kv_cache_dtype",),
         message="quantized KV cache {p.kv_cache_dtype}: static scales are loaded by each side from "
         "the checkpoint; support is backend-dependent upstream (vllm-project/vllm#42179)",
@@ -637,7 +637,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="SIDE-CHANNEL-HOST", severity=REJECT, checklist="E26",
         summary="The side-channel host is the pod IP (the operator sets it).",
-        when=_both(lambda x: "VLLM_NIXL_SIDE_CHANNEL_HOST" in x.env),
+        when=either_pool(lambda x: "VLLM_NIXL_SIDE_CHANNEL_HOST" in x.env),
         fields=("p.env", "d.env"),
         message="VLLM_NIXL_SIDE_CHANNEL_HOST is overridden; it must be an address the prefill "
         "pod can bind and decode can reach, which only the pod IP is",
@@ -647,7 +647,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="LAYOUT-ENV", severity=REJECT, checklist="C19",
         summary="The KV layout is set through kvCacheLayout, not VLLM_KV_CACHE_LAYOUT.",
-        when=_both(lambda x: "VLLM_KV_CACHE_LAYOUT" in x.env),
+        when=either_pool(lambda x: "VLLM_KV_CACHE_LAYOUT" in x.env),
         fields=("p.env", "d.env"),
         message="VLLM_KV_CACHE_LAYOUT is set in the pool environment, which overrides the "
         "validated kvCacheLayout",
@@ -657,7 +657,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="EXPANDABLE-SEGMENTS", severity=REJECT, checklist="E29",
         summary="PYTORCH_CUDA_ALLOC_CONF must not enable expandable_segments.",
-        when=_both(lambda x: "expandable_segments:true"
+        when=either_pool(lambda x: "expandable_segments:true"
                    in x.env.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower()),
         fields=("p.env", "d.env"),
         message="PYTORCH_CUDA_ALLOC_CONF enables expandable_segments; remapped pages invalidate "
@@ -668,7 +668,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="SLEEP-MODE", severity=REJECT, checklist="E30",
         summary="Sleep mode needs the pull connector and exactly the UCX backend.",
-        when=_both(lambda x: x.has_arg("--enable-sleep-mode")
+        when=either_pool(lambda x: x.has_arg("--enable-sleep-mode")
                    and (x.is_push or x.backends != ("UCX",))),
         fields=("p.args", "d.args", "p.backends", "p.connector"),
         message="--enable-sleep-mode works only with the pull connector and backends [UCX] "
@@ -679,7 +679,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="ROUTED-EXPERTS", severity=REJECT, checklist="E31",
         summary="--enable-return-routed-experts is incompatible with NIXL connectors.",
-        when=_both(lambda x: x.has_arg("--enable-return-routed-experts")),
+        when=either_pool(lambda x: x.has_arg("--enable-return-routed-experts")),
         fields=("p.args", "d.args"),
         message="--enable-return-routed-experts cannot be combined with a NIXL connector",
         fix="remove --enable-return-routed-experts",
@@ -688,7 +688,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="ARGS-MANAGED", severity=REJECT,
         summary="Extra args must not override fields the operator renders and validates.",
-        when=_both(lambda x: x.has_arg(*MANAGED_FLAGS)),
+        when=either_pool(lambda x: x.has_arg(*MANAGED_FLAGS)),
         fields=("p.args", "d.args"),
         message="extra args repeat an engine flag the operator renders from the spec "
         "(prefill args {p.args}, decode args {d.args}); the validated value would be overridden",
@@ -709,7 +709,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="LEASE-SHORT", severity=WARN, checklist="E36", versions=since(0, 22),
         summary="A short KV lease lets blocks expire before heartbeats start.",
-        when=_both(lambda x: x.kv_lease_duration_s is not None and x.kv_lease_duration_s < 10),
+        when=either_pool(lambda x: x.kv_lease_duration_s is not None and x.kv_lease_duration_s < 10),
         fields=("p.kv_lease_duration_s",),
         message="kvLeaseDurationSeconds {p.kv_lease_duration_s} is shorter than router-to-decode "
         "forwarding plus the 5 s handshake timeout; blocks can expire and be reused",
@@ -719,7 +719,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="LEASE-IGNORED", severity=WARN, versions=until(0, 20),
         summary="Before 0.22 there is no KV lease (a fixed abort timeout applies).",
-        when=_both(lambda x: x.kv_lease_duration_s is not None),
+        when=either_pool(lambda x: x.kv_lease_duration_s is not None),
         fields=("p.kv_lease_duration_s",),
         message="kvLeaseDurationSeconds is ignored by vLLM {p.engine_version}; it uses "
         "VLLM_NIXL_ABORT_REQUEST_TIMEOUT instead",
@@ -729,7 +729,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="HANDSHAKE-COMPAT-OFF", severity=WARN, checklist="E37",
         summary="Disabling the handshake hash check removes every hash protection.",
-        when=_both(lambda x: not x.enforce_handshake_compat),
+        when=either_pool(lambda x: not x.enforce_handshake_compat),
         fields=("p.enforce_handshake_compat",),
         message="enforceHandshakeCompat is false: hash-only differences corrupt KV or crash "
         "instead of failing cleanly",
@@ -739,7 +739,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="MODEL-REDIRECT", severity=WARN, checklist="A3",
         summary="VLLM_MODEL_REDIRECT_PATH rewrites the hashed model string.",
-        when=_both(lambda x: "VLLM_MODEL_REDIRECT_PATH" in x.env),
+        when=either_pool(lambda x: "VLLM_MODEL_REDIRECT_PATH" in x.env),
         fields=("p.env", "d.env"),
         message="VLLM_MODEL_REDIRECT_PATH rewrites the model string before it is hashed; the "
         "predicted hash does not apply",

@@ -74,6 +74,12 @@ def version_from_image(image: str) -> str | None:
     return parsed.text if parsed else None
 
 
+def known_version(text: str | None) -> EngineVersion | None:
+    """The parsed version when it is one the rules know (0.11-0.33), else None."""
+    parsed = parse_version(text) if text else None
+    return parsed if parsed and parsed.known else None
+
+
 @dataclass(frozen=True)
 class VersionRange:
     """Inclusive range of minors; None on either end means open."""
