@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,22 @@ def _doc(namespace: str, **pool_changes) -> dict:
     return doc
 
 
+def _explain(kubectl, field: str) -> str:
+    """`kubectl explain`, waiting for the API server to publish the new CRD's OpenAPI schema
+    (it lags the Established condition by a few seconds)."""
+    deadline = time.monotonic() + 60
+    while True:
+        out = kubectl("explain", field, check=False)
+        if out.returncode == 0 or time.monotonic() > deadline:
+            assert out.returncode == 0, out.stderr
+            return out.stdout
+        time.sleep(1)
+
+
 def test_explain_shows_descriptions(crd_installed, kubectl):
-    out = kubectl("explain", "pdd.spec.model.numKVHeads").stdout
+    out = _explain(kubectl, "pdd.spec.model.numKVHeads")
     assert "Total KV heads" in out
-    out = kubectl("explain", "pddeployment.spec.prefill").stdout
+    out = _explain(kubectl, "pddeployment.spec.prefill")
     assert "tensorParallelSize" in out and "kvCacheLayout" in out
 
 
