@@ -81,8 +81,8 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise GeometryError(f"unknown family {self.family!r}; supported: {', '.join(FAMILIES)}")
-        if self.dtype not in ("bfloat16", "float16"):
-            raise GeometryError(f"model dtype {self.dtype!r} not supported (bfloat16, float16)")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise GeometryError(f"model dtype {self.dtype!r} not supported (bfloat16, float16, float32)")
         if self.cache_dtype not in ("auto",) + FP8_DTYPES:
             raise GeometryError(f"cache dtype {self.cache_dtype!r} not supported")
         if self.family == "sliding" and self.sliding_window <= 0:

@@ -1,0 +1,367 @@
+"""The decoder-only transformer: dense GQA, MoE, MLA and sliding-window layers, TP-sharded.
+
+Plain tensors and functions (no nn.Module): weights come from the full Hugging Face state dict,
+are sliced for this TP rank at construction (column-parallel: rows of q/k/v, gate/up, per-head
+MLA up-projections; row-parallel: columns of o_proj / down_proj, followed by one all_reduce), and
+every layer runs on all tokens of a step at once. Attention itself (paged reads and writes, the
+masks of a batch) is given by `AttnMeta` from the runner.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import kvcache
+from .config import ModelConfig
+from .kv import KVCache, LayerCache
+
+
+class WeightError(ValueError):
+    """A checkpoint tensor that is missing or has the wrong shape; the message names it."""
+
+
+@dataclass
+class AttnMeta:
+    """How one (KV group, window) pair of a step reads and writes the paged cache.
+
+    B sequences, padded to Lq query tokens and Lc cached keys each; T real tokens in flat order.
+    """
+
+    q_index: torch.Tensor  # [B, Lq] flat token index (T = the zero pad row)
+    out_index: torch.Tensor  # [T] index of each flat token in the [B * Lq] padded order
+    cache_blk: torch.Tensor  # [B, Lc] block ids of cached keys (pads point at a real block)
+    cache_off: torch.Tensor  # [B, Lc]
+    write_sel: torch.Tensor  # [W] flat tokens whose block is not null
+    write_blk: torch.Tensor  # [W]
+    write_off: torch.Tensor  # [W]
+    mask: torch.Tensor | None  # [B, 1, Lq, Lc + Lq] bool, None: one causal sequence, no cache
+
+
+class Sharder:
+    """Slices full tensors for one TP rank."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], rank: int, size: int,
+                 dtype: torch.dtype, device: str):
+        self.w, self.rank, self.size, self.dtype, self.device = weights, rank, size, dtype, device
+
+    def has(self, name: str) -> bool:
+        return name in self.w
+
+    def full(self, name: str) -> torch.Tensor:
+        if name not in self.w:
+            raise WeightError(f"checkpoint has no tensor {name!r}")
+        return self.w[name].to(device=self.device, dtype=self.dtype)
+
+    def opt(self, name: str) -> torch.Tensor | None:
+        return self.full(name) if name in self.w else None
+
+    def rows(self, t: torch.Tensor, index: list[int] | None = None, parts: int = 1) -> torch.Tensor:
+        """Row slice (output features) of `t` for this rank: an explicit row index, or an even
+        split of each of `parts` stacked pieces."""
+        if index is not None:
+            return t[torch.tensor(index, device=t.device)].contiguous()
+        n = t.shape[0] // parts
+        if n % self.size:
+            raise WeightError(f"{n} output features cannot be split over TP {self.size}")
+        per = n // self.size
+        pieces = [t[p * n + self.rank * per : p * n + (self.rank + 1) * per] for p in range(parts)]
+        return torch.cat(pieces).contiguous()
+
+    def cols(self, t: torch.Tensor, index: list[int] | None = None) -> torch.Tensor:
+        if index is not None:
+            return t[:, torch.tensor(index, device=t.device)].contiguous()
+        n = t.shape[1]
+        if n % self.size:
+            raise WeightError(f"{n} input features cannot be split over TP {self.size}")
+        per = n // self.size
+        return t[:, self.rank * per : (self.rank + 1) * per].contiguous()
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, dim: int) -> torch.Tensor:
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    sc = dict(cfg.rope_scaling)
+    if sc.get("rope_type", sc.get("type")) != "llama3":
+        return inv
+    factor, low, high = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+    old = float(sc["original_max_position_embeddings"])
+    low_wl, high_wl = old / low, old / high
+    wl = 2 * math.pi / inv
+    scaled = torch.where(wl > low_wl, inv / factor, inv)
+    smooth = (old / wl - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wl >= high_wl) & (wl <= low_wl)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x [T, H, d]; cos/sin [T, d/2]. HF rotate_half halves, or adjacent pairs (DeepSeek)."""
+    c, s = cos[:, None, :], sin[:, None, :]
+    if interleaved:
+        xf = x.float().reshape(*x.shape[:-1], -1, 2)
+        a, b = xf[..., 0], xf[..., 1]
+        return torch.stack((a * c.float() - b * s.float(), a * s.float() + b * c.float()), -1).flatten(-2).to(x.dtype)
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)
+
+
+def pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """x with one zero row appended (the target of padded indices)."""
+    return torch.cat((x, x.new_zeros((1, *x.shape[1:]))))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta,
+           scale: float | None = None) -> torch.Tensor:
+    """q [B, Lq, Hq, d], k/v [B, Lk, Hkv, d] -> [T, Hq * dv] in flat token order."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = qt.shape[1] != kt.shape[1]
+    if meta.mask is None:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=meta.mask, scale=scale, enable_gqa=gqa)
+    b, h, lq, dv = o.shape
+    return o.transpose(1, 2).reshape(b * lq, h * dv)[meta.out_index]
+
+
+class Layer:
+    """One decoder layer's weights for this rank and its forward pass."""
+
+    def __init__(self, model: Model, i: int):
+        self.m, self.i = model, i
+        cfg, s = model.cfg, model.sharder
+        p = f"model.layers.{i}."
+        self.in_norm = s.full(p + "input_layernorm.weight")
+        self.post_norm = s.full(p + "post_attention_layernorm.weight")
+        if cfg.family == "mla":
+            self._init_mla(p)
+        else:
+            self._init_gqa(p)
+        if i in cfg.moe_layers:
+            self._init_moe(p)
+        else:
+            self.mlp = dense_mlp(s, p + "mlp.")
+
+    # --- attention (GQA) ---
+    def _init_gqa(self, p: str) -> None:
+        cfg, s, m = self.m.cfg, self.m.sharder, self.m
+        d = cfg.head_size
+        q_rows = [h * d + j for h in m.q_heads for j in range(d)]
+        kv_rows = [h * d + j for h in m.kv_heads for j in range(d)]
+        a = p + "self_attn."
+        self.wq = s.rows(s.full(a + "q_proj.weight"), q_rows)
+        self.wk = s.rows(s.full(a + "k_proj.weight"), kv_rows)
+        self.wv = s.rows(s.full(a + "v_proj.weight"), kv_rows)
+        bq, bk, bv = (s.opt(a + n + "_proj.bias") for n in "qkv")
+        self.bq = bq[q_rows] if bq is not None else None
+        self.bk = bk[kv_rows] if bk is not None else None
+        self.bv = bv[kv_rows] if bv is not None else None
+        self.wo = s.cols(s.full(a + "o_proj.weight"), q_rows)
+        self.bo = s.opt(a + "o_proj.bias")
+        self.q_norm = s.opt(a + "q_norm.weight")
+        self.k_norm = s.opt(a + "k_norm.weight")
+
+    def _attn_gqa(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta,
+                  cache: LayerCache) -> torch.Tensor:
+        cfg, m = self.m.cfg, self.m
+        d, t = cfg.head_size, x.shape[0]
+        q = F.linear(x, self.wq, self.bq).view(t, len(m.q_heads), d)
+        k = F.linear(x, self.wk, self.bk).view(t, len(m.kv_heads), d)
+        v = F.linear(x, self.wv, self.bv).view(t, len(m.kv_heads), d)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = rms_norm(q, self.q_norm, cfg.rms_norm_eps), rms_norm(k, self.k_norm, cfg.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
+        rows = torch.cat((k, v), -1)
+        kv_all = self._cache_rows(rows, meta, cache)
+        qp = pad_rows(q)[meta.q_index]
+        o = attend(qp, kv_all[..., :d], kv_all[..., d:], meta)
+        return self.m.row_parallel(o, self.wo, self.bo)
+
+    def _cache_rows(self, rows: torch.Tensor, meta: AttnMeta, cache: LayerCache) -> torch.Tensor:
+        """Store this step's rows; return cached + fresh rows per sequence [B, Lc + Lq, H, C]."""
+        cache.put(meta.write_blk, meta.write_off, rows[meta.write_sel])
+        fresh = pad_rows(cache.round_trip(rows))[meta.q_index]
+        if meta.cache_blk.shape[1] == 0:
+            return fresh
+        cached = cache.get(meta.cache_blk, meta.cache_off, rows.dtype)
+        return torch.cat((cached, fresh), 1)
+
+    # --- attention (MLA, DeepSeek-V2) ---
+    def _init_mla(self, p: str) -> None:
+        cfg, s, m = self.m.cfg, self.m.sharder, self.m
+        a = p + "self_attn."
+        qd = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        q_rows = [h * qd + j for h in m.q_heads for j in range(qd)]
+        if cfg.q_lora_rank:
+            self.wq_a = s.full(a + "q_a_proj.weight")
+            self.bq_a = s.opt(a + "q_a_proj.bias")
+            self.q_a_norm = s.full(a + "q_a_layernorm.weight")
+            self.wq = s.rows(s.full(a + "q_b_proj.weight"), q_rows)
+        else:
+            self.wq = s.rows(s.full(a + "q_proj.weight"), q_rows)
+        self.wkv_a = s.full(a + "kv_a_proj_with_mqa.weight")
+        self.bkv_a = s.opt(a + "kv_a_proj_with_mqa.bias")
+        self.kv_a_norm = s.full(a + "kv_a_layernorm.weight")
+        kvd = cfg.qk_nope_head_dim + cfg.v_head_dim
+        self.wkv_b = s.rows(s.full(a + "kv_b_proj.weight"), [h * kvd + j for h in m.q_heads for j in range(kvd)])
+        o_cols = [h * cfg.v_head_dim + j for h in m.q_heads for j in range(cfg.v_head_dim)]
+        self.wo = s.cols(s.full(a + "o_proj.weight"), o_cols)
+        self.bo = s.opt(a + "o_proj.bias")
+
+    def _attn_mla(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta,
+                  cache: LayerCache) -> torch.Tensor:
+        cfg, t, h = self.m.cfg, x.shape[0], len(self.m.q_heads)
+        nope, rd, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        if cfg.q_lora_rank:
+            qa = rms_norm(F.linear(x, self.wq_a, self.bq_a), self.q_a_norm, cfg.rms_norm_eps)
+            q = F.linear(qa, self.wq)
+        else:
+            q = F.linear(x, self.wq)
+        q = q.view(t, h, nope + rd)
+        q = torch.cat((q[..., :nope], apply_rope(q[..., nope:], cos, sin, True)), -1)
+        ckv = F.linear(x, self.wkv_a, self.bkv_a)
+        c = rms_norm(ckv[:, :r], self.kv_a_norm, cfg.rms_norm_eps)
+        k_pe = apply_rope(ckv[:, None, r:], cos, sin, True)
+        lat = self._cache_rows(torch.cat((c[:, None, :], k_pe), -1), meta, cache)  # [B, Lk, 1, r+rd]
+        kv = F.linear(lat[:, :, 0, :r], self.wkv_b).view(*lat.shape[:2], h, nope + cfg.v_head_dim)
+        k = torch.cat((kv[..., :nope], lat[:, :, :, r:].expand(-1, -1, h, -1)), -1)
+        qp = pad_rows(q)[meta.q_index]
+        o = attend(qp, k, kv[..., nope:], meta, scale=(nope + rd) ** -0.5)
+        return self.m.row_parallel(o, self.wo, self.bo)
+
+    # --- MLP / MoE ---
+    def _init_moe(self, p: str) -> None:
+        cfg, s = self.m.cfg, self.m.sharder
+        mp = p + ("block_sparse_moe." if s.has(p + "block_sparse_moe.gate.weight") else "mlp.")
+        self.router = s.full(mp + "gate.weight")
+        gate_up, down = expert_weights(s, mp, cfg.num_experts)
+        self.experts_gate_up = torch.stack([s.rows(w, parts=2) for w in gate_up])  # [E, 2I/tp, H]
+        self.experts_down = torch.stack([s.cols(w) for w in down])  # [E, H, I/tp]
+        self.shared: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.shared_gate = None
+        sp = mp + ("shared_expert." if cfg.shared_expert_gated else "shared_experts.")
+        if cfg.shared_expert_intermediate_size and s.has(sp + "down_proj.weight"):
+            self.shared = dense_mlp(s, sp)
+            self.shared_gate = s.opt(mp + "shared_expert_gate.weight")
+        self.mlp = self._moe
+
+    def _moe(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.m.cfg
+        if cfg.model_type == "deepseek_v2":
+            logits = F.linear(x.float(), self.router.float())
+        else:
+            logits = F.linear(x, self.router)
+        probs = torch.softmax(logits.float(), -1)
+        topw, topi = torch.topk(probs, cfg.num_experts_per_tok, -1)
+        if cfg.norm_topk_prob:
+            topw = topw / topw.sum(-1, keepdim=True)
+        topw = (topw * cfg.routed_scaling_factor).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in torch.unique(topi).tolist():
+            tok, slot = torch.where(topi == e)
+            gate, up = F.linear(x[tok], self.experts_gate_up[e]).chunk(2, -1)
+            y = F.linear(F.silu(gate) * up, self.experts_down[e]) * topw[tok, slot, None]
+            out.index_add_(0, tok, y)
+        if self.shared is not None:
+            sh = self.shared(x)
+            if self.shared_gate is not None:
+                sh = torch.sigmoid(F.linear(x, self.shared_gate)) * sh
+            out = out + sh
+        return out
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta,
+                cache: LayerCache) -> torch.Tensor:
+        h = rms_norm(x, self.in_norm, self.m.cfg.rms_norm_eps)
+        attn = self._attn_mla if self.m.cfg.family == "mla" else self._attn_gqa
+        x = x + attn(h, cos, sin, meta, cache)
+        h = rms_norm(x, self.post_norm, self.m.cfg.rms_norm_eps)
+        return x + self.m.all_reduce(self.mlp(h))
+
+
+def expert_weights(s: Sharder, mp: str, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per expert: gate_up [2I, H] (gate rows then up rows) and down [H, I], from either the
+    per-expert layout (Mixtral w1/w3/w2, Qwen/DeepSeek gate/up/down_proj) or the fused one."""
+    if s.has(mp + "experts.gate_up_proj"):
+        gu, dn = s.full(mp + "experts.gate_up_proj"), s.full(mp + "experts.down_proj")
+        return list(gu.unbind(0)), list(dn.unbind(0))
+    names = ("w1", "w3", "w2") if s.has(mp + "experts.0.w1.weight") else ("gate_proj", "up_proj", "down_proj")
+    gate_up, down = [], []
+    for e in range(n):
+        ep = f"{mp}experts.{e}."
+        gate_up.append(torch.cat((s.full(ep + names[0] + ".weight"), s.full(ep + names[1] + ".weight"))))
+        down.append(s.full(ep + names[2] + ".weight"))
+    return gate_up, down
+
+
+def dense_mlp(s: Sharder, p: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """SwiGLU MLP, column-parallel gate/up and row-parallel down (partial sum; caller reduces)."""
+    gate_up = s.rows(torch.cat((s.full(p + "gate_proj.weight"), s.full(p + "up_proj.weight"))), parts=2)
+    down = s.cols(s.full(p + "down_proj.weight"))
+
+    def mlp(x: torch.Tensor) -> torch.Tensor:
+        g, u = F.linear(x, gate_up).chunk(2, -1)
+        return F.linear(F.silu(g) * u, down)
+
+    return mlp
+
+
+class Model:
+    """Embedding, layers, final norm and LM head of one TP rank."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: str,
+                 tp_rank: int = 0, tp_size: int = 1, group: object = None):
+        self.cfg, self.tp_rank, self.tp_size, self.group = cfg, tp_rank, tp_size, group
+        self.sharder = Sharder(weights, tp_rank, tp_size, cfg.torch_dtype, device)
+        if cfg.num_heads % tp_size:
+            raise WeightError(f"{cfg.num_heads} attention heads cannot be split over TP {tp_size}")
+        per = cfg.num_heads // tp_size
+        self.q_heads = list(range(tp_rank * per, (tp_rank + 1) * per))
+        if cfg.family == "mla":
+            self.kv_heads: list[int] = []
+        else:
+            self.kv_heads = kvcache.heads_of_rank(cfg.num_kv_heads, True, tp_size, tp_rank)
+            group_size = cfg.num_heads // cfg.num_kv_heads
+            if any(h // group_size not in self.kv_heads for h in self.q_heads):
+                raise WeightError(f"TP {tp_size}: rank {tp_rank}'s query heads need KV heads it does not hold")
+        s = self.sharder
+        self.embed = s.full("model.embed_tokens.weight")
+        self.norm = s.full("model.norm.weight")
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings or not s.has("lm_head.weight") else "lm_head.weight"
+        self.lm_head = self.embed if head == "model.embed_tokens.weight" else s.full(head)
+        rd = cfg.rope_dim
+        self.inv_freq = rope_inv_freq(cfg, rd).to(device)
+        self.layers = [Layer(self, i) for i in range(cfg.num_layers)]
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(x, group=self.group)  # type: ignore[arg-type]
+        return x
+
+    def row_parallel(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        y = self.all_reduce(F.linear(x, w))
+        return y + b if b is not None else y
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, metas: list[AttnMeta],
+                kv: KVCache) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm; `metas[i]` serves layer i."""
+        x = self.embed[ids]
+        freqs = pos.float()[:, None] * self.inv_freq[None, :]
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        for layer, meta in zip(self.layers, metas, strict=True):
+            x = layer.forward(x, cos, sin, meta, kv.layers[layer.i])
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.lm_head).float()
