@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pd_runtime.compat import matrix, rules_builtin, rules_common, rules_vllm
+from pd_runtime.compat import matrix, rules_builtin, rules_common, rules_known_bugs, rules_vllm
 from pd_runtime.compat.rule import Rule
-from pd_runtime.compat.versions import NIXL_CONNECTOR_VERSION
+from pd_runtime.compat.versions import NIXL_CONNECTOR_VERSION, NIXL_REQUIRED
 
 DOC_PATH = Path("docs/compatibility.md")
 MATRIX_VERSIONS = [(0, 13), (0, 18), (0, 20), (0, 28), (0, 33)]
@@ -65,6 +65,13 @@ def render() -> str:
     out += [f"{n}. {text}" for n, text in sorted(matrix.NOTES.items())]
     out += ["", "## Rules for engine.type: vllm", ""]
     out += _rules_table(rules_common.RULES + rules_vllm.RULES)
+    out += ["", "## Known vLLM bugs", "",
+            "Failures that vLLM's own checks do not predict, taken from upstream issues and PRs "
+            "(the source column), with the affected releases and the first fixed one (the fix "
+            "column). A bug that fails every time is a **reject**; one that depends on load, "
+            "timing or another failure is a **warn**. These rules apply with the vLLM rules above.",
+            ""]
+    out += _rules_table(rules_known_bugs.RULES)
     lifted = sorted(rules_builtin.LIFTED)
     out += ["", "## Rules for engine.type: builtin", "",
             "The bundled runtime applies the rules of the newest vLLM release, except those "
@@ -82,6 +89,8 @@ def render() -> str:
     versions = ", ".join(f"{m[0]}.{m[1]}: {c}" for m, c in NIXL_CONNECTOR_VERSION.items()
                          if c is not None)
     out += ["", f"`nixl_connector_version` by release: {versions}.", ""]
+    nixl = ", ".join(f"{m[0]}.{m[1]}: NIXL >= {v}" for m, v in NIXL_REQUIRED.items())
+    out += [f"Oldest NIXL release each vLLM release accepts at start-up: {nixl}.", ""]
     return "\n".join(out)
 
 

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from pd_runtime.compat import ResolvedPool
+from pd_runtime.compat.rules_known_bugs import OPERATOR_KV_LEASE_S
 from pd_runtime.compat.rules_vllm import ENGINE_HTTP_PORT
 from pd_runtime.compat.versions import parse_version
 
@@ -37,8 +38,8 @@ def kv_transfer_config(pool: ResolvedPool) -> dict[str, Any]:
         "backends": list(pool.backends),  # spec.kvTransfer.backends
         "enforce_handshake_compat": pool.enforce_handshake_compat,  # ...enforceHandshakeCompat
     }
-    if pool.kv_lease_duration_s is not None and minor >= (0, 22):
-        extra["kv_lease_duration"] = pool.kv_lease_duration_s  # ...kvLeaseDurationSeconds
+    if minor >= (0, 22):  # ...kvLeaseDurationSeconds; unset: longer than vLLM's 30 s
+        extra["kv_lease_duration"] = pool.kv_lease_duration_s or OPERATOR_KV_LEASE_S
     if pool.enable_cross_layers_blocks and (0, 16) <= minor <= (0, 28):
         extra["enable_cross_layers_blocks"] = True  # ...enableCrossLayersBlocks
     cfg: dict[str, Any] = {

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
-from . import hashing, rules_builtin, rules_common, rules_vllm
+from . import hashing, rules_builtin, rules_common, rules_known_bugs, rules_vllm
 from .pool import ResolvedPool
 from .rule import Rule
-from .versions import NEWEST_KNOWN, Minor, known_version
+from .versions import Minor, known_version, rules_minor
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Profile:
 
 @lru_cache(maxsize=None)
 def vllm_rules(minor: Minor, family: str) -> tuple[Rule, ...]:
-    table = rules_common.RULES + rules_vllm.RULES
+    table = rules_common.RULES + rules_vllm.RULES + rules_known_bugs.RULES
     return tuple(r for r in table if r.applies_to(family, minor))
 
 
@@ -56,7 +56,5 @@ def select(p: ResolvedPool, d: ResolvedPool) -> Profile:
     if p.engine_type == "builtin":
         return Profile("builtin", rules_common.RULES + rules_builtin.rules_for(p.family),
                        _builtin_factors)
-    version = known_version(p.engine_version)
-    minor = version.minor if version else NEWEST_KNOWN
-    label = f"vllm {minor[0]}.{minor[1]}" + ("" if version else " (newest; version unknown)")
-    return Profile(label, vllm_rules(minor, p.family), _vllm_factors)
+    chosen = rules_minor(p.engine_version)  # older than known: the oldest rules, not the newest
+    return Profile(chosen.label, vllm_rules(chosen.minor, p.family), _vllm_factors)

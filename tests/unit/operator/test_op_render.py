@@ -92,7 +92,8 @@ def test_vllm_command_rendered_from_spec():
     assert kp["kv_connector"] == kd["kv_connector"] == "NixlConnector"
     assert (kp["kv_role"], kd["kv_role"]) == ("kv_producer", "kv_consumer")
     assert kp["kv_connector_extra_config"] == {"backends": ["UCX"],
-                                               "enforce_handshake_compat": True}
+                                               "enforce_handshake_compat": True,
+                                               "kv_lease_duration": 120}  # operator default
 
 
 def test_auto_backend_is_not_passed_and_hash_unknown_fingerprint():
