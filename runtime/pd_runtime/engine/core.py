@@ -1,0 +1,275 @@
+"""LLMEngine: the synchronous step loop (schedule, pull, forward, sample, stop, free).
+
+Not thread-safe: one thread owns it (AsyncEngine's loop thread, or a test). Every request-level
+failure is an Output carrying a named EngineError; the engine itself keeps running.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .. import kvcache
+from .blocks import BlockManager
+from .errors import DuplicateRequest, EngineError, InvalidSamplingParams, PromptTooLong
+from .pd import DecodeKVParams, DecodeSide, PrefillSide, RemoteDecode, parse_kv_transfer_params
+from .sampling import SamplingParams, sample
+from .scheduler import Scheduler, SchedulerOutput, Sequence, Status, new_sequence
+
+
+@dataclass
+class Output:
+    """One chunk of a request's output."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None
+    prompt_tokens: int
+    completion_tokens: int
+    kv_transfer_params: dict | None = None
+    error: EngineError | None = None  # set when finish_reason == "error"
+
+
+class Runner(Protocol):
+    def execute(self, batch: list) -> torch.Tensor: ...
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    finished: int = 0
+    aborted: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    steps: int = 0
+    step_tokens: int = 0
+    preemptions: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, runner: Runner, spec: kvcache.RankSpec, *,
+                 eos_token_ids: Seq[int] = (), vocab_size: int | None = None,
+                 detokenizer: Callable[[list[int]], Callable[[int], str]] | None = None,
+                 max_model_len: int | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 512, prefill: PrefillSide | None = None,
+                 decode: DecodeSide | None = None, seed: int | None = None,
+                 chunk_factory: Callable[..., Any] | None = None):
+        self.runner, self.spec = runner, spec
+        self.eos = set(eos_token_ids)
+        self.vocab_size = vocab_size
+        self.detokenizer = detokenizer
+        self.blocks = BlockManager(spec.model, spec.block_size, spec.num_blocks,
+                                   spec.num_state_slots)
+        cap = spec.num_blocks * spec.block_size
+        self.max_model_len = min(max_model_len or cap, cap)
+        if spec.model.family == "sliding":
+            live = spec.model.sliding_window + max_num_batched_tokens
+            if kvcache.blocks_needed(live, spec.block_size) + 1 > spec.num_blocks:
+                raise ValueError(f"{spec.num_blocks} blocks cannot hold a sliding window of "
+                                 f"{spec.model.sliding_window} plus a step of "
+                                 f"{max_num_batched_tokens} tokens")
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.prefill, self.decode = prefill, decode
+        self.seqs: dict[str, Sequence] = {}  # request id -> live sequence
+        self.held: dict[str, Sequence] = {}  # key -> finished P sequence whose blocks D may read
+        self.stats = EngineStats()
+        self._keys = itertools.count()
+        self._rng = torch.Generator().manual_seed(seed if seed is not None else time.time_ns())
+        self._pending: list[Output] = []
+        if chunk_factory is None:
+            from .runner import SeqChunk
+
+            chunk_factory = SeqChunk
+        self._chunk = chunk_factory
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    kv_transfer_params: dict | None = None) -> None:
+        """Queue a request; raises a named EngineError (400) for one that can never run."""
+        if request_id in self.seqs:
+            raise DuplicateRequest(f"request id {request_id!r} is already running")
+        if not prompt_ids:
+            raise InvalidSamplingParams("the prompt is empty")
+        if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in prompt_ids):
+            raise InvalidSamplingParams(f"prompt token id outside the vocabulary "
+                                        f"(0..{self.vocab_size - 1})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise PromptTooLong(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request "
+                f"needs {total} ({len(prompt_ids)} in the prompt, {params.max_tokens} to generate)")
+        role = parse_kv_transfer_params(kv_transfer_params, len(prompt_ids))
+        if isinstance(role, RemoteDecode) and self.prefill is None:
+            raise EngineError("this engine has no KV transfer configured (not a prefill engine)",
+                              code="kv_transfer_unavailable", http_status=400)
+        if isinstance(role, DecodeKVParams) and self.decode is None:
+            raise EngineError("this engine has no KV transfer configured (not a decode engine)",
+                              code="kv_transfer_unavailable", http_status=400)
+        detok = self.detokenizer(list(prompt_ids)) if self.detokenizer else None
+        seq = new_sequence(request_id, f"s{next(self._keys)}", prompt_ids, params, detok)
+        seq.remote_decode = isinstance(role, RemoteDecode)
+        if isinstance(role, DecodeKVParams):
+            seq.remote_prefill = role
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(prompt_ids)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is not None:
+            self.stats.aborted += 1
+            self._pending.append(self._finish(seq, "abort"))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs) or bool(self._pending)
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[Output]:
+        outs, self._pending = self._pending, []
+        self._reap_held()
+        so = self.scheduler.schedule()
+        self.stats.preemptions += len(so.preempted)
+        failed = self._pull(so, outs)
+        chunks = [c for c in so.chunks if c.seq not in failed]
+        if not chunks:
+            return outs
+        batch = []
+        for c in chunks:
+            end = c.start + c.num_tokens
+            n = kvcache.blocks_needed(end, self.spec.block_size)
+            tables = {g: t[:n] for g, t in self.blocks.tables(c.seq.key).items()}
+            batch.append(self._chunk(c.seq.tokens(c.start, end), c.start, tables,
+                                     self.blocks.state_slot(c.seq.key)))
+        logits = self.runner.execute(batch)
+        self.stats.steps += 1
+        self.stats.step_tokens += sum(c.num_tokens for c in chunks)
+        rows = [i for i, c in enumerate(chunks) if c.samples]
+        for c in chunks:
+            c.seq.num_computed = c.start + c.num_tokens
+        if not rows:
+            return outs
+        seqs = [chunks[i].seq for i in rows]
+        toks = sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs],
+                      [self._banned(s) for s in seqs], self._rng)
+        for seq, tok in zip(seqs, toks, strict=True):
+            outs.append(self._append(seq, tok))
+        return outs
+
+    def _pull(self, so: SchedulerOutput, outs: list[Output]) -> set[Sequence]:
+        failed: set[Sequence] = set()
+        for seq, n in so.pulls:
+            assert self.decode is not None  # add_request refuses D requests otherwise
+            try:
+                self.decode.pull(seq.remote_prefill, self.blocks.transfer_request(seq.key, n))
+            except EngineError as e:
+                failed.add(seq)
+                self.stats.failed += 1
+                outs.append(self._finish(seq, "error", e))
+                continue
+            seq.pulled = True
+            seq.num_computed = n
+        return failed
+
+    def _banned(self, seq: Sequence) -> list[int]:
+        if len(seq.output_ids) >= seq.params.min_tokens:
+            return []
+        return sorted(self.eos | set(seq.params.stop_token_ids))
+
+    def _append(self, seq: Sequence, tok: int) -> Output:
+        seq.output_ids.append(tok)
+        self.stats.generation_tokens += 1
+        p, n = seq.params, len(seq.output_ids)
+        reason = None
+        if tok in p.stop_token_ids or (tok in self.eos and not p.ignore_eos):
+            reason = "stop"
+        if reason is None:
+            text, hit = seq.text.push(tok, check_stop=n >= p.min_tokens)
+            if hit:
+                reason = "stop"
+        else:
+            text = ""  # a stop token's own text is not part of the output (as vLLM)
+        if reason is None and (n >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is None:
+            return self._output(seq, [tok], text, None)
+        out = self._finish(seq, reason, token_ids=[tok], text=text)
+        return out
+
+    def _output(self, seq: Sequence, toks: list[int], text: str, reason: str | None,
+                kv: dict | None = None, error: EngineError | None = None) -> Output:
+        return Output(seq.request_id, toks, text, reason is not None, reason, len(seq.prompt_ids),
+                      len(seq.output_ids), kv, error)
+
+    def _finish(self, seq: Sequence, reason: str, error: EngineError | None = None,
+                token_ids: list[int] | None = None, text: str = "") -> Output:
+        self.scheduler.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.seqs.pop(seq.request_id, None)
+        if reason not in ("abort", "error"):
+            text += seq.text.flush()
+            self.stats.finished += 1
+        kv = None
+        if seq.remote_decode and reason in ("stop", "length") and self.prefill is not None:
+            req = self.blocks.transfer_request(seq.key, len(seq.prompt_ids) - 1)
+            kv = self.prefill.hold(seq.key, req)
+            if req.num_tokens > 0:
+                self.held[seq.key] = seq
+        if seq.key not in self.held:
+            self.blocks.free(seq.key)
+        return self._output(seq, token_ids or [], text, reason, kv, error)
+
+    def _reap_held(self) -> None:
+        if self.prefill is None or not self.held:
+            return
+        for key in self.prefill.released():
+            if self.held.pop(key, None) is not None:
+                self.blocks.free(key)
+
+    # ---- offline use ----------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 max_steps: int = 1_000_000) -> list[list[int]]:
+        """Run `prompts` to completion together; the generated token ids of each."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{next(self._keys)}" for _ in prompts]
+        for rid, pr, p in zip(ids, prompts, plist, strict=True):
+            self.add_request(rid, pr, p)
+        got: dict[str, list[int]] = {rid: [] for rid in ids}
+        for _ in range(max_steps):
+            if not self.has_unfinished():
+                break
+            for o in self.step():
+                if o.error is not None:
+                    raise o.error
+                got[o.request_id].extend(o.token_ids)
+        return [got[r] for r in ids]
+
+    def snapshot(self) -> dict:
+        s = self.stats
+        d = {"requests": s.requests, "finished": s.finished, "aborted": s.aborted,
+             "failed": s.failed, "prompt_tokens": s.prompt_tokens,
+             "generation_tokens": s.generation_tokens, "steps": s.steps,
+             "preemptions": s.preemptions, "running": len(self.scheduler.running),
+             "waiting": len(self.scheduler.waiting), "kv_held": len(self.held),
+             "kv_usage": self.blocks.usage()}
+        for side in (self.prefill, self.decode):
+            if side is not None:
+                st = side.stats
+                d.update({"kv_pulls": st.kv_pulls, "kv_pull_failures": st.kv_pull_failures,
+                          "kv_pull_bytes": st.kv_pull_bytes, "kv_holds": st.kv_holds,
+                          "kv_releases": st.kv_releases})
+        return d

@@ -1,0 +1,174 @@
+"""Continuous batching with chunked prefill, over a token budget per step.
+
+Every sequence is "tokens whose KV is cached" (`num_computed`) followed by tokens still to
+compute: the prompt (prefill), the last sampled token (decode), or everything again after a
+preemption (recompute). One rule schedules all three: take up to the budget from the tokens
+still to compute; a chunk that reaches the end of the sequence produces logits to sample from.
+
+Order per step: running sequences first (FCFS), each gets its chunk or, when blocks run out,
+the most recently admitted running sequence is preempted (blocks freed, recomputed later);
+then waiting sequences join while budget, sequence slots and blocks allow (admission control).
+A decode-side P/D request joins with its pulled tokens already allocated: the engine pulls them
+before the step's forward pass and computes only the last prompt token itself.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .blocks import BlockManager
+from .sampling import SamplingParams, TextStream, make_generator
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    key: str  # unique per sequence (block ownership); request ids may repeat after finishing
+    prompt_ids: list[int]
+    params: SamplingParams
+    text: TextStream
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    remote_decode: bool = False  # P side: keep the prompt's KV for a decode engine
+    remote_prefill: Any = None  # D side: the validated kv_transfer_params to pull from
+    pulled: bool = False
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        return [self.token(i) for i in range(start, end)]
+
+    @property
+    def needs_pull(self) -> bool:
+        return self.remote_prefill is not None and not self.pulled
+
+
+def new_sequence(request_id: str, key: str, prompt_ids: list[int], params: SamplingParams,
+                 detok: Callable[[int], str] | None) -> Sequence:
+    return Sequence(request_id, key, list(prompt_ids), params, TextStream(detok, params.stop),
+                    make_generator(params.seed))
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the sequence: its last logits give the next token."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    pulls: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, tokens to pull)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues (finished or aborted); its blocks are the caller's."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._make_room(seq, seq.num_computed + n, out):
+                break  # seq itself was preempted (it was the last one)
+            self.blocks.grow(seq.key, seq.num_computed + n, seq.num_computed)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            budget -= n
+            i += 1
+        if out.preempted:
+            return out  # memory is tight: admit nothing new this step
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            pull = seq.remote_prefill.remote_num_tokens if seq.needs_pull else 0
+            start = max(seq.num_computed, pull)
+            n = min(seq.num_tokens - start, budget)
+            if not self.blocks.can_grow(seq.key, start + n, start):
+                break  # admission control: wait for blocks (FCFS, no overtaking)
+            self.blocks.grow(seq.key, start + n, start)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            if pull:
+                out.pulls.append((seq, pull))
+            out.chunks.append(ScheduledChunk(seq, start, n))
+            budget -= n
+        return out
+
+    def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Preempt from the back of the running queue until `seq` can grow; False if `seq` went."""
+        while not self.blocks.can_grow(seq.key, num_tokens, seq.num_computed):
+            victim = self.running[-1]
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.key)
+        seq.num_computed = 0
+        seq.pulled = True  # recompute locally from here on: the pulled KV is gone
+        seq.remote_prefill = None
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
