@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from pd_operator.validate import validate_object
-from pd_runtime.compat import rules_common, rules_vllm
+from pd_runtime.compat import rules_common, rules_known_bugs, rules_vllm
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "deploy" / "examples"
@@ -29,7 +29,7 @@ ACCEPTED = sorted((EXAMPLES / "accepted").glob("*.yaml"))
 REJECTED = sorted((EXAMPLES / "rejected").glob("*.yaml"))
 EXPECT = "pd-operator.dev/expect-rule"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-KNOWN_RULES = {r.id for r in rules_common.RULES + rules_vllm.RULES}
+KNOWN_RULES = {r.id for r in rules_common.RULES + rules_vllm.RULES + rules_known_bugs.RULES}
 
 FAMILIES_ACCEPTED = {"dense", "moe", "mla", "sparse-mla", "hybrid-ssm", "multimodal"}
 VERSIONS_ACCEPTED = {"0.14", "0.20", "0.28", "0.32", "0.33"}
@@ -40,6 +40,9 @@ RULES_REJECTED = {
     "ATTN-BACKEND-MATCH", "LAYOUT-MATCH", "BLOCK-HMA", "SSM-HETERO-TP", "KV-SCALES-DYNAMIC",
     "CONNECTOR-MATCH", "EXPANDABLE-SEGMENTS", "BLOCK-HOST-BUFFER", "DCP-NON-MLA",
     "ARGS-MANAGED",
+    # known vLLM bugs (rules_known_bugs) and the version check
+    "BUG-TRITON-HND-HETERO-TP", "BUG-GQA-REPLICATED-HETERO-TP", "BUG-MAMBA-EXTERNAL-KV",
+    "BUG-SSM-ONE-LOCAL-BLOCK", "ENGINE-VERSION-IMAGE-CONFLICT",
 }
 PDCTL = [sys.executable, "-m", "pd_operator.cli.main"]
 
