@@ -81,7 +81,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="which rules decide exit code 2: compat.check_pools (auto, when present) or the "
                         "runtime's own capabilities")
     t.add_argument("-o", "--output", default="table", choices=["table", "json"])
+    from .serve.cli import add_arguments as add_serve_arguments  # SERVE
+
+    add_serve_arguments(sub.add_parser("serve", help="serve a model over the OpenAI API "
+                                       "(prefill, decode or aggregated)"))
     args = ap.parse_args(argv)
+    if args.cmd == "serve":
+        from .serve.cli import main as serve_main
+
+        return serve_main(args)
     if args.cmd == "transfer-test":
         return transfer_test(args)
     return 2
