@@ -91,6 +91,7 @@ class LLMEngine:
 
             chunk_factory = SeqChunk
         self._chunk = chunk_factory
+        self.arena: torch.Tensor | None = None  # the KV arena, when built by engine_from_checkpoint
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -273,3 +274,39 @@ class LLMEngine:
                           "kv_pull_bytes": st.kv_pull_bytes, "kv_holds": st.kv_holds,
                           "kv_releases": st.kv_releases})
         return d
+
+
+def rank_spec_for(cfg: Any, *, block_size: int = 16, layout: str = "HND",
+                  cache_dtype: str = "auto", num_blocks: int = 256, tp_size: int = 1,
+                  tp_rank: int = 0, num_state_slots: int = 8) -> kvcache.RankSpec:
+    """The KV geometry of one rank of an engine for model config `cfg` (config.ModelConfig)."""
+    return kvcache.RankSpec(cfg.model_spec(cache_dtype), tp_size, tp_rank, block_size, layout,
+                            num_blocks, num_state_slots)
+
+
+def engine_from_checkpoint(ckpt: Any, spec: kvcache.RankSpec, *, device: str = "cpu",
+                           arena: torch.Tensor | None = None, group: object = None,
+                           **engine_kw: Any) -> LLMEngine:
+    """An LLMEngine over a fresh (or the given) KV arena; the arena is `engine.arena`."""
+    from .kv import KVCache
+    from .runner import ModelRunner
+
+    if arena is None:
+        arena = torch.zeros(kvcache.arena_layout(spec).nbytes, dtype=torch.uint8, device=device)
+    runner = ModelRunner(ckpt, KVCache(spec, arena), device, spec.tp_rank, spec.tp_size, group)
+    cfg = ckpt.config
+    engine_kw.setdefault("eos_token_ids", cfg.eos_token_ids)
+    engine_kw.setdefault("vocab_size", cfg.vocab_size)
+    engine_kw["max_model_len"] = min(engine_kw.get("max_model_len") or cfg.max_position,
+                                     cfg.max_position)
+    if ckpt.tokenizer is not None and "detokenizer" not in engine_kw:
+        engine_kw["detokenizer"] = detokenizer_for(ckpt.tokenizer)
+    eng = LLMEngine(runner, spec, **engine_kw)
+    eng.arena = arena
+    return eng
+
+
+def detokenizer_for(tok: Any) -> Callable[[list[int]], Callable[[int], str]]:
+    from .tokenizer import IncrementalDetokenizer
+
+    return lambda prompt: IncrementalDetokenizer(tok, prompt).push

@@ -86,6 +86,8 @@ def parse_kv_transfer_params(raw: Any, prompt_len: int) -> RemoteDecode | Decode
 
 
 def _decode_params(raw: dict, prompt_len: int) -> DecodeKVParams:
+    if isinstance(raw.get("remote_block_ids"), list):  # vLLM's flat form: the full-attention group
+        raw = {**raw, "remote_block_ids": {"0": raw["remote_block_ids"]}}
     try:
         p = msgspec.convert(raw, DecodeKVParams)
     except msgspec.ValidationError as e:
