@@ -1,8 +1,8 @@
 # pd-operator: the two commands of the README, and their parts.
 #   make demo   - the main job: validate the examples, start the local control plane, run the
 #                 operator, deploy an example and show it Ready
-#   make test   - every test tier that runs without a GPU (unit, runtime over NIXL on CPU,
-#                 the real control plane); GPU tests skip cleanly
+#   make test   - lint (ruff, mypy, import contracts), then every test tier that runs without a
+#                 GPU (unit, runtime over NIXL on CPU, the real control plane); GPU tests skip
 # Both do their own setup on a fresh machine (Python venv, Go-built control plane, cached).
 
 PYTHON ?= python3
@@ -10,7 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv cluster-binaries test test-unit demo clean-venv generate
+.PHONY: venv cluster-binaries test test-unit lint demo clean-venv generate
 
 $(STAMP): pyproject.toml deploy/install-python-deps.sh
 	bash deploy/install-python-deps.sh $(PYTHON) $(VENV)
@@ -30,7 +30,13 @@ generate: venv
 test-unit: venv
 	$(BIN)/python -m pytest tests/unit -q
 
-test: venv cluster-binaries
+## ruff (whole tree), mypy (the product packages), the import contracts in .importlinter.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: lint venv cluster-binaries
 	$(BIN)/python -m pytest tests -q
 
 demo: venv cluster-binaries

@@ -8,6 +8,7 @@ posts) on the same data. Prints a short table and writes JSON (baseline and ours
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -20,11 +21,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "runtime"))
 
-from pd_runtime.kernels import SegmentProgram  # noqa: E402
-from pd_runtime.kernels import kvcopy  # noqa: E402
-from pd_runtime.template import PairTemplate  # noqa: E402
+from pd_runtime.kernels import (
+    SegmentProgram,  # noqa: E402
+    kvcopy,  # noqa: E402
+)
 from pd_runtime.kvcache import ModelSpec, RankSpec, arena_layout  # noqa: E402
 from pd_runtime.planner import Request, plan_d_rank  # noqa: E402
+from pd_runtime.template import PairTemplate  # noqa: E402
 
 LLAMA8B = dict(num_layers=32, num_kv_heads=8, head_size=128)  # 128 KiB per token, bf16
 
@@ -91,6 +94,11 @@ def _host_us(fn, n: int = 50) -> float:
     return float(np.median(ts)) * 1e6
 
 
+def _run_template(kp, src, dst, tm: PairTemplate, role: str, req: Request, tokens: int) -> None:
+    """One request through the template kernel, host work included (tables checked and packed)."""
+    kp.run(src, dst, tm.dyn(role, req, tokens), 0)
+
+
 def kernel_rows(sizes_mib: list[int], cases=KCASES) -> list[dict]:
     """Old segment-table kernel (baseline: numpy plan + offset tables per request), the template
     kernel (ours) and b.copy_(a), same bytes, same run; byte-exact checks against the torch path."""
@@ -117,32 +125,31 @@ def kernel_rows(sizes_mib: list[int], cases=KCASES) -> list[dict]:
             del ref_prog
             prog.run(src, dst)
             exact_old = bool(torch.equal(dst, ref))
-            t_old = bench_ms(lambda: prog.run(src, dst))
-            t_old_b = bench_b2b_ms(lambda: prog.run(src, dst))
-            del prog
+            run_old = functools.partial(prog.run, src, dst)
+            t_old, t_old_b = bench_ms(run_old), bench_b2b_ms(run_old)
+            del prog, run_old
             # ours: template built once per geometry (not timed per request), per request only
             # the block tables go up and the kernel runs
             tm = PairTemplate(p, d)
             kp = kvcopy.program_for(tm.gather if side == "gather" else tm.scatter, dev, side == "gather")
             req = preq if side == "gather" else dreq
             dst.zero_()
-
-            def ours():
-                kp.run(src, dst, tm.dyn("prefill" if side == "gather" else "decode", req, tokens), 0)
-
+            role = "prefill" if side == "gather" else "decode"
+            ours = functools.partial(_run_template, kp, src, dst, tm, role, req, tokens)
             ours()
             torch.cuda.synchronize()
             exact = bool(torch.equal(dst, ref))
             del ref
             dyn = tm.dyn("prefill" if side == "gather" else "decode", req, tokens)
             bt = kp.upload(dyn)
-            t_ours = bench_ms(lambda: kp.run(src, dst, dyn, 0, bt))  # device time of the kernel(s)
-            t_ours_b = bench_b2b_ms(lambda: kp.run(src, dst, dyn, 0, bt))
+            run_ours = functools.partial(kp.run, src, dst, dyn, 0, bt)
+            t_ours = bench_ms(run_ours)  # device time of the kernel(s)
+            t_ours_b = bench_b2b_ms(run_ours)
             host_us = _host_us(ours)  # per request on the host: check + pack tables, upload, launch
             a = torch.randint(0, 256, (pp.nbytes,), dtype=torch.uint8, device=dev)
             b = torch.empty_like(a)
-            t_copy = bench_ms(lambda: b.copy_(a))
-            t_copy_b = bench_b2b_ms(lambda: b.copy_(a))
+            run_copy = functools.partial(b.copy_, a)
+            t_copy, t_copy_b = bench_ms(run_copy), bench_b2b_ms(run_copy)
             nb = pp.nbytes
             rows.append(dict(kind="kernel", case=name, payload_mib=nb / 2**20, segments=seg.count,
                              copy_b2b_ms=t_copy_b, ours_b2b_ms=t_ours_b, old_b2b_ms=t_old_b,
@@ -243,12 +250,12 @@ def _decode_run(geo, tokens, reps: int) -> dict:
     peer = dr.peers[0]
     rem, loc = [], []
     p_base, d_base = info["arena"][0], dr.arena.data_ptr()
-    for ppl, dpl in zip(pa.placements, da.placements):
+    for ppl, dpl in zip(pa.placements, da.placements, strict=True):
         blk_p = ppl.nbytes // ppl.n_slots  # one block of all local heads
         nh_d = len(dpl.heads)
         head_bytes = ppl.n_pos * ppl.comp.row_bytes
         off_heads = (dpl.heads[0] - ppl.heads[0]) * head_bytes  # head slice inside a P block (HND)
-        for bi, (bp, bd) in enumerate(zip(preq.block_tables[0], dreq.block_tables[0])):
+        for bp, bd in zip(preq.block_tables[0], dreq.block_tables[0], strict=False):
             ln = nh_d * head_bytes
             rem.append((p_base + ppl.offset + bp * blk_p + off_heads, ln, 0))
             loc.append((d_base + dpl.offset + bd * (dpl.nbytes // dpl.n_slots), ln, 0))

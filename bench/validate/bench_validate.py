@@ -100,7 +100,8 @@ def main() -> int:
     machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, " \
               f"Python {platform.python_version()}"
     print(f"pd-operator admission decision benchmark ({machine}, one core)")
-    print(f"{'what':46} {'per second':>12} {'us each':>9} {'calls':>8}  (per CPU second, median of batches)")
+    print(f"{'what':46} {'per second':>12} {'us each':>9} {'calls':>8}  "
+          "(per CPU second, median of batches)")
     for name, r, n in rows:
         print(f"{name:46} {r:12,.0f} {1e6 / r:9.1f} {n:8}")
     ratio = decide_rate / parse_rate

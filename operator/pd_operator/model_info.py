@@ -143,7 +143,8 @@ def model_block_from_hf_config(config: dict, name: str | None = None) -> dict:
     something the block needs.
     """
     if not isinstance(config, dict):
-        raise ValueError(f"expected the parsed config.json (a mapping), got {type(config).__name__}")
+        raise ValueError(
+            f"expected the parsed config.json (a mapping), got {type(config).__name__}")
     text_config = config.get("text_config")
     if text_config is not None and not isinstance(text_config, dict):
         raise ValueError("config key 'text_config' must be a mapping")
@@ -217,7 +218,7 @@ def model_block_from_hf_config(config: dict, name: str | None = None) -> dict:
             mamba_type = "mamba2" if any(k in text for k in _MAMBA2_KEYS) else "mamba1"
     elif is_multimodal:
         family = "multimodal"
-    elif any(isinstance(text.get(k), int) and text.get(k) > 0 for k in _MOE_KEYS):
+    elif any(isinstance(n := text.get(k), int) and n > 0 for k in _MOE_KEYS):
         family = "moe"
     else:
         family = "dense"

@@ -7,7 +7,7 @@ verdict can name the field the user has to change.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from pd_runtime.compat import ResolvedPool, Speculative
@@ -19,7 +19,7 @@ DEFAULT_LAYOUT = "HND"  # NixlConnector's preferred layout for non-MLA models
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _json_name(attr: str) -> str:
     return _alias(attr)
 
@@ -74,7 +74,7 @@ _OVERRIDABLE = (("model", "spec.model", _MODEL_FIELDS),
                 ("kvTransfer", "spec.kvTransfer", _TRANSFER_FIELDS))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _default_paths(role: str) -> dict[str, str]:
     """JSON path of every value when the pool overrides nothing (computed once per role)."""
     paths = {name: f"spec.{role}.{_json_name(attr)}" for name, attr in _POOL_FIELDS.items()}

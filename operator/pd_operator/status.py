@@ -97,10 +97,10 @@ def compute(*, generation: int | None, desired: dict[str, int], decision: Decisi
     for ctype, cstatus, reason, message in rows:
         prev = prev_conds.get(ctype)
         changed = prev is None or prev.get("status") != cstatus
+        keep_time = None if changed or prev is None else prev.get("lastTransitionTime")
         conditions.append({
             "type": ctype, "status": cstatus, "reason": reason, "message": message,
-            "lastTransitionTime": now if changed or not prev.get("lastTransitionTime")
-            else prev["lastTransitionTime"],
+            "lastTransitionTime": keep_time or now,
             "observedGeneration": generation,
         })
         if changed and (prev is not None or cstatus == "True" or ctype == "Validated"):

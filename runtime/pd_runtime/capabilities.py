@@ -68,7 +68,8 @@ def unsupported(prefill: dict, decode: dict) -> list[str]:
             out.append(f"{side}: family {fam!r} is not supported by the builtin runtime")
         heads = 1 if fam == "mla" else int(s.get("num_kv_heads", 1))
         if not tp_fits_heads(int(s.get("tp", 1)), heads):
-            out.append(f"{side}: TP {s.get('tp')} neither divides nor is a multiple of {heads} KV heads")
+            out.append(f"{side}: TP {s.get('tp')} neither divides nor is a multiple of "
+                       f"{heads} KV heads")
         if int(s.get("block_size", 16)) < caps["block_size"]["min"]:
             out.append(f"{side}: block size must be >= 1")
         lay = caps["layout_aliases"].get(s.get("layout", "HND"), s.get("layout", "HND"))
@@ -82,5 +83,6 @@ def unsupported(prefill: dict, decode: dict) -> list[str]:
             out.append(f"{side}: pipeline parallel size must be 1")
     for key in ("family", "num_kv_heads", "kv_cache_dtype", "dtype", "model"):
         if prefill.get(key) != decode.get(key):
-            out.append(f"{key} differs between prefill ({prefill.get(key)!r}) and decode ({decode.get(key)!r})")
+            out.append(f"{key} differs between prefill ({prefill.get(key)!r}) and decode "
+                       f"({decode.get(key)!r})")
     return out

@@ -17,11 +17,12 @@ def _device_name(device: str) -> str:
 
 
 def transfer_test(args: argparse.Namespace) -> int:
-    from .transfer_test import Cell, pairing_problems, run_cells
+    from .selftest import Cell, pairing_problems, run_cells
 
-    cell = Cell(family=args.family, num_kv_heads=args.kv_heads, head_size=args.head_size, layers=args.layers,
-                p_tp=args.p_tp, d_tp=args.d_tp, p_block=args.p_block, d_block=args.d_block,
-                p_layout=args.p_layout, d_layout=args.d_layout, dtype=args.dtype, tokens=args.tokens,
+    cell = Cell(family=args.family, num_kv_heads=args.kv_heads, head_size=args.head_size,
+                layers=args.layers, p_tp=args.p_tp, d_tp=args.d_tp, p_block=args.p_block,
+                d_block=args.d_block, p_layout=args.p_layout, d_layout=args.d_layout,
+                dtype=args.dtype, tokens=args.tokens,
                 requests=args.requests, seed=args.seed, sliding_window=args.sliding_window,
                 timeout_s=args.timeout)
     problems, checker = pairing_problems(cell, args.rules)
@@ -49,7 +50,8 @@ def transfer_test(args: argparse.Namespace) -> int:
                 print(f"  D rank {o['rank']}: ERROR {o['error']}: {o.get('message')}")
             else:
                 print(f"  D rank {o['rank']}: {o['bytes']} bytes from {o['peers']} P rank(s), "
-                      f"{o['descriptors']} READ descriptor(s), {o['mismatched_bytes']} mismatched bytes")
+                      f"{o['descriptors']} READ descriptor(s), "
+                      f"{o['mismatched_bytes']} mismatched bytes")
         print(f"  bytes moved {res['bytes']}, {res['gbps']:.3f} GB/s end to end, "
               f"{res['read_gbps']:.3f} GB/s READ, leaked {res['leaked']}")
         print("MATCH" if res["ok"] else "MISMATCH")
@@ -59,8 +61,10 @@ def transfer_test(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pd-runtime")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("transfer-test", help="move random KV between P and D ranks over NIXL and check every byte")
-    t.add_argument("--family", default="dense", choices=["dense", "moe", "mla", "sliding", "hybrid-ssm"])
+    t = sub.add_parser("transfer-test", help="move random KV between P and D ranks over NIXL and "
+                       "check every byte")
+    t.add_argument("--family", default="dense",
+                   choices=["dense", "moe", "mla", "sliding", "hybrid-ssm"])
     t.add_argument("--p-tp", type=int, default=1)
     t.add_argument("--d-tp", type=int, default=1)
     t.add_argument("--p-block", type=int, default=16)
@@ -78,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--timeout", type=float, default=60.0)
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--rules", default="auto", choices=["auto", "compat", "capabilities"],
-                   help="which rules decide exit code 2: compat.check_pools (auto, when present) or the "
-                        "runtime's own capabilities")
+                   help="which rules decide exit code 2: compat.check_pools (auto, when present) "
+                        "or the runtime's own capabilities")
     t.add_argument("-o", "--output", default="table", choices=["table", "json"])
     from .serve.cli import add_arguments as add_serve_arguments  # SERVE
 

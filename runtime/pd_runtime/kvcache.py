@@ -13,8 +13,8 @@ attention layer the tensor is
 MLA: one latent row per token, no heads, replicated on every TP rank:
     [num_blocks, block_size, kv_lora_rank + rope_dim]  (H = 1; HND and NHD are the same bytes)
 
-Quantized caches (fp8, fp8_e4m3, fp8_e5m2): the data tensor above in 1-byte elements, and per layer a
-float32 scale tensor laid out like the data with C = 2 (k_scale, v_scale; one for MLA):
+Quantized caches (fp8, fp8_e4m3, fp8_e5m2): the data tensor above in 1-byte elements, and per
+layer a float32 scale tensor laid out like the data with C = 2 (k_scale, v_scale; one for MLA):
 "per-token-head" scales, which must travel with the data.
 
 Sliding-window models: odd layers are sliding-window layers in their own KV-cache group; only
@@ -37,7 +37,7 @@ from typing import Literal
 
 Layout = Literal["HND", "NHD"]
 FAMILIES = ("dense", "moe", "mla", "sliding", "hybrid-ssm")
-LAYOUT_ALIASES = {"HND": "HND", "NHD": "NHD", "LBHNC": "HND", "LBNHC": "NHD"}
+LAYOUT_ALIASES: dict[str, Layout] = {"HND": "HND", "NHD": "NHD", "LBHNC": "HND", "LBNHC": "NHD"}
 DTYPE_BYTES = {
     "bfloat16": 2,
     "float16": 2,
@@ -82,7 +82,8 @@ class ModelSpec:
         if self.family not in FAMILIES:
             raise GeometryError(f"unknown family {self.family!r}; supported: {', '.join(FAMILIES)}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise GeometryError(f"model dtype {self.dtype!r} not supported (bfloat16, float16, float32)")
+            raise GeometryError(
+                f"model dtype {self.dtype!r} not supported (bfloat16, float16, float32)")
         if self.cache_dtype not in ("auto",) + FP8_DTYPES:
             raise GeometryError(f"cache dtype {self.cache_dtype!r} not supported")
         if self.family == "sliding" and self.sliding_window <= 0:
@@ -130,17 +131,23 @@ def model_components(m: ModelSpec) -> list[Component]:
     e = m.cache_elem_bytes
     for layer in range(m.num_layers):
         if m.family == "mla":
-            comps.append(Component("latent", layer, GROUP_FULL, 1, False, (m.kv_lora_rank + m.rope_dim) * e))
+            latent_bytes = (m.kv_lora_rank + m.rope_dim) * e
+            comps.append(Component("latent", layer, GROUP_FULL, 1, False, latent_bytes))
             if m.quantized:
                 comps.append(Component("latent_scale", layer, GROUP_FULL, 1, False, 4))
             continue
         if m.family == "hybrid-ssm" and layer % 2 == 1:
             el = DTYPE_BYTES[m.dtype]
             k1 = m.conv_kernel - 1
-            comps.append(Component("conv_x", layer, GROUP_STATE, m.ssm_heads, True, m.ssm_head_dim * el, False, k1, "NHD"))
-            comps.append(Component("conv_B", layer, GROUP_STATE, m.ssm_groups, True, m.d_state * el, False, k1, "NHD"))
-            comps.append(Component("conv_C", layer, GROUP_STATE, m.ssm_groups, True, m.d_state * el, False, k1, "NHD"))
-            comps.append(Component("ssm", layer, GROUP_STATE, m.ssm_heads, True, m.ssm_head_dim * m.d_state * 4, False, 1, "HND"))
+            heads, groups = m.ssm_heads, m.ssm_groups
+            comps.append(Component("conv_x", layer, GROUP_STATE, heads, True, m.ssm_head_dim * el,
+                                   False, k1, "NHD"))
+            comps.append(Component("conv_B", layer, GROUP_STATE, groups, True, m.d_state * el,
+                                   False, k1, "NHD"))
+            comps.append(Component("conv_C", layer, GROUP_STATE, groups, True, m.d_state * el,
+                                   False, k1, "NHD"))
+            comps.append(Component("ssm", layer, GROUP_STATE, heads, True,
+                                   m.ssm_head_dim * m.d_state * 4, False, 1, "HND"))
             continue
         group = GROUP_SLIDING if (m.family == "sliding" and layer % 2 == 1) else GROUP_FULL
         comps.append(Component("kv", layer, group, m.num_kv_heads, True, 2 * m.head_size * e))
@@ -186,7 +193,7 @@ class RankSpec:
         for c in model_components(self.model):
             heads_of_rank(c.heads, c.split, self.tp_size, 0)
 
-    def with_rank(self, rank: int) -> "RankSpec":
+    def with_rank(self, rank: int) -> RankSpec:
         return replace(self, tp_rank=rank)
 
     def to_dict(self) -> dict:
@@ -195,7 +202,7 @@ class RankSpec:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict) -> "RankSpec":
+    def from_dict(d: dict) -> RankSpec:
         d = dict(d)
         d["model"] = ModelSpec(**d["model"])
         return RankSpec(**d)
@@ -246,7 +253,8 @@ def arena_layout(spec: RankSpec) -> ArenaLayout:
     for c in model_components(spec.model):
         heads = tuple(heads_of_rank(c.heads, c.split, spec.tp_size, spec.tp_rank))
         if c.paged:
-            pl = Placement(c, off, heads, spec.num_blocks, spec.block_size, spec.layout)
+            pl = Placement(c, off, heads, spec.num_blocks, spec.block_size,
+                           LAYOUT_ALIASES[spec.layout])
         else:
             pl = Placement(c, off, heads, spec.num_state_slots, c.state_len, c.state_layout)
         pls.append(pl)
@@ -256,7 +264,8 @@ def arena_layout(spec: RankSpec) -> ArenaLayout:
 
 def kv_bytes_per_token(spec: RankSpec) -> int:
     """Paged bytes one token occupies on this rank (all layers; state excluded)."""
-    return sum(len(p.heads) * p.comp.row_bytes for p in arena_layout(spec).placements if p.comp.paged)
+    placements = arena_layout(spec).placements
+    return sum(len(p.heads) * p.comp.row_bytes for p in placements if p.comp.paged)
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -274,7 +283,8 @@ def groups_of(m: ModelSpec) -> list[int]:
     return sorted({c.group for c in model_components(m)})
 
 
-def make_block_table(m: ModelSpec, group: int, num_tokens: int, block_size: int, ids: list[int]) -> list[int]:
+def make_block_table(m: ModelSpec, group: int, num_tokens: int, block_size: int,
+                     ids: list[int]) -> list[int]:
     """Block table of a request for `group` from a list of free block ids; -1 for null blocks."""
     if group == GROUP_STATE:
         return [ids[0]]

@@ -34,7 +34,6 @@ from .kvcache import (
     RankSpec,
     arena_layout,
     live_token_range,
-    model_components,
 )
 
 
@@ -66,11 +65,11 @@ class Segments:
     def nbytes(self) -> int:
         return int(self.length.sum()) if self.length.size else 0
 
-    def shifted(self, src_by: int = 0, dst_by: int = 0) -> "Segments":
+    def shifted(self, src_by: int = 0, dst_by: int = 0) -> Segments:
         return Segments(self.src + src_by, self.dst + dst_by, self.length)
 
     @staticmethod
-    def concat(parts: list["Segments"]) -> "Segments":
+    def concat(parts: list[Segments]) -> Segments:
         if not parts:
             z = np.zeros(0, np.int64)
             return Segments(z, z.copy(), z.copy())
@@ -119,7 +118,8 @@ class DRankPlan:
 def check_pairing(p: RankSpec, d: RankSpec) -> None:
     """Raise PlanError when this runtime cannot move KV between the two pools."""
     if p.model != d.model:
-        diff = [k for k in p.model.__dataclass_fields__ if getattr(p.model, k) != getattr(d.model, k)]
+        diff = [k for k in p.model.__dataclass_fields__
+                if getattr(p.model, k) != getattr(d.model, k)]
         raise PlanError(f"prefill and decode model geometry differ: {', '.join(diff)}")
     try:
         arena_layout(p)
@@ -185,7 +185,8 @@ def expected_consumers(p: RankSpec, d: RankSpec, p_rank: int) -> int:
 # rows
 
 
-def _check_table(side: str, spec: RankSpec, req: Request, group: int, lo: int, hi: int) -> list[int]:
+def _check_table(side: str, spec: RankSpec, req: Request, group: int, lo: int,
+                 hi: int) -> list[int]:
     bt = req.block_tables.get(group)
     if bt is None:
         raise PlanError(f"{side}: request has no block table for KV-cache group {group}")
@@ -197,7 +198,8 @@ def _check_table(side: str, spec: RankSpec, req: Request, group: int, lo: int, h
     if hi > lo:
         need = (hi - 1) // spec.block_size + 1
         if len(bt) < need:
-            raise PlanError(f"{side}: block table of group {group} has {len(bt)} blocks, {need} needed for {hi} tokens")
+            raise PlanError(f"{side}: block table of group {group} has {len(bt)} blocks, "
+                            f"{need} needed for {hi} tokens")
         live = bt[lo // spec.block_size : need]
         for b in live:
             if not (0 <= b < n_slots):
@@ -205,7 +207,8 @@ def _check_table(side: str, spec: RankSpec, req: Request, group: int, lo: int, h
     return bt
 
 
-def _row_offsets(pl: Placement, spec: RankSpec, bt: list[int], heads: np.ndarray, tok: np.ndarray) -> np.ndarray:
+def _row_offsets(pl: Placement, spec: RankSpec, bt: list[int], heads: np.ndarray,
+                 tok: np.ndarray) -> np.ndarray:
     """Byte offsets of rows (heads x tokens as given by broadcasting) in the rank's arena."""
     lut = np.full(max(pl.heads) + 1, -1, dtype=np.int64)
     lut[list(pl.heads)] = np.arange(len(pl.heads))
@@ -241,14 +244,15 @@ def plan_peer(p: RankSpec, d: RankSpec, p_req: Request, d_req: Request) -> PeerP
     """The pair (D rank d.tp_rank, P rank p.tp_rank); None when D reads nothing from that P rank."""
     check_pairing(p, d)
     if p_req.num_tokens != d_req.num_tokens:
-        raise PlanError(f"token counts differ: prefill {p_req.num_tokens}, decode {d_req.num_tokens}")
+        raise PlanError(
+            f"token counts differ: prefill {p_req.num_tokens}, decode {d_req.num_tokens}")
     T = p_req.num_tokens
     pa, da = arena_layout(p), arena_layout(d)
     smap = source_map(p, d)
     src_all, stage_all, dst_all, len_all = [], [], [], []
     cursor = 0
     rows = 0
-    for ci, (ppl, dpl) in enumerate(zip(pa.placements, da.placements)):
+    for ci, (ppl, dpl) in enumerate(zip(pa.placements, da.placements, strict=True)):
         heads = smap[(ci, 0)].get(p.tp_rank)
         if not heads:
             continue
@@ -264,10 +268,10 @@ def plan_peer(p: RankSpec, d: RankSpec, p_req: Request, d_req: Request) -> PeerP
         hs = np.asarray(sorted(heads), dtype=np.int64)
         ts = np.arange(lo, hi, dtype=np.int64)
         if ppl.layout == "HND":
-            H, Tt = np.meshgrid(hs, ts, indexing="ij")
+            H2, T2 = np.meshgrid(hs, ts, indexing="ij")
         else:
-            Tt, H = np.meshgrid(ts, hs, indexing="ij")
-        H, Tt = H.ravel(), Tt.ravel()
+            T2, H2 = np.meshgrid(ts, hs, indexing="ij")
+        H, Tt = H2.ravel(), T2.ravel()
         so = _row_offsets(ppl, p, pbt, H, Tt)
         do = _row_offsets(dpl, d, dbt, H, Tt)
         n = so.size

@@ -31,7 +31,8 @@ def random_logical(spec: RankSpec, num_tokens: int, seed: int) -> list[np.ndarra
 
 
 def random_arena(spec: RankSpec, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=arena_layout(spec).nbytes, dtype=np.uint8)
+    nbytes = arena_layout(spec).nbytes
+    return np.random.default_rng(seed).integers(0, 256, size=nbytes, dtype=np.uint8)
 
 
 def _view(arena: np.ndarray, pl) -> np.ndarray:
@@ -51,7 +52,7 @@ def _positions(spec: RankSpec, comp, req: Request) -> tuple[np.ndarray, np.ndarr
 
 def store(spec: RankSpec, arena: np.ndarray, req: Request, logical: list[np.ndarray]) -> None:
     """Write the logical KV of the request into `arena` as rank `spec` holds it."""
-    for pl, lg in zip(arena_layout(spec).placements, logical):
+    for pl, lg in zip(arena_layout(spec).placements, logical, strict=True):
         v = _view(arena, pl)
         t, slot, pos = _positions(spec, pl.comp, req)
         for j, h in enumerate(pl.heads):
@@ -64,7 +65,8 @@ def store(spec: RankSpec, arena: np.ndarray, req: Request, logical: list[np.ndar
 def load(spec: RankSpec, arena: np.ndarray, req: Request, num_tokens: int) -> list[np.ndarray]:
     """Read back the logical KV held by rank `spec` (heads it does not hold stay zero)."""
     out = []
-    for pl, shp in zip(arena_layout(spec).placements, logical_shapes(spec, num_tokens)):
+    shapes = logical_shapes(spec, num_tokens)
+    for pl, shp in zip(arena_layout(spec).placements, shapes, strict=True):
         lg = np.zeros(shp, np.uint8)
         v = _view(arena, pl)
         t, slot, pos = _positions(spec, pl.comp, req)
@@ -74,7 +76,8 @@ def load(spec: RankSpec, arena: np.ndarray, req: Request, num_tokens: int) -> li
     return out
 
 
-def expected_decode_arena(d: RankSpec, initial: np.ndarray, req: Request, logical: list[np.ndarray]) -> np.ndarray:
+def expected_decode_arena(d: RankSpec, initial: np.ndarray, req: Request,
+                          logical: list[np.ndarray]) -> np.ndarray:
     """D rank's arena after a correct transfer: the initial bytes with the request's KV stored."""
     out = initial.copy()
     store(d, out, req, logical)
@@ -83,5 +86,5 @@ def expected_decode_arena(d: RankSpec, initial: np.ndarray, req: Request, logica
 
 def apply_segments(src: np.ndarray, dst: np.ndarray, seg) -> None:
     """Plain numpy execution of a Segments list (reference executor for planner tests)."""
-    for s, o, n in zip(seg.src.tolist(), seg.dst.tolist(), seg.length.tolist()):
+    for s, o, n in zip(seg.src.tolist(), seg.dst.tolist(), seg.length.tolist(), strict=True):
         dst[o : o + n] = src[s : s + n]

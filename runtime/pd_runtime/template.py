@@ -21,11 +21,19 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .kvcache import GROUP_FULL, GROUP_STATE, RankSpec, arena_layout, live_token_range
-from .planner import PlanError, Request, check_pairing, expected_consumers, release_assignments, source_map
+from .planner import (
+    PlanError,
+    Request,
+    check_pairing,
+    expected_consumers,
+    release_assignments,
+    source_map,
+)
 
 KIND_FULL, KIND_SLIDING, KIND_STATE = 0, 1, 2
 # entity columns (bytes until the class converts them to words)
@@ -46,7 +54,9 @@ class Dyn:
     tables: np.ndarray
 
     def counts(self, kind: int, nconst: int = 0) -> int:
-        return self.n_full if kind == KIND_FULL else self.n_sliding if kind == KIND_SLIDING else nconst
+        if kind == KIND_FULL:
+            return self.n_full
+        return self.n_sliding if kind == KIND_SLIDING else nconst
 
 
 def _table(side: str, spec: RankSpec, req: Request, group: int, lo: int, hi: int) -> np.ndarray:
@@ -63,7 +73,8 @@ def _table(side: str, spec: RankSpec, req: Request, group: int, lo: int, hi: int
     if hi > lo:
         need = (hi - 1) // spec.block_size + 1
         if a.size < need:
-            raise PlanError(f"{side}: block table of group {group} has {a.size} blocks, {need} needed for {hi} tokens")
+            raise PlanError(f"{side}: block table of group {group} has {a.size} blocks, "
+                            f"{need} needed for {hi} tokens")
         live = a[lo // spec.block_size : need]
         # small tables: Python min/max beat numpy's per-call overhead
         src = bt[lo // spec.block_size : need] if (isinstance(bt, list) and len(bt) < 512) else live
@@ -79,7 +90,7 @@ class SideTables:
     def __init__(self, ent: np.ndarray, groups: list[int]):
         self.ent = ent  # [E, NCOL] int64, bytes
         self.groups = groups  # KV-cache groups present
-        self.classes: dict[tuple, object] = {}  # (device, use_triton) -> prepared kernel classes
+        self.classes: dict[tuple, Any] = {}  # (device, use_triton) -> prepared kernel classes
 
 
 class PairTemplate:
@@ -96,7 +107,7 @@ class PairTemplate:
         cur = np.zeros(3, np.int64)  # staging cursor = cur . (n_full, n_sliding, 1)
         self.rows_coef = np.zeros(3, np.int64)
         groups: set[int] = set()
-        for ci, (ppl, dpl) in enumerate(zip(pa.placements, da.placements)):
+        for ci, (ppl, dpl) in enumerate(zip(pa.placements, da.placements, strict=True)):
             heads = smap[(ci, 0)].get(p.tp_rank)
             if not heads:
                 continue
@@ -126,7 +137,8 @@ class PairTemplate:
                 for pl, j in ((ppl, jp), (dpl, jd)):
                     nhl = len(pl.heads)
                     if pl.layout == "HND":
-                        side.append((pl.offset + j * pl.n_pos * rb, nhl * pl.n_pos * rb, rb, pl.n_pos))
+                        side.append((pl.offset + j * pl.n_pos * rb, nhl * pl.n_pos * rb, rb,
+                                     pl.n_pos))
                     else:
                         side.append((pl.offset + j * rb, pl.n_pos * nhl * rb, nhl * rb, pl.n_pos))
                 # pieces of the row (MAX_PIECE, then one per set bit) so each kernel class has a
@@ -139,8 +151,8 @@ class PairTemplate:
                 col = 0
                 for size in pieces:
                     for rows_out, (base, bstr, pstr, bs) in ((g_rows, side[0]), (s_rows, side[1])):
-                        rows_out.append([kind, lin[0], lin[1], lin[2] + col, lts, base + col, bstr, pstr,
-                                         bs, nconst, size])
+                        rows_out.append([kind, lin[0], lin[1], lin[2] + col, lts, base + col,
+                                         bstr, pstr, bs, nconst, size])
                     col += size
             cur = cur + nh * rb * unit
             self.rows_coef = self.rows_coef + nh * unit

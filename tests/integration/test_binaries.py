@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 from kubernetes import client
+
 from pd_operator.devcluster import build, versions
 
 pytestmark = pytest.mark.cluster

@@ -6,6 +6,7 @@ import time
 
 import pytest
 from kubernetes import client
+
 from pd_operator.devcluster import nodes
 
 pytestmark = pytest.mark.cluster

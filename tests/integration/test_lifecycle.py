@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from pd_operator.devcluster import build, cluster, processes
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
+
 from pd_operator.devcluster import pki
 
 pytestmark = pytest.mark.cluster

@@ -42,7 +42,7 @@ def test_cell_matches_page(family, index, capability):
 def test_rendered_table_equals_page_rows():
     rendered = matrix.render_markdown(matrix.PAGE_VERSION).splitlines()[2:]
     rows = page_rows()
-    for line, family in zip(rendered, matrix.FAMILIES):
+    for line, family in zip(rendered, matrix.FAMILIES, strict=False):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         assert cells[1:] == rows[family]
 

@@ -40,7 +40,8 @@ def pools():
         "args": st.lists(st.sampled_from(["--enable-sleep-mode", "--max-num-seqs=8",
                                           "--calculate-kv-scales", "--model=x"]), max_size=2),
         "engine": st.fixed_dictionaries({"image": st.sampled_from(
-            [f"vllm/vllm-openai:v{v}" for v in VERSIONS] + ["vllm/vllm-openai@sha256:" + "b" * 64])}),
+            [f"vllm/vllm-openai:v{v}" for v in VERSIONS]
+            + ["vllm/vllm-openai@sha256:" + "b" * 64])}),
         "template": st.fixed_dictionaries({"env": st.lists(st.fixed_dictionaries({
             "name": st.sampled_from(["PYTORCH_CUDA_ALLOC_CONF", "VLLM_SSM_CONV_STATE_LAYOUT",
                                      "VLLM_NIXL_SIDE_CHANNEL_HOST"]),

@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -47,7 +47,7 @@ RULES_REJECTED = {
 PDCTL = [sys.executable, "-m", "pd_operator.cli.main"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(path: Path) -> dict:
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     assert len(docs) == 1, f"{path.name}: one PDDeployment per file"
@@ -190,7 +190,7 @@ def pdctl_rejected() -> dict[Path, tuple[int, str, str]]:
         return proc.returncode, proc.stdout, proc.stderr
 
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        return dict(zip(REJECTED, pool.map(run, REJECTED)))
+        return dict(zip(REJECTED, pool.map(run, REJECTED), strict=True))
 
 
 @pytest.mark.parametrize("path", REJECTED, ids=rel)

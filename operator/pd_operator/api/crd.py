@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from . import v1alpha1 as api
 
@@ -69,9 +70,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         options = [o for o in node["anyOf"] if o.get("type") != "null"]
         rest = {k: v for k, v in node.items() if k != "anyOf"}
         if len(options) == 1:
-            out = _structural({**options[0], **rest}, defs)
-            out.pop("default", None) if rest.get("default") is None else None
-            return out
+            merged_opt = _structural({**options[0], **rest}, defs)
+            if rest.get("default") is None:
+                merged_opt.pop("default", None)
+            return merged_opt
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROP or (key == "default" and value is None):
@@ -89,12 +91,13 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
                 out[key] = _structural(value, defs)
         else:
             out[key] = _structural(value, defs)
-    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+    open_object = "properties" not in out and "additionalProperties" not in out
+    if out.get("type") == "object" and open_object:
         out["x-kubernetes-preserve-unknown-fields"] = True
     return out
 
 
-def schema_of(model: type) -> dict[str, Any]:
+def schema_of(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     return _structural(raw, raw.get("$defs", {}))
 

@@ -97,12 +97,19 @@ class EngineOverride(APIModel):
     version: str | None = Field(None, description="Overrides spec.engine.version.")
 
 
+Backend = Literal["UCX", "LIBFABRIC", "GDS", "GDS_MT", "POSIX"]
+
+
+def _default_backends() -> list[Backend]:
+    return ["UCX"]
+
+
 class KVTransferSpec(APIModel):
     connector: Literal["NixlConnector", "NixlPullConnector", "NixlPushConnector"] = Field(
         "NixlConnector", description="NixlConnector (pull, D reads) or NixlPushConnector "
         "(push, P writes).")
-    backends: list[Literal["UCX", "LIBFABRIC", "GDS", "GDS_MT", "POSIX"]] = Field(
-        default_factory=lambda: ["UCX"], min_length=1, description="NIXL transport backends.")
+    backends: list[Backend] = Field(
+        default_factory=_default_backends, min_length=1, description="NIXL transport backends.")
     buffer_device: Literal["cuda", "cpu"] = Field("cuda", description="Where the registered "
                                                   "KV lives: cuda, or cpu (host buffer).")
     enforce_handshake_compat: bool = Field(True, description="Check the compatibility hash "

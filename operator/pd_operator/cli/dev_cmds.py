@@ -65,7 +65,8 @@ def _table(st) -> str:
         rows.append((c.name, str(c.pid or "-"), "yes" if c.running else "NO",
                      "yes" if c.healthy else "NO", f"{c.rss_mib:.0f}", c.detail[:50]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
     nodes = ("-" if st.nodes_total is None else f"{st.nodes_ready}/{st.nodes_total} Ready")
     total = sum(c.rss_mib for c in st.components)
     lines += ["", f"nodes (kwok): {nodes}", f"memory (RSS, all components): {total:.0f} MiB",

@@ -258,7 +258,8 @@ def _run_with_progress(cmd, cwd, env, log: Path, label: str, total: int, progres
     done.set()
     th.join()
     if rc != 0:
-        raise RuntimeError(f"[{label}] go build failed (rc={rc}); see {log}:\n" + "\n".join(tail[-40:]))
+        raise RuntimeError(f"[{label}] go build failed (rc={rc}); see {log}:\n"
+                           + "\n".join(tail[-40:]))
     return count
 
 

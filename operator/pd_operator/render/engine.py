@@ -152,7 +152,7 @@ def managed_env(pool: ResolvedPool) -> list[dict[str, Any]]:
 def env(pool: ResolvedPool, user_env: list[dict[str, Any]]) -> list[dict[str, Any]]:
     user_names = {e.get("name") for e in user_env}
     out = [e for e in managed_env(pool) if e["name"] not in user_names]
-    seen: set[str] = set()
+    seen: set[str | None] = set()
     for e in user_env:  # duplicates would break the list's merge key: keep the last one
         if e.get("name") in seen:
             out = [x for x in out if x.get("name") != e.get("name")]

@@ -78,8 +78,10 @@ def _one_pool_update(old: PDDeploymentSpec, new: PDDeploymentSpec) -> Verdict | 
     d_changed = changed_facts(od, op, nd, np_)
     if bool(p_changed) == bool(d_changed):
         return None  # neither pool's pairing changed, or both changed together
-    role, names, pool, other = (
-        ("prefill", p_changed, np_, "decode") if p_changed else ("decode", d_changed, nd, "prefill"))
+    if p_changed:
+        role, names, pool, other = "prefill", p_changed, np_, "decode"
+    else:
+        role, names, pool, other = "decode", d_changed, nd, "prefill"
     paths = [pool.path(n) for n in names if n != "hash_factors"] or [f"spec.{role}"]
     return Verdict(
         rule=UPDATE_RULE, severity="reject", fields=paths,

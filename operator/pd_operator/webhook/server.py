@@ -10,8 +10,9 @@ import json
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, Callable
+from functools import cache
+from typing import Any
 
 from . import hashing, rules_builtin, rules_common, rules_known_bugs, rules_vllm
 from .pool import ResolvedPool
@@ -23,7 +24,7 @@ class Profile:
 
 
 
-@lru_cache(maxsize=None)
+@cache
 def vllm_rules(minor: Minor, family: str) -> tuple[Rule, ...]:
     table = rules_common.RULES + rules_vllm.RULES + rules_known_bugs.RULES
     return tuple(r for r in table if r.applies_to(family, minor))

@@ -3,8 +3,8 @@ rules_builtin.py; engine.py evaluates them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .pool import ResolvedPool
 from .versions import ANY, VersionRange

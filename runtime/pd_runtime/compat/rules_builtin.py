@@ -5,7 +5,7 @@ runtime's handshake and `pd-runtime transfer-test` agree."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from .. import capabilities
 from . import rules_vllm
@@ -118,7 +118,7 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def rules_for(family: str) -> tuple[Rule, ...]:
     inherited = tuple(
         r for r in rules_vllm.RULES

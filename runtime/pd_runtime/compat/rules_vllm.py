@@ -8,9 +8,11 @@ and issues. The `checklist` tag is the admission-checklist item (A1..F39) a rule
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .pool import ResolvedPool as Pool
 from .rule import REJECT, WARN, Rule
-from .versions import ANY, between, since, until
+from .versions import between, since, until
 
 MATRIX_PAGE = "vLLM docs/features/nixl_connector_compatibility.md"
 ENGINE_HTTP_PORT = 8000  # the port the rendered engines serve HTTP on
@@ -64,7 +66,7 @@ def _env(x: Pool, name: str) -> str | None:
     return x.env.get(name)
 
 
-def either_pool(pred) -> callable:
+def either_pool(pred: Callable[[Pool], bool]) -> Callable[[Pool, Pool], bool]:
     """A pair condition that holds when `pred` holds for the prefill or the decode pool."""
     return lambda p, d: pred(p) or pred(d)
 
@@ -74,7 +76,8 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="ENGINE-VERSION-MATCH", severity=REJECT, checklist="A1",
         summary="Prefill and decode run the same vLLM version.",
-        when=lambda p, d: (p.engine_version or p.engine_image) != (d.engine_version or d.engine_image),
+        when=lambda p, d: ((p.engine_version or p.engine_image)
+                           != (d.engine_version or d.engine_image)),
         fields=("p.engine_version", "d.engine_version"),
         message="prefill runs vLLM {p.engine_version} ({p.engine_image}) and decode runs "
         "{d.engine_version} ({d.engine_image}); vllm_version is a compatibility-hash factor, "
@@ -85,14 +88,16 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         id="ENGINE-IMAGE-DIFFERS", severity=WARN, checklist="A1",
-        summary="Same version but different images: builds may differ (dev builds hash differently).",
+        summary="Same version but different images: builds may differ "
+        "(dev builds hash differently).",
         when=lambda p, d: p.engine_version is not None
         and p.engine_version == d.engine_version and p.engine_image != d.engine_image,
         fields=("p.engine_image", "d.engine_image"),
         message="prefill image {p.engine_image} and decode image {d.engine_image} differ although "
         "both claim vLLM {p.engine_version}; a dev or patched build reports another version string",
         fix="use the same image reference (ideally pinned by digest) for both pools",
-        source="vLLM 0.33.0 nixl/metadata.py L146-216 (vllm_version is compared as an exact string)",
+        source="vLLM 0.33.0 nixl/metadata.py L146-216 "
+        "(vllm_version is compared as an exact string)",
     ),
     Rule(
         id="CONNECTOR-MATCH", severity=REJECT, checklist="A2", versions=since(0, 24),
@@ -103,7 +108,8 @@ RULES: tuple[Rule, ...] = (
         "cannot pair with a push instance (transfer_mode is hashed from 0.28, and 0.24-0.26 "
         "fail at run time)",
         fix="set spec.kvTransfer.connector once, for both pools",
-        source="vLLM 0.33.0 nixl/connector.py L391-432; nixl/metadata.py (transfer_mode factor, 0.28+)",
+        source="vLLM 0.33.0 nixl/connector.py L391-432; "
+        "nixl/metadata.py (transfer_mode factor, 0.28+)",
     ),
     Rule(
         id="PUSH-CONNECTOR-UNAVAILABLE", severity=REJECT, versions=until(0, 22),
@@ -157,7 +163,8 @@ RULES: tuple[Rule, ...] = (
         "layers, decode has {d.num_kv_heads} x {d.head_size} x {d.num_hidden_layers}; these "
         "are hash factors and set every block's size",
         fix="describe the same model on both pools (pdctl model-info CONFIG.json prints the block)",
-        source="vLLM 0.33.0 nixl/metadata.py L146-216; base_worker.py L2877-2979 (block-length checks)",
+        source="vLLM 0.33.0 nixl/metadata.py L146-216; "
+        "base_worker.py L2877-2979 (block-length checks)",
     ),
     Rule(
         id="ATTN-BACKEND-MATCH", severity=REJECT, checklist="A6",
@@ -228,7 +235,8 @@ RULES: tuple[Rule, ...] = (
         source="vLLM 0.33.0 nixl/base_scheduler.py L385-409; config/vllm.py L655-675",
     ),
     Rule(
-        id="CROSS-LAYER-MATCH", severity=REJECT, checklist="A10", versions=between((0, 16), (0, 28)),
+        id="CROSS-LAYER-MATCH", severity=REJECT, checklist="A10",
+        versions=between((0, 16), (0, 28)),
         summary="Effective cross-layer blocks agree (hashed in 0.16-0.28).",
         when=lambda p, d: effective_cross_layers(p) != effective_cross_layers(d),
         fields=("p.enable_cross_layers_blocks", "d.enable_cross_layers_blocks",
@@ -283,7 +291,8 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="TP-DIVISIBLE", severity=REJECT, checklist="B12",
         summary="The larger transfer TP is a multiple of the smaller.",
-        when=lambda p, d: max(p.transfer_tp, d.transfer_tp) % min(p.transfer_tp, d.transfer_tp) != 0,
+        when=lambda p, d: (max(p.transfer_tp, d.transfer_tp)
+                           % min(p.transfer_tp, d.transfer_tp) != 0),
         fields=("p.tp", "d.tp"),
         message="prefill TP {p.transfer_tp} and decode TP {d.transfer_tp} do not divide each "
         "other; heterogeneous TP maps whole head groups between ranks",
@@ -432,7 +441,8 @@ RULES: tuple[Rule, ...] = (
         message="enablePermuteLocalKV with a sliding-window or hybrid model: 'HMA does not "
         "support block size post processing'",
         fix="use kvCacheLayout HND on both pools",
-        source=f"vLLM 0.33.0 nixl/base_worker.py L2800-2806; {MATRIX_PAGE} (permute: not supported with HMA)",
+        source=f"vLLM 0.33.0 nixl/base_worker.py L2800-2806; {MATRIX_PAGE} "
+        "(permute: not supported with HMA)",
     ),
     Rule(
         id="HETERO-TP-LAYOUT", severity=REJECT, checklist="C20",
@@ -444,7 +454,8 @@ RULES: tuple[Rule, ...] = (
         message="prefill TP {p.tp} and decode TP {d.tp} need head splitting, which requires "
         "contiguous heads inside a block; decode layout NHD interleaves them",
         fix="use kvCacheLayout HND on both pools (the NixlConnector default), or equal TP",
-        source=f"vLLM 0.33.0 nixl/base_worker.py L2832-2844; {MATRIX_PAGE} (NHD does not allow hetero TP)",
+        source=f"vLLM 0.33.0 nixl/base_worker.py L2832-2844; {MATRIX_PAGE} "
+        "(NHD does not allow hetero TP)",
     ),
     Rule(
         id="BLOCK-DIVISIBLE", severity=REJECT, checklist="C21",
@@ -585,7 +596,8 @@ RULES: tuple[Rule, ...] = (
         source="vLLM 0.33.0 ssm_conv_transfer_utils.py L107-219",
     ),
     Rule(
-        id="SSM-PREFIX-BLOCKS", severity=REJECT, checklist="D23", families=frozenset({"hybrid-ssm"}),
+        id="SSM-PREFIX-BLOCKS", severity=REJECT, checklist="D23",
+        families=frozenset({"hybrid-ssm"}),
         summary="Mamba with prefix caching needs equal block sizes.",
         when=lambda p, d: _unequal_blocks(p, d) and (p.prefix_caching or d.prefix_caching),
         fields=("p.block_size", "d.block_size", "p.prefix_caching", "d.prefix_caching"),
@@ -606,7 +618,8 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="KV-SCALES-DYNAMIC", severity=REJECT, checklist="D25",
         summary="Dynamic KV scales are computed per instance and never transferred.",
-        when=either_pool(lambda x: x.kv_cache_scales == "dynamic" or x.has_arg("--calculate-kv-scales")),
+        when=either_pool(lambda x: x.kv_cache_scales == "dynamic"
+                         or x.has_arg("--calculate-kv-scales")),
         fields=("p.kv_cache_scales", "d.kv_cache_scales", "p.args", "d.args"),
         message="dynamic KV-cache scales (kvCacheScales dynamic or --calculate-kv-scales): P and "
         "D compute different scales and NIXL does not carry them",
@@ -709,7 +722,8 @@ RULES: tuple[Rule, ...] = (
     Rule(
         id="LEASE-SHORT", severity=WARN, checklist="E36", versions=since(0, 22),
         summary="A short KV lease lets blocks expire before heartbeats start.",
-        when=either_pool(lambda x: x.kv_lease_duration_s is not None and x.kv_lease_duration_s < 10),
+        when=either_pool(lambda x: x.kv_lease_duration_s is not None
+                         and x.kv_lease_duration_s < 10),
         fields=("p.kv_lease_duration_s",),
         message="kvLeaseDurationSeconds {p.kv_lease_duration_s} is shorter than router-to-decode "
         "forwarding plus the 5 s handshake timeout; blocks can expire and be reused",

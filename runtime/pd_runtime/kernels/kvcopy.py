@@ -19,8 +19,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..template import (C_BS, C_CF, C_CK, C_CS, C_KIND, C_LTS, C_NC, C_PBASE, C_PBS, C_PPS, C_SIZE,
-                        KIND_FULL, KIND_SLIDING, NCOL, Dyn, SideTables)
+from ..template import (
+    C_BS,
+    C_CF,
+    C_CK,
+    C_CS,
+    C_KIND,
+    C_LTS,
+    C_NC,
+    C_PBASE,
+    C_PBS,
+    C_PPS,
+    C_SIZE,
+    KIND_FULL,
+    KIND_SLIDING,
+    NCOL,
+    Dyn,
+    SideTables,
+)
 from .segcopy import _HAVE_TRITON, triton_available
 
 KV_TILE_BYTES = int(os.environ.get("PD_RUNTIME_KV_TILE_BYTES", "32768"))
@@ -36,7 +52,8 @@ if _HAVE_TRITON:
     @triton.jit
     def _kv_kernel(src, dst, ent, bt, NC: tl.constexpr, RB: tl.constexpr, TT: tl.constexpr,
                    VEC: tl.constexpr, WORD: tl.constexpr, GATHER: tl.constexpr):
-        # bt: [n_full, n_sliding, lo_sliding, off_sliding, off_state, lin_add (bytes), 0, 0, tables...]
+        # bt: [n_full, n_sliding, lo_sliding, off_sliding, off_state, lin_add (bytes), 0, 0,
+        #      tables...]
         # (request scalars travel with the tables: one upload, and no recompile per token count)
         tile = tl.program_id(0)
         e = tl.program_id(1).to(tl.int64)
@@ -114,7 +131,8 @@ class _KClass:
 class KVProgram:
     """One side's entity tables on one device; `run` moves one request's rows."""
 
-    def __init__(self, side: SideTables, device: torch.device | str, gather: bool, use_triton: bool | None = None):
+    def __init__(self, side: SideTables, device: torch.device | str, gather: bool,
+                 use_triton: bool | None = None):
         self.device = torch.device(device)
         self.gather = gather
         self.use_triton = triton_available(self.device) if use_triton is None else use_triton
@@ -129,7 +147,8 @@ class KVProgram:
             addr = ew[:, [C_CF, C_CS, C_CK, C_LTS, C_PBASE, C_PBS, C_PPS]].ravel()
             vec = min(_pow2_div(np.concatenate([addr, [256 // word]]), max(1, 16 // word)), unit)
             kinds = tuple(sorted({int(k) for k in ew[:, C_KIND]}))
-            self.classes.append(_KClass(word, unit, vec, kinds, torch.from_numpy(ew).to(self.device), ew,
+            ent_dev = torch.from_numpy(ew).to(self.device)
+            self.classes.append(_KClass(word, unit, vec, kinds, ent_dev, ew,
                                         int(ew[:, C_NC].max())))
 
     @property
@@ -139,14 +158,16 @@ class KVProgram:
     def upload(self, dyn: Dyn, lin_add: int = 0) -> torch.Tensor:
         """Request scalars + block tables as one int64 tensor on the device (one small copy)."""
         t = np.empty(HDR + dyn.tables.size, np.int64)
-        t[:HDR] = (dyn.n_full, dyn.n_sliding, dyn.lo_sliding, dyn.off_sliding, dyn.off_state, lin_add, 0, 0)
+        t[:HDR] = (dyn.n_full, dyn.n_sliding, dyn.lo_sliding, dyn.off_sliding, dyn.off_state,
+                   lin_add, 0, 0)
         t[HDR:] = dyn.tables
         tt = torch.from_numpy(t)
         if self.device.type == "cuda":
             return tt.to(self.device, non_blocking=True)
         return tt
 
-    def run(self, src: torch.Tensor, dst: torch.Tensor, dyn: Dyn, lin_add: int = 0, bt: torch.Tensor | None = None) -> None:
+    def run(self, src: torch.Tensor, dst: torch.Tensor, dyn: Dyn, lin_add: int = 0,
+            bt: torch.Tensor | None = None) -> None:
         """Gather: src = P arena, dst = staging (lin_add = slot offset). Scatter: src = received
         bytes (lin_add = their offset), dst = D arena. Flat contiguous uint8 tensors. `bt`: a
         tensor from upload(dyn, lin_add), or None to upload here."""
@@ -163,9 +184,9 @@ class KVProgram:
                 continue
             if self.use_triton:
                 tt = c.tt if nmax >= c.tt else max(1, triton.next_power_of_2(nmax))
-                _kv_kernel[(triton.cdiv(nmax, tt), c.n)](sw, dw, c.ent, bt, NC=NCOL, RB=c.unit, TT=tt,
-                                                         VEC=c.vec, WORD=w, GATHER=self.gather,
-                                                         num_warps=KV_NUM_WARPS)
+                grid = (triton.cdiv(nmax, tt), c.n)
+                _kv_kernel[grid](sw, dw, c.ent, bt, NC=NCOL, RB=c.unit, TT=tt, VEC=c.vec, WORD=w,
+                                 GATHER=self.gather, num_warps=KV_NUM_WARPS)
             else:
                 self._torch(c, sw, dw, bt[HDR:], dyn, lin_add // c.word, nmax)
 
@@ -173,23 +194,27 @@ class KVProgram:
         e = c.ent
         col = lambda k: e[:, k][:, None]  # noqa: E731
         kind = col(C_KIND)
-        n = torch.where(kind == KIND_FULL, dyn.n_full, torch.where(kind == KIND_SLIDING, dyn.n_sliding, col(C_NC)))
+        n = torch.where(kind == KIND_FULL, dyn.n_full,
+                        torch.where(kind == KIND_SLIDING, dyn.n_sliding, col(C_NC)))
         lo = torch.where(kind == KIND_SLIDING, dyn.lo_sliding, 0)
-        boff = torch.where(kind == KIND_FULL, 0, torch.where(kind == KIND_SLIDING, dyn.off_sliding, dyn.off_state))
+        boff = torch.where(kind == KIND_FULL, 0,
+                           torch.where(kind == KIND_SLIDING, dyn.off_sliding, dyn.off_state))
         tt = torch.arange(nmax, dtype=torch.int64, device=e.device)[None, :]
         m = tt < n
         t = lo + tt
         idx = torch.where(m, boff + t // col(C_BS), 0)
         blk = bt.to(e.device)[idx]
         pg = col(C_PBASE) + blk * col(C_PBS) + (t % col(C_BS)) * col(C_PPS)
-        lin = lin_add + col(C_CF) * dyn.n_full + col(C_CS) * dyn.n_sliding + col(C_CK) + tt * col(C_LTS)
+        lin = (lin_add + col(C_CF) * dyn.n_full + col(C_CS) * dyn.n_sliding + col(C_CK)
+               + tt * col(C_LTS))
         so, do = (pg, lin) if self.gather else (lin, pg)
         so, do = so[m], do[m]
         cols = torch.arange(c.unit, dtype=torch.int64, device=e.device)
         dw[(do[:, None] + cols).reshape(-1)] = sw[(so[:, None] + cols).reshape(-1)]
 
 
-def program_for(side: SideTables, device: torch.device | str, gather: bool, use_triton: bool | None = None) -> KVProgram:
+def program_for(side: SideTables, device: torch.device | str, gather: bool,
+                use_triton: bool | None = None) -> KVProgram:
     """Cached per (side table, device, path)."""
     key = (str(torch.device(device)), gather, use_triton)
     p = side.classes.get(key)

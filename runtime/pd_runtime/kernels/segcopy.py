@@ -12,7 +12,8 @@ from ..planner import Segments
 
 _WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 MAX_PIECE_BYTES = 8192  # pieces longer than this are cut (one Triton row of the tile)
-TILE_BYTES = int(os.environ.get("PD_RUNTIME_TILE_BYTES", "32768"))  # bytes one Triton program copies
+# bytes one Triton program copies
+TILE_BYTES = int(os.environ.get("PD_RUNTIME_TILE_BYTES", "32768"))
 NUM_WARPS = int(os.environ.get("PD_RUNTIME_NUM_WARPS", "16"))  # 0: pick by tile size
 
 try:  # Triton is optional (CPU CI has it with torch, but it needs a GPU to run)
@@ -31,7 +32,8 @@ def triton_available(device: torch.device | str) -> bool:
 if _HAVE_TRITON:
 
     @triton.jit
-    def _segcopy_kernel(src, dst, soff, doff, n, U: tl.constexpr, BS: tl.constexpr, VEC: tl.constexpr):
+    def _segcopy_kernel(src, dst, soff, doff, n, U: tl.constexpr, BS: tl.constexpr,
+                        VEC: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid.to(tl.int64) * BS + tl.arange(0, BS)
         rmask = rows < n
@@ -82,7 +84,8 @@ class SegmentProgram:
         return len(self.classes)
 
     @staticmethod
-    def prepare(seg: Segments, device: torch.device | str = "cpu", use_triton: bool | None = None) -> "SegmentProgram":
+    def prepare(seg: Segments, device: torch.device | str = "cpu",
+                use_triton: bool | None = None) -> SegmentProgram:
         device = torch.device(device)
         if use_triton is None:
             use_triton = triton_available(device)
@@ -112,7 +115,8 @@ class SegmentProgram:
             ps, pd = s // word, d // word
             unit = size // word
             vec = min(_pow2_divisor(np.concatenate([ps, pd]), max(1, 16 // word)), unit)
-            c = _Class(word, unit, vec, torch.from_numpy(ps).to(device), torch.from_numpy(pd).to(device))
+            c = _Class(word, unit, vec, torch.from_numpy(ps).to(device),
+                       torch.from_numpy(pd).to(device))
             if not use_triton:
                 cols = torch.arange(unit, dtype=torch.int64, device=device)
                 c.idx_s = (c.soff[:, None] + cols[None, :]).reshape(-1)
@@ -130,6 +134,7 @@ class SegmentProgram:
                 bs = max(1, min(1024, TILE_BYTES // (c.unit * c.word)))
                 grid = (triton.cdiv(c.n, bs),)
                 nw = NUM_WARPS or (8 if bs * c.unit * c.word >= 8192 else 4)
-                _segcopy_kernel[grid](sw, dw, c.soff, c.doff, c.n, U=c.unit, BS=bs, VEC=c.vec, num_warps=nw)
+                _segcopy_kernel[grid](sw, dw, c.soff, c.doff, c.n, U=c.unit, BS=bs, VEC=c.vec,
+                                      num_warps=nw)
             else:
                 dw[c.idx_d] = sw[c.idx_s]

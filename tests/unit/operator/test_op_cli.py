@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import yaml
+from op_fixtures import BASE
 
 from pd_operator.cli.main import build_parser, main
-
-from op_fixtures import BASE
 
 
 def test_render_prints_every_child(tmp_path, capsys):

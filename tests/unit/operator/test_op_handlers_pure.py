@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 import datetime
 
+from op_fixtures import BASE
+
 from pd_operator import handlers, leader
 from pd_operator.render import Owner, render
 from pd_operator.validate import parse_spec
-
-from op_fixtures import BASE
 
 
 def _children():
@@ -62,7 +62,7 @@ def test_rbac_rules_cover_every_child_kind():
 
 
 def _lease(holder, renew_age_s, duration=10):
-    t = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=renew_age_s)
+    t = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=renew_age_s)
     return {"spec": {"holderIdentity": holder, "leaseDurationSeconds": duration,
                      "renewTime": leader._fmt(t)}}
 
@@ -73,8 +73,8 @@ def test_lease_expiry():
     assert e._expired(_lease("other", 30))
     assert e._expired(_lease("", 1))
     assert leader._parse(leader._fmt(datetime.datetime(2026, 1, 2, 3, 4, 5, 6,
-                                                       tzinfo=datetime.timezone.utc))) \
-        == datetime.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=datetime.timezone.utc)
+                                                       tzinfo=datetime.UTC))) \
+        == datetime.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=datetime.UTC)
 
 
 def test_no_handler_needs_a_finalizer():

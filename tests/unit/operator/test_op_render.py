@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from op_fixtures import BASE, examples, load, obj
 
 from pd_operator.render import Owner, child_key, render
 from pd_operator.render import labels as L
 from pd_operator.validate import SpecError, parse_object, parse_spec
-
-from op_fixtures import BASE, examples, load, obj
 
 OWNER = Owner("demo", "ns1", "uid-123")
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from op_fixtures import BASE, obj
+
 from pd_operator import status
 from pd_operator.render import Owner, render
 from pd_operator.validate import parse_spec
-
-from op_fixtures import BASE, obj
 
 DESIRED = {"prefill": 1, "decode": 2, "router": 1}
 

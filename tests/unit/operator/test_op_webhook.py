@@ -10,10 +10,9 @@ import ssl
 
 import aiohttp
 import pytest
+from op_fixtures import BASE, examples, load, obj
 
 from pd_operator.webhook import certs, configs, review, server
-
-from op_fixtures import BASE, examples, load, obj
 
 
 def _review(op, new, old=None, uid="u-1"):

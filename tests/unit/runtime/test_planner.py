@@ -26,7 +26,13 @@ from pd_runtime.planner import (
     readers_of,
     release_assignments,
 )
-from pd_runtime.reference import apply_segments, expected_decode_arena, random_arena, random_logical, store
+from pd_runtime.reference import (
+    apply_segments,
+    expected_decode_arena,
+    random_arena,
+    random_logical,
+    store,
+)
 
 
 def make_request(spec: RankSpec, T: int, rng: np.random.Generator) -> Request:
@@ -68,7 +74,10 @@ def run_transfer(p_pool: RankSpec, d_pool: RankSpec, T: int, seed: int) -> None:
         from pd_runtime.kvcache import arena_layout
 
         for pl in arena_layout(d).placements:
-            lo, hi = live_token_range(d.model, pl.comp.group, T) if pl.comp.paged else (0, pl.comp.state_len)
+            if pl.comp.paged:
+                lo, hi = live_token_range(d.model, pl.comp.group, T)
+            else:
+                lo, hi = 0, pl.comp.state_len
             need += (hi - lo) * len(pl.heads)
         assert rows_read == need
     # every P rank is either read or released, and consumer counts add up
@@ -87,7 +96,8 @@ FAMILIES = ["dense", "mla", "sliding", "hybrid-ssm"]
 def pairings(draw):
     family = draw(st.sampled_from(FAMILIES))
     heads = draw(st.sampled_from([1, 2, 4, 6]))
-    tps = [t for t in (1, 2, 3, 4, 6) if (t <= heads and heads % t == 0) or (t > heads and t % heads == 0)]
+    tps = [t for t in (1, 2, 3, 4, 6)
+           if (t <= heads and heads % t == 0) or (t > heads and t % heads == 0)]
     if family in ("hybrid-ssm",):
         tps = [t for t in tps if t in (1, 2)]
     p_tp = draw(st.sampled_from(tps))
@@ -144,8 +154,8 @@ def test_plan_matches_brute_force(case):
 @pytest.mark.parametrize("cache", ["auto", "fp8"])
 def test_named_cells(family, heads, p_tp, d_tp, pb, db, pl, dl, cache):
     m = ModelSpec(family=family, num_layers=3, num_kv_heads=heads, head_size=8, cache_dtype=cache,
-                  kv_lora_rank=16, rope_dim=8, sliding_window=21, ssm_heads=4, ssm_groups=2, d_state=4,
-                  ssm_head_dim=4)
+                  kv_lora_rank=16, rope_dim=8, sliding_window=21, ssm_heads=4, ssm_groups=2,
+                  d_state=4, ssm_head_dim=4)
     p = RankSpec(m, p_tp, 0, pb, pl, 12, 4)
     d = RankSpec(m, d_tp, 0, db, dl, 12, 4)
     run_transfer(p, d, 83, 7)

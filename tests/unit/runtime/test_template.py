@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from test_planner import make_request, pairings  # noqa: E402 (rootdir-relative, no packages)
 
 from pd_runtime.kernels.kvcopy import program_for
 from pd_runtime.kvcache import ModelSpec, RankSpec
 from pd_runtime.planner import PlanError, Request, plan_d_rank
 from pd_runtime.reference import apply_segments, random_arena
 from pd_runtime.template import PairTemplate, TemplateCache
-
-from test_planner import make_request, pairings  # noqa: E402 (rootdir-relative, no packages)
 
 
 def check_case(p, d, T, seed):
@@ -36,12 +35,14 @@ def check_case(p, d, T, seed):
             want_slot = slot.copy()
             apply_segments(pa, want_slot, pp.gather.shifted(dst_by=256))
             st = torch.from_numpy(slot)
-            program_for(tm.gather, "cpu", True).run(torch.from_numpy(pa), st, tm.dyn("prefill", preq, T), 256)
+            dyn = tm.dyn("prefill", preq, T)
+            program_for(tm.gather, "cpu", True).run(torch.from_numpy(pa), st, dyn, 256)
             np.testing.assert_array_equal(slot, want_slot)
             da = random_arena(dd, seed % 977 + dr)
             want = da.copy()
             apply_segments(slot[256 : 256 + pp.nbytes], want, pp.scatter)
-            program_for(tm.scatter, "cpu", False).run(st, torch.from_numpy(da), tm.dyn("decode", dreq, T), 256)
+            dyn = tm.dyn("decode", dreq, T)
+            program_for(tm.scatter, "cpu", False).run(st, torch.from_numpy(da), dyn, 256)
             np.testing.assert_array_equal(da, want)
 
 
@@ -51,7 +52,8 @@ def test_template_matches_planner(case):
     check_case(*case)
 
 
-@pytest.mark.parametrize("geo", [(1, 2, 16, 32, "HND", "NHD"), (2, 1, 16, 12, "NHD", "HND"), (4, 8, 8, 8, "HND", "HND")])
+@pytest.mark.parametrize("geo", [(1, 2, 16, 32, "HND", "NHD"), (2, 1, 16, 12, "NHD", "HND"),
+                                 (4, 8, 8, 8, "HND", "HND")])
 def test_llama_like_geometries(geo):
     p_tp, d_tp, pb, db, pl, dl = geo
     m = ModelSpec(num_layers=2, num_kv_heads=8, head_size=16, cache_dtype="fp8")
