@@ -238,3 +238,29 @@ class DecodeSide:
                 dr.close()
             self.conns.clear()
 
+
+
+def engine_factors(cfg: Any, model_name: str, cache_dtype: str = "auto") -> dict:
+    """The compatibility factors this engine hashes in the handshake (compat.hashing)."""
+    from .. import __version__
+    from ..compat.hashing import builtin_factors
+
+    m = cfg.model_spec(cache_dtype)
+    return builtin_factors(runtime_version=__version__, model=model_name, dtype=m.dtype,
+                           num_kv_heads=m.num_kv_heads, head_size=m.head_size,
+                           num_hidden_layers=m.num_layers, cache_dtype=m.cache_dtype,
+                           family=m.family)
+
+
+def make_prefill_side(spec: RankSpec, factors: dict, token: bytes | str, arena: torch.Tensor, *,
+                      host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None,
+                      lease_s: float = 30.0, device: str = "cpu",
+                      engine_id: str | None = None) -> PrefillSide:
+    """P's side for TP rank `spec.tp_rank` of a pool listening on base `port` + rank."""
+    from ..worker import PrefillRank
+
+    rank = PrefillRank(spec, factors, _factors_token(token), device, lease_s=lease_s, host=host,
+                       port=port + spec.tp_rank if port else 0, arena=arena)
+    base = rank.address[1] - spec.tp_rank
+    return PrefillSide([rank], engine_id or uuid.uuid4().hex, advertise_host or rank.address[0],
+                       base, spec.tp_size, spec.block_size)

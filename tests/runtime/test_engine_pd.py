@@ -1,0 +1,177 @@
+"""P/D through two LLMEngines in one process, KV moved by NIXL over UCX (host memory).
+
+The decode engine's greedy output equals offline `generate` token for token; P block 16 ->
+D block 32 and HND -> NHD; an expired lease is an error (never tokens); malformed
+kv_transfer_params are refused (400); blocks are freed on both sides.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+try:
+    from pd_runtime.transport import import_nixl
+
+    import_nixl()
+    NIXL_ERR = None
+except Exception as e:  # noqa: BLE001
+    NIXL_ERR = str(e)
+
+from pd_runtime.engine.checkpoint import load_checkpoint
+from pd_runtime.engine.core import LLMEngine, Output, engine_from_checkpoint, rank_spec_for
+from pd_runtime.engine.errors import InvalidKVTransferParams, KVPullFailed
+from pd_runtime.engine.generate import generate
+from pd_runtime.engine.pd import DecodeSide, engine_factors, make_prefill_side
+from pd_runtime.engine.sampling import SamplingParams
+from tests.engine_fixtures import write_tiny_llama
+
+pytestmark = [
+    pytest.mark.nixl,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(NIXL_ERR is not None, reason=f"nixl cannot be imported here: {NIXL_ERR}"),
+]
+
+TOKEN = "test-side-channel-token"
+ROUTER_P_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                   "remote_block_ids": None, "remote_host": None, "remote_port": None}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return load_checkpoint(write_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=11, kv_heads=4))
+
+
+def make_pair(ckpt, p_block=16, d_block=32, p_layout="HND", d_layout="NHD", lease_s=30.0):
+    f = engine_factors(ckpt.config, "tiny")
+    ps = rank_spec_for(ckpt.config, block_size=p_block, layout=p_layout, num_blocks=1024 // p_block)
+    p = engine_from_checkpoint(ckpt, ps, seed=0)
+    assert p.arena is not None
+    p.prefill = make_prefill_side(ps, f, TOKEN, p.arena, lease_s=lease_s)
+    ds = rank_spec_for(ckpt.config, block_size=d_block, layout=d_layout, num_blocks=1024 // d_block)
+    d = engine_from_checkpoint(ckpt, ds, seed=0)
+    assert d.arena is not None
+    d.decode = DecodeSide(ds, f, TOKEN, d.arena, timeout=10.0)
+    return p, d
+
+
+def close(p: LLMEngine, d: LLMEngine) -> None:
+    assert d.decode is not None and p.prefill is not None
+    d.decode.close()
+    p.prefill.close()
+
+
+def drain(eng: LLMEngine, limit: int = 500) -> list[Output]:
+    outs: list[Output] = []
+    for _ in range(limit):
+        if not eng.has_unfinished():
+            return outs
+        outs += eng.step()
+    raise AssertionError("engine did not finish")
+
+
+def wait_released(p: LLMEngine, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while p.held and time.monotonic() < end:
+        p.step()
+        time.sleep(0.01)
+    assert not p.held, "prefill still holds blocks"
+    assert p.blocks.usage() == 0.0
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    r = random.Random(seed)
+    return [[r.randrange(2, 256) for _ in range(r.randrange(2, 70))] for _ in range(n)]
+
+
+def prefill_all(p: LLMEngine, ps: list[list[int]]) -> dict[str, dict]:
+    for i, pr in enumerate(ps):
+        p.add_request(f"q{i}", pr, SamplingParams(max_tokens=1, min_tokens=1, temperature=0),
+                      dict(ROUTER_P_PARAMS))
+    kv = {}
+    for o in drain(p):
+        assert o.error is None
+        if o.finished:
+            assert len(o.token_ids) == 1 and o.kv_transfer_params is not None
+            kv[o.request_id] = o.kv_transfer_params
+    return kv
+
+
+@pytest.mark.parametrize("cell", [
+    dict(p_block=16, d_block=32, p_layout="HND", d_layout="NHD"),
+    dict(p_block=16, d_block=16, p_layout="NHD", d_layout="HND"),
+])
+def test_disaggregated_equals_offline(ckpt, cell):
+    p, d = make_pair(ckpt, **cell)
+    try:
+        ps = prompts(4, seed=1) + [[7]]  # a one-token prompt has nothing to pull
+        lens = [8, 5, 11, 3, 4]
+        kv = prefill_all(p, ps)
+        for i, pr in enumerate(ps):
+            d.add_request(f"q{i}", pr, SamplingParams(max_tokens=lens[i], temperature=0),
+                          kv[f"q{i}"])
+        got: dict[str, list[int]] = {}
+        for o in drain(d):
+            assert o.error is None, o.error
+            got.setdefault(o.request_id, []).extend(o.token_ids)
+        for i, pr in enumerate(ps):
+            want = generate(ckpt, pr, lens[i], ignore_eos=True)
+            assert got[f"q{i}"] == want, f"prompt {i} ({len(pr)} tokens)"
+        assert d.decode is not None and d.decode.stats.kv_pulls == 4
+        assert d.decode.stats.kv_pull_bytes > 0
+        assert d.blocks.usage() == 0.0
+        wait_released(p)
+    finally:
+        close(p, d)
+
+
+def test_expired_lease_is_an_error_never_tokens(ckpt):
+    p, d = make_pair(ckpt, lease_s=0.3)
+    try:
+        pr = prompts(1, seed=2)[0] + [3, 4, 5]
+        kv = prefill_all(p, [pr])["q0"]
+        time.sleep(0.6)
+        wait_released(p)  # the lease expired: P freed the blocks by itself
+        d.add_request("q0", pr, SamplingParams(max_tokens=4, temperature=0), kv)
+        outs = drain(d)
+        assert [o.token_ids for o in outs] == [[]]
+        assert outs[0].finish_reason == "error" and isinstance(outs[0].error, KVPullFailed)
+        assert outs[0].error.http_status == 503
+        assert d.blocks.usage() == 0.0
+        assert d.decode is not None and d.decode.stats.kv_pull_failures == 1
+    finally:
+        close(p, d)
+
+
+BAD = [
+    "not a dict",
+    {"do_remote_prefill": True},
+    {"do_remote_prefill": True, "do_remote_decode": True},
+    {"do_remote_decode": "yes"},
+]
+
+
+def good_params(n: int) -> dict:
+    return {"do_remote_prefill": True, "do_remote_decode": False, "pd_protocol": 1,
+            "remote_engine_id": "e1", "remote_request_id": "r1", "remote_block_ids": {"0": [0]},
+            "remote_host": "127.0.0.1", "remote_port": 5600, "tp_size": 1,
+            "remote_num_tokens": n}
+
+
+@pytest.mark.parametrize("change", [
+    {"pd_protocol": 2}, {"remote_port": 0}, {"remote_port": "5600"}, {"tp_size": 0},
+    {"remote_num_tokens": 99}, {"remote_request_id": "a:b"}, {"remote_block_ids": {"7": [1]}},
+    {"remote_block_ids": {"0": [-5]}}, {"remote_host": ""}, {"remote_engine_id": None},
+])
+def test_malformed_kv_transfer_params_are_refused(ckpt, change):
+    from pd_runtime.engine.pd import parse_kv_transfer_params
+
+    with pytest.raises(InvalidKVTransferParams) as e:
+        parse_kv_transfer_params({**good_params(4), **change}, 5)
+    assert e.value.http_status == 400
+    for bad in BAD:
+        with pytest.raises(InvalidKVTransferParams):
+            parse_kv_transfer_params(bad, 5)
+    assert parse_kv_transfer_params(good_params(4), 5).remote_num_tokens == 4  # type: ignore[union-attr]
