@@ -87,3 +87,88 @@ def write_tiny_hf(path: str | Path, config: dict[str, Any], *, seed: int = 0) ->
     out = Path(path)
     model.save_pretrained(str(out))
     return str(out)
+
+
+def tp_greedy_worker(rank: int, size: int, init_file: str, out_dir: str,
+                     jobs: list[dict[str, Any]]) -> None:
+    """One TP rank (torch.multiprocessing spawn target): for each job {path, prompt, n, layout,
+    block_size, cache_dtype}, greedy decode on this rank's shard; saves tokens and logits."""
+    from pd_runtime import kvcache
+    from pd_runtime.engine.checkpoint import load_checkpoint
+    from pd_runtime.engine.dist import init_tp, shutdown_tp
+    from pd_runtime.engine.generate import greedy
+    from pd_runtime.engine.kv import KVCache
+    from pd_runtime.engine.runner import ModelRunner
+
+    torch.set_num_threads(1)
+    group = init_tp(rank, size, f"file://{init_file}", "cpu", timeout_s=60)
+    try:
+        results = []
+        for job in jobs:
+            ck = load_checkpoint(job["path"])
+            spec = kvcache.RankSpec(ck.config.model_spec(job.get("cache_dtype", "auto")),
+                                    tp_size=size, tp_rank=rank,
+                                    block_size=job.get("block_size", 4),
+                                    layout=job.get("layout", "HND"), num_blocks=64)
+            runner = ModelRunner(ck, KVCache.allocate(spec), "cpu", rank, size, group)
+            tokens, logits = greedy(runner, job["prompt"], job["n"],
+                                    prefill_chunk=job.get("prefill_chunk", 0))
+            results.append({"tokens": tokens, "logits": torch.stack(logits)})
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        shutdown_tp()
+
+
+def run_tp(size: int, jobs: list[dict[str, Any]], tmp: Path, timeout_s: float = 150.0) -> list[Any]:
+    """Run tp_greedy_worker on `size` spawned processes; each rank's results (bounded in time,
+    every process killed on timeout or failure)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(tp_greedy_worker, args=(size, str(tmp / "init"), str(tmp), jobs),
+                             nprocs=size, join=False, start_method="spawn")
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"TP {size} workers did not finish in {timeout_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(size)]
+
+
+_BASE: dict[str, Any] = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=8, intermediate_size=96,
+                             max_position_embeddings=512, eos_token_id=None, bos_token_id=1,
+                             pad_token_id=0, tie_word_embeddings=False)
+_DEEPSEEK: dict[str, Any] = dict(model_type="deepseek_v2", kv_lora_rank=32, q_lora_rank=None,
+                                 qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                                 n_routed_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=32, n_shared_experts=1,
+                                 first_k_dense_replace=1, topk_method="greedy",
+                                 norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1,
+                                 topk_group=1)
+# One tiny config per engine family, each an architecture transformers has (the reference).
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "dense": dict(_BASE, model_type="qwen2"),  # q/k/v biases
+    "moe": dict(_BASE, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
+    "moe-shared": dict(_BASE, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=48, shared_expert_intermediate_size=64,
+                       norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1]),
+    # kvcache.py's sliding pattern: odd layers windowed, in their own KV-cache group
+    "sliding": dict(_BASE, model_type="qwen2", use_sliding_window=True, sliding_window=5,
+                    max_window_layers=0,
+                    layer_types=["full_attention", "sliding_attention"] * 2),
+    "sliding-all": dict(_BASE, model_type="mistral", sliding_window=5),  # every layer windowed
+    "mla": dict(_BASE, **_DEEPSEEK),
+    "mla-qlora": dict(_BASE, **dict(_DEEPSEEK, q_lora_rank=24)),
+}
+
+
+def write_family(path: str | Path, family: str, *, seed: int = 0) -> str:
+    """A tiny random checkpoint of FAMILY_CONFIGS[family] (needs transformers)."""
+    return write_tiny_hf(path, FAMILY_CONFIGS[family], seed=seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMAND_MODULES = (
@@ -41,6 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 
+    except BrokenPipeError:
+        # the reader went away (`pdctl check ... | head`): say so once, and keep the
+        # interpreter's final flush of stdout from raising again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("error: output closed before it was all written", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a last resort: one line, not a traceback
+        if os.environ.get("PDCTL_TRACEBACK"):
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (PDCTL_TRACEBACK=1 shows where)",
+              file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

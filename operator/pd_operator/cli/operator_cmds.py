@@ -67,12 +67,21 @@ def register(sub) -> None:
 
 # ----------------------------------------------------------------------------- render
 def cmd_render(args: argparse.Namespace) -> int:
+    from .validate_cmds import YAML_LOADER, InputError, read_text
     from ..render import Owner, render
     from ..validate import SpecError, parse_object
 
-    text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
+    try:
+        docs = list(yaml.load_all(read_text(args.filename), Loader=YAML_LOADER))
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except yaml.YAMLError as exc:
+        label = "stdin" if args.filename == "-" else args.filename
+        print(f"error: {label} is not YAML: {exc}", file=sys.stderr)
+        return 2
     items: list[dict[str, Any]] = []
-    for doc in yaml.safe_load_all(text):
+    for doc in docs:
         if not doc:
             continue
         try:

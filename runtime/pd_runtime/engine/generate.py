@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from .. import kvcache
@@ -19,24 +21,34 @@ def generate(ckpt: Checkpoint, prompt_ids: list[int], max_tokens: int, *, block_
         raise ValueError("empty prompt")
     if max_tokens < 1:
         return []
-    total = len(prompt_ids) + max_tokens
     spec = kvcache.RankSpec(ckpt.config.model_spec(cache_dtype), block_size=block_size,
-                            layout=layout, num_blocks=kvcache.blocks_needed(total, block_size))
+                            layout=layout,
+                            num_blocks=kvcache.blocks_needed(len(prompt_ids) + max_tokens, block_size))
     runner = ModelRunner(ckpt, KVCache.allocate(spec, device), device)
+    eos = () if ignore_eos else ckpt.config.eos_token_ids
+    tokens, _ = greedy(runner, prompt_ids, max_tokens, prefill_chunk=prefill_chunk, eos=eos)
+    return tokens
+
+
+def greedy(runner: ModelRunner, prompt_ids: list[int], max_tokens: int, *, prefill_chunk: int = 0,
+           eos: Collection[int] = ()) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding of one sequence on `runner` (any TP rank: every rank calls it with the same
+    arguments) from block 0 of each group; the tokens and the logits of each step."""
+    spec = runner.kv.spec
     ids = list(range(spec.num_blocks))
     groups = [g for g in kvcache.groups_of(spec.model) if g != kvcache.GROUP_STATE]
+    logits: list[torch.Tensor] = []
 
     def step(tokens: list[int], start: int) -> int:
-        tables = {g: chunk_block_table(spec.model, g, start, start + len(tokens), block_size, ids)
-                  for g in groups}
-        logits = runner.execute([SeqChunk(tokens, start, tables)])
-        return int(torch.argmax(logits[0]))
+        tables = {g: chunk_block_table(spec.model, g, start, start + len(tokens), spec.block_size,
+                                       ids) for g in groups}
+        logits.append(runner.execute([SeqChunk(tokens, start, tables)])[0])
+        return int(torch.argmax(logits[-1]))
 
     chunk = prefill_chunk or len(prompt_ids)
     for start in range(0, len(prompt_ids), chunk):
         tok = step(prompt_ids[start : start + chunk], start)
     out = [tok]
-    eos = set() if ignore_eos else set(ckpt.config.eos_token_ids)
     while len(out) < max_tokens and out[-1] not in eos:
         out.append(step([out[-1]], len(prompt_ids) + len(out) - 1))
-    return out
+    return out, logits
