@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "pd_operator.cli.validate_cmds",  # check, crd, explain, model-info
     "pd_operator.cli.dev_cmds",  # dev cluster up|down|status|kubeconfig
     "pd_operator.cli.operator_cmds",  # operator run
+    "pd_operator.cli.run_cmds",  # run (a PDDeployment on this machine)
 )
 
 
