@@ -67,9 +67,9 @@ def register(sub) -> None:
 
 # ----------------------------------------------------------------------------- render
 def cmd_render(args: argparse.Namespace) -> int:
-    from .validate_cmds import YAML_LOADER, InputError, read_text
     from ..render import Owner, render
     from ..validate import SpecError, parse_object
+    from .validate_cmds import YAML_LOADER, InputError, read_text
 
     try:
         docs = list(yaml.load_all(read_text(args.filename), Loader=YAML_LOADER))

@@ -3,6 +3,7 @@ need no cluster."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -14,6 +15,51 @@ EXIT_OK, EXIT_REJECTED, EXIT_INVALID = 0, 1, 2
 # libyaml's loader when PyYAML was built with it (about 10x faster), else the pure-Python one
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 OUTPUTS = ("table", "json", "yaml")
+# Per input. The API server takes requests up to 3 MiB, so a PDDeployment is far smaller; the
+# limit keeps a stray large file from costing gigabytes of memory and a minute of parsing.
+DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+
+
+class InputError(Exception):
+    """An input that cannot be read as UTF-8 text; the message names the input and why."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def read_text(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
+    """The UTF-8 text of a file, or of stdin for '-', at most `max_bytes` long.
+
+    Raises InputError for a missing or unreadable file, a closed stdin, an input above the
+    limit (read no further than limit + 1 bytes) and bytes that are not UTF-8.
+    """
+    label = "stdin" if path == "-" else path
+    try:
+        if path == "-":
+            if sys.stdin is None:  # started with stdin closed (`<&-`)
+                raise InputError("cannot read stdin: it is closed")
+            data = sys.stdin.buffer.read(max_bytes + 1)
+        else:
+            with open(path, "rb") as fh:
+                data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read {label}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # reading a stream that was closed
+        raise InputError(f"cannot read {label}: {exc}") from None
+    if len(data) > max_bytes:
+        raise InputError(f"{label} is larger than {max_bytes} bytes (raise the limit with "
+                         "--max-bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{label} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
 
 
 def register(sub) -> None:
@@ -23,6 +69,8 @@ def register(sub) -> None:
                            "any rejected; 2: unreadable or schema-invalid input.")
     check.add_argument("files", nargs="+", metavar="FILE")
     check.add_argument("-o", "--output", choices=OUTPUTS, default="table")
+    check.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES,
+                       help=f"largest input read, per file (default {DEFAULT_MAX_BYTES})")
     check.set_defaults(func=run_check)
 
     crd = sub.add_parser("crd", help="print the PDDeployment CRD")
@@ -39,6 +87,8 @@ def register(sub) -> None:
     info.add_argument("config", metavar="CONFIG.json")
     info.add_argument("--name", default=None, help="model string to put in spec.model.name")
     info.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
+    info.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES,
+                      help=f"largest config read (default {DEFAULT_MAX_BYTES})")
     info.set_defaults(func=run_model_info)
 
 
@@ -54,16 +104,10 @@ class DocReport:
         return bool(self.errors)
 
 
-def _read(path: str) -> str:
-    if path == "-":
-        return sys.stdin.read()
-    with open(path, encoding="utf-8") as fh:
-        return fh.read()
-
-
-def _documents(path: str) -> list[tuple[str, Any]]:
-    """(label, parsed document) pairs; raises OSError or yaml.YAMLError."""
-    docs = [d for d in yaml.load_all(_read(path), Loader=YAML_LOADER) if d is not None]
+def _documents(path: str, max_bytes: int) -> list[tuple[str, Any]]:
+    """(label, parsed document) pairs; raises InputError or yaml.YAMLError."""
+    docs = [d for d in yaml.load_all(read_text(path, max_bytes), Loader=YAML_LOADER)
+            if d is not None]
     if len(docs) == 1:
         return [(path, docs[0])]
     return [(f"{path}#{i + 1}", d) for i, d in enumerate(docs)]
@@ -75,16 +119,33 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return where + str(getattr(exc, "problem", None) or exc)
 
 
-def check_documents(paths: list[str]) -> list[DocReport]:
+def strict_problems(doc: Any) -> list[tuple[str, str]]:
+    """Schema problems under the API server's typing: no "4" or true for an integer, no "no"
+    for a boolean (pydantic's default lax mode would coerce them; the CRD schema refuses)."""
+    from pydantic import ValidationError
+
+    from ..api.v1alpha1 import PDDeployment
+    from ..validate import schema_errors
+
+    if not isinstance(doc, dict):
+        return []  # validate_object names the problem
+    try:
+        PDDeployment.model_validate(doc, strict=True)
+    except ValidationError as exc:
+        return schema_errors(exc)
+    return []
+
+
+def check_documents(paths: list[str], max_bytes: int = DEFAULT_MAX_BYTES) -> list[DocReport]:
     from ..validate import SpecError, validate_object
 
     reports: list[DocReport] = []
     for path in paths:
         try:
-            documents = _documents(path)
-        except OSError as exc:
+            documents = _documents(path, max_bytes)
+        except InputError as exc:
             reports.append(DocReport(path, {"name": None, "accepted": False},
-                                     [("(file)", exc.strerror or str(exc))]))
+                                     [("(file)", str(exc))]))
             continue
         except yaml.YAMLError as exc:
             reports.append(DocReport(path, {"name": None, "accepted": False},
@@ -92,10 +153,14 @@ def check_documents(paths: list[str]) -> list[DocReport]:
             continue
         for label, doc in documents:
             try:
+                problems = strict_problems(doc)
+                if problems:
+                    raise SpecError(problems)
                 body = validate_object(doc).to_dict()
                 reports.append(DocReport(label, body))
             except SpecError as exc:
-                name = doc.get("metadata", {}).get("name") if isinstance(doc, dict) else None
+                meta = doc.get("metadata") if isinstance(doc, dict) else None
+                name = meta.get("name") if isinstance(meta, dict) else None
                 name = name if isinstance(name, str) else None
                 reports.append(DocReport(label, {"name": name, "accepted": False},
                                          list(exc.problems)))
@@ -134,7 +199,7 @@ def _print_table(reports: list[DocReport], out: TextIO) -> None:
 
 
 def run_check(args) -> int:
-    reports = check_documents(args.files)
+    reports = check_documents(args.files, args.max_bytes)
     if not reports:
         print("error: no PDDeployment documents found", file=sys.stderr)
         return EXIT_INVALID
@@ -216,15 +281,18 @@ def run_model_info(args) -> int:
     from ..model_info import model_block_from_hf_config
 
     try:
-        config = json.loads(_read(args.config))
+        config = json.loads(read_text(args.config, args.max_bytes))
         block = model_block_from_hf_config(config, name=args.name)
-    except OSError as exc:
-        print(f"error: cannot read {args.config}: {exc.strerror or exc}", file=sys.stderr)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except RecursionError:
+        print(f"error: {args.config}: nested too deeply", file=sys.stderr)
         return EXIT_INVALID
     except json.JSONDecodeError as exc:
         print(f"error: {args.config} is not JSON: line {exc.lineno}: {exc.msg}", file=sys.stderr)
         return EXIT_INVALID
-    except ValueError as exc:
+    except (ValueError, ArithmeticError, TypeError) as exc:  # values no model has (0 heads)
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return EXIT_INVALID
     if args.output == "json":
