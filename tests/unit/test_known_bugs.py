@@ -185,6 +185,14 @@ def test_hybrid_kernel_block_warns_on_unequal_tp():
     assert severity_of(decide(spec("0.33.0", model=NEMOTRON_H)), "BUG-HYBRID-KERNEL-BLOCK") is None
 
 
+def test_speculation_on_a_hybrid_decode_warns():
+    mtp = {"speculative": {"method": "mtp", "numSpeculativeTokens": 1}}
+    hybrid = decide(spec("0.33.0", model=NEMOTRON_H, prefill=mtp, decode=mtp))
+    dense = decide(spec("0.33.0", prefill=mtp, decode=mtp))
+    assert severity_of(hybrid, "BUG-SSM-SPEC-TRANSFER") == WARN
+    assert severity_of(dense, "BUG-SSM-SPEC-TRANSFER") is None
+
+
 def test_fp8_kv_on_hybrid_warns():
     fp8 = {"kvCacheDtype": "fp8"}
     hybrid = decide(spec("0.33.0", model=NEMOTRON_H, prefill=fp8, decode=fp8))

@@ -203,6 +203,21 @@ RULES: tuple[Rule, ...] = (
         "0.33.0 (model_executor/models/config.py L585-599)",
     ),
     Rule(
+        id="BUG-SSM-SPEC-TRANSFER", severity=WARN, families=frozenset({"hybrid-ssm"}),
+        summary="MTP/EAGLE speculation on a hybrid decode fails on transferred requests.",
+        when=lambda p, d: d.speculative is not None and d.speculative.is_eagle_family,
+        fields=("d.speculative",),
+        message="decode speculates ({d.speculative.method}) on a hybrid model: a request whose "
+        "first decode step arrives over NIXL has no previous-step Mamba state, and the Mamba "
+        "mixer asserts on it (Nemotron-3-Super, TP4/TP4); with a KV connector attached, align "
+        "mode also corrupted output under speculation (Qwen3.8-27B, 0.27.1); no fix is released",
+        fix="disable speculative decoding on both pools for hybrid models, or prove the pairing "
+        "under load first",
+        source="ai-dynamo/dynamo#12198 (open); vllm-project/vllm#53505 (closed without a fix "
+        "named)",
+        unless=("SSM-UNSUPPORTED",),
+    ),
+    Rule(
         id="BUG-FP8-KV-HYBRID", severity=WARN, versions=since(0, 19),
         families=frozenset({"hybrid-ssm"}),
         summary="FP8 KV on a disaggregated hybrid model has corrupted output.",
