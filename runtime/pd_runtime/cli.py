@@ -8,6 +8,20 @@ import platform
 import sys
 
 
+def _positive(kind):
+    """An argparse type: a number above zero (a zero block or token count would divide by
+    zero deep inside the test instead of being refused here)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is not above zero")
+        return value
+    return parse
+
+
 def _device_name(device: str) -> str:
     if device == "cuda":
         import torch
@@ -65,21 +79,21 @@ def main(argv: list[str] | None = None) -> int:
                        "check every byte")
     t.add_argument("--family", default="dense",
                    choices=["dense", "moe", "mla", "sliding", "hybrid-ssm"])
-    t.add_argument("--p-tp", type=int, default=1)
-    t.add_argument("--d-tp", type=int, default=1)
-    t.add_argument("--p-block", type=int, default=16)
-    t.add_argument("--d-block", type=int, default=16)
+    t.add_argument("--p-tp", type=_positive(int), default=1)
+    t.add_argument("--d-tp", type=_positive(int), default=1)
+    t.add_argument("--p-block", type=_positive(int), default=16)
+    t.add_argument("--d-block", type=_positive(int), default=16)
     t.add_argument("--p-layout", default="HND", choices=["HND", "NHD", "LBHNC", "LBNHC"])
     t.add_argument("--d-layout", default="HND", choices=["HND", "NHD", "LBHNC", "LBNHC"])
     t.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8"])
-    t.add_argument("--tokens", type=int, default=256)
-    t.add_argument("--requests", type=int, default=2)
-    t.add_argument("--layers", type=int, default=4)
-    t.add_argument("--kv-heads", type=int, default=8)
-    t.add_argument("--head-size", type=int, default=64)
+    t.add_argument("--tokens", type=_positive(int), default=256)
+    t.add_argument("--requests", type=_positive(int), default=2)
+    t.add_argument("--layers", type=_positive(int), default=4)
+    t.add_argument("--kv-heads", type=_positive(int), default=8)
+    t.add_argument("--head-size", type=_positive(int), default=64)
     t.add_argument("--sliding-window", type=int, default=100)
     t.add_argument("--seed", type=int, default=1)
-    t.add_argument("--timeout", type=float, default=60.0)
+    t.add_argument("--timeout", type=_positive(float), default=60.0)
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--rules", default="auto", choices=["auto", "compat", "capabilities"],
                    help="which rules decide exit code 2: compat.check_pools (auto, when present) "

@@ -155,3 +155,16 @@ def test_unexpected_error_is_one_line(monkeypatch, capsys):
     assert cli_main.main(["crd"]) == 2
     err = capsys.readouterr().err
     assert "RuntimeError: renderer fell over" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [["--tokens", "0"], ["--p-block", "0"], ["--d-tp", "-2"],
+                                  ["--timeout", "-1"], ["--kv-heads", "x"]])
+def test_transfer_test_refuses_bad_numbers_before_running(args, capsys):
+    """pd-runtime transfer-test: a zero block or token count raised ZeroDivisionError/KeyError
+    deep in the test; now argparse refuses it (exit 2, one line)."""
+    from pd_runtime.cli import main as runtime_main
+
+    with pytest.raises(SystemExit) as exc:
+        runtime_main(["transfer-test", *args])
+    assert exc.value.code == 2
+    assert args[0] in capsys.readouterr().err
