@@ -10,7 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv cluster-binaries test test-unit lint demo clean-venv generate
+.PHONY: venv cluster-binaries test test-unit lint demo clean-venv generate check-generated
 
 $(STAMP): pyproject.toml deploy/install-python-deps.sh
 	bash deploy/install-python-deps.sh $(PYTHON) $(VENV)
@@ -22,10 +22,13 @@ venv: $(STAMP)
 cluster-binaries: venv
 	$(BIN)/pdctl dev cluster build
 
-## Regenerate the files generated from code (CRD, compatibility docs).
+## Rewrite every file generated from code (CRD, chart values and templates, compatibility docs).
 generate: venv
-	$(BIN)/pdctl crd > crds/pddeployment.yaml
-	$(BIN)/python -m pd_operator.docs_gen
+	$(BIN)/python -m pd_dev.generate
+
+## Fail when a committed generated file differs from what `make generate` would write.
+check-generated: venv
+	$(BIN)/python -m pd_dev.generate --check
 
 test-unit: venv
 	$(BIN)/python -m pytest tests/unit -q
@@ -36,7 +39,7 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint venv cluster-binaries
+test: lint check-generated venv cluster-binaries
 	$(BIN)/python -m pytest tests -q
 
 demo: venv cluster-binaries

@@ -17,7 +17,7 @@ if $PDCTL check "$BAD"; then echo "expected $BAD to be rejected" >&2; exit 1; fi
 step "local control plane (builds on first use; minutes)"
 $PDCTL dev cluster up
 KUBECONFIG=$($PDCTL dev cluster kubeconfig); export KUBECONFIG
-KUBECTL=$(.venv/bin/python -c 'from pd_operator.devcluster.build import binary_path; print(binary_path("kubectl"))')
+KUBECTL=$(.venv/bin/python -c 'from pd_dev.devcluster.build import binary_path; print(binary_path("kubectl"))')
 $KUBECTL get nodes -L nvidia.com/gpu.product
 
 step "CRD"

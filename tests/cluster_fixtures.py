@@ -58,12 +58,12 @@ class DevCluster:
     started_here: bool
 
     def kubectl_path(self) -> str:
-        from pd_operator.devcluster import build
+        from pd_dev.devcluster import build
 
         return str(build.binary_path("kubectl"))
 
     def helm_path(self) -> str:
-        from pd_operator.devcluster import build
+        from pd_dev.devcluster import build
 
         return str(build.binary_path("helm"))
 
@@ -72,7 +72,7 @@ class DevCluster:
 def dev_cluster() -> Iterator[DevCluster]:
     if _skip_requested():
         pytest.skip(SKIP_REASON)
-    from pd_operator.devcluster import cluster
+    from pd_dev.devcluster import cluster
 
     layout = cluster.layout_for()
     before = cluster.status(layout.dir, with_nodes=False)

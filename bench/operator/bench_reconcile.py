@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
+from pd_dev.devcluster import nodes  # noqa: E402
 from pd_operator import kube  # noqa: E402
-from pd_operator.devcluster import nodes  # noqa: E402
 from pd_operator.render import Owner, render  # noqa: E402
 from pd_operator.validate import parse_spec  # noqa: E402
 

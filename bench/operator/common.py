@@ -43,14 +43,14 @@ def kubeconfig(arg: str | None) -> str:
         return arg
     if os.environ.get("KUBECONFIG"):
         return os.environ["KUBECONFIG"]
-    from pd_operator.devcluster import cluster
+    from pd_dev.devcluster import cluster
 
     return str(cluster.layout_for().kubeconfig)
 
 
 def kubectl_bin() -> str:
     try:
-        from pd_operator.devcluster import build
+        from pd_dev.devcluster import build
 
         p = build.binary_path("kubectl")
         if Path(p).exists():

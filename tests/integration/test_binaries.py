@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from kubernetes import client
 
-from pd_operator.devcluster import build, versions
+from pd_dev.devcluster import build, versions
 
 pytestmark = pytest.mark.cluster
 
@@ -52,7 +52,7 @@ def _listening(pid: int) -> list[str]:
 
 
 def test_all_components_listen_on_loopback_only(dev_cluster):
-    from pd_operator.devcluster import cluster
+    from pd_dev.devcluster import cluster
 
     st = cluster.status(dev_cluster.dir, with_nodes=False)
     assert st.ok

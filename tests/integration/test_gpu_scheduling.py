@@ -7,7 +7,7 @@ import time
 import pytest
 from kubernetes import client
 
-from pd_operator.devcluster import nodes
+from pd_dev.devcluster import nodes
 
 pytestmark = pytest.mark.cluster
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pd_operator.devcluster import build, cluster, processes
+from pd_dev.devcluster import build, cluster, processes
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from pd_operator.devcluster import pki
+from pd_dev.devcluster import pki
 
 pytestmark = pytest.mark.cluster
 

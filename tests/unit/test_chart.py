@@ -1,6 +1,6 @@
 """The Helm chart (charts/pd-operator), rendered offline with `helm template`: no cluster needed.
 
-Needs the helm binary the dev tooling caches (pd_operator.devcluster.build.binary_path); CI
+Needs the helm binary the dev tooling caches (pd_dev.devcluster.build.binary_path); CI
 builds it before the tests run, so the module is skipped only when it is absent.
 """
 
@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from pd_operator import chart_values, handlers
-from pd_operator.devcluster import build
+from pd_dev import chart_values, generate
+from pd_dev.devcluster import build
+from pd_operator import handlers
 from pd_operator.render import Owner, render
 from pd_operator.validate import parse_object
 from pd_operator.webhook import configs
@@ -83,9 +84,8 @@ def _arg(container: dict[str, Any], flag: str) -> str | None:
 
 # ------------------------------------------------------------------------ generated files
 def test_generated_files_are_in_sync():
-    stale = [str(p.relative_to(ROOT)) for p, text in chart_values.outputs().items()
-             if not p.exists() or p.read_text(encoding="utf-8") != text]
-    assert not stale, f"run: python -m pd_operator.chart_values  (stale: {stale})"
+    stale = [str(p.relative_to(ROOT)) for p in generate.stale(chart_values.outputs())]
+    assert not stale, f"run: make generate  (stale: {stale})"
 
 
 def test_values_yaml_is_the_table_and_every_key_is_commented():

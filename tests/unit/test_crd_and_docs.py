@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pd_operator import docs_gen
+from pd_dev import docs_gen
 from pd_operator.api.crd import build_crd, render_crd_yaml
 
 ROOT = Path(__file__).parents[2]
@@ -10,12 +10,12 @@ ROOT = Path(__file__).parents[2]
 
 def test_committed_crd_is_generated():
     committed = (ROOT / "crds" / "pddeployment.yaml").read_text(encoding="utf-8")
-    assert committed == render_crd_yaml(), "run: pdctl crd > crds/pddeployment.yaml"
+    assert committed == render_crd_yaml(), "run: make generate"
 
 
 def test_committed_compatibility_doc_is_generated():
     committed = (ROOT / "docs" / "compatibility.md").read_text(encoding="utf-8")
-    assert committed == docs_gen.render(), "run: python -m pd_operator.docs_gen"
+    assert committed == docs_gen.render(), "run: make generate"
 
 
 def _walk(node, path="schema"):

@@ -2,7 +2,8 @@
 
 Every module named in COMMAND_MODULES exposes `register(subparsers)`, which adds its commands
 and sets `func` on them; `func(args)` returns the process exit code. Keeping each command group in
-its own module lets them grow independently.
+its own module lets them grow independently. `pdctl dev ...` comes from the development tooling
+(pd_dev), loaded by name when it is installed: the product never imports it.
 """
 
 from __future__ import annotations
@@ -11,13 +12,26 @@ import argparse
 import importlib
 import os
 import sys
+from types import ModuleType
 
 COMMAND_MODULES = (
     "pd_operator.cli.validate_cmds",  # check, crd, explain, model-info
-    "pd_operator.cli.dev_cmds",  # dev cluster up|down|status|kubeconfig
     "pd_operator.cli.operator_cmds",  # operator run
     "pd_operator.cli.run_cmds",  # run (a PDDeployment on this machine)
 )
+OPTIONAL_COMMAND_MODULES = (
+    "pd_dev.cli",  # dev cluster build|up|down|status|kubeconfig, dev generate
+)
+
+
+def _optional(name: str) -> ModuleType | None:
+    """The module, or None when its top-level package is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name.split(".")[0]:
+            return None
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for name in OPTIONAL_COMMAND_MODULES:
+        module = _optional(name)
+        if module is not None:
+            module.register(sub)
     return parser
 
 
@@ -42,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
     except BrokenPipeError:
         # the reader went away (`pdctl check ... | head`): say so once, and keep the
         # interpreter's final flush of stdout from raising again
@@ -55,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc} (PDCTL_TRACEBACK=1 shows where)",
               file=sys.stderr)
         return 2
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -160,7 +160,7 @@ def install_crd(kubectl) -> None:
 
 def extra_nodes(prefix: str, products: dict[str, int], pods: str = "256") -> list[dict]:
     """kwok-managed GPU nodes (built with the control plane's own node builder)."""
-    from pd_operator.devcluster import nodes
+    from pd_dev.devcluster import nodes
 
     out = []
     for i, (product, gpus) in enumerate(sorted(products.items())):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pd_operator.devcluster import build
+from pd_dev.devcluster import build
 
 from op_cluster import CRD, Operator, load_example, pdctl, wait_for
 

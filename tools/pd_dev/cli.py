@@ -1,6 +1,7 @@
-"""`pdctl dev cluster build|up|down|status|kubeconfig`: the local control plane.
+"""`pdctl dev cluster build|up|down|status|kubeconfig` (the local control plane) and
+`pdctl dev generate [--check]` (every generated file).
 
-See docs/development.md. The heavy lifting is in pd_operator.devcluster.
+See docs/development.md. The heavy lifting is in pd_dev.devcluster.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def _err(msg: str) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from pd_operator.devcluster import build
+    from pd_dev.devcluster import build
 
     only = tuple(x for x in (args.only or "").split(",") if x)
     try:
@@ -34,7 +35,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from pd_operator.devcluster import cluster
+    from pd_dev.devcluster import cluster
 
     try:
         cluster.up(
@@ -51,7 +52,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from pd_operator.devcluster import cluster
+    from pd_dev.devcluster import cluster
 
     stopped = cluster.down(_dir(args), purge=args.purge)
     if not stopped:
@@ -75,7 +76,7 @@ def _table(st) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pd_operator.devcluster import cluster
+    from pd_dev.devcluster import cluster
 
     st = cluster.status(_dir(args))
     if args.output == "json":
@@ -90,7 +91,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_kubeconfig(args: argparse.Namespace) -> int:
-    from pd_operator.devcluster import cluster
+    from pd_dev.devcluster import cluster
 
     path = cluster.layout_for(_dir(args)).kubeconfig
     print(path)
@@ -100,8 +101,14 @@ def cmd_kubeconfig(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import generate
+
+    return generate.main(["--check"] if args.check else [])
+
+
 def register(sub) -> None:
-    dev = sub.add_parser("dev", help="development helpers (local control plane)")
+    dev = sub.add_parser("dev", help="development helpers (local control plane, generators)")
     dev_sub = dev.add_subparsers(dest="dev_command", metavar="COMMAND")
     cl = dev_sub.add_parser(
         "cluster",
@@ -143,6 +150,11 @@ def register(sub) -> None:
             parser.print_help(sys.stderr)
             return 2
         return show
+
+    gen = dev_sub.add_parser("generate", help="rewrite every generated file (CRD, chart "
+                             "values, docs); --check: exit 1 when one differs")
+    gen.add_argument("--check", action="store_true", help="write nothing; exit 1 on a difference")
+    gen.set_defaults(func=cmd_generate)
 
     dev.set_defaults(func=_help(dev))
     cl.set_defaults(func=_help(cl))
