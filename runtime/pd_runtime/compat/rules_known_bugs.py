@@ -84,7 +84,8 @@ RULES: tuple[Rule, ...] = (
         fix="pin attentionBackend FLASH_ATTN (or FLASHINFER) on both pools, use equal TP, or "
         "use vLLM 0.20+ (PR #37940)",
         source="vllm-project/vllm#37703, #37333; root cause PR #35444; fixed by PR #37940 in "
-        "0.20.0 (triton_attn.py honours get_kv_cache_layout()=='HND')",
+        "0.20.0 (wheels: triton_attn.py has no HND branch in 0.19.1, honours "
+        "get_kv_cache_layout() in 0.20.0)",
     ),
     Rule(
         id="BUG-TRITON-HND-HETERO-TP-AUTO", severity=WARN, versions=until(0, 19),
@@ -185,8 +186,8 @@ RULES: tuple[Rule, ...] = (
         "in the NIXL worker and the decode engine dies (any shared prompt prefix triggers it)",
         fix="remove --enable-prefix-caching from the decode args (the operator leaves it off "
         "for hybrid models), or use vLLM 0.27+",
-        source="ai-dynamo/dynamo#12197 (Nemotron-3-Super, TP4/TP4); assert in 0.23-0.26 "
-        "nixl/base_worker.py (wheels), removed in 0.27.0",
+        source="ai-dynamo/dynamo#12197 (Nemotron-3-Super, TP4/TP4); wheels: the assert is in "
+        "nixl/base_worker.py of 0.24 and 0.26, gone in 0.27.0",
     ),
     Rule(
         id="BUG-HYBRID-KERNEL-BLOCK", severity=WARN, versions=since(0, 20),
