@@ -231,10 +231,12 @@ class AsyncEngine:
                     self._wake.clear()
                     if eng.held:
                         eng.step()  # reaps blocks D has released or whose lease expired
+                    eng.tick()
                     continue
-                for out in eng.step():
+                outs = eng.step()
+                self._stats = self._snapshot()  # before the outputs: a client sees fresh stats
+                for out in outs:
                     self._deliver(out.request_id, out)
-                self._stats = self._snapshot()
         except Exception as e:  # noqa: BLE001 - the engine is dead; tell everyone, named
             log.exception("engine step loop failed")
             self._dead = EngineDead(f"the engine stopped: {type(e).__name__}: {e}")

@@ -133,6 +133,12 @@ class LLMEngine:
             self.stats.aborted += 1
             self._pending.append(self._finish(seq, "abort"))
 
+    def tick(self) -> None:
+        """Called while idle: lets a TP runner keep its workers inside the group timeout."""
+        tick = getattr(self.runner, "tick", None)
+        if tick is not None:
+            tick()
+
     def has_unfinished(self) -> bool:
         return bool(self.seqs) or bool(self._pending)
 

@@ -146,6 +146,7 @@ class PrefillSide:
     tp_size: int = 1
     block_size: int = 16
     hold_remote: Callable[[str, Request], None] | None = None  # TP: the other ranks hold too
+    remote_held: Callable[[], set[str]] | None = None  # TP: ids the other ranks still hold
     held: dict[str, str] = field(default_factory=dict)  # transfer id -> sequence key
     stats: PDStats = field(default_factory=PDStats)
 
@@ -170,6 +171,9 @@ class PrefillSide:
     def released(self) -> list[str]:
         """Sequence keys whose hold ended (consumed by D or expired) on every local rank."""
         done = [tid for tid in self.held if all(tid not in r.requests for r in self.ranks)]
+        if done and self.remote_held is not None:
+            still = self.remote_held()
+            done = [tid for tid in done if tid not in still]
         self.stats.kv_releases += len(done)
         return [self.held.pop(tid) for tid in done]
 
