@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from ..engine.errors import EngineError
+from ..engine.tokenizer import ChatTemplateError
 from . import protocol as pr
 from .metrics import CONTENT_TYPE, ServerMetrics
 
@@ -347,8 +348,11 @@ async def _serve(request: web.Request, kind: _Kind, arrival: float) -> web.Strea
         tok = state.engine.tokenizer
         if tok is None:
             raise pr.RequestError("this model has no tokenizer (no chat template)", "messages")
-        text = tok.apply_chat_template([msg.as_template_input() for msg in chat.messages],
-                                       add_generation_prompt=chat.add_generation_prompt)
+        try:
+            text = tok.apply_chat_template([m.as_template_input() for m in chat.messages],
+                                           add_generation_prompt=chat.add_generation_prompt)
+        except ChatTemplateError as exc:  # the client's messages broke the template
+            raise pr.RequestError(f"chat template: {exc}", "messages") from None
         req, prompts, max_tokens = chat, [text], chat.max_completion_tokens or chat.max_tokens
     else:
         cmpl: pr.CompletionRequest = pr.parse_body(pr.CompletionRequest, body)

@@ -84,7 +84,8 @@ class PrefillKVParams(_Strict):
     remote_port: None = None
 
 
-BlockIds = list[NonNegInt] | dict[StrictStr, list[Annotated[StrictInt, Field(ge=-1)]]]
+BlockId = Annotated[StrictInt, Field(ge=-1)]  # -1: a null block (outside a sliding window)
+BlockIds = list[BlockId] | dict[StrictStr, list[BlockId]]
 
 
 class DecodeKVParams(BaseModel):
@@ -159,13 +160,18 @@ class _Sampling(BaseModel):
     user: StrictStr | None = None
     presence_penalty: Annotated[float, Field(ge=0.0, le=0.0)] = 0.0  # not implemented: 0 only
     frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0)] = 0.0
-    logprobs: None = None
     kv_transfer_params: dict[str, Any] | None = None
+    # vllm-router 0.1.17 re-serializes every body through its own request structs, which adds
+    # these at their defaults (captured from the real router); only those values are served.
+    no_stop_trim: Literal[False] = False
+    skip_special_tokens: Literal[True] = True
+    return_hidden_states: Literal[False] = False
 
 
 class CompletionRequest(_Sampling):
     prompt: (StrictStr | list[StrictStr] | list[NonNegInt] | list[list[NonNegInt]])
     echo: Literal[False] = False
+    logprobs: None = None
     best_of: Literal[1] | None = None
     suffix: None = None
     return_token_ids: StrictBool = False  # vLLM extra: prompt_token_ids / token_ids in choices
@@ -210,5 +216,11 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     add_generation_prompt: StrictBool = True
+    logprobs: Literal[False] | None = None
     top_logprobs: None = None
+    continue_final_message: Literal[False] = False
+    # router defaults again; without a reasoning parser they change nothing
+    separate_reasoning: StrictBool = True
+    stream_reasoning: StrictBool = True
+    include_reasoning: StrictBool = True
     return_token_ids: StrictBool = False

@@ -302,3 +302,47 @@ def test_client_disconnect_aborts_the_request():
         assert "gone-2" in e.aborted
 
     run("aggregated", body, engine)
+
+
+def test_chat_template_errors_are_client_errors():
+    from pd_runtime.engine.tokenizer import ChatTemplateError
+
+    class Broken(FakeEngine().tokenizer.__class__):
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            raise ChatTemplateError("Conversation roles must alternate")
+
+    async def body(c: TestClient, e: FakeEngine) -> None:
+        status, out = await post(c, "/v1/chat/completions",
+                                 {"messages": [{"role": "assistant", "content": "x"}]})
+        assert status == 400 and out["error"]["param"] == "messages"
+        assert "alternate" in out["error"]["message"]
+
+    run("aggregated", body, FakeEngine(tokenizer=Broken()))
+
+
+# Bodies as vllm-router 0.1.17 forwards them to P (captured from the real router with an echo
+# server): it re-serializes through its request structs and adds defaults.
+ROUTER_P_COMPLETION = {
+    "model": MODEL, "prompt": [1, 2, 3], "max_tokens": 1, "temperature": 0.0, "stream": False,
+    "echo": False, "no_stop_trim": False, "ignore_eos": True, "skip_special_tokens": True,
+    "return_hidden_states": False, "return_token_ids": True, "min_tokens": 1,
+    "kv_transfer_params": P_PARAMS}
+ROUTER_P_CHAT = {
+    "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False,
+    "max_tokens": 1, "logprobs": False, "no_stop_trim": False, "ignore_eos": False,
+    "continue_final_message": False, "skip_special_tokens": True, "separate_reasoning": True,
+    "stream_reasoning": True, "return_hidden_states": False, "include_reasoning": True,
+    "min_tokens": 1, "kv_transfer_params": P_PARAMS}
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", ROUTER_P_COMPLETION),
+                                       ("/v1/chat/completions", ROUTER_P_CHAT)])
+def test_bodies_exactly_as_the_router_sends_them(path, body):
+    async def run_body(c: TestClient, e: FakeEngine) -> None:
+        status, out = await post(c, path, body)
+        assert status == 200, out
+        assert out["kv_transfer_params"]["do_remote_prefill"] is True
+        status, out = await post(c, path, {**body, "skip_special_tokens": False})
+        assert status == 400 and out["error"]["param"] == "skip_special_tokens"
+
+    run("prefill", run_body)

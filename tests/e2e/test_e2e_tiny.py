@@ -1,0 +1,183 @@
+"""vllm-router in front of a real prefill and decode server, started by `pdctl run` from what the
+operator renders, serving the tiny random Llama: greedy tokens through the router equal
+`pd-runtime generate`, and D pulled the KV (never recomputed)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.runner import DEPLOYMENTS, pdctl_run, post, reference
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+MODEL = "pd-test/tiny-llama"
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21],
+           [1, 2, 3]]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from tests.engine_fixtures import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "ckpt", seed=3, dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_ckpt: str) -> list[list[int]]:
+    return [reference(tiny_ckpt, prompt_ids=p, max_tokens=MAX_TOKENS)["token_ids"]
+            for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_ckpt: str, tmp_path_factory: pytest.TempPathFactory):
+    with pdctl_run(DEPLOYMENTS / "tiny-dense.yaml", {MODEL: tiny_ckpt},
+                   tmp_path_factory.mktemp("run")) as running:
+        yield running
+
+
+def test_greedy_through_the_router_equals_generate(deployment, expected):
+    before = deployment.metrics("decode-0").get("pd_runtime_kv_pulls_total", 0.0)
+    for prompt, want in zip(PROMPTS, expected, strict=True):
+        status, out = post(deployment.url + "/v1/completions",
+                           {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS,
+                            "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+        assert status == 200, (out, deployment.logs())
+        assert out["choices"][0]["token_ids"] == want
+        assert out["usage"]["completion_tokens"] == MAX_TOKENS
+    d = deployment.metrics("decode-0")
+    assert d["pd_runtime_kv_pulls_total"] == before + len(PROMPTS)
+    assert d["pd_runtime_kv_pull_bytes_total"] > 0
+    p = deployment.metrics("prefill-0")
+    assert p.get("pd_runtime_kv_pulls_total", 0.0) == 0.0
+    assert p['pd_runtime_requests_total{endpoint="/v1/completions",status="200"}'] >= 2
+
+
+def test_streaming_through_the_router(deployment, expected):
+    import json
+    import urllib.request
+
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True, "stream": True, "return_token_ids": True}
+    req = urllib.request.Request(deployment.url + "/v1/completions",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        raw = r.read().decode()
+    events = [e[len("data: "):] for e in raw.split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    ids = [t for e in events[:-1] for t in json.loads(e)["choices"][0].get("token_ids", [])]
+    assert ids == expected[0]
+
+
+def _kv_from_prefill(deployment, prompt: list[int]) -> dict:
+    """The router's P leg, by hand: what P answers is what D would get."""
+    status, out = post(deployment.replica("prefill-0")["url"] + "/v1/completions", {
+        "model": MODEL, "prompt": prompt, "max_tokens": 1, "min_tokens": 1, "stream": False,
+        "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False,
+                               "remote_engine_id": None, "remote_block_ids": None,
+                               "remote_host": None, "remote_port": None}})
+    assert status == 200, out
+    return out["kv_transfer_params"]
+
+
+@pytest.mark.parametrize("target,kv,param", [
+    ("prefill-0", {"do_remote_decode": True, "remote_host": "10.1.2.3"},
+     "kv_transfer_params.remote_host"),
+    ("decode-0", {"do_remote_prefill": True, "remote_engine_id": "x"},
+     "kv_transfer_params.remote_block_ids"),
+    ("decode-0", "garbage", "kv_transfer_params"),
+])
+def test_malformed_kv_transfer_params_are_400_and_leak_nothing(deployment, target, kv, param):
+    before = deployment.metrics(target).get("pd_runtime_engine_free_blocks")
+    status, out = post(deployment.replica(target)["url"] + "/v1/completions",
+                       {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 2,
+                        "kv_transfer_params": kv})
+    assert status == 400, out
+    assert out["error"]["param"].startswith(param)
+    assert deployment.metrics(target).get("pd_runtime_engine_free_blocks") == before
+
+
+def test_d_refuses_stale_params_of_another_prompt(deployment):
+    kv = _kv_from_prefill(deployment, PROMPTS[0])
+    status, out = post(deployment.replica("decode-0")["url"] + "/v1/completions",
+                       {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 2,
+                        "kv_transfer_params": kv})
+    assert status >= 400 and "choices" not in out
+
+
+def test_multi_prompt_through_p_is_refused(deployment):
+    status, out = post(deployment.replica("prefill-0")["url"] + "/v1/completions", {
+        "model": MODEL, "prompt": PROMPTS, "max_tokens": 1,
+        "kv_transfer_params": {"do_remote_decode": True}})
+    assert status == 400 and out["error"]["param"] == "prompt"
+
+
+def test_zz_prefill_killed_mid_request_never_gives_wrong_tokens(deployment, expected):
+    """Last in the module: it kills P. D gets P's params after P is gone -> an error, never
+    tokens; through the router the client gets an error (or, with a retry, the right tokens)."""
+    import os
+
+    kv = _kv_from_prefill(deployment, PROMPTS[0])
+    failures = deployment.metrics("decode-0")
+    os.killpg(deployment.replica("prefill-0")["pid"], signal.SIGKILL)
+    status, out = post(deployment.replica("decode-0")["url"] + "/v1/completions",
+                       {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS,
+                        "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+                        "kv_transfer_params": kv}, timeout=120)
+    assert status in (502, 503, 504), out
+    assert out["error"]["code"] == "kv_pull_failed"
+    after = deployment.metrics("decode-0")
+    assert after.get("pd_runtime_kv_pull_failures_total", 0) > failures.get(
+        "pd_runtime_kv_pull_failures_total", 0)
+    assert after.get("pd_runtime_engine_free_blocks") == failures.get(
+        "pd_runtime_engine_free_blocks")  # D freed what it had allocated for the pull
+    status, out = post(deployment.url + "/v1/completions",
+                       {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS,
+                        "temperature": 0, "ignore_eos": True, "return_token_ids": True},
+                       timeout=120)
+    if status == 200:
+        assert out["choices"][0]["token_ids"] == expected[0]
+    else:
+        assert status >= 500 and "choices" not in out
+
+
+def test_pdctl_run_stops_everything(tiny_ckpt, tmp_path: Path):
+    """SIGTERM to pdctl run: every replica's process group is gone, bounded."""
+    import os
+    import time
+
+    with pdctl_run(DEPLOYMENTS / "tiny-dense.yaml", {MODEL: tiny_ckpt}, tmp_path) as running:
+        pids = [r["pid"] for r in running.state["replicas"]] + [running.state["router"]["pid"]]
+        running.proc.send_signal(signal.SIGTERM)
+        running.proc.wait(40)
+        assert running.proc.returncode == 0
+    t0 = time.monotonic()
+    for pid in pids:
+        for _ in range(50):
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                break
+            if _only_zombies(pid):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"process group {pid} still alive")
+    assert time.monotonic() - t0 < 10
+
+
+def _only_zombies(pgid: int) -> bool:
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return False
+    return True
