@@ -72,6 +72,46 @@ def transfer_test(args: argparse.Namespace) -> int:
     return 0 if res["ok"] else 1
 
 
+def generate_cmd(args: argparse.Namespace) -> int:
+    from .engine.checkpoint import CheckpointError
+    from .engine.generate import GenerateCommandError, run_generate_command
+
+    try:
+        res = run_generate_command(args.model, args.prompt, args.prompt_ids, args.max_tokens,
+                                   chat=args.chat, dtype=args.dtype, block_size=args.block_size,
+                                   layout=args.layout, cache_dtype=args.kv_cache_dtype,
+                                   device=args.device, ignore_eos=args.ignore_eos)
+    except (CheckpointError, GenerateCommandError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.output == "json":
+        print(json.dumps(res, indent=2))
+    else:
+        print(res["text"] if res["text"] is not None else " ".join(map(str, res["token_ids"])))
+        print(f"[{len(res['token_ids'])} tokens, {res['finish_reason']}, "
+              f"{res['tokens_per_s']} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="offline greedy generation (the engine's reference output)")
+    g.add_argument("--model", required=True, help="checkpoint directory (config.json + "
+                   "*.safetensors) or a .gguf file")
+    g.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
+    g.add_argument("--prompt-ids", help="prompt token ids, comma-separated (instead of --prompt)")
+    g.add_argument("--max-tokens", type=int, default=16)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="compute and KV dtype (default: the checkpoint's)")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--layout", default="HND", choices=["HND", "NHD", "LBHNC", "LBNHC"])
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("-o", "--output", default="table", choices=["table", "json"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pd-runtime")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -103,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_serve_arguments(sub.add_parser("serve", help="serve a model over the OpenAI API "
                                        "(prefill, decode or aggregated)"))
+    add_generate_parser(sub)  # MODEL
     args = ap.parse_args(argv)
+    if args.cmd == "generate":
+        return generate_cmd(args)
     if args.cmd == "serve":
         from .serve.cli import main as serve_main
 

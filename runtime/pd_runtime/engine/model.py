@@ -159,13 +159,16 @@ class Layer:
         q_rows = [h * d + j for h in m.q_heads for j in range(d)]
         kv_rows = [h * d + j for h in m.kv_heads for j in range(d)]
         a = p + "self_attn."
-        self.wq = s.rows(s.full(a + "q_proj.weight"), q_rows)
-        self.wk = s.rows(s.full(a + "k_proj.weight"), kv_rows)
-        self.wv = s.rows(s.full(a + "v_proj.weight"), kv_rows)
-        bq, bk, bv = (s.opt(a + n + "_proj.bias") for n in "qkv")
-        self.bq = bq[q_rows] if bq is not None else None
-        self.bk = bk[kv_rows] if bk is not None else None
-        self.bv = bv[kv_rows] if bv is not None else None
+        # q, k and v in one matmul (one pass over x; the split sizes are this rank's heads)
+        self.wqkv = torch.cat((s.rows(s.full(a + "q_proj.weight"), q_rows),
+                               s.rows(s.full(a + "k_proj.weight"), kv_rows),
+                               s.rows(s.full(a + "v_proj.weight"), kv_rows)))
+        self.qkv_split = [len(q_rows), len(kv_rows), len(kv_rows)]
+        biases = [s.opt(a + n + "_proj.bias") for n in "qkv"]
+        self.bqkv = None
+        if any(b is not None for b in biases):
+            self.bqkv = torch.cat([b[r] if b is not None else self.wqkv.new_zeros(len(r))
+                                   for b, r in zip(biases, (q_rows, kv_rows, kv_rows), strict=True)])
         self.wo = s.cols(s.full(a + "o_proj.weight"), q_rows)
         self.bo = s.opt(a + "o_proj.bias")
         self.q_norm = s.opt(a + "q_norm.weight")
@@ -175,9 +178,9 @@ class Layer:
                   cache: LayerCache) -> torch.Tensor:
         cfg, m = self.m.cfg, self.m
         d, t = cfg.head_size, x.shape[0]
-        q = F.linear(x, self.wq, self.bq).view(t, len(m.q_heads), d)
-        k = F.linear(x, self.wk, self.bk).view(t, len(m.kv_heads), d)
-        v = F.linear(x, self.wv, self.bv).view(t, len(m.kv_heads), d)
+        qf, kf, vf = F.linear(x, self.wqkv, self.bqkv).split(self.qkv_split, -1)
+        q = qf.reshape(t, len(m.q_heads), d)
+        k, v = kf.reshape(t, len(m.kv_heads), d), vf.reshape(t, len(m.kv_heads), d)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = rms_norm(q, self.q_norm, cfg.rms_norm_eps), rms_norm(k, self.k_norm, cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
