@@ -170,12 +170,26 @@ def test_mamba_external_kv_assert(version, model, decode, expected):
     assert severity_of(decision, "BUG-MAMBA-EXTERNAL-KV") == expected
 
 
+PREFIX_OFF = {"prefixCaching": False}
+
+
 @pytest.mark.parametrize(("version", "decode", "expected"), [
     ("0.23.0", PREFIX_ON, REJECT), ("0.26.0", PREFIX_ON, REJECT), ("0.27.0", PREFIX_ON, None),
-    ("0.24.0", {}, None)])
+    ("0.24.0", {}, None),  # vLLM's default: off for hybrid models before 0.26
+    ("0.26.0", {}, REJECT),  # on by default from 0.26
+    ("0.26.0", PREFIX_OFF, None),  # the operator passes --no-enable-prefix-caching
+])
 def test_ssm_one_local_block(version, decode, expected):
     decision = decide(spec(version, model=NEMOTRON_H, decode=decode))
     assert severity_of(decision, "BUG-SSM-ONE-LOCAL-BLOCK") == expected
+
+
+@pytest.mark.parametrize(("version", "prefill", "expected"), [
+    ("0.22.0", PREFIX_ON, WARN), ("0.25.0", {}, None), ("0.27.0", {}, WARN),
+    ("0.28.0", PREFIX_OFF, None), ("0.29.0", {}, None), ("0.29.0", PREFIX_ON, None)])
+def test_mamba_truncation_after_a_prefix_hit(version, prefill, expected):
+    decision = decide(spec(version, model=NEMOTRON_H, prefill=prefill, decode=PREFIX_OFF))
+    assert severity_of(decision, "BUG-MAMBA-TRUNCATE-PREFIX-HIT") == expected
 
 
 def test_hybrid_kernel_block_warns_on_unequal_tp():

@@ -9,16 +9,17 @@ where the text says "wheels" (research notes: shared/reference/vllm-known-bugs.m
 Where the operator avoids a bug itself, the rule says how:
 - the lease: when kvLeaseDurationSeconds is unset the operator renders OPERATOR_KV_LEASE_S
   (not vLLM's 30 s) from 0.22 on;
-- hybrid-model prefix caching: the operator never passes --enable-prefix-caching, and vLLM
-  leaves it off for hybrid models by default (0.20-0.24 wheels: is_prefix_caching_supported),
-  so only a user's extra args can turn it on.
+- hybrid-model prefix caching: vLLM leaves it off for hybrid models before 0.26 (0.20-0.25
+  wheels: is_prefix_caching_supported) and the operator never passes --enable-prefix-caching;
+  from 0.26 it is on by default, and `prefixCaching: false` makes the operator pass
+  --no-enable-prefix-caching.
 """
 
 from __future__ import annotations
 
 from .pool import ResolvedPool as Pool
 from .rule import REJECT, WARN, Rule
-from .versions import between, since, until
+from .versions import between, rules_minor, since, until
 
 # The KV lease the operator renders when the spec leaves it unset (vLLM 0.22+; vLLM's own default
 # is 30 s). It has to cover the router-to-decode queue plus the first, cold handshake; a longer
@@ -27,6 +28,8 @@ OPERATOR_KV_LEASE_S = 120
 LEASE_WARN_BELOW_S = 60  # below this an explicit lease is short for large models under load
 NON_MLA = frozenset({"dense", "moe", "multimodal", "encoder-decoder"})
 PREFIX_CACHING_ON = "--enable-prefix-caching"
+PREFIX_CACHING_OFF = "--no-enable-prefix-caching"
+HYBRID_PREFIX_CACHING_DEFAULT_SINCE = (0, 26)  # wheels: "Generative hybrid models support ..."
 
 
 def _arg_value(x: Pool, flag: str) -> str | None:
@@ -41,8 +44,14 @@ def _arg_value(x: Pool, flag: str) -> str | None:
 
 
 def _hybrid_prefix_caching(x: Pool) -> bool:
-    """Prefix caching really on for a hybrid model: only an explicit flag turns it on."""
-    return x.is_hybrid_ssm and x.has_arg(PREFIX_CACHING_ON)
+    """Prefix caching really on for a hybrid model: the args decide when they say; else the
+    spec's prefixCaching, which only turns it on where vLLM's default does (0.26+)."""
+    if not x.is_hybrid_ssm or x.has_arg(PREFIX_CACHING_OFF):
+        return False
+    if x.has_arg(PREFIX_CACHING_ON):
+        return True
+    return x.prefix_caching \
+        and rules_minor(x.engine_version).minor >= HYBRID_PREFIX_CACHING_DEFAULT_SINCE
 
 
 def _mamba_align_mode(x: Pool) -> bool:
@@ -165,7 +174,7 @@ RULES: tuple[Rule, ...] = (
         "transferred request.",
         when=lambda p, d: _hybrid_prefix_caching(d) and _mamba_align_mode(d),
         fields=("d.args", "d.mamba_type", "d.speculative"),
-        message="decode turns on prefix caching ({d.args}) for a hybrid model whose Mamba cache "
+        message="decode runs prefix caching ({d.args}) for a hybrid model whose Mamba cache "
         "mode is align (GDN, or speculation on): every transferred request carries external "
         "tokens and vLLM {d.engine_version} asserts 'External KV connector is not verified yet' "
         "in the scheduler, killing EngineCore on the first request",
@@ -180,14 +189,33 @@ RULES: tuple[Rule, ...] = (
         families=frozenset({"hybrid-ssm"}),
         summary="0.23-0.26: a hybrid decode with prefix caching crashes on a cache hit.",
         when=lambda p, d: _hybrid_prefix_caching(d),
-        fields=("d.args",),
-        message="decode turns on prefix caching ({d.args}) for a hybrid model: a transferred "
-        "request that hits decode's prefix cache asserts 'SSM can only have one local block' "
-        "in the NIXL worker and the decode engine dies (any shared prompt prefix triggers it)",
-        fix="remove --enable-prefix-caching from the decode args (the operator leaves it off "
-        "for hybrid models), or use vLLM 0.27+",
+        fields=("d.prefix_caching", "d.args"),
+        message="decode runs prefix caching on a hybrid model (on by default from 0.26; args "
+        "{d.args}): a transferred request that hits decode's prefix cache asserts 'SSM can only "
+        "have one local block' in the NIXL worker and the decode engine dies (any shared prompt "
+        "prefix triggers it)",
+        fix="set prefixCaching: false on decode (the operator then passes "
+        "--no-enable-prefix-caching) and drop --enable-prefix-caching from its args, or use "
+        "vLLM 0.27+",
         source="ai-dynamo/dynamo#12197 (Nemotron-3-Super, TP4/TP4); wheels: the assert is in "
         "nixl/base_worker.py of 0.24 and 0.26, gone in 0.27.0",
+    ),
+    Rule(
+        id="BUG-MAMBA-TRUNCATE-PREFIX-HIT", severity=WARN, versions=between((0, 22), (0, 28)),
+        families=frozenset({"hybrid-ssm"}),
+        summary="0.22-0.28: a repeated prompt can crash a hybrid prefill with prefix caching.",
+        when=lambda p, d: _hybrid_prefix_caching(p),
+        fields=("p.prefix_caching", "p.args"),
+        message="prefill runs prefix caching on a hybrid model (on by default from 0.26; args "
+        "{p.args}): vLLM drops the last prompt token after the local cache lookup, so a repeated "
+        "prompt whose cached prefix covers the rest leaves nothing to schedule and prefill's "
+        "EngineCore dies on 'assert num_new_tokens > 0' (HTTP 500, pod restart); prompts one "
+        "token past a block boundary trigger it",
+        fix="set prefixCaching: false on prefill (the operator then passes "
+        "--no-enable-prefix-caching), or use vLLM 0.29+",
+        source="vllm-project/vllm#53514 (0.27.0), #53706 (0.28.0rc2); fixed by PR #53523 in "
+        "0.29.0 (wheels: truncation in get_num_new_matched_tokens up to 0.28, in "
+        "on_new_request from 0.29)",
     ),
     Rule(
         id="BUG-HYBRID-KERNEL-BLOCK", severity=WARN, versions=since(0, 20),
