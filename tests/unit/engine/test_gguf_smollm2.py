@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from pd_runtime.engine.gguf import GGUFError, dequantize, load_gguf, smollm2_path
+from pd_runtime.engine.gguf_file import read_gguf
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -35,9 +35,14 @@ def hf_model(path: str):
     return model.eval()
 
 
-def test_tensor_types_in_the_file(path: str) -> None:
+def test_file_read_as_the_gguf_package_reads_it(path: str) -> None:
     gguf = pytest.importorskip("gguf")
-    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    ours = read_gguf(path)
+    reference = gguf.GGUFReader(path)
+    assert ours.metadata == {k: f.contents() for k, f in reference.fields.items()
+                             if not k.startswith("GGUF.")}
+    types = {t.name: t.tensor_type.name for t in reference.tensors}
+    assert {t.name: gguf.GGMLQuantizationType(t.ggml_type).name for t in ours.tensors} == types
     assert set(types.values()) == {"Q4_1", "Q8_0", "F32"}
     assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_1"
 
@@ -69,15 +74,14 @@ def test_every_weight_equals_transformers(ours, hf_model) -> None:
 def test_q_and_k_are_unpermuted(path: str, ours) -> None:
     """The file's q/k rows are in llama.cpp's rope order; ours are not (they equal transformers'
     in the test above, which reverses the permutation); v has no permutation."""
-    gguf = pytest.importorskip("gguf")
     _, weights, _ = ours
-    stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    stored = {t.name: t for t in read_gguf(path).tensors}
     for gguf_name, hf_name in (("blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj.weight"),
                                ("blk.3.attn_k.weight", "model.layers.3.self_attn.k_proj.weight")):
-        raw = torch.from_numpy(np.ascontiguousarray(dequantize(stored[gguf_name])))
+        raw = dequantize(stored[gguf_name])
         assert not torch.equal(raw, weights[hf_name])
         assert torch.equal(raw.sort(dim=0).values, weights[hf_name].sort(dim=0).values)
-    raw_v = torch.from_numpy(dequantize(stored["blk.3.attn_v.weight"]))
+    raw_v = dequantize(stored["blk.3.attn_v.weight"])
     assert torch.equal(raw_v, weights["model.layers.3.self_attn.v_proj.weight"])
 
 
