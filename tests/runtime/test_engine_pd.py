@@ -7,7 +7,10 @@ kv_transfer_params are refused (400); blocks are freed on both sides.
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -40,8 +43,13 @@ ROUTER_P_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return load_checkpoint(write_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=11, kv_heads=4))
+def model_dir(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=11, kv_heads=4)
+
+
+@pytest.fixture(scope="module")
+def ckpt(model_dir):
+    return load_checkpoint(model_dir)
 
 
 def make_pair(ckpt, p_block=16, d_block=32, p_layout="HND", d_layout="NHD", lease_s=30.0):
@@ -175,3 +183,57 @@ def test_malformed_kv_transfer_params_are_refused(ckpt, change):
         with pytest.raises(InvalidKVTransferParams):
             parse_kv_transfer_params(bad, 5)
     assert parse_kv_transfer_params(good_params(4), 5).remote_num_tokens == 4  # type: ignore[union-attr]
+
+
+
+def start_prefill_proc(model_dir: str, ps: list[list[int]]) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen([sys.executable, "-m", "tests.runtime.engine_prefill_proc"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps({"model": model_dir, "token": TOKEN, "prompts": ps}) + "\n")
+    proc.stdin.flush()
+    return proc, read_result(proc)
+
+
+def read_result(proc: subprocess.Popen) -> dict:
+    """The next `RESULT <json>` line (NIXL logs to stdout too)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    proc.kill()
+    raise AssertionError("the prefill process ended without a result")
+
+
+def test_prefill_process_killed_is_an_error_then_a_new_one_works(ckpt, model_dir):
+    _, d = make_pair(ckpt)
+    assert d.decode is not None
+    a, b = prompts(2, seed=4)
+    procs = []
+    try:
+        proc, kv = start_prefill_proc(model_dir, [a, b])
+        procs.append(proc)
+        d.add_request("q0", a, SamplingParams(max_tokens=3, temperature=0), kv["q0"])
+        got = [t for o in drain(d) for t in o.token_ids]
+        assert got == generate(ckpt, a, 3, ignore_eos=True)  # a real cross-process pull
+        proc.kill()  # P dies with q1 still held; D's cached connection is now dead
+        proc.wait(10)
+        d.add_request("q1", b, SamplingParams(max_tokens=3, temperature=0), kv["q1"])
+        outs = drain(d)
+        assert [o.token_ids for o in outs] == [[]]
+        assert outs[0].finish_reason == "error" and isinstance(outs[0].error, KVPullFailed)
+        assert d.blocks.usage() == 0.0
+        proc2, kv2 = start_prefill_proc(model_dir, [b])  # a restarted P: D connects again
+        procs.append(proc2)
+        d.add_request("q1", b, SamplingParams(max_tokens=3, temperature=0), kv2["q0"])
+        got = [t for o in drain(d) for t in o.token_ids]
+        assert got == generate(ckpt, b, 3, ignore_eos=True)
+        assert proc2.stdin is not None and proc2.stdout is not None
+        proc2.stdin.close()  # P reports what it still holds when it stops
+        assert read_result(proc2) == {"held": 0}
+    finally:
+        d.decode.close()
+        for pr in procs:
+            if pr.poll() is None:
+                pr.kill()
+            pr.wait(10)

@@ -191,6 +191,12 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 10.0)
+        if self._dead is None:
+            self._dead = EngineDead("the engine is shutting down")
+        with self._lock:
+            ids = list(self._queues)
+        for rid in ids:  # nobody waits forever on a stopped loop
+            self._deliver(rid, self._dead)
         await asyncio.to_thread(self._close_sides)
 
     def _close_sides(self) -> None:
