@@ -92,7 +92,10 @@ def load_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor], FastTokenizer]:
     file = _open(path)
     arch = _architecture(file.metadata, path)
     tensor_names = {t.name for t in file.tensors}
-    config = hf_config(file.metadata, tied="output.weight" not in tensor_names)
+    try:
+        config = hf_config(file.metadata, tied="output.weight" not in tensor_names)
+    except (TypeError, ValueError) as e:  # a metadata value of the wrong type
+        raise GGUFError(f"{path}: {e}") from e
     weights = {}
     for tensor in file.tensors:
         hf_name = hf_tensor_name(tensor.name, config["num_hidden_layers"], path)
@@ -121,6 +124,9 @@ def hf_config(metadata: dict[str, Any], tied: bool) -> dict[str, Any]:
         if len(set(kv_heads)) != 1:
             raise GGUFError(f"per-layer KV head counts {sorted(set(kv_heads))} are not supported")
         kv_heads = kv_heads[0]
+    if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
+        raise GGUFError(f"{arch_name}.attention.head_count_kv = {kv_heads!r} does not divide "
+                        f"head_count {heads}")
     tokens = metadata.get("tokenizer.ggml.tokens") or []
     eos = metadata.get("tokenizer.ggml.eos_token_id")
     return {
@@ -209,9 +215,13 @@ def _architecture(metadata: dict[str, Any], path: str) -> Architecture:
 
 
 def _int_key(metadata: dict[str, Any], key: str) -> int:
-    if key not in metadata:
+    """A required positive integer metadata value."""
+    value = metadata.get(key)
+    if value is None:
         raise GGUFError(f"GGUF metadata lacks {key}")
-    return int(metadata[key])
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise GGUFError(f"GGUF metadata {key} = {value!r}: expected a positive integer")
+    return value
 
 
 def _tensor_to_torch(tensor: TensorInfo, arch: Architecture, config: dict,

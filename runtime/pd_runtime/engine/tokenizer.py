@@ -260,6 +260,10 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> FastTokenizer:
     types = list(metadata.get("tokenizer.ggml.token_type") or [])
     if not tokens or not merges:
         raise TokenizerError("GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    for key, values, kind in (("tokens", tokens, str), ("merges", merges, str),
+                              ("token_type", types, int)):
+        if not all(isinstance(v, kind) for v in values):
+            raise TokenizerError(f"tokenizer.ggml.{key} holds a value that is not {kind.__name__}")
     backend = _byte_level_bpe(tokens, merges)
     backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
     backend.decoder = decoders.ByteLevel()
@@ -269,9 +273,9 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> FastTokenizer:
         value = metadata.get(f"tokenizer.ggml.{key}")
         if value is None:
             return None
-        if not 0 <= int(value) < len(tokens):
-            raise TokenizerError(f"tokenizer.ggml.{key} = {value} is outside the vocabulary")
-        return int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(tokens):
+            raise TokenizerError(f"tokenizer.ggml.{key} = {value!r} is outside the vocabulary")
+        return value
 
     bos = token_id("bos_token_id")
     eos = [i for i in (token_id(k) for k in ("eos_token_id", "eot_token_id", "eom_token_id"))

@@ -94,6 +94,9 @@ GGUF_NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
 }
 
 
@@ -115,6 +118,7 @@ def write_tiny_llama_gguf(
     extra_tensors: dict[str, np.ndarray] | None = None,
     drop: tuple[str, ...] = (),
     tied: bool = True,
+    biases: bool = False,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Write a tiny Llama GGUF; `quant` maps HF names to a GGML type name (default F32).
@@ -124,6 +128,12 @@ def write_tiny_llama_gguf(
     import gguf
 
     hf = random_hf_llama(seed)
+    if biases:  # Qwen2: q/k/v projections carry a bias
+        rng = np.random.default_rng(seed + 2)
+        for i in range(LAYERS):
+            for proj, rows in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS)):
+                hf[f"model.layers.{i}.self_attn.{proj}_proj.bias"] = rng.standard_normal(
+                    rows * HEAD_DIM).astype(np.float32)
     if not tied:
         hf["lm_head.weight"] = random_hf_llama(seed + 1)["model.embed_tokens.weight"]
     writer = gguf.GGUFWriter(str(path), architecture)
@@ -144,10 +154,11 @@ def write_tiny_llama_gguf(
         if name in drop:
             continue
         stored = weight
-        if name.endswith("q_proj.weight"):
-            stored = llama_cpp_permute(weight, HEADS)
-        elif name.endswith("k_proj.weight"):
-            stored = llama_cpp_permute(weight, KV_HEADS)
+        if architecture == "llama":  # convert_hf_to_gguf permutes q/k for Llama only
+            if name.endswith("q_proj.weight"):
+                stored = llama_cpp_permute(weight, HEADS)
+            elif name.endswith("k_proj.weight"):
+                stored = llama_cpp_permute(weight, KV_HEADS)
         _add_tensor(writer, gguf_name(name), stored, (quant or {}).get(name, "F32"))
     for name, weight in (extra_tensors or {}).items():
         writer.add_tensor(name, weight)

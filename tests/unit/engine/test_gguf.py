@@ -97,6 +97,16 @@ def test_untied_output_becomes_lm_head(path: Path) -> None:
     assert torch.equal(weights["lm_head.weight"], torch.from_numpy(hf["lm_head.weight"]))
 
 
+def test_qwen2_keeps_row_order_and_biases(path: Path) -> None:
+    hf = write_tiny_llama_gguf(path, architecture="qwen2", biases=True)
+    config, weights, _ = load_gguf(str(path))
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["model_type"] == "qwen2"
+    assert config["attention_bias"] is True
+    assert set(weights) == set(hf)
+    for name, original in hf.items():
+        assert torch.equal(weights[name], torch.from_numpy(original)), name
+
+
 def test_tokenizer_only(path: Path) -> None:
     write_tiny_llama_gguf(path)
     tok = load_gguf_tokenizer(str(path))
@@ -114,6 +124,9 @@ def test_tokenizer_only(path: Path) -> None:
      "'blk.0.attn_qkv.weight'"),
     ({"drop": ("model.layers.1.mlp.up_proj.weight",)}, "model.layers.1.mlp.up_proj.weight"),
     ({"extra_metadata": {"tokenizer.ggml.pre": "klingon"}}, "'klingon'"),
+    ({"extra_metadata": {"llama.attention.head_count_kv": 3}}, "does not divide head_count 4"),
+    ({"extra_metadata": {"llama.block_count": "two"}}, "llama.block_count = 'two'"),
+    ({"extra_metadata": {"tokenizer.ggml.bos_token_id": 99999}}, "outside the vocabulary"),
 ])
 def test_unsupported_files_are_named(path: Path, kwargs: dict, needle: str) -> None:
     write_tiny_llama_gguf(path, **kwargs)
@@ -126,7 +139,7 @@ def test_unsupported_quant_type_is_named(path: Path) -> None:
     q8k = gguf.GGMLQuantizationType.Q8_K
     block_bytes = gguf.GGML_QUANT_SIZES[q8k][1]
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(0)
+    writer.add_block_count(1)
     writer.add_embedding_length(256)
     writer.add_feed_forward_length(256)
     writer.add_head_count(4)
