@@ -147,13 +147,12 @@ def read_model_config(path: str) -> Any:
 
     p = Path(path)
     if p.suffix == ".gguf":
-        import gguf as gguf_pkg
+        from ..engine.gguf import hf_config
+        from ..engine.gguf_file import read_gguf
 
-        from ..engine.gguf import hf_config, read_metadata
-
-        reader = gguf_pkg.GGUFReader(str(p))
-        tied = "output.weight" not in {t.name for t in reader.tensors}
-        return ModelConfig.from_hf(hf_config(read_metadata(reader, str(p)), tied))
+        file = read_gguf(str(p))  # memory-mapped: metadata and tensor headers, no dequantizing
+        tied = "output.weight" not in {t.name for t in file.tensors}
+        return ModelConfig.from_hf(hf_config(file.metadata, tied))
     with open(p / "config.json", encoding="utf-8") as fh:
         return ModelConfig.from_hf(json.load(fh))
 
