@@ -39,7 +39,8 @@ def transfer_test(args: argparse.Namespace) -> int:
                 dtype=args.dtype, tokens=args.tokens,
                 requests=args.requests, seed=args.seed, sliding_window=args.sliding_window,
                 timeout_s=args.timeout)
-    problems, checker = pairing_problems(cell, args.rules)
+    rules = "capabilities" if args.rules == "capabilities" else "compat"
+    problems, checker = pairing_problems(cell, rules)
     if problems:
         out = {"result": "rejected", "checker": checker, "rules": problems, "cell": cell.label()}
         if args.output == "json":

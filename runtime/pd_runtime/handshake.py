@@ -1,214 +1,545 @@
-"""The side channel: TCP, length-prefixed msgpack frames, every frame authenticated.
+"""The side channel: TCP, length-prefixed msgpack frames (protocol.py), authenticated both ways.
 
-Prefill serves its metadata and answers PREPARE requests; decode connects. Unlike vLLM's ZMQ
-side channel, every frame carries an HMAC-SHA256 under a shared token (from a Kubernetes Secret,
-env PD_RUNTIME_TOKEN or a file), bound to a per-connection server nonce, the direction and a
-sequence number, so frames cannot be forged, replayed or reflected. The compatibility hash is
-compared before anything else in the metadata is used; a mismatch names the differing factors.
+Prefill serves; decode connects. Both sides contribute a nonce, and both prove they hold the
+shared token (from a Kubernetes Secret: env PD_RUNTIME_TOKEN or a file) before anything else:
+
+    S -> C  Challenge(version, nonce_s)   no MAC                   at most 4 KiB
+    C -> S  Hello(version, nonce_c)       MAC(K, "C", seq 0)       at most 4 KiB, verified first
+    S -> C  Welcome(idle_timeout_s)       MAC(K, "S", seq 0)
+    then requests MAC(K, "C", n) and replies MAC(K, "S", n), n = 1, 2, ...
+
+    K = HMAC-SHA256(token, "pd-runtime side channel" | version | nonce_s | nonce_c)
+    frame = u32 length | 32-byte MAC | payload; MAC = HMAC-SHA256(K, direction | u64 seq | payload)
+
+What this gives: a peer without the token can produce neither a valid Hello (the server refuses
+it) nor a valid Welcome or reply (the client refuses it). Frames recorded on one connection do not
+verify on another, in either direction: the server's fresh nonce defeats a replayed Hello, the
+client's fresh nonce defeats a replayed Welcome or reply. Within a connection the sequence
+number refuses replayed or reordered frames and the direction refuses reflected ones. The
+protocol versions are compared before the key is used; a mismatch names both versions.
+
+What it does not give: confidentiality (frames are plain msgpack; they carry addresses and
+metadata, not KV, which moves over NIXL) and protection against someone on the path who drops
+or delays frames (they can always cut the connection).
+
+Bounds: before Hello is verified the server reads at most PREAUTH_MAX_FRAME bytes per frame and
+the handshake must finish within `auth_timeout_s` in total. After it, a frame is at most
+`max_frame` bytes and must arrive within `frame_timeout_s` once begun, and a connection idle for
+`idle_timeout_s` is closed (the client reconnects before its next call, replaying its opening
+message). At most `max_connections` connections at once. A missing or empty token refuses to start.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import socket
 import struct
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgspec
 
 from .compat.hashing import differing_factors
+from .protocol import (
+    NONCE_BYTES,
+    PROTOCOL_VERSION,
+    AuthError,
+    ChannelBusy,
+    ChannelClosed,
+    ChannelTimeout,
+    Challenge,
+    ClientMessage,
+    ErrorReply,
+    FrameTooLarge,
+    HandshakeError,
+    HashMismatch,
+    Hello,
+    MalformedMessage,
+    MetaRequest,
+    PrepareRequest,
+    ServerMessage,
+    TokenError,
+    UnexpectedMessage,
+    VersionMismatch,
+    Welcome,
+    error_from_reply,
+    error_reply,
+)
 
-MAX_FRAME = 64 << 20
-NONCE = 16
+log = logging.getLogger(__name__)
+
+PREAUTH_MAX_FRAME = 4 << 10
+MAX_FRAME = 16 << 20
+DEFAULT_TOKEN_FILE = "/var/run/secrets/pd-runtime/token"
+_HEADER = struct.Struct(">I32s")
+_SEQ = struct.Struct(">Q")
+_NO_MAC = bytes(32)
+_KEY_LABEL = b"pd-runtime side channel"
+_ENCODER = msgspec.msgpack.Encoder()
+_FROM_CLIENT = msgspec.msgpack.Decoder(ClientMessage)
+_FROM_SERVER = msgspec.msgpack.Decoder(ServerMessage)
+
+ClientRequest = MetaRequest | PrepareRequest
+Handler = Callable[[ClientRequest, "Session"], Any]
 
 
-class HandshakeError(RuntimeError):
-    pass
+@dataclass(frozen=True)
+class ChannelLimits:
+    auth_timeout_s: float = 5.0  # accept -> verified Hello, in total
+    idle_timeout_s: float = 300.0  # authenticated, between frames
+    frame_timeout_s: float = 30.0  # one frame, from its first byte to its last
+    max_frame: int = MAX_FRAME  # after authentication
+    max_connections: int = 256
 
 
-class AuthError(HandshakeError):
-    pass
+@dataclass
+class Session:
+    """One authenticated connection, as the handler sees it; `context` is the handler's own."""
+
+    peer: tuple[str, int]
+    context: Any = None
 
 
-class HashMismatch(HandshakeError):
-    def __init__(self, differing: list[str], local_hash: str, remote_hash: str):
-        self.differing = differing
-        super().__init__(
-            f"compatibility hash mismatch (local {local_hash[:12]}, prefill {remote_hash[:12]}); "
-            f"differing factors: {', '.join(differing) or 'unknown'}"
-        )
+# ------------------------------------------------------------------------------------------------
+# the token
 
 
-class PeerError(HandshakeError):
-    """The prefill side answered with an error."""
+def require_token(token: bytes | str | None, why: str = "the side-channel token is empty") -> bytes:
+    """The token as bytes; an empty (or whitespace-only) one is refused."""
+    if token is None:
+        raise TokenError("no side-channel token given")
+    raw = token.encode() if isinstance(token, str) else bytes(token)
+    if not raw.strip():
+        raise TokenError(f"{why}: refusing to run the side channel without a secret")
+    return raw
 
 
-def load_token(explicit: str | bytes | None = None) -> bytes:
-    if explicit:
-        return explicit.encode() if isinstance(explicit, str) else explicit
-    if os.environ.get("PD_RUNTIME_TOKEN"):
-        return os.environ["PD_RUNTIME_TOKEN"].encode()
-    path = os.environ.get("PD_RUNTIME_TOKEN_FILE", "/var/run/secrets/pd-runtime/token")
-    if os.path.exists(path):
+def load_token(explicit: bytes | str | None = None) -> bytes:
+    """The token: `explicit`, else env PD_RUNTIME_TOKEN, else the file PD_RUNTIME_TOKEN_FILE names
+    (default: the mounted Secret). Missing or empty is a TokenError, never an empty key."""
+    if explicit is not None:
+        return require_token(explicit)
+    env = os.environ.get("PD_RUNTIME_TOKEN")
+    if env is not None:
+        return require_token(env, "PD_RUNTIME_TOKEN is set but empty")
+    path = os.environ.get("PD_RUNTIME_TOKEN_FILE", DEFAULT_TOKEN_FILE)
+    try:
         with open(path, "rb") as f:
-            return f.read().strip()
-    raise AuthError("no side-channel token: set PD_RUNTIME_TOKEN or PD_RUNTIME_TOKEN_FILE (from a Secret)")
+            data = f.read(64 << 10).strip()
+    except FileNotFoundError:
+        raise TokenError(f"no side-channel token: set PD_RUNTIME_TOKEN or PD_RUNTIME_TOKEN_FILE "
+                         f"(from a Secret); {path} does not exist") from None
+    except OSError as e:
+        raise TokenError(f"cannot read the side-channel token file {path}: {e}") from None
+    return require_token(data, f"the side-channel token file {path} is empty")
 
 
-def _mac(token: bytes, direction: bytes, nonce: bytes, seq: int, payload: bytes) -> bytes:
-    return hmac.new(token, direction + nonce + struct.pack(">Q", seq) + payload, hashlib.sha256).digest()
+def session_key(token: bytes, nonce_s: bytes, nonce_c: bytes) -> bytes:
+    label = _KEY_LABEL + struct.pack(">I", PROTOCOL_VERSION)
+    return hmac.new(token, label + nonce_s + nonce_c, hashlib.sha256).digest()
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise HandshakeError("side channel closed by peer")
-        buf += chunk
-    return bytes(buf)
+# ------------------------------------------------------------------------------------------------
+# frames
 
 
-class _Conn:
-    def __init__(self, sock: socket.socket, token: bytes, nonce: bytes, send_dir: bytes, recv_dir: bytes):
-        self.sock, self.token, self.nonce = sock, token, nonce
+class _Frames:
+    """Length-prefixed frames on one socket; every read runs against a deadline."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def send(self, mac: bytes, payload: bytes) -> None:
+        try:
+            self.sock.sendall(_HEADER.pack(len(payload), mac) + payload)
+        except TimeoutError as e:
+            raise ChannelTimeout("side channel: send timed out") from e
+        except OSError as e:
+            raise ChannelClosed(f"side channel: send failed: {e}") from e
+
+    def recv(self, limit: int, first_byte_by: float, frame_s: float,
+             total_by: float = float("inf")) -> tuple[bytes, bytes]:
+        """(mac, payload). Waits until `first_byte_by` for the frame to begin, then `frame_s`
+        (never past `total_by`) for all of it; a length above `limit` is refused before any of
+        the payload is read."""
+        first = self._read(1, min(first_byte_by, total_by))
+        by = min(time.monotonic() + frame_s, total_by)
+        n, mac = _HEADER.unpack(first + self._read(_HEADER.size - 1, by))
+        if n > limit:
+            raise FrameTooLarge(f"frame of {n} bytes exceeds the limit of {limit} bytes")
+        return mac, self._read(n, by)
+
+    def _read(self, n: int, by: float) -> bytes:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            left = by - time.monotonic()
+            if left <= 0:
+                raise ChannelTimeout("side channel: timed out waiting for the peer")
+            try:
+                self.sock.settimeout(left)
+                k = self.sock.recv_into(view[got:], n - got)
+            except TimeoutError:
+                continue  # the loop's deadline check raises
+            except OSError as e:
+                raise ChannelClosed(f"side channel: {e}") from e
+            if k == 0:
+                raise ChannelClosed("side channel closed by the peer")
+            got += k
+        return bytes(buf)
+
+
+class _Channel:
+    """One authenticated direction pair: MACs, sequence numbers, typed messages."""
+
+    def __init__(self, frames: _Frames, key: bytes, send_dir: bytes, recv_dir: bytes):
+        self.frames, self.key = frames, key
         self.send_dir, self.recv_dir = send_dir, recv_dir
         self.sseq = self.rseq = 0
 
-    def send(self, obj: Any, authentic: bool = True) -> None:
-        payload = msgspec.msgpack.encode(obj)
-        mac = _mac(self.token, self.send_dir, self.nonce, self.sseq, payload) if authentic else bytes(32)
-        self.sseq += 1
-        self.sock.sendall(struct.pack(">I", len(payload)) + mac + payload)
+    def _mac(self, direction: bytes, seq: int, payload: bytes) -> bytes:
+        return hmac.new(self.key, direction + _SEQ.pack(seq) + payload, hashlib.sha256).digest()
 
-    def recv(self) -> Any:
-        (n,) = struct.unpack(">I", _recv_exact(self.sock, 4))
-        if n > MAX_FRAME:
-            raise HandshakeError(f"frame too large ({n} bytes)")
-        mac = _recv_exact(self.sock, 32)
-        payload = _recv_exact(self.sock, n)
-        ok = hmac.compare_digest(mac, _mac(self.token, self.recv_dir, self.nonce, self.rseq, payload))
+    def send(self, msg: Any) -> None:
+        self.send_payload(_ENCODER.encode(msg))
+
+    def send_payload(self, payload: bytes) -> None:
+        mac = self._mac(self.send_dir, self.sseq, payload)
+        self.sseq += 1
+        self.frames.send(mac, payload)
+
+    def authentic(self, mac: bytes, payload: bytes) -> bool:
+        if not hmac.compare_digest(mac, self._mac(self.recv_dir, self.rseq, payload)):
+            return False
         self.rseq += 1
-        if not ok:
-            if mac == bytes(32):
-                try:
-                    obj = msgspec.msgpack.decode(payload)
-                    if isinstance(obj, dict) and obj.get("error") == "auth":
-                        raise AuthError(f"prefill rejected the side-channel token: {obj.get('message')}")
-                except msgspec.DecodeError:
-                    pass
-            raise AuthError("side-channel frame failed authentication (wrong token?)")
-        return msgspec.msgpack.decode(payload)
+        return True
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, payload: bytes, side: str) -> Any:
+    try:
+        return decoder.decode(payload)
+    except msgspec.DecodeError as e:  # ValidationError included
+        raise MalformedMessage(f"malformed message from the {side}: {e}") from None
+
+
+def _send_unauthenticated(frames: _Frames, reply: ErrorReply) -> None:
+    """A refusal sent before (or instead of) authentication, then a lingering close: a little
+    of what the peer already sent is read and dropped (at most 64 KiB for 0.5 s) so that the
+    close does not reset the connection before the peer has read the refusal."""
+    sock = frames.sock
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(_frame(_NO_MAC, _ENCODER.encode(reply)))
+        sock.shutdown(socket.SHUT_WR)
+        by, left = time.monotonic() + 0.5, 64 << 10
+        while left > 0 and time.monotonic() < by:
+            sock.settimeout(max(0.01, by - time.monotonic()))
+            chunk = sock.recv(min(left, 16 << 10))
+            if not chunk:
+                break
+            left -= len(chunk)
+    except OSError:
+        pass
+
+
+def _frame(mac: bytes, payload: bytes) -> bytes:
+    return _HEADER.pack(len(payload), mac) + payload
+
+
+# ------------------------------------------------------------------------------------------------
+# prefill side
 
 
 class SideChannelServer:
-    """Prefill side. `handler(request_dict) -> reply_dict` runs per authenticated frame."""
+    """Prefill side. `handler(request, session) -> reply` runs per authenticated request; a
+    HandshakeError it raises is answered as a typed ErrorReply, anything else as `internal`."""
 
-    def __init__(self, token: bytes, handler: Callable[[dict], dict], host: str = "127.0.0.1", port: int = 0):
-        self.token, self.handler = token, handler
+    def __init__(self, token: bytes, handler: Handler, host: str = "127.0.0.1", port: int = 0,
+                 limits: ChannelLimits | None = None):
+        self.token = require_token(token)
+        self.handler = handler
+        self.limits = limits or ChannelLimits()
+        self.auth_failures = 0
+        self.refused = 0  # connections refused or closed for any protocol reason
+        self._slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.sock.listen(64)
-        self.host, self.port = self.sock.getsockname()
-        self.auth_failures = 0
+        self.host, self.port = self.sock.getsockname()[:2]
         self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                        name=f"side-channel-{self.port}")
         self._thread.start()
 
-    def _serve(self) -> None:
+    def _accept_loop(self) -> None:
         while not self._stop:
             try:
-                s, _ = self.sock.accept()
+                s, addr = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._client, args=(s,), daemon=True).start()
+            if not self._slots.acquire(blocking=False):
+                self.refused += 1
+                _send_unauthenticated(_Frames(s), error_reply(ChannelBusy(
+                    f"{self.limits.max_connections} side-channel connections already open")))
+                s.close()
+                continue
+            with self._conns_lock:
+                self._conns.add(s)
+            threading.Thread(target=self._serve, args=(s, addr), daemon=True).start()
 
-    def _client(self, s: socket.socket) -> None:
-        nonce = os.urandom(NONCE)
-        conn = _Conn(s, self.token, nonce, b"S", b"C")
+    def _serve(self, s: socket.socket, addr: tuple[str, int]) -> None:
+        frames = _Frames(s)
         try:
-            s.sendall(nonce)
-            while True:
-                try:
-                    req = conn.recv()
-                except AuthError as e:
-                    self.auth_failures += 1
-                    conn.send({"error": "auth", "message": str(e)}, authentic=False)
-                    return
-                try:
-                    rep = self.handler(req)
-                except Exception as e:  # report, keep serving
-                    rep = {"error": type(e).__name__, "message": str(e)}
-                conn.send(rep)
-        except (HandshakeError, OSError):
-            pass
+            ch = self._authenticate(frames)
+            self._requests(ch, Session((addr[0], addr[1])))
+        except (ChannelClosed, ChannelTimeout):
+            pass  # the peer went away, or was too slow: nothing to answer
+        except HandshakeError as e:
+            self.refused += 1
+            log.info("side channel %s:%s refused: %s", addr[0], addr[1], e)
+            _send_unauthenticated(frames, error_reply(e))
+        except Exception:  # noqa: BLE001 - a bug here must not take the server down
+            log.exception("side channel %s:%s failed", addr[0], addr[1])
         finally:
+            with self._conns_lock:
+                self._conns.discard(s)
             s.close()
+            self._slots.release()
+
+    def _authenticate(self, frames: _Frames) -> _Channel:
+        by = time.monotonic() + self.limits.auth_timeout_s
+        nonce_s = os.urandom(NONCE_BYTES)
+        frames.send(_NO_MAC, _ENCODER.encode(Challenge(PROTOCOL_VERSION, nonce_s)))
+        mac, payload = frames.recv(PREAUTH_MAX_FRAME, by, self.limits.auth_timeout_s, by)
+        hello = _decode(_FROM_CLIENT, payload, "decode side")
+        if not isinstance(hello, Hello):
+            raise UnexpectedMessage(f"expected hello, got {type(hello).__name__}")
+        if hello.version != PROTOCOL_VERSION:
+            raise VersionMismatch(PROTOCOL_VERSION, hello.version, "decode side")
+        ch = _Channel(frames, session_key(self.token, nonce_s, hello.nonce), b"S", b"C")
+        if not ch.authentic(mac, payload):
+            self.auth_failures += 1
+            raise AuthError("the decode side's hello failed authentication (wrong token, or a "
+                            "replayed handshake)")
+        ch.send(Welcome(self.limits.idle_timeout_s))
+        return ch
+
+    def _requests(self, ch: _Channel, session: Session) -> None:
+        lim = self.limits
+        while not self._stop:
+            mac, payload = ch.frames.recv(lim.max_frame, time.monotonic() + lim.idle_timeout_s,
+                                          lim.frame_timeout_s)
+            if not ch.authentic(mac, payload):
+                self.auth_failures += 1
+                raise AuthError("a side-channel frame failed authentication (tampered, replayed "
+                                "or out of order)")
+            try:
+                msg = _decode(_FROM_CLIENT, payload, "decode side")
+                if isinstance(msg, Hello):
+                    raise UnexpectedMessage("hello after the handshake")
+                reply = self._dispatch(msg, session)
+            except HandshakeError as e:
+                reply = error_reply(e)
+            ch.send(reply)
+
+    def _dispatch(self, msg: ClientRequest, session: Session) -> Any:
+        try:
+            return self.handler(msg, session)
+        except HandshakeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - answered, logged here with its traceback
+            log.exception("side-channel handler failed on %s", type(msg).__name__)
+            return ErrorReply("internal", f"{type(e).__name__}: {e}")
 
     def close(self) -> None:
         self._stop = True
+        for s in [self.sock, *self._open_conns()]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         try:
             self.sock.close()
         except OSError:
             pass
+        self._thread.join(timeout=2)
+
+    def _open_conns(self) -> list[socket.socket]:
+        with self._conns_lock:
+            return list(self._conns)
+
+
+# ------------------------------------------------------------------------------------------------
+# decode side
 
 
 class SideChannelClient:
-    """Decode side: one authenticated connection to one prefill rank."""
+    """Decode side: one authenticated connection to one prefill rank.
 
-    def __init__(self, host: str, port: int, token: bytes, timeout: float = 30.0):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.settimeout(timeout)
-        try:
-            nonce = _recv_exact(self.sock, NONCE)
-        except (OSError, HandshakeError) as e:
-            raise HandshakeError(f"no side-channel hello from {host}:{port}: {e}") from e
-        self.conn = _Conn(self.sock, token, nonce, b"C", b"S")
+    `open(msg)` sends the connection's opening request (MetaRequest) and remembers it: when the
+    server's idle timeout is near, the next call reconnects and replays it first, and refuses to
+    go on if a different prefill process answers."""
+
+    def __init__(self, host: str, port: int, token: bytes, timeout: float = 30.0,
+                 max_frame: int = MAX_FRAME):
+        self.host, self.port = host, port
+        self.token = require_token(token)
+        self.timeout, self.max_frame = timeout, max_frame
         self.lock = threading.Lock()
+        self._opener: Any = None
+        self._opened: Any = None
+        self._sock: socket.socket | None = None
+        self._ch: _Channel | None = None
+        self._idle_s = 0.0
+        self._last = 0.0
+        self._by = 0.0
+        self._connect()
 
-    def call(self, req: dict) -> dict:
-        self.start(req)
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _connect(self) -> _Channel:
+        by = time.monotonic() + self.timeout
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        except OSError as e:
+            raise ChannelClosed(f"cannot reach the prefill side channel at {self.where}: {e}") from e
+        try:
+            ch = self._handshake(_Frames(sock), by)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock, self._ch = sock, ch
+        self._last = time.monotonic()
+        return ch
+
+    def _handshake(self, frames: _Frames, by: float) -> _Channel:
+        challenge = self._read(frames, None, PREAUTH_MAX_FRAME, by)
+        if not isinstance(challenge, Challenge):
+            raise UnexpectedMessage(f"expected challenge, got {type(challenge).__name__}")
+        if challenge.version != PROTOCOL_VERSION:
+            raise VersionMismatch(PROTOCOL_VERSION, challenge.version, f"prefill at {self.where}")
+        nonce_c = os.urandom(NONCE_BYTES)
+        ch = _Channel(frames, session_key(self.token, challenge.nonce, nonce_c), b"C", b"S")
+        ch.send(Hello(PROTOCOL_VERSION, nonce_c))
+        welcome = self._read(frames, ch, PREAUTH_MAX_FRAME, by)
+        if not isinstance(welcome, Welcome):
+            raise UnexpectedMessage(f"expected welcome, got {type(welcome).__name__}")
+        self._idle_s = welcome.idle_timeout_s
+        return ch
+
+    def _read(self, frames: _Frames, ch: _Channel | None, limit: int, by: float) -> Any:
+        """The next message. A typed refusal on an authenticated connection keeps it; anything
+        that leaves the stream out of step (closed, timed out, forged, malformed) drops it."""
+        try:
+            mac, payload = frames.recv(limit, by, self.timeout, by)
+            authentic = ch is not None and ch.authentic(mac, payload)
+            if not authentic and (mac != _NO_MAC or len(payload) > PREAUTH_MAX_FRAME):
+                raise AuthError(f"a frame from the prefill side at {self.where} failed "
+                                "authentication (wrong token, or a replayed reply)")
+            msg = _decode(_FROM_SERVER, payload, f"prefill at {self.where}")
+        except HandshakeError:
+            self._drop()
+            raise
+        if authentic:
+            if isinstance(msg, ErrorReply):
+                raise error_from_reply(msg)
+            return msg
+        # unauthenticated: only the challenge, or a refusal the server closes after
+        if ch is None and isinstance(msg, Challenge):
+            return msg
+        self._drop()
+        if isinstance(msg, ErrorReply):
+            raise error_from_reply(msg, authentic=False)
+        raise AuthError(f"an unauthenticated {type(msg).__name__} from the prefill side at "
+                        f"{self.where} (a replayed or forged frame)")
+
+    def open(self, msg: Any) -> Any:
+        """Send the connection's opening request; it is replayed after every reconnect."""
+        reply = self.call(msg)
+        self._opener, self._opened = msg, reply
+        return reply
+
+    def call(self, msg: Any) -> Any:
+        self.start(msg)
         return self.finish()
 
-    def start(self, req: dict) -> None:
+    def start(self, msg: Any) -> None:
         """Send a request; `finish()` reads its reply (so several peers can be asked at once)."""
         self.lock.acquire()
         try:
-            self.conn.send(req)
-        except socket.timeout as e:
+            self._by = time.monotonic() + self.timeout
+            ch = self._ch
+            if ch is None or self._idle_too_long():
+                ch = self._reconnect()
+            ch.send(msg)
+        except BaseException as e:
+            if isinstance(e, ChannelClosed | ChannelTimeout):
+                self._drop()  # the next call starts a new connection
             self.lock.release()
-            raise HandshakeError("side channel timed out") from e
-        except OSError as e:
-            self.lock.release()
-            raise HandshakeError(f"side channel failed: {e}") from e
+            raise
 
-    def finish(self) -> dict:
+    def finish(self) -> Any:
         try:
-            rep = self.conn.recv()
-        except socket.timeout as e:
-            raise HandshakeError("side channel timed out") from e
-        except OSError as e:
-            raise HandshakeError(f"side channel failed: {e}") from e
+            if self._ch is None:
+                raise ChannelClosed(f"side channel to {self.where} is closed")
+            reply = self._read(self._ch.frames, self._ch, self.max_frame, self._by)
+            self._last = time.monotonic()
+            return reply
         finally:
             self.lock.release()
-        if isinstance(rep, dict) and "error" in rep:
-            if rep["error"] == "hash":
-                raise HashMismatch(rep.get("differing", []), rep.get("local_hash", ""), rep.get("remote_hash", ""))
-            raise PeerError(f"prefill: {rep['error']}: {rep.get('message', '')}")
-        return rep
+
+    def _idle_too_long(self) -> bool:
+        margin = min(2.0, self._idle_s / 4)
+        return time.monotonic() - self._last >= self._idle_s - margin
+
+    def _reconnect(self) -> _Channel:
+        self._drop()
+        ch = self._connect()
+        if self._opener is None:
+            return ch
+        try:
+            ch.send(self._opener)
+            reply = self._read(ch.frames, ch, self.max_frame, self._by)
+        except BaseException:
+            self._drop()
+            raise
+        if not _same_peer(self._opened, reply):
+            self._drop()
+            raise HandshakeError(f"a different prefill process answers at {self.where} "
+                                 "(restarted?): connect again")
+        return ch
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+        self._sock, self._ch = None, None
 
     def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self._drop()
 
 
-def compare_hash(local_factors: dict, local_hash: str, remote_factors: dict, remote_hash: str) -> None:
-    """Hash first; on mismatch name the factors."""
+def _same_peer(before: Any, after: Any) -> bool:
+    keys = ("agent_name", "hash", "spec", "staging")
+    return type(before) is type(after) and all(
+        getattr(before, k, None) == getattr(after, k, None) for k in keys)
+
+
+def compare_hash(local_factors: dict, local_hash: str, remote_factors: dict,
+                 remote_hash: str) -> None:
+    """Hash first; on mismatch name the factors. `local` is the decode side."""
     if local_hash != remote_hash:
-        raise HashMismatch(differing_factors(local_factors, remote_factors), local_hash, remote_hash)
+        raise HashMismatch(differing_factors(local_factors, remote_factors), local_hash,
+                           remote_hash)

@@ -1,18 +1,35 @@
-"""Prefill-side bookkeeping: staging slots and block leases.
+"""Prefill-side bookkeeping: staging slots and block leases, per consumer.
 
-P holds a request's KV blocks until every expected consumer has acknowledged (a NIXL
-notification `<req>:<d_rank>:<expected>` after its READ, or `REL:<req>:<d_rank>:<expected>` from a
-rank that reads nothing; the count comes from the planner on the decode side, as in vLLM), or until the lease expires. Heartbeats `HB:<req>,<req>` extend a lease. Staging slots
-are freed with their reader's notification or with the lease. Nothing outlives its lease.
+P holds a request's KV blocks until every expected consumer has finished, or until the lease
+expires. A consumer is one decode rank of one decode agent (`agent/d_rank`). It finishes with a
+NIXL notification `<req>:<d_rank>:<expected>` after its READ, or `REL:<req>:<d_rank>:<expected>`
+when it reads nothing from this rank (the count comes from the planner on the decode side, as in
+vLLM). Heartbeats `HB:<req>,<req>` extend a lease.
+
+Per consumer: a PREPARE gives its consumer a staging slot, and only that consumer's notification
+frees that slot. A lease is released when the expected number of consumers have finished and no
+other consumer still holds a slot; a notification can raise the expected count, never lower it
+below what PREPARE established. Bounded: released leases leave only counters and a short
+history (for the error message a late PREPARE gets); nothing outlives its lease.
+
+`on_release(req_id, reason)` runs (outside the table's lock) once per lease: reason `consumed`
+or `expired`.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+log = logging.getLogger(__name__)
+
 ALIGN = 256
+CONSUMED, EXPIRED = "consumed", "expired"
+OnRelease = Callable[[str, str], None]
 
 
 class StagingFull(RuntimeError):
@@ -40,7 +57,8 @@ class SlotAllocator:
                     self.free.pop(i)
                 self.used[off] = n
                 return off
-        raise StagingFull(f"staging region full: {nbytes} bytes asked, {self.size - self.in_use()} free")
+        raise StagingFull(f"staging region full: {nbytes} bytes asked, "
+                          f"{self.size - self.in_use()} free")
 
     def release(self, off: int) -> None:
         n = self.used.pop(off)
@@ -61,95 +79,158 @@ class SlotAllocator:
 @dataclass
 class Lease:
     req_id: str
-    expected: int
     deadline: float
-    acked: set[int] = field(default_factory=set)
-    slots: dict[int, int] = field(default_factory=dict)  # d_rank -> staging offset
+    expected: int = 0  # consumers to wait for; 0 until a PREPARE or a notification says
+    done: set[str] = field(default_factory=set)  # consumers that finished
+    slots: dict[str, int] = field(default_factory=dict)  # consumer -> staging offset, unfinished
+
+    def finished(self) -> bool:
+        return self.expected > 0 and len(self.done) >= self.expected and not self.slots
+
+
+def consumer_id(agent: str, d_rank: int) -> str:
+    return f"{agent}/{d_rank}"
 
 
 class LeaseTable:
-    def __init__(self, staging_size: int, lease_s: float = 30.0, clock=time.monotonic):
+    def __init__(self, staging_size: int, lease_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic, on_release: OnRelease | None = None,
+                 history: int = 1024):
         self.alloc = SlotAllocator(staging_size)
         self.lease_s = lease_s
         self.clock = clock
+        self.on_release = on_release
         self.leases: dict[str, Lease] = {}
-        self.expired: list[str] = []
-        self.completed: list[str] = []
+        self.recent: OrderedDict[str, str] = OrderedDict()  # req_id -> reason, newest last
+        self.history = history
+        self.consumed = 0
+        self.expired = 0
+        self.bad_notifs = 0
         self.lock = threading.RLock()
 
-    def hold(self, req_id: str, expected: int = 0) -> Lease:
-        """Register a finished prefill whose blocks wait for `expected` consumers."""
+    # -- the prefill engine's side
+
+    def hold(self, req_id: str) -> Lease:
+        """Register a finished prefill whose blocks wait for their consumers."""
         with self.lock:
-            le = Lease(req_id, expected, self.clock() + self.lease_s)
+            if req_id in self.leases:
+                raise LeaseError(f"request {req_id!r} is already held")
+            self.recent.pop(req_id, None)
+            le = Lease(req_id, self.clock() + self.lease_s)
             self.leases[req_id] = le
             return le
-
-    def get(self, req_id: str) -> Lease:
-        with self.lock:
-            self.expire()
-            le = self.leases.get(req_id)
-            if le is None:
-                why = "its lease expired" if req_id in self.expired else "unknown request"
-                raise LeaseError(f"request {req_id!r} is not held by this prefill rank: {why}")
-            return le
-
-    def slot(self, req_id: str, d_rank: int, nbytes: int) -> int:
-        with self.lock:
-            le = self.get(req_id)
-            if d_rank in le.slots:
-                self.alloc.release(le.slots.pop(d_rank))
-            off = self.alloc.alloc(nbytes)
-            le.slots[d_rank] = off
-            return off
-
-    def ack(self, req_id: str, d_rank: int, expected: int = 0) -> bool:
-        """A consumer finished; True when the request's blocks were freed by it."""
-        with self.lock:
-            le = self.leases.get(req_id)
-            if le is None:
-                return False
-            if expected:
-                le.expected = expected
-            if d_rank in le.slots:
-                self.alloc.release(le.slots.pop(d_rank))
-            le.acked.add(d_rank)
-            if le.expected and len(le.acked) >= le.expected:
-                self._drop(le)
-                self.completed.append(req_id)
-                return True
-            return False
-
-    def heartbeat(self, req_ids: list[str]) -> None:
-        with self.lock:
-            for r in req_ids:
-                if r in self.leases:
-                    self.leases[r].deadline = self.clock() + self.lease_s
-
-    def expire(self) -> list[str]:
-        with self.lock:
-            now = self.clock()
-            gone = [le for le in self.leases.values() if le.deadline <= now]
-            for le in gone:
-                self._drop(le)
-                self.expired.append(le.req_id)
-            return [le.req_id for le in gone]
-
-    def _drop(self, le: Lease) -> None:
-        for off in le.slots.values():
-            self.alloc.release(off)
-        le.slots.clear()
-        self.leases.pop(le.req_id, None)
-
-    def handle_notif(self, msg: str) -> None:
-        if msg.startswith("HB:"):
-            self.heartbeat([r for r in msg[3:].split(",") if r])
-            return
-        if msg.startswith("REL:"):
-            msg = msg[4:]
-        parts = msg.split(":")
-        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-            self.ack(parts[0], int(parts[1]), int(parts[2]))
 
     def held(self) -> int:
         with self.lock:
             return len(self.leases)
+
+    # -- PREPARE
+
+    def get(self, req_id: str) -> Lease:
+        events: list[tuple[str, str]] = []
+        try:
+            with self.lock:
+                events = self._expire_locked()
+                return self._lookup(req_id)
+        finally:
+            self._notify(events)
+
+    def slot(self, req_id: str, consumer: str, nbytes: int, expected: int) -> int:
+        """A staging slot for `consumer` (a new one replaces its old one); `expected` is the
+        consumer count the prefill side computed for this request."""
+        events: list[tuple[str, str]] = []
+        try:
+            with self.lock:
+                events = self._expire_locked()
+                le = self._lookup(req_id)
+                le.expected = max(le.expected, expected)
+                if consumer in le.slots:
+                    self.alloc.release(le.slots.pop(consumer))
+                off = self.alloc.alloc(nbytes)
+                le.slots[consumer] = off
+                le.done.discard(consumer)
+                return off
+        finally:
+            self._notify(events)
+
+    def _lookup(self, req_id: str) -> Lease:
+        le = self.leases.get(req_id)
+        if le is None:
+            why = {EXPIRED: "its lease expired", CONSUMED: "it was already consumed"}
+            raise LeaseError(f"request {req_id!r} is not held by this prefill rank: "
+                             f"{why.get(self.recent.get(req_id, ''), 'unknown request')}")
+        return le
+
+    # -- notifications
+
+    def ack(self, req_id: str, consumer: str, expected: int = 0) -> bool:
+        """`consumer` finished; True when that released the request's blocks."""
+        with self.lock:
+            le = self.leases.get(req_id)
+            if le is None:
+                return False
+            le.expected = max(le.expected, expected)
+            off = le.slots.pop(consumer, None)
+            if off is not None:
+                self.alloc.release(off)
+            le.done.add(consumer)
+            if not le.finished():
+                return False
+            self._release(le, CONSUMED)
+        self._notify([(req_id, CONSUMED)])
+        return True
+
+    def heartbeat(self, req_ids: Iterable[str]) -> None:
+        with self.lock:
+            for r in req_ids:
+                le = self.leases.get(r)
+                if le is not None:
+                    le.deadline = self.clock() + self.lease_s
+
+    def handle_notif(self, agent: str, msg: str) -> None:
+        if msg.startswith("HB:"):
+            self.heartbeat(r for r in msg[3:].split(",") if r)
+            return
+        parts = msg.removeprefix("REL:").split(":")
+        if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+            self.bad_notifs += 1
+            log.debug("ignoring malformed notification %r from %s", msg[:80], agent)
+            return
+        self.ack(parts[0], consumer_id(agent, int(parts[1])), int(parts[2]))
+
+    # -- expiry
+
+    def expire(self) -> list[str]:
+        with self.lock:
+            events = self._expire_locked()
+        self._notify(events)
+        return [r for r, _ in events]
+
+    def _expire_locked(self) -> list[tuple[str, str]]:
+        now = self.clock()
+        gone = [le for le in self.leases.values() if le.deadline <= now]
+        for le in gone:
+            self._release(le, EXPIRED)
+        return [(le.req_id, EXPIRED) for le in gone]
+
+    def _release(self, le: Lease, reason: str) -> None:
+        for off in le.slots.values():
+            self.alloc.release(off)
+        le.slots.clear()
+        del self.leases[le.req_id]
+        self.recent[le.req_id] = reason
+        while len(self.recent) > self.history:
+            self.recent.popitem(last=False)
+        if reason == CONSUMED:
+            self.consumed += 1
+        else:
+            self.expired += 1
+
+    def _notify(self, events: list[tuple[str, str]]) -> None:
+        if self.on_release is None:
+            return
+        for req_id, reason in events:
+            try:
+                self.on_release(req_id, reason)
+            except Exception:  # noqa: BLE001 - the engine's bug must not stop lease keeping
+                log.exception("on_release(%r, %r) failed", req_id, reason)

@@ -1,4 +1,5 @@
-"""`pd-runtime transfer-test`: prove a P/D pairing before deploying it (like nccl-tests).
+"""The transfer self-test behind `pd-runtime transfer-test`: prove a P/D pairing before
+deploying it (like nccl-tests).
 
 P ranks and D ranks run as separate processes. Each cell: P ranks fill their caches with random
 KV (stored from a random logical KV through the reference), serve the real side channel, D ranks
@@ -13,10 +14,10 @@ import multiprocessing as mp
 import os
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
-RUNTIME_VERSION = "0.1.0"
+from . import __version__ as RUNTIME_VERSION
 
 
 @dataclass
@@ -38,11 +39,10 @@ class Cell:
     sliding_window: int = 37
     model: str = "pd-runtime/transfer-test"
     iters: int = 1  # extra timed pulls of the same requests (benchmarking)
-    # test hooks
     token: str = "transfer-test-token"
-    d_token: str | None = None  # a different token on the decode side (bad-token test)
-    d_model: str | None = None  # a different model name on the decode side (hash test)
-    fault: str | None = None  # p_die_after_prepare | d_skip_read_then_retry
+    # the decode side may differ, to prove the handshake refuses a wrong token or another model
+    d_token: str | None = None
+    d_model: str | None = None
     lease_s: float = 30.0
     timeout_s: float = 30.0
 
@@ -68,14 +68,13 @@ class Cell:
         )
 
     def pools(self):
-        from .kvcache import GROUP_STATE, RankSpec, blocks_needed
+        from .kvcache import RankSpec, blocks_needed
 
         m = self.model_spec()
         nb_p = self.requests * blocks_needed(self.tokens, self.p_block) + 2
         nb_d = self.requests * blocks_needed(self.tokens, self.d_block) + 2
         p = RankSpec(m, self.p_tp, 0, self.p_block, self.p_layout, nb_p, self.requests + 1)
         d = RankSpec(m, self.d_tp, 0, self.d_block, self.d_layout, nb_d, self.requests + 1)
-        del GROUP_STATE
         return p, d
 
     def factors(self, side: str) -> dict:
@@ -94,15 +93,15 @@ class Cell:
         )
 
     def label(self) -> str:
-        return (f"{self.family} {self.dtype} TP {self.p_tp}->{self.d_tp} block {self.p_block}->{self.d_block} "
-                f"{self.p_layout}->{self.d_layout}")
+        return (f"{self.family} {self.dtype} TP {self.p_tp}->{self.d_tp} "
+                f"block {self.p_block}->{self.d_block} {self.p_layout}->{self.d_layout}")
 
 
 def cell_requests(cell: Cell):
     """Deterministic requests with disjoint blocks: [(req_id, p_req, d_req, logical)]."""
     import numpy as np
 
-    from .kvcache import GROUP_STATE, groups_of, make_block_table
+    from .kvcache import GROUP_STATE, blocks_needed, groups_of, make_block_table
     from .planner import Request
     from .reference import random_logical
 
@@ -110,18 +109,19 @@ def cell_requests(cell: Cell):
     rng = np.random.default_rng(cell.seed)
     tables = {}
     for side, spec in (("p", p), ("d", d)):
-        per = [dict() for _ in range(cell.requests)]
+        per: list[dict[int, list[int]]] = [{} for _ in range(cell.requests)]
         for g in groups_of(spec.model):
             pool = spec.num_state_slots if g == GROUP_STATE else spec.num_blocks
             ids = [int(x) for x in rng.permutation(pool)]
             for i in range(cell.requests):
-                n = 1 if g == GROUP_STATE else (cell.tokens + spec.block_size - 1) // spec.block_size
+                n = 1 if g == GROUP_STATE else blocks_needed(cell.tokens, spec.block_size)
                 mine, ids = ids[:n], ids[n:]
                 per[i][g] = make_block_table(spec.model, g, cell.tokens, spec.block_size, mine)
         tables[side] = per
     out = []
     for i in range(cell.requests):
-        out.append((f"req{cell.seed}x{i}", Request(cell.tokens, tables["p"][i]), Request(cell.tokens, tables["d"][i]),
+        out.append((f"req{cell.seed}x{i}", Request(cell.tokens, tables["p"][i]),
+                    Request(cell.tokens, tables["d"][i]),
                     random_logical(p, cell.tokens, cell.seed * 7919 + i)))
     return out
 
@@ -139,34 +139,28 @@ def _transport(state: dict, name: str, device: str):
     return state["transport"]
 
 
-def _p_setup(state: dict, cell: Cell, rank: int, device: str) -> dict:
+def build_prefill(cell: Cell, rank: int, device: str, transport=None, **kw):
+    """P rank `rank` of `cell`: its arena filled from the cell's logical KV, every request held."""
     import torch
 
     from .reference import random_arena, store
     from .worker import PrefillRank
 
-    if state.get("rank_obj"):
-        state["rank_obj"].close()
-        state["rank_obj"] = None
     p, _ = cell.pools()
     spec = p.with_rank(rank)
     arena = random_arena(spec, cell.seed * 31 + 1000 + rank)
     reqs = cell_requests(cell)
     for _, preq, _, lg in reqs:
         store(spec, arena, preq, lg)
-    t = torch.from_numpy(arena).to(device)
     pr = PrefillRank(spec, cell.factors("p"), cell.token.encode(), device, lease_s=cell.lease_s,
-                     arena=t, transport=_transport(state, f"p{rank}-{os.getpid()}", device))
-    if cell.fault == "p_die_after_prepare" and rank == 0:
-        pr.fault = "die_after_prepare"
+                     arena=torch.from_numpy(arena).to(device), transport=transport, **kw)
     for rid, preq, _, _ in reqs:
         pr.hold(rid, preq)
-    state["rank_obj"] = pr
-    return {"addr": list(pr.address)}
+    return pr
 
 
-def _d_run(state: dict, cell: Cell, rank: int, device: str, addrs: list) -> dict:
-    import numpy as np
+def build_decode(cell: Cell, rank: int, device: str, transport=None):
+    """(D rank `rank` of `cell`, the arena it must hold after pulling every request)."""
     import torch
 
     from .reference import random_arena, store
@@ -175,45 +169,39 @@ def _d_run(state: dict, cell: Cell, rank: int, device: str, addrs: list) -> dict
     _, d = cell.pools()
     spec = d.with_rank(rank)
     init = random_arena(spec, cell.seed * 31 + 2000 + rank)
-    reqs = cell_requests(cell)
     want = init.copy()
-    for _, _, dreq, lg in reqs:
+    for _, _, dreq, lg in cell_requests(cell):
         store(spec, want, dreq, lg)
     dr = DecodeRank(spec, cell.factors("d"), (cell.d_token or cell.token).encode(), device,
-                    arena=torch.from_numpy(init.copy()).to(device), timeout=cell.timeout_s,
-                    transport=_transport(state, f"d{rank}-{os.getpid()}", device))
+                    arena=torch.from_numpy(init).to(device), timeout=cell.timeout_s,
+                    transport=transport)
+    return dr, want
+
+
+def _p_setup(state: dict, cell: Cell, rank: int, device: str) -> dict:
+    if state.get("rank_obj"):
+        state["rank_obj"].close()
+        state["rank_obj"] = None
+    pr = build_prefill(cell, rank, device, _transport(state, f"p{rank}-{os.getpid()}", device))
+    state["rank_obj"] = pr
+    return {"addr": list(pr.address)}
+
+
+def _d_run(state: dict, cell: Cell, rank: int, device: str, addrs: list) -> dict:
+    import numpy as np
+
     out: dict[str, Any] = {"rank": rank}
     try:
+        dr, want = build_decode(cell, rank, device,
+                                _transport(state, f"d{rank}-{os.getpid()}", device))
+    except Exception as e:  # noqa: BLE001 - reported to the controller
+        return dict(out, error=type(e).__name__, message=str(e))
+    try:
         dr.connect([tuple(a) for a in addrs])
-        if cell.fault == "d_skip_read_then_retry":
-            rid, preq, dreq, _ = reqs[0]
-            dr.fault = "skip_read"
-            dr.pull(rid, preq, dreq)
-            time.sleep(cell.lease_s * 1.5)
-            dr.fault = None
-            dr.pull(rid, preq, dreq)  # must fail: the lease expired and the blocks are gone
-            out["error"] = None
-            return out
-        if cell.fault == "p_die_after_prepare":
-            from . import worker as _w
-
-            orig = _w.Transport.read
-
-            def slow_read(self, *a, **k):  # let the prefill process die first
-                time.sleep(0.5)
-                return orig(self, *a, **k)
-
-            _w.Transport.read = slow_read
-            try:
-                stats = [dr.pull(rid, preq, dreq) for rid, preq, dreq, _ in reqs]
-            finally:
-                _w.Transport.read = orig
-        else:
-            stats = [dr.pull(rid, preq, dreq) for rid, preq, dreq, _ in reqs]
+        stats = [dr.pull(rid, preq, dreq) for rid, preq, dreq, _ in cell_requests(cell)]
         got = dr.arena.cpu().numpy()
-        mism = int(np.count_nonzero(got != want))
         out.update(
-            mismatched_bytes=mism,
+            mismatched_bytes=int(np.count_nonzero(got != want)),
             bytes=sum(s.bytes for s in stats),
             seconds=sum(s.seconds for s in stats),
             read_seconds=sum(s.read_seconds for s in stats),
@@ -260,7 +248,8 @@ def _worker_main(role: str, rank: int, device: str, conn) -> None:
                     state["rank_obj"] = None
                 conn.send({"ok": True})
         except Exception as e:  # noqa: BLE001
-            conn.send({"error": type(e).__name__, "message": str(e), "trace": traceback.format_exc()})
+            conn.send({"error": type(e).__name__, "message": str(e),
+                       "trace": traceback.format_exc()})
 
 
 class Pool:
@@ -287,7 +276,8 @@ class Pool:
             return conn.recv()
         except (EOFError, ConnectionResetError, BrokenPipeError):
             proc.join(timeout=5)
-            return {"dead": True, "error": "WorkerDied", "message": f"worker {proc.pid} died (exit {proc.exitcode})"}
+            return {"dead": True, "error": "WorkerDied",
+                    "message": f"worker {proc.pid} died (exit {proc.exitcode})"}
 
     def _alive(self, group: list, role: str) -> None:
         for i, w in enumerate(group):
@@ -308,18 +298,19 @@ class Pool:
             addrs.append(rep["addr"])
         for r in range(cell.d_tp):
             self.d[r][1].send(("run", c, addrs))
-        outs = []
+        outs: list[dict[str, Any]] = []
         for r in range(cell.d_tp):
             proc, conn = self.d[r]
             limit = cell.timeout_s * 3 + cell.lease_s * 2 + 60
             if not conn.poll(limit):
-                outs.append({"rank": r, "error": "Timeout", "message": "decode rank did not finish"})
+                outs.append({"rank": r, "error": "Timeout",
+                             "message": "decode rank did not finish"})
             else:
                 outs.append(conn.recv())
         res["decode"] = outs
         # the prefill side: give notifications / leases a moment, then count what is still held
         deadline = time.monotonic() + 3.0
-        pstats = []
+        pstats: list[dict[str, Any]] = []
         while True:
             pstats = []
             for r in range(cell.p_tp):
@@ -327,21 +318,24 @@ class Pool:
                     pstats.append(self._ask(self.p[r], ("stats",), 10))
                 else:
                     pstats.append({"dead": True})
-            busy = any(s.get("held") or s.get("staging_in_use") for s in pstats if not s.get("dead"))
+            busy = any(s.get("held") or s.get("staging_in_use")
+                       for s in pstats if not s.get("dead"))
             if not busy or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        res["prefill"] = pstats
         for r in range(cell.p_tp):
             if self.p[r][0].is_alive():
                 self._ask(self.p[r], ("teardown",), 10)
-        pstats = [dict(s, dead=s.get("dead") or not self.p[r][0].is_alive()) for r, s in enumerate(pstats)]
+        pstats = [dict(s, dead=s.get("dead") or not self.p[r][0].is_alive())
+                  for r, s in enumerate(pstats)]
+        res["prefill"] = pstats
         errors = [o for o in outs if o.get("error")]
         mism = sum(o.get("mismatched_bytes", 0) for o in outs)
         nbytes = sum(o.get("bytes", 0) for o in outs)
         secs = max((o.get("seconds", 0) for o in outs), default=0)
         rsecs = max((o.get("read_seconds", 0) for o in outs), default=0)
-        leaked = sum((s.get("held", 0) or 0) + (s.get("staging_in_use", 0) or 0) for s in pstats if not s.get("dead"))
+        leaked = sum((s.get("held", 0) or 0) + (s.get("staging_in_use", 0) or 0)
+                     for s in pstats if not s.get("dead"))
         res.update(
             ok=not errors and mism == 0 and leaked == 0,
             mismatched_bytes=mism,
@@ -373,54 +367,45 @@ def run_cells(cells: list[Cell], device: str = "cpu") -> list[dict]:
         pool.close()
 
 
-def pairing_problems(cell: Cell, rules: str = "auto") -> tuple[list[str], str]:
-    """Reasons the rules reject the pairing, and which checker said so."""
+def pairing_problems(cell: Cell, rules: str = "compat") -> tuple[list[str], str]:
+    """Reasons the rules reject the pairing, and which checker said so: the compatibility rules
+    (`compat`, as `pdctl check` with engine.type builtin) or the runtime's own capability table
+    (`capabilities`)."""
     from . import capabilities
     from .kvcache import GeometryError
 
-    pre = {"family": cell.family, "num_kv_heads": 1 if cell.family == "mla" else cell.num_kv_heads, "tp": cell.p_tp,
-           "block_size": cell.p_block, "layout": cell.p_layout,
+    pre = {"family": cell.family, "num_kv_heads": 1 if cell.family == "mla" else cell.num_kv_heads,
+           "tp": cell.p_tp, "block_size": cell.p_block, "layout": cell.p_layout,
            "kv_cache_dtype": "fp8" if cell.dtype == "fp8" else "auto",
            "dtype": "bfloat16" if cell.dtype == "fp8" else cell.dtype, "model": cell.model}
     dec = dict(pre, tp=cell.d_tp, block_size=cell.d_block, layout=cell.d_layout)
-    problems: list[str] = []
-    checker = "pd_runtime.capabilities"
-    try:
-        from .compat import ResolvedPool, check_pools
-    except ImportError:
-        check_pools = None
     if rules == "capabilities":
-        check_pools = None
-    if check_pools is not None:
-        def pool(role: str, side: dict) -> "ResolvedPool":
-            return ResolvedPool(
-                role=role, engine_type="builtin", engine_image="pd-runtime:" + RUNTIME_VERSION,
-                engine_version=RUNTIME_VERSION, model_name=cell.model, model_revision=None,
-                family="dense" if cell.family == "sliding" else cell.family, dtype=side["dtype"],
-                num_kv_heads=side["num_kv_heads"], head_size=cell.head_size, num_hidden_layers=cell.layers,
-                sliding_window=cell.sliding_window if cell.family == "sliding" else 0,
-                mamba_type="mamba2" if cell.family == "hybrid-ssm" else None,
-                tp=side["tp"], pp=1, dp=1, dcp=1, block_size=side["block_size"], attention_backend="auto",
-                kv_cache_dtype=side["kv_cache_dtype"], kv_cache_layout=side["layout"],
-                kv_cache_scales="packed" if side["kv_cache_dtype"] != "auto" else "static",
-                hma=True, prefix_caching=False, speculative=None, connector="NixlConnector",
-                backends=("UCX",), buffer_device="cuda", enforce_handshake_compat=True,
-                enable_permute_local_kv=False, enable_cross_layers_blocks=False, side_channel_port=5600,
-                kv_load_failure_policy="fail", kv_lease_duration_s=int(cell.lease_s), replicas=1,
-                gpu_product=None, args=(), env={})
-
-        try:
-            decision = check_pools(pool("prefill", pre), pool("decode", dec), policy="Strict")
-            checker = "pd_runtime.compat.check_pools"
-            problems += [f"{v.rule}: {v.message} (fix: {v.fix})" for v in decision.rejections]
-        except TypeError as e:  # the pool model changed under us: fall back, and say so
-            checker = f"pd_runtime.capabilities (compat.check_pools failed: {e})"
-            check_pools = None
-    if check_pools is None:
-        problems += capabilities.unsupported(pre, dec)
+        problems, checker = capabilities.unsupported(pre, dec), "pd_runtime.capabilities"
+    else:
+        problems, checker = _rule_problems(cell, pre, dec), "pd_runtime.compat.check_pools"
     if not problems:
         try:
             cell.pools()
         except (GeometryError, ValueError) as e:
             problems.append(str(e))
     return problems, checker
+
+
+def _rule_problems(cell: Cell, pre: dict, dec: dict) -> list[str]:
+    from .compat import check_pools, make_pool
+
+    def pool(role: str, side: dict):
+        return make_pool(
+            role, engine_image="pd-runtime:" + RUNTIME_VERSION, model_name=cell.model,
+            family="dense" if cell.family == "sliding" else cell.family, dtype=side["dtype"],
+            num_kv_heads=side["num_kv_heads"], head_size=cell.head_size,
+            num_hidden_layers=cell.layers,
+            sliding_window=cell.sliding_window if cell.family == "sliding" else 0,
+            mamba_type="mamba2" if cell.family == "hybrid-ssm" else None,
+            tp=side["tp"], block_size=side["block_size"], attention_backend="auto",
+            kv_cache_dtype=side["kv_cache_dtype"], kv_cache_layout=side["layout"],
+            kv_cache_scales="packed" if side["kv_cache_dtype"] != "auto" else "static",
+            prefix_caching=False, kv_lease_duration_s=int(cell.lease_s))
+
+    decision = check_pools(pool("prefill", pre), pool("decode", dec), policy="Strict")
+    return [f"{v.rule}: {v.message} (fix: {v.fix})" for v in decision.rejections]

@@ -49,6 +49,7 @@ class Transport:
         self.agent = agent_cls(name, cfg_cls(enable_prog_thread=True, backends=["UCX"], num_threads=num_threads))
         self.regs: list[Any] = []
         self.peers: set[str] = set()
+        self._meta_names: dict[bytes, str] = {}
 
     @staticmethod
     def dev_id(t: torch.Tensor) -> int:
@@ -62,19 +63,23 @@ class Transport:
         return self.agent.get_agent_metadata()
 
     def add_peer(self, meta: bytes) -> str:
+        """Load a peer's agent metadata; the same metadata again (a reconnect) is a no-op."""
+        known = self._meta_names.get(meta)
+        if known is not None and known in self.peers:
+            return known
         try:
             name = self.agent.add_remote_agent(meta)
-        except Exception:  # noqa: BLE001 - already known (a reconnect): load the new metadata
-            from .handshake import HandshakeError
-
-            raise HandshakeError("NIXL refused the peer's metadata (agent already loaded?)")
+        except Exception as e:  # noqa: BLE001 - nixl raises untyped errors
+            raise TransferError(f"NIXL refused the peer's agent metadata: {e}") from e
         name = name.decode() if isinstance(name, bytes) else name
         self.peers.add(name)
+        self._meta_names[meta] = name
         return name
 
     def remove_peer(self, name: str) -> None:
         if name in self.peers:
             self.peers.discard(name)
+            self._meta_names = {m: n for m, n in self._meta_names.items() if n != name}
             try:
                 self.agent.remove_remote_agent(name)
             except Exception:  # noqa: BLE001 - best effort on teardown

@@ -8,44 +8,74 @@ planned per request; the planner (planner.py) is the reference the templates are
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-import msgspec
 import torch
 
-from .compat.hashing import hash_factors
-from .handshake import HandshakeError, SideChannelClient, SideChannelServer, compare_hash
+from .compat.hashing import differing_factors, hash_factors
+from .handshake import (
+    ChannelLimits,
+    Session,
+    SideChannelClient,
+    SideChannelServer,
+    compare_hash,
+    require_token,
+)
 from .kernels.kvcopy import program_for
-from .kvcache import RankSpec, arena_layout
-from .lease import LeaseError, LeaseTable
+from .kvcache import GeometryError, RankSpec, arena_layout
+from .lease import LeaseError, LeaseTable, StagingFull, consumer_id
 from .planner import PlanError, Request, expected_consumers
+from .protocol import (
+    HandshakeError,
+    HashMismatch,
+    MetaReply,
+    MetaRequest,
+    NotConnected,
+    PrepareReply,
+    PrepareRequest,
+    ProtocolError,
+    Refusal,
+    StagingRegion,
+    UnexpectedMessage,
+    WireRequest,
+)
 from .template import TemplateCache
-from .transport import Transport, TransferError
+from .transport import TransferError, Transport
 
-__all__ = ["PrefillRank", "DecodeRank", "TransferError", "HandshakeError", "LeaseError", "req_to_wire", "req_from_wire"]
+__all__ = ["PrefillRank", "DecodeRank", "PullStats", "TransferError", "HandshakeError",
+           "LeaseError", "req_to_wire", "req_from_wire"]
 
-
-def req_to_wire(r: Request) -> dict:
-    return {"num_tokens": r.num_tokens, "block_tables": {str(k): list(v) for k, v in r.block_tables.items()}}
-
-
-def req_from_wire(d: dict) -> Request:
-    return Request(int(d["num_tokens"]), {int(k): [int(x) for x in v] for k, v in d["block_tables"].items()})
+log = logging.getLogger(__name__)
+OnRelease = Callable[[str, str], None]
 
 
-def _same_request(mine: Request, wire: dict | None) -> bool:
+def req_to_wire(r: Request) -> WireRequest:
+    return WireRequest(r.num_tokens, {int(k): [int(x) for x in v] for k, v in r.block_tables.items()})
+
+
+def req_from_wire(w: WireRequest) -> Request:
+    return Request(w.num_tokens, {k: list(v) for k, v in w.block_tables.items()})
+
+
+def _same_request(mine: Request, wire: WireRequest) -> bool:
     """D's copy of the prefill block tables (as sent) equals the one this rank holds."""
-    if wire is None:
+    if wire.num_tokens != mine.num_tokens or len(wire.block_tables) != len(mine.block_tables):
         return False
-    if int(wire["num_tokens"]) != mine.num_tokens or len(wire["block_tables"]) != len(mine.block_tables):
-        return False
-    for k, v in wire["block_tables"].items():
-        bt = mine.block_tables.get(int(k))
-        if bt is None or list(bt) != list(v):
+    for k, v in wire.block_tables.items():
+        bt = mine.block_tables.get(k)
+        if bt is None or list(bt) != v:
             return False
     return True
+
+
+def _check_req_id(req_id: str) -> None:
+    if not req_id or len(req_id) > 256 or ":" in req_id or "," in req_id:
+        raise ValueError(f"request id {req_id[:40]!r}: 1-256 characters, no ':' or ','")
 
 
 def _sync(device: str) -> None:
@@ -53,31 +83,43 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class PrefillRank:
-    """Serves metadata and PREPARE on the side channel; gathers into staging slots; frees on notif."""
+@dataclass(frozen=True)
+class _Consumer:
+    """What the prefill side knows about the decode rank at the other end of a connection."""
 
-    def __init__(self, spec: RankSpec, factors: dict, token: bytes, device: str = "cpu",
-                 staging_bytes: int | None = None, lease_s: float = 30.0, host: str = "127.0.0.1",
-                 port: int = 0, name: str | None = None, arena: torch.Tensor | None = None,
-                 transport: Transport | None = None):
+    agent: str
+    spec: RankSpec
+
+
+class PrefillRank:
+    """Serves metadata and PREPARE on the side channel; gathers into staging slots; frees a
+    request's slots when its consumers are done or its lease expires, then calls
+    `on_release(req_id, "consumed" | "expired")` (from the poller thread) so the engine can free
+    the request's blocks."""
+
+    def __init__(self, spec: RankSpec, factors: dict, token: bytes, device: str = "cpu", *,
+                 staging_bytes: int | None = None, lease_s: float = 30.0,
+                 host: str = "127.0.0.1", port: int = 0, name: str | None = None,
+                 arena: torch.Tensor | None = None, transport: Transport | None = None,
+                 on_release: OnRelease | None = None, limits: ChannelLimits | None = None):
+        token = require_token(token)  # before anything is allocated or registered
         self.spec, self.device, self.factors = spec, device, factors
         self.hash = hash_factors(factors)
         nb = arena_layout(spec).nbytes
         self.arena = arena if arena is not None else torch.zeros(nb, dtype=torch.uint8, device=device)
         staging_bytes = staging_bytes or 2 * nb + (1 << 20)
         self.staging = torch.zeros(staging_bytes, dtype=torch.uint8, device=device)
-        self.leases = LeaseTable(staging_bytes, lease_s)
+        self.on_release = on_release
+        self.leases = LeaseTable(staging_bytes, lease_s, on_release=self._released)
         self.requests: dict[str, Request] = {}
         self.templates = TemplateCache()  # per D geometry: built once, reused for every request
-        self._dspecs: dict[str, RankSpec] = {}
         self.own_transport = transport is None
         self.transport = transport or Transport(name or f"prefill-{spec.tp_rank}-{id(self):x}", device)
         self.name = self.transport.name
         self.transport.register(self.arena)
         self.transport.register(self.staging)
         self.lock = threading.Lock()
-        self.fault: str | None = None  # test hook: "die_after_prepare"
-        self.server = SideChannelServer(token, self._handle, host, port)
+        self.server = SideChannelServer(token, self._handle, host, port, limits)
         self._stop = False
         self._poller = threading.Thread(target=self._poll, daemon=True)
         self._poller.start()
@@ -88,79 +130,107 @@ class PrefillRank:
 
     def hold(self, req_id: str, req: Request) -> None:
         """A finished prefill: its blocks stay until consumed or the lease expires."""
-        if ":" in req_id or "," in req_id:
-            raise ValueError("request ids may not contain ':' or ','")
+        _check_req_id(req_id)
+        if req_id in self.requests:
+            raise LeaseError(f"request {req_id!r} is already held")
         self.requests[req_id] = req
-        self.leases.hold(req_id)
+        try:
+            self.leases.hold(req_id)
+        except LeaseError:
+            self.requests.pop(req_id, None)
+            raise
+
+    def _released(self, req_id: str, reason: str) -> None:
+        self.requests.pop(req_id, None)
+        if self.on_release is not None:
+            self.on_release(req_id, reason)
 
     def _poll(self) -> None:
+        seen: set[str] = set()
         while not self._stop:
             try:
                 with self.lock:
                     notes = self.transport.notifs()
-                for _, msg in notes:
-                    self.leases.handle_notif(msg)
-                for r in self.leases.expire():
-                    self.requests.pop(r, None)
-                for r in list(self.leases.completed):
-                    self.requests.pop(r, None)
-            except Exception:  # noqa: BLE001 - keep polling; errors surface on the D side
-                pass
+                for agent, msg in notes:
+                    self.leases.handle_notif(agent, msg)
+                self.leases.expire()
+            except Exception as e:  # noqa: BLE001 - keep polling; say so once per kind
+                if type(e).__name__ not in seen:
+                    seen.add(type(e).__name__)
+                    log.exception("prefill rank %s: notification poll failed", self.name)
             time.sleep(0.002)
 
-    def _handle(self, req: dict) -> dict:
-        op = req.get("op")
-        if op == "meta":
-            if req.get("hash") != self.hash:
-                from .compat.hashing import differing_factors
+    # -- the side channel
 
-                return {"error": "hash", "differing": differing_factors(req.get("factors", {}), self.factors),
-                        "local_hash": req.get("hash", ""), "remote_hash": self.hash}
+    def _handle(self, msg: MetaRequest | PrepareRequest, session: Session) -> Any:
+        if isinstance(msg, MetaRequest):
+            return self._meta(msg, session)
+        if isinstance(msg, PrepareRequest):
+            return self._prepare(msg, session)
+        raise UnexpectedMessage(f"unexpected {type(msg).__name__}")
+
+    def _meta(self, msg: MetaRequest, session: Session) -> MetaReply:
+        if msg.hash != self.hash:
+            raise HashMismatch(differing_factors(msg.factors, self.factors), msg.hash, self.hash)
+        if msg.spec.model != self.spec.model:
+            raise ProtocolError(f"model geometry differs: decode {msg.spec.model}, "
+                                f"prefill {self.spec.model}")
+        try:
+            self.templates.get(self.spec, msg.spec)  # refuse an unplannable pair now, not later
             with self.lock:
-                self.transport.add_peer(req["agent_meta"])
-            return {"ok": True, "hash": self.hash, "factors": self.factors, "spec": self.spec.to_dict(),
-                    "agent_name": self.name, "agent_meta": self.transport.metadata(),
-                    "staging": [self.staging.data_ptr(), self.staging.numel(), Transport.dev_id(self.staging)],
-                    "lease_s": self.leases.lease_s}
-        if op == "prepare":
-            rid = req["req_id"]
-            le = self.leases.get(rid)  # raises LeaseError when expired / unknown
-            mine = self.requests.get(rid)
-            if mine is None or not _same_request(mine, req.get("p_req")):
-                raise LeaseError(f"request {rid!r}: block table differs from the one this rank holds")
-            t0 = time.perf_counter()
-            key = req["d_spec"]  # msgpack bytes of D's spec: a cheap cache key
-            d = self._dspecs.get(key)
-            if d is None:
-                d = self._dspecs[key] = RankSpec.from_dict(msgspec.msgpack.decode(key))
-            T = mine.num_tokens
-            if int(req.get("num_tokens", T)) != T:
-                raise PlanError(f"token counts differ: prefill {T}, decode {req['num_tokens']}")
-            tm = self.templates.get(self.spec, d)
-            if tm is None or tm.nbytes(T) == 0:
-                raise LeaseError(f"decode rank {d.tp_rank} reads nothing from prefill rank {self.spec.tp_rank}")
-            dyn = tm.dyn("prefill", mine, T)
-            nbytes = tm.nbytes(T)
-            le.expected = tm.expected
-            off = self.leases.slot(rid, d.tp_rank, nbytes)
-            prog = program_for(tm.gather, self.device, gather=True)
-            t1 = time.perf_counter()
-            prog.run(self.arena, self.staging, dyn, off)  # uploads the tables + scalars, launches
-            _sync(self.device)
-            t2 = time.perf_counter()
-            if self.fault == "die_after_prepare":
-                import os
+                agent = self.transport.add_peer(msg.agent_meta)
+        except (GeometryError, PlanError) as e:
+            raise Refusal("plan", str(e)) from None
+        except TransferError as e:
+            raise Refusal("nixl", str(e)) from None
+        session.context = _Consumer(agent, msg.spec)
+        return MetaReply(self.hash, self.factors, self.spec, self.name, self.transport.metadata(),
+                         StagingRegion(self.staging.data_ptr(), self.staging.numel(),
+                                       Transport.dev_id(self.staging)),
+                         self.leases.lease_s)
 
-                threading.Timer(0.05, lambda: os._exit(17)).start()
-            return {"ok": True, "addr": self.staging.data_ptr() + off, "nbytes": nbytes,
-                    "dev": Transport.dev_id(self.staging), "lease_s": self.leases.lease_s,
-                    "gather_segments": tm.rows(T), "plan_s": t1 - t0, "gather_s": t2 - t1}
-        raise HandshakeError(f"unknown op {op!r}")
+    def _prepare(self, msg: PrepareRequest, session: Session) -> PrepareReply:
+        peer = session.context
+        if not isinstance(peer, _Consumer):
+            raise UnexpectedMessage("prepare before meta on this connection")
+        try:
+            return self._gather(msg, peer)
+        except LeaseError as e:
+            raise Refusal("lease", str(e)) from None
+        except StagingFull as e:
+            raise Refusal("staging-full", str(e)) from None
+        except (PlanError, GeometryError) as e:
+            raise Refusal("plan", str(e)) from None
+
+    def _gather(self, msg: PrepareRequest, peer: _Consumer) -> PrepareReply:
+        rid = msg.req_id
+        self.leases.get(rid)  # raises LeaseError when expired / consumed / unknown
+        mine = self.requests.get(rid)
+        if mine is None or not _same_request(mine, msg.p_req):
+            raise LeaseError(f"request {rid!r}: block table differs from the one this rank holds")
+        t0 = time.perf_counter()
+        T = mine.num_tokens
+        if msg.num_tokens != T:
+            raise PlanError(f"token counts differ: prefill {T}, decode {msg.num_tokens}")
+        tm = self.templates.get(self.spec, peer.spec)
+        if tm is None or tm.nbytes(T) == 0:
+            raise PlanError(f"decode rank {peer.spec.tp_rank} reads nothing from prefill rank "
+                            f"{self.spec.tp_rank}")
+        dyn = tm.dyn("prefill", mine, T)
+        nbytes = tm.nbytes(T)
+        off = self.leases.slot(rid, consumer_id(peer.agent, peer.spec.tp_rank), nbytes, tm.expected)
+        prog = program_for(tm.gather, self.device, gather=True)
+        t1 = time.perf_counter()
+        prog.run(self.arena, self.staging, dyn, off)  # uploads the tables + scalars, launches
+        _sync(self.device)
+        t2 = time.perf_counter()
+        return PrepareReply(self.staging.data_ptr() + off, nbytes, Transport.dev_id(self.staging),
+                            self.leases.lease_s, tm.rows(T), t1 - t0, t2 - t1)
 
     def stats(self) -> dict:
         return {"held": self.leases.held(), "staging_in_use": self.leases.alloc.in_use(),
-                "completed": len(self.leases.completed), "expired": len(self.leases.expired),
-                "auth_failures": self.server.auth_failures}
+                "completed": self.leases.consumed, "expired": self.leases.expired,
+                "auth_failures": self.server.auth_failures, "refused": self.server.refused}
 
     def close(self) -> None:
         self._stop = True
@@ -194,15 +264,19 @@ class PullStats:
 class _Peer:
     client: SideChannelClient
     agent: str
-    staging: tuple
+    staging: StagingRegion
     lease_s: float
 
 
 class DecodeRank:
-    def __init__(self, spec: RankSpec, factors: dict, token: bytes, device: str = "cpu",
-                 name: str | None = None, arena: torch.Tensor | None = None, timeout: float = 30.0,
-                 transport: Transport | None = None):
-        self.spec, self.device, self.factors, self.token = spec, device, factors, token
+    """Connects to every prefill rank (hash first), then pulls requests: PREPARE to every peer
+    at once, one READ per peer, one scatter kernel per peer."""
+
+    def __init__(self, spec: RankSpec, factors: dict, token: bytes, device: str = "cpu", *,
+                 name: str | None = None, arena: torch.Tensor | None = None,
+                 timeout: float = 30.0, transport: Transport | None = None):
+        self.token = require_token(token)  # before anything is allocated or registered
+        self.spec, self.device, self.factors = spec, device, factors
         self.hash = hash_factors(factors)
         nb = arena_layout(spec).nbytes
         self.arena = arena if arena is not None else torch.zeros(nb, dtype=torch.uint8, device=device)
@@ -218,46 +292,62 @@ class DecodeRank:
         self.templates = TemplateCache()
         self._pair_cache: list | None = None
         self._release: list[int] = []
-        self.fault: str | None = None  # test hook: "skip_read"
 
     def connect(self, addrs: list[tuple[str, int]]) -> None:
         """Handshake with every prefill rank: hash first, then geometry and NIXL metadata."""
         for host, port in addrs:
             cl = SideChannelClient(host, port, self.token, self.timeout)
-            rep = cl.call({"op": "meta", "hash": self.hash, "factors": self.factors,
-                           "agent_meta": self.transport.metadata()})
-            compare_hash(self.factors, self.hash, rep["factors"], rep["hash"])
-            pspec = RankSpec.from_dict(rep["spec"])
-            agent = self.transport.add_peer(rep["agent_meta"])
-            self.peers[pspec.tp_rank] = _Peer(cl, agent, tuple(rep["staging"]), float(rep["lease_s"]))
-            self.p_pool = pspec
-            self._pair_cache = None
+            try:
+                self._add_peer(cl)
+            except BaseException:
+                cl.close()
+                raise
         if self.p_pool is None or sorted(self.peers) != list(range(self.p_pool.tp_size)):
-            raise HandshakeError(f"expected prefill ranks 0..{self.p_pool.tp_size - 1 if self.p_pool else '?'}, got {sorted(self.peers)}")
+            want = f"0..{self.p_pool.tp_size - 1}" if self.p_pool else "at least one"
+            raise HandshakeError(f"expected prefill ranks {want}, got {sorted(self.peers)}")
 
-    def _pairs(self) -> list:
+    def _add_peer(self, cl: SideChannelClient) -> None:
+        rep = cl.open(MetaRequest(self.hash, self.factors, self.spec, self.transport.metadata()))
+        if not isinstance(rep, MetaReply):
+            raise UnexpectedMessage(f"expected meta-reply from {cl.where}, got {type(rep).__name__}")
+        compare_hash(self.factors, self.hash, rep.factors, rep.hash)
+        pspec = rep.spec
+        if pspec.model != self.spec.model:
+            raise ProtocolError(f"{cl.where}: model geometry differs: decode {self.spec.model}, "
+                                f"prefill {pspec.model}")
+        if self.p_pool is not None and pspec.with_rank(0) != self.p_pool.with_rank(0):
+            raise ProtocolError(f"{cl.where}: prefill ranks disagree on their pool geometry")
+        if pspec.tp_rank in self.peers:
+            raise ProtocolError(f"{cl.where}: prefill rank {pspec.tp_rank} is already connected")
+        agent = self.transport.add_peer(rep.agent_meta)
+        self.peers[pspec.tp_rank] = _Peer(cl, agent, rep.staging, rep.lease_s)
+        self.p_pool = pspec
+        self._pair_cache = None
+
+    def _pairs(self, p_pool: RankSpec) -> list:
         """[(p_rank, PairTemplate)] for the P ranks this D rank reads from (built once)."""
         if self._pair_cache is None:
-            assert self.p_pool is not None
             pairs = []
-            for pr in range(self.p_pool.tp_size):
-                tm = self.templates.get(self.p_pool.with_rank(pr), self.spec)
+            for pr in range(p_pool.tp_size):
+                tm = self.templates.get(p_pool.with_rank(pr), self.spec)
                 if tm is not None:
                     pairs.append((pr, tm))
             self._pair_cache = pairs
-            self._release = self.templates.release_only(self.p_pool, self.spec)
-            self._d_spec_wire = msgspec.msgpack.encode(self.spec.to_dict())
+            self._release = self.templates.release_only(p_pool, self.spec)
         return self._pair_cache
 
     def pull(self, req_id: str, p_req: Request, d_req: Request) -> PullStats:
-        assert self.p_pool is not None, "connect() first"
+        p_pool = self.p_pool
+        if p_pool is None:
+            raise NotConnected("DecodeRank.pull before connect()")
+        _check_req_id(req_id)
         t0 = time.perf_counter()
         tl0 = time.monotonic()
         T = p_req.num_tokens
         if d_req.num_tokens != T:
             raise PlanError(f"token counts differ: prefill {T}, decode {d_req.num_tokens}")
         pairs, sizes = [], []
-        for pr, tm in self._pairs():
+        for pr, tm in self._pairs(p_pool):
             nb = tm.nbytes(T)
             if nb > 0:
                 pairs.append((pr, tm))
@@ -272,48 +362,29 @@ class DecodeRank:
         bts = [pg.upload(dy, ro) for pg, dy, ro in zip(progs, dyns, recv_offs)]
         st = PullStats(bytes=sum(sizes), peers=len(pairs))
         st.plan_seconds = time.perf_counter() - t0
-        handles = []
         lease = min((self.peers[pr].lease_s for pr, _ in pairs), default=30.0)
-        p_wire = req_to_wire(p_req)
-        # PREPARE to every peer at once, then collect the replies (one round trip, not one per peer)
-        started, err = [], None
-        for pr, _ in pairs:
-            try:
-                self.peers[pr].client.start({"op": "prepare", "req_id": req_id, "d_spec": self._d_spec_wire,
-                                             "num_tokens": T, "p_req": p_wire})
-            except Exception as e:  # noqa: BLE001 - collect the replies already asked for, then raise
-                err = e
-                break
-            started.append(pr)
-        replies = {}
-        for pr in started:
-            try:
-                replies[pr] = self.peers[pr].client.finish()
-            except Exception as e:  # noqa: BLE001 - drain every peer, then raise the first
-                err = err or e
-        if err is not None:
-            raise err
+        replies = self._prepare_all(PrepareRequest(req_id, T, req_to_wire(p_req)),
+                                    [pr for pr, _ in pairs])
         st.prepare_seconds = time.perf_counter() - t0 - st.plan_seconds
-        for (pr, tm), nb in zip(pairs, sizes):
-            if replies[pr]["nbytes"] != nb:
-                raise TransferError(f"prefill rank {pr} staged {replies[pr]['nbytes']} bytes, planned {nb}")
-            st.gather_segments += int(replies[pr].get("gather_segments", 0))
-            st.plan_seconds += float(replies[pr].get("plan_s", 0.0))
-            st.gather_seconds = max(st.gather_seconds, float(replies[pr].get("gather_s", 0.0)))
-        if self.fault == "skip_read":
-            return st
+        for (pr, _), nb in zip(pairs, sizes):
+            rep = replies[pr]
+            if rep.nbytes != nb:
+                raise TransferError(f"prefill rank {pr} staged {rep.nbytes} bytes, planned {nb}")
+            st.gather_segments += rep.gather_segments
+            st.plan_seconds += rep.plan_s
+            st.gather_seconds = max(st.gather_seconds, rep.gather_s)
         tr = time.perf_counter()
+        handles = []
         for (pr, tm), nb, ro in zip(pairs, sizes, recv_offs):
-            peer = self.peers[pr]
             handles.append(self.transport.read(
-                peer.agent, (self.recv.data_ptr() + ro, nb, Transport.dev_id(self.recv)),
-                (replies[pr]["addr"], nb, replies[pr]["dev"]),
-                f"{req_id}:{self.spec.tp_rank}:{tm.expected}"))
+                self.peers[pr].agent, (self.recv.data_ptr() + ro, nb, Transport.dev_id(self.recv)),
+                (replies[pr].addr, nb, replies[pr].dev), f"{req_id}:{self.spec.tp_rank}:{tm.expected}"))
             st.descriptors += 1
         self.transport.wait(handles, self.timeout)
         st.read_seconds = time.perf_counter() - tr
         if time.monotonic() - tl0 > lease * 0.9:
-            raise LeaseError(f"request {req_id}: READ finished after the prefill lease ({lease}s); data may be stale")
+            raise LeaseError(f"request {req_id}: READ finished after the prefill lease ({lease}s); "
+                             "data may be stale")
         ts = time.perf_counter()
         for (pr, tm), pg, dy, bt, ro in zip(pairs, progs, dyns, bts, recv_offs):
             pg.run(self.recv, self.arena, dy, ro, bt)
@@ -321,10 +392,35 @@ class DecodeRank:
         _sync(self.device)
         st.scatter_seconds = time.perf_counter() - ts
         for pr in self._release:
-            exp = expected_consumers(self.p_pool.with_rank(pr), self.spec, pr)
+            exp = expected_consumers(p_pool.with_rank(pr), self.spec, pr)
             self.transport.send_notif(self.peers[pr].agent, f"REL:{req_id}:{self.spec.tp_rank}:{exp}")
         st.seconds = time.perf_counter() - t0
         return st
+
+    def _prepare_all(self, req: PrepareRequest, ranks: list[int]) -> dict[int, PrepareReply]:
+        """PREPARE to every peer at once, then collect the replies (one round trip, not one per
+        peer); every peer asked is drained before the first error is raised."""
+        started: list[int] = []
+        err: BaseException | None = None
+        for pr in ranks:
+            try:
+                self.peers[pr].client.start(req)
+            except HandshakeError as e:
+                err = e
+                break
+            started.append(pr)
+        replies: dict[int, PrepareReply] = {}
+        for pr in started:
+            try:
+                rep = self.peers[pr].client.finish()
+                if not isinstance(rep, PrepareReply):
+                    raise UnexpectedMessage(f"expected prepare-reply, got {type(rep).__name__}")
+                replies[pr] = rep
+            except HandshakeError as e:
+                err = err or e
+        if err is not None:
+            raise err
+        return replies
 
     def close(self) -> None:
         for p in self.peers.values():

@@ -62,7 +62,7 @@ def test_transfer_test_cell_on_cuda():
         import_nixl()
     except ImportError as e:
         pytest.skip(f"nixl cannot be imported: {e}")
-    from pd_runtime.transfer_test import Cell, run_cells
+    from pd_runtime.selftest import Cell, run_cells
 
     cells = [Cell(family="dense", num_kv_heads=8, head_size=64, layers=4, p_tp=1, d_tp=2, p_block=16,
                   d_block=32, p_layout="HND", d_layout="NHD", dtype="bfloat16", tokens=1000, seed=3),

@@ -1,8 +1,9 @@
-"""P ranks and D ranks as separate processes over NIXL/UCX host memory, byte-exact.
+"""P ranks and D ranks over NIXL/UCX host memory, byte-exact.
 
 One pool of worker processes runs every cell (families x TP directions x block relations x
 layout pairs x dtypes) so Python and NIXL start only a few times. Failure tests: hash mismatch,
-bad token, a prefill process killed mid-transfer, lease expiry.
+bad token, a prefill process killed mid-transfer, lease expiry, per-consumer release; faults
+come from tests/runtime/faults.py (test-only transports and handler wrappers).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ DTYPES = ["bfloat16", "fp8"]
 
 
 def matrix():
-    from pd_runtime.transfer_test import Cell
-
     import os
+
+    from pd_runtime.selftest import Cell
 
     cells = []
     full = os.environ.get("PD_RUNTIME_FULL_MATRIX") == "1"
@@ -59,7 +60,7 @@ def matrix():
 
 @pytest.fixture(scope="module")
 def pool():
-    from pd_runtime.transfer_test import Pool
+    from pd_runtime.selftest import Pool
 
     p = Pool(2, 2, "cpu")
     yield p
@@ -81,7 +82,7 @@ def test_matrix_byte_exact(pool):
 
 
 def _base(**kw):
-    from pd_runtime.transfer_test import Cell
+    from pd_runtime.selftest import Cell
 
     d = dict(family="dense", num_kv_heads=4, head_size=8, layers=2, p_tp=1, d_tp=2, tokens=40, seed=77)
     d.update(kw)
@@ -106,20 +107,155 @@ def test_bad_token_is_refused(pool):
     assert r["prefill"][0]["staging_in_use"] == 0
 
 
-def test_prefill_killed_mid_transfer(pool):
-    r = pool.run_cell(_base(p_tp=1, d_tp=1, fault="p_die_after_prepare", timeout_s=5))
-    assert not r["ok"]
-    (e,) = r["decode"]
-    assert e["error"] in ("TransferError", "HandshakeError", "PeerError"), e
-    assert r["prefill"][0].get("dead")
-    # the pool replaces the dead process; the next cell works
-    r2 = pool.run_cell(_base(p_tp=1, d_tp=1, seed=78))
-    assert r2["ok"], r2
+def test_pool_replaces_a_dead_worker(pool):
+    pool.p[0][0].kill()
+    pool.p[0][0].join(10)
+    r = pool.run_cell(_base(p_tp=1, d_tp=1, seed=78))
+    assert r["ok"], r
 
 
-def test_lease_expiry_frees_everything(pool):
-    r = pool.run_cell(_base(p_tp=1, d_tp=1, fault="d_skip_read_then_retry", lease_s=1.0, requests=1))
-    (e,) = r["decode"]
-    assert e["error"] == "PeerError" and "lease expired" in e["message"], e
-    (ps,) = r["prefill"]
-    assert ps["held"] == 0 and ps["staging_in_use"] == 0 and ps["expired"] == 1
+# ------------------------------------------------------------------------------------------------
+# P and D in this process (or P in one spawned process), faults from tests/runtime/faults.py
+
+
+def _wait(pred, seconds: float = 5.0) -> bool:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+def test_prefill_killed_mid_transfer():
+    import multiprocessing as mp
+
+    from pd_runtime.protocol import HandshakeError
+    from pd_runtime.selftest import build_decode, cell_requests
+    from pd_runtime.transport import TransferError
+
+    from . import faults
+
+    cell = _base(p_tp=1, d_tp=1, timeout_s=5)
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=faults.serve_prefill, args=(faults.cell_dict(cell), there, True),
+                       daemon=True)
+    proc.start()
+    try:
+        assert here.poll(120), "the prefill process did not start"
+        addr = here.recv()
+        dr, _ = build_decode(cell, 0, "cpu", faults.SlowReadTransport("d-slow", "cpu", 0.5))
+        try:
+            dr.connect([tuple(addr)])
+            rid, preq, dreq, _ = cell_requests(cell)[0]
+            with pytest.raises((TransferError, HandshakeError)):
+                dr.pull(rid, preq, dreq)
+        finally:
+            dr.close()
+            dr.transport.close()
+        proc.join(10)
+        assert proc.exitcode == faults.DIED_EXIT_CODE
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+
+@pytest.fixture
+def pair():
+    """(make(cell, d_transport=None, on_release=None) -> (P rank 0, [D ranks]))."""
+    from pd_runtime.selftest import build_decode, build_prefill
+
+    made = []
+
+    def make(cell, d_transport=None, on_release=None):
+        pr = build_prefill(cell, 0, "cpu", on_release=on_release)
+        made.append(pr)
+        drs = []
+        for r in range(cell.d_tp):
+            dr, want = build_decode(cell, r, "cpu", d_transport if r == 0 else None)
+            made.append(dr)
+            dr.connect([pr.address])
+            drs.append((dr, want))
+        return pr, drs
+
+    yield make
+    for obj in reversed(made):
+        obj.close()
+        if not obj.own_transport:
+            obj.transport.close()
+
+
+def test_lease_expiry_frees_everything(pair):
+    from pd_runtime.protocol import PeerError
+    from pd_runtime.selftest import cell_requests
+    from pd_runtime.transport import TransferError
+
+    from . import faults
+
+    import time
+
+    cell = _base(p_tp=1, d_tp=1, lease_s=1.0, requests=1)
+    released: list = []
+    pr, [(dr, _)] = pair(cell, faults.DroppedReadTransport("d-drop", "cpu", drops=1),
+                         on_release=lambda r, why: released.append((r, why)))
+    rid, preq, dreq, _ = cell_requests(cell)[0]
+    pr.leases.heartbeat([rid])  # a full second from now, however long the set-up took
+    with pytest.raises(TransferError, match="injected"):
+        dr.pull(rid, preq, dreq)  # P gathered into a slot; D never reads it
+    assert pr.stats()["staging_in_use"] > 0
+    time.sleep(1.5)
+    with pytest.raises(PeerError) as e:
+        dr.pull(rid, preq, dreq)  # the lease expired and the blocks are gone
+    assert e.value.code == "lease" and "lease expired" in str(e.value)
+    st = pr.stats()
+    assert st["held"] == 0 and st["staging_in_use"] == 0 and st["expired"] == 1
+    assert released == [(rid, "expired")]
+    assert rid not in pr.requests
+
+
+def test_release_waits_for_every_consumer(pair):
+    """P TP 1 -> D TP 2: both D ranks read P rank 0; the engine hears `consumed` only after the
+    second one finished, and P holds nothing afterwards."""
+    import numpy as np
+
+    from pd_runtime.selftest import cell_requests
+
+    cell = _base(p_tp=1, d_tp=2, requests=1)
+    released: list = []
+    pr, drs = pair(cell, on_release=lambda r, why: released.append((r, why)))
+    rid, preq, dreq, _ = cell_requests(cell)[0]
+    (d0, want0), (d1, want1) = drs
+    d0.pull(rid, preq, dreq)
+    assert not _wait(lambda: released, 0.5), released  # D rank 1 has not read yet
+    assert pr.stats()["held"] == 1
+    d1.pull(rid, preq, dreq)
+    assert _wait(lambda: released == [(rid, "consumed")]), released
+    assert pr.stats()["held"] == 0 and pr.stats()["staging_in_use"] == 0
+    for d, want in drs:
+        assert np.array_equal(d.arena.numpy(), want)
+
+
+def test_unknown_request_is_a_typed_refusal(pair):
+    from pd_runtime.protocol import PeerError
+    from pd_runtime.selftest import cell_requests
+
+    cell = _base(p_tp=1, d_tp=1, requests=1)
+    pr, [(dr, _)] = pair(cell)
+    _, preq, dreq, _ = cell_requests(cell)[0]
+    with pytest.raises(PeerError) as e:
+        dr.pull("never-held", preq, dreq)
+    assert e.value.code == "lease" and "unknown request" in str(e.value)
+
+
+def test_empty_token_refused_before_anything_starts():
+    from pd_runtime.protocol import TokenError
+    from pd_runtime.selftest import Cell, build_decode, build_prefill
+
+    with pytest.raises(TokenError):
+        build_prefill(_base(token=""), 0, "cpu")
+    with pytest.raises(TokenError):
+        build_decode(Cell(token="  "), 0, "cpu")
