@@ -24,7 +24,7 @@ import common  # noqa: E402
 from pd_dev.devcluster import nodes  # noqa: E402
 from pd_operator import kube  # noqa: E402
 from pd_operator.render import Owner, render  # noqa: E402
-from pd_operator.validate import parse_spec  # noqa: E402
+from pd_operator.validate import parse_spec, validate_spec  # noqa: E402
 
 RUN = time.strftime("%H%M%S")
 BASE_NS = f"pd-bench-baseline-{RUN}"  # unique per run: a namespace takes minutes to delete
@@ -77,7 +77,7 @@ def baseline(kc: str, count: int, timeout: float) -> dict:
     for i in range(count):
         doc = common.small(f"pdd-{i:03d}", BASE_NS)
         for child in render(Owner(doc["metadata"]["name"], BASE_NS, "00000000-bench"),
-                            parse_spec(doc["spec"])).children:
+                            validate_spec(parse_spec(doc["spec"]))).children:
             child["metadata"].pop("ownerReferences", None)
             items.append(child)
     path = Path(tempfile.mkdtemp(prefix="pd-bench-")) / "children.json"

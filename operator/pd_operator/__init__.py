@@ -1,3 +1,5 @@
 """pd-operator: Kubernetes operator for disaggregated prefill/decode LLM serving."""
 
-__version__ = "0.1.0"
+from pd_runtime import __version__  # the one version string of the distribution
+
+__all__ = ["__version__"]

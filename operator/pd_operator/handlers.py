@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +25,8 @@ import kopf
 
 from . import kube, metrics, render, status
 from .api import v1alpha1 as api
-from .render import labels
-from .validate import SpecError, parse_spec
+from .render import kinds, labels
+from .validate import SpecError, parse_spec, validate_spec
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +36,10 @@ FULL_RESYNC_EVERY = 10  # every 10th round re-applies every PDDeployment (drift 
 # No handler here may need a finalizer (on.delete, timers, daemons): deletion is garbage
 # collection, and a finalizer would block it (and the namespace) whenever the operator is down.
 
-# Child kinds the operator renders and watches: (group, version, plural, apiVersion, kind)
-CHILD_KINDS = (
-    ("apps", "v1", "statefulsets", "apps/v1", "StatefulSet"),
-    ("apps", "v1", "deployments", "apps/v1", "Deployment"),
-    ("", "v1", "services", "v1", "Service"),
-    ("", "v1", "configmaps", "v1", "ConfigMap"),
-    ("", "v1", "serviceaccounts", "v1", "ServiceAccount"),
-    ("rbac.authorization.k8s.io", "v1", "roles", "rbac.authorization.k8s.io/v1", "Role"),
-    ("rbac.authorization.k8s.io", "v1", "rolebindings", "rbac.authorization.k8s.io/v1",
-     "RoleBinding"),
-    ("policy", "v1", "poddisruptionbudgets", "policy/v1", "PodDisruptionBudget"),
-    ("networking.k8s.io", "v1", "networkpolicies", "networking.k8s.io/v1", "NetworkPolicy"),
-)
+# Child kinds the operator renders and watches (render.kinds is the table):
+# (group, version, plural, apiVersion, kind)
+CHILD_KINDS = tuple((k.group, k.version, k.plural, k.api_version, k.kind)
+                    for k in kinds.CHILD_KINDS)
 
 # What the operator needs from RBAC (the chart's ClusterRole must cover it).
 RBAC_RULES = [
@@ -142,7 +134,8 @@ async def reconcile(body: kopf.Body, logger: logging.Logger | kopf.Logger) -> No
             metrics.RECONCILES.labels("invalid").inc()
             raise kopf.PermanentError(f"invalid spec: {exc}") from None
         state.spec_error = None
-        rendered = render.render(labels.Owner(name, namespace, uid), spec)
+        rendered = render.render(labels.Owner(name, namespace, uid), validate_spec(spec),
+                                 router_image=render.router_image_from(os.environ))
         state.rendered = rendered
         state.desired_replicas = {"prefill": spec.prefill.replicas,
                                   "decode": spec.decode.replicas,

@@ -37,7 +37,7 @@ from typing import Any
 
 from .render import Owner, render
 from .render import engine as render_engine
-from .validate import parse_object
+from .validate import parse_object, validate_spec
 
 LOCALHOST = "127.0.0.1"
 MOUNT_ROOT_ENV = "PD_RUNTIME_MOUNT_ROOT"
@@ -220,7 +220,7 @@ def plan_run(doc: dict[str, Any], *, model_dirs: dict[str, str], router_port: in
     name = str(pdd.metadata.get("name") or "pdd")
     owner = Owner(name=name, namespace=str(pdd.metadata.get("namespace") or "default"),
                   uid="local")
-    rendered = render(owner, pdd.spec)
+    rendered = render(owner, validate_spec(pdd.spec))
     if not rendered.decision.accepted:
         rules = [f"{v.rule} [{', '.join(v.fields)}]: {v.message}"
                  for v in rendered.decision.verdicts if v.severity == "reject"]
@@ -232,10 +232,18 @@ def plan_run(doc: dict[str, Any], *, model_dirs: dict[str, str], router_port: in
     engines: list[Proc] = []
     urls: dict[str, list[str]] = {"prefill": [], "decode": []}
     for pool in (rendered.prefill, rendered.decode):
+        sts = statefulsets[f"{name}-{pool.role}"]
+        if pool.engine_type == "vllm":  # the rendered `vllm serve` (localrun_vllm)
+            from . import localrun_vllm
+
+            procs = localrun_vllm.replicas(pool, sts, configmaps, secrets_, token, model_dirs,
+                                           device, ports)
+            engines += procs
+            urls[pool.role] += [p.url for p in procs]
+            continue
         if pool.engine_type != "builtin":
             raise RunError(f"spec.{pool.role}.engine.type is {pool.engine_type!r}: pdctl run "
-                           "starts engine.type: builtin pools")
-        sts = statefulsets[f"{name}-{pool.role}"]
+                           "starts engine.type builtin and vllm pools")
         pod = sts["spec"]["template"]["spec"]
         container = pod["containers"][0]
         ckpt = _model_dir(pool.model_name, model_dirs,

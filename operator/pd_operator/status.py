@@ -1,5 +1,8 @@
 """PDDeployment status from what was observed (pure): children in, status and transitions out.
 
+The status is built as the API's own status model (api.PDDeploymentStatus) and returned in its
+JSON form, so it cannot drift from the CRD's schema.
+
 Conditions (a list keyed by type): Validated, PrefillReady, DecodeReady, RouterReady, Ready.
 `lastTransitionTime` only moves when a condition's status changes. The handlers turn the
 returned transitions into Kubernetes Events.
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pd_runtime.compat import Decision
+
+from .api import v1alpha1 as api
 
 CONDITION_TYPES = ("Validated", "PrefillReady", "DecodeReady", "RouterReady", "Ready")
 
@@ -33,16 +38,17 @@ class Transition:
     warning: bool
 
 
-def _workload(obj: dict[str, Any] | None, desired: int, kind: str) -> tuple[str, str, str, dict]:
+def _workload(obj: dict[str, Any] | None, desired: int,
+              kind: str) -> tuple[str, str, str, api.PoolStatus]:
     """(status, reason, message, pool status) of a StatefulSet or Deployment."""
     if obj is None:
-        return "False", "NotFound", f"the {kind} does not exist yet", {"replicas": desired,
-                                                                       "readyReplicas": 0}
+        return ("False", "NotFound", f"the {kind} does not exist yet",
+                api.PoolStatus(replicas=desired, ready_replicas=0))
     st = obj.get("status") or {}
     spec_replicas = (obj.get("spec") or {}).get("replicas", desired)
     ready = int(st.get("readyReplicas") or 0)
     updated = int(st.get("updatedReplicas") or 0)
-    pool = {"replicas": spec_replicas, "readyReplicas": ready}
+    pool = api.PoolStatus(replicas=spec_replicas, ready_replicas=ready)
     generation = (obj.get("metadata") or {}).get("generation")
     if generation is not None and st.get("observedGeneration", 0) < generation:
         return "False", "Progressing", "the controller has not seen the latest spec yet", pool
@@ -80,7 +86,7 @@ def compute(*, generation: int | None, desired: dict[str, int], decision: Decisi
     rows: list[tuple[str, str, str, str]] = []
     v_status, v_reason, v_msg = _validated(decision, spec_error)
     rows.append(("Validated", v_status, v_reason, v_msg))
-    pools: dict[str, dict] = {}
+    pools: dict[str, api.PoolStatus] = {}
     for cond, key, kind in (("PrefillReady", "prefill", "StatefulSet"),
                             ("DecodeReady", "decode", "StatefulSet"),
                             ("RouterReady", "router", "Deployment")):
@@ -93,22 +99,21 @@ def compute(*, generation: int | None, desired: dict[str, int], decision: Decisi
     else:
         rows.append(("Ready", "False", "ComponentsNotReady", f"not yet: {', '.join(not_ready)}"))
 
-    conditions, transitions = [], []
+    conditions: list[api.Condition] = []
+    transitions: list[Transition] = []
     for ctype, cstatus, reason, message in rows:
         prev = prev_conds.get(ctype)
         changed = prev is None or prev.get("status") != cstatus
         keep_time = None if changed or prev is None else prev.get("lastTransitionTime")
-        conditions.append({
+        conditions.append(api.Condition.model_validate({
             "type": ctype, "status": cstatus, "reason": reason, "message": message,
-            "lastTransitionTime": keep_time or now,
-            "observedGeneration": generation,
-        })
+            "lastTransitionTime": keep_time or now, "observedGeneration": generation}))
         if changed and (prev is not None or cstatus == "True" or ctype == "Validated"):
             transitions.append(Transition(ctype, cstatus, reason, message,
                                           warning=cstatus != "True"))
 
     ready = not not_ready
-    any_ready = any(p["readyReplicas"] > 0 for p in pools.values())
+    any_ready = any(p.ready_replicas > 0 for p in pools.values())
     if v_status != "True":
         phase = "Degraded"
     elif ready:
@@ -121,27 +126,25 @@ def compute(*, generation: int | None, desired: dict[str, int], decision: Decisi
     else:
         phase = "Progressing"
 
-    status: dict[str, Any] = {
-        "observedGeneration": generation,
-        "phase": phase,
-        "prefill": pools["prefill"],
-        "decode": pools["decode"],
-        "router": pools["router"],
-        "conditions": conditions,
-    }
-    if decision is not None:
-        status["compatibility"] = {
-            "prefillHash": decision.prefill_hash,
-            "decodeHash": decision.decode_hash,
-            "verdicts": [_verdict(v.to_dict()) for v in decision.verdicts],
-        }
-    return status, transitions
+    status = api.PDDeploymentStatus.model_validate({
+        "observedGeneration": generation, "phase": phase, "conditions": conditions,
+        **pools, **({} if decision is None else {"compatibility": compatibility(decision)})})
+    # exclude_unset: no compatibility block before a decision exists
+    return status.model_dump(by_alias=True, exclude_unset=True), transitions
 
 
-def _verdict(d: dict[str, Any]) -> dict[str, Any]:
-    # The CRD's Verdict has rule/severity/fields/message/fix/source.
-    return {k: d[k] for k in ("rule", "severity", "fields", "message", "fix", "source")
-            if d.get(k) is not None}
+def compatibility(decision: Decision) -> api.CompatibilityStatus:
+    """The decision as the status holds it (the verdicts without the policy note)."""
+    verdicts = [{k: v for k, v in d.items() if k in STATUS_VERDICT_KEYS}
+                for d in (x.to_dict() for x in decision.verdicts)]
+    return api.CompatibilityStatus.model_validate({
+        "prefillHash": decision.prefill_hash, "decodeHash": decision.decode_hash,
+        "verdicts": verdicts})
+
+
+# The keys of Verdict.to_dict() that the CRD's status Verdict has (not policyNote).
+STATUS_VERDICT_KEYS = frozenset(api.Verdict.model_fields[n].alias or n
+                                for n in api.Verdict.model_fields)
 
 
 def same(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:

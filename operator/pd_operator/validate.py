@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pd_runtime.compat import Decision, check_pools
+from pd_runtime.compat import Decision, ResolvedPool, check_pools
 
 from .api.v1alpha1 import PDDeployment, PDDeploymentSpec
 from .resolve import resolve
@@ -77,21 +77,28 @@ class Result:
         return self.decision.accepted
 
     def to_dict(self) -> dict[str, Any]:
-        d = self.decision
-        return {
-            "name": self.name,
-            "accepted": d.accepted,
-            "verdicts": [v.to_dict() for v in d.verdicts],
-            "prefillHash": d.prefill_hash,
-            "decodeHash": d.decode_hash,
-            "hashNotes": d.hash_notes,
-            "rules": d.rules_version,
-        }
+        return {"name": self.name, **self.decision.to_dict()}
+
+
+@dataclass(frozen=True)
+class Validated:
+    """A spec that passed the schema, resolved into its two pools, with the rules' decision:
+    what `render` takes (it evaluates no rule itself)."""
+
+    spec: PDDeploymentSpec
+    prefill: ResolvedPool
+    decode: ResolvedPool
+    decision: Decision
+
+
+def validate_spec(spec: PDDeploymentSpec) -> Validated:
+    """Resolve the pools and judge them under the spec's validation policy."""
+    prefill, decode = resolve(spec)
+    return Validated(spec, prefill, decode, check_pools(prefill, decode, spec.validation.policy))
 
 
 def decide_spec(spec: PDDeploymentSpec) -> Decision:
-    prefill, decode = resolve(spec)
-    return check_pools(prefill, decode, spec.validation.policy)
+    return validate_spec(spec).decision
 
 
 def validate_object(obj: Any) -> Result:

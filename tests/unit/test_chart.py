@@ -22,7 +22,7 @@ from pd_dev import chart_values, generate
 from pd_dev.devcluster import build
 from pd_operator import handlers
 from pd_operator.render import Owner, render
-from pd_operator.validate import parse_object
+from pd_operator.validate import parse_object, validate_spec
 from pd_operator.webhook import configs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -285,7 +285,8 @@ def _rendered_children() -> list[dict[str, Any]]:
     children = []
     for path in sorted((EXAMPLES / "accepted").glob("*.yaml")):
         pdd = parse_object(yaml.safe_load(path.read_text()))
-        children += render(Owner(pdd.metadata["name"], "ns", "uid-1"), pdd.spec).children
+        children += render(Owner(pdd.metadata["name"], "ns", "uid-1"),
+                           validate_spec(pdd.spec)).children
     return children
 
 

@@ -73,3 +73,14 @@ def test_unsupported_cells_are_enforced_by_rules_in_range():
                     if span.versions.contains((0, minor)):
                         assert any(r.applies_to(fam, (0, minor)) for r in enforcing), \
                             f"{fam}/{cap} at 0.{minor}"
+
+
+def test_one_family_list():
+    """The matrix rows and the CRD enum are compat.FAMILIES (the matrix in the page's order)."""
+    from pd_operator.api.crd import build_crd
+    from pd_runtime.compat import FAMILIES
+
+    assert sorted(matrix.FAMILIES) == sorted(FAMILIES) == sorted(matrix.MATRIX)
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    family = schema["properties"]["spec"]["properties"]["model"]["properties"]["family"]
+    assert tuple(family["enum"]) == FAMILIES

@@ -4,7 +4,8 @@
 One table (`VALUES`: key, type, default, description) is the source of
 `charts/pd-operator/values.yaml` (every key with its comment), `values.schema.json`
 (`additionalProperties: false`, so a misspelt key fails `helm install`) and the values table in
-`charts/pd-operator/README.md` (between the GENERATED markers). The chart's CRD template
+`charts/pd-operator/README.md` (between the GENERATED markers); Chart.yaml's appVersion is the
+project's version. The chart's CRD template
 `templates/crd-serving.pd-operator.dev_pddeployments.yaml` is `crds/pddeployment.yaml` (itself
 generated) wrapped in a `crds.enabled` guard with an optional keep policy.
 """
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pd_operator import __version__
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "pd-operator"
@@ -354,11 +357,23 @@ def render_generated_helpers() -> str:
     ]) + "\n"
 
 
+def render_chart_yaml(current: str) -> str:
+    """Chart.yaml with `appVersion` set to the project's one version (pd_runtime.__version__);
+    the rest of the file, the chart's own SemVer included, is hand-written."""
+    lines = current.splitlines(keepends=True)
+    app = [i for i, line in enumerate(lines) if line.startswith("appVersion:")]
+    if len(app) != 1:
+        raise SystemExit("charts/pd-operator/Chart.yaml needs exactly one appVersion line")
+    lines[app[0]] = f'appVersion: "{__version__}"\n'
+    return "".join(lines)
+
+
 def outputs(crd_text: str | None = None) -> dict[Path, str]:
     """The chart's generated files; `crd_text` is the CRD the template wraps (default: the
     committed crds/pddeployment.yaml)."""
-    readme = CHART / "README.md"
+    readme, chart_yaml = CHART / "README.md", CHART / "Chart.yaml"
     return {
+        chart_yaml: render_chart_yaml(chart_yaml.read_text(encoding="utf-8")),
         CHART / "values.yaml": render_values_yaml(),
         CHART / "values.schema.json": render_schema(),
         readme: render_readme(readme.read_text(encoding="utf-8")),

@@ -11,15 +11,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from pd_runtime.compat.families import Family
+
 GROUP = "serving.pd-operator.dev"
 VERSION = "v1alpha1"
 KIND = "PDDeployment"
 PLURAL = "pddeployments"
 SHORT_NAME = "pdd"
 
-Family = Literal[
-    "dense", "moe", "mla", "sparse-mla", "hybrid-ssm", "multimodal", "encoder-decoder"
-]
 ModelDtype = Literal["float16", "bfloat16", "float32"]
 KVCacheDtype = Literal[
     "auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla",

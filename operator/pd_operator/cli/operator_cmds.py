@@ -67,8 +67,8 @@ def register(sub) -> None:
 
 # ----------------------------------------------------------------------------- render
 def cmd_render(args: argparse.Namespace) -> int:
-    from ..render import Owner, render
-    from ..validate import SpecError, parse_object
+    from ..render import Owner, render, router_image_from
+    from ..validate import SpecError, parse_object, validate_spec
     from .validate_cmds import YAML_LOADER, InputError, read_text
 
     try:
@@ -91,7 +91,8 @@ def cmd_render(args: argparse.Namespace) -> int:
             return 1
         name = pdd.metadata["name"]
         ns = pdd.metadata.get("namespace") or args.namespace
-        items += render(Owner(name, ns, args.uid), pdd.spec).children
+        items += render(Owner(name, ns, args.uid), validate_spec(pdd.spec),
+                        router_image=router_image_from(os.environ)).children
     out = {"apiVersion": "v1", "kind": "List", "items": items}
     if args.output == "json":
         print(json.dumps(out, indent=1))

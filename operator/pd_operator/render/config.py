@@ -25,17 +25,6 @@ def pool_document(pool: ResolvedPool) -> dict[str, Any]:
     return doc
 
 
-def decision_document(decision: Decision) -> dict[str, Any]:
-    return {
-        "accepted": decision.accepted,
-        "prefillHash": decision.prefill_hash,
-        "decodeHash": decision.decode_hash,
-        "hashNotes": decision.hash_notes,
-        "rules": decision.rules_version,
-        "verdicts": [v.to_dict() for v in decision.verdicts],
-    }
-
-
 def data(prefill: ResolvedPool, decode: ResolvedPool, decision: Decision) -> dict[str, str]:
     def dump(x: Any) -> str:
         return json.dumps(x, sort_keys=True, indent=1, default=list)
@@ -43,7 +32,7 @@ def data(prefill: ResolvedPool, decode: ResolvedPool, decision: Decision) -> dic
     return {
         "prefill.json": dump(pool_document(prefill)),
         "decode.json": dump(pool_document(decode)),
-        "compatibility.json": dump(decision_document(decision)),
+        "compatibility.json": dump(decision.to_dict()),
     }
 
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pd_runtime.compat import ResolvedPool
+from pd_runtime.compat import ENGINE_HTTP_PORT, ResolvedPool
 from pd_runtime.compat.rules_known_bugs import OPERATOR_KV_LEASE_S
-from pd_runtime.compat.rules_vllm import ENGINE_HTTP_PORT
 from pd_runtime.compat.versions import parse_version
 
 CONFIG_MOUNT = "/etc/pd-operator"  # where the ConfigMap with the rendered config is mounted

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pd_runtime.compat import ResolvedPool
-from pd_runtime.compat.rules_vllm import ENGINE_HTTP_PORT
+from pd_runtime.compat import ENGINE_HTTP_PORT, ResolvedPool
 
 from . import labels, pools
 from .labels import Owner

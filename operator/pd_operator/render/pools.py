@@ -5,10 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from pd_runtime.compat import ResolvedPool
-from pd_runtime.compat.rules_vllm import ENGINE_HTTP_PORT
+from pd_runtime.compat import ENGINE_HTTP_PORT, ResolvedPool
 
-from ..api.v1alpha1 import PoolSpec
+from ..api.v1alpha1 import PodTemplateSpec
 from . import engine, labels
 from .labels import Owner
 
@@ -28,8 +27,8 @@ def side_channel_ports(pool: ResolvedPool) -> list[int]:
     return [pool.side_channel_port + i for i in range(pool.dp)]
 
 
-def _resources(pool: ResolvedPool, spec_pool: PoolSpec) -> dict[str, Any]:
-    res = copy.deepcopy(dict(spec_pool.template.resources))
+def _resources(pool: ResolvedPool, template: PodTemplateSpec) -> dict[str, Any]:
+    res = copy.deepcopy(dict(template.resources))
     gpus = str(gpus_per_pod(pool))
     res.setdefault("limits", {})[GPU_RESOURCE] = gpus  # TP x PP (x DP): spec.<pool>.*ParallelSize
     if GPU_RESOURCE in res.get("requests", {}):
@@ -50,8 +49,9 @@ def _probes() -> dict[str, Any]:
     }
 
 
-def statefulset(owner: Owner, pool: ResolvedPool, spec_pool: PoolSpec, fp: str,
+def statefulset(owner: Owner, pool: ResolvedPool, template: PodTemplateSpec, fp: str,
                 config_hash: str) -> dict[str, Any]:
+    """The pool's engines; `template` is spec.<pool>.template (scheduling, resources, env)."""
     role = pool.role
     name = labels.child_name(owner, role)
     pod_labels = labels.labels(owner, role, role=role, fingerprint_value=fp)
@@ -62,9 +62,9 @@ def statefulset(owner: Owner, pool: ResolvedPool, spec_pool: PoolSpec, fp: str,
         "name": "engine",
         "image": pool.engine_image,  # spec.engine.image (or spec.<pool>.engine.image)
         "command": engine.command(pool),
-        "env": engine.env(pool, list(spec_pool.template.env)),
+        "env": engine.env(pool, list(template.env)),
         "ports": ports,
-        "resources": _resources(pool, spec_pool),
+        "resources": _resources(pool, template),
         "volumeMounts": [{"name": "pd-config", "mountPath": engine.CONFIG_MOUNT,
                           "readOnly": True}],
         **_probes(),
@@ -74,10 +74,10 @@ def statefulset(owner: Owner, pool: ResolvedPool, spec_pool: PoolSpec, fp: str,
         "volumes": [{"name": "pd-config",
                      "configMap": {"name": labels.child_name(owner, "config")}}],
     }
-    if spec_pool.template.node_selector:
-        pod_spec["nodeSelector"] = dict(spec_pool.template.node_selector)
-    if spec_pool.template.tolerations:
-        pod_spec["tolerations"] = copy.deepcopy(list(spec_pool.template.tolerations))
+    if template.node_selector:
+        pod_spec["nodeSelector"] = dict(template.node_selector)
+    if template.tolerations:
+        pod_spec["tolerations"] = copy.deepcopy(list(template.tolerations))
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",

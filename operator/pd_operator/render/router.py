@@ -6,11 +6,12 @@ needs list/watch on pods in the namespace, hence the ServiceAccount, Role and Ro
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from typing import Any
 
-from pd_runtime.compat.rules_vllm import ENGINE_HTTP_PORT
+from pd_runtime.compat import ENGINE_HTTP_PORT
 
+from .. import __version__
 from ..api.v1alpha1 import RouterSpec
 from . import labels
 from .labels import Owner
@@ -18,10 +19,16 @@ from .labels import Owner
 COMPONENT = "router"
 ROUTER_PORT = 8000
 METRICS_PORT = 29000
-# Used when spec.router.image is unset; the chart sets PD_OPERATOR_ROUTER_IMAGE to the operator's
-# own image (which bundles vllm-router).
-DEFAULT_ROUTER_IMAGE = os.environ.get("PD_OPERATOR_ROUTER_IMAGE",
-                                      "ghcr.io/pd-operator/pd-operator:0.1.0")
+# The router image when spec.router.image is unset: the operator's own image (it bundles
+# vllm-router). In a cluster the chart names that image in ROUTER_IMAGE_ENV, which the operator
+# process reads (router_image_from) and passes to render.
+DEFAULT_ROUTER_IMAGE = f"ghcr.io/pd-operator/pd-operator:{__version__}"
+ROUTER_IMAGE_ENV = "PD_OPERATOR_ROUTER_IMAGE"
+
+
+def router_image_from(env: Mapping[str, str]) -> str:
+    """The default router image given the process environment (the chart sets it)."""
+    return env.get(ROUTER_IMAGE_ENV) or DEFAULT_ROUTER_IMAGE
 
 
 def _selector_args(owner: Owner, role: str) -> list[str]:
@@ -45,7 +52,8 @@ def command(owner: Owner, router: RouterSpec, connector: str) -> list[str]:
     return cmd
 
 
-def deployment(owner: Owner, router: RouterSpec, connector: str) -> dict[str, Any]:
+def deployment(owner: Owner, router: RouterSpec, connector: str,
+               default_image: str = DEFAULT_ROUTER_IMAGE) -> dict[str, Any]:
     name = labels.child_name(owner, COMPONENT)
     return {
         "apiVersion": "apps/v1",
@@ -60,7 +68,7 @@ def deployment(owner: Owner, router: RouterSpec, connector: str) -> dict[str, An
                     "serviceAccountName": name,
                     "containers": [{
                         "name": "router",
-                        "image": router.image or DEFAULT_ROUTER_IMAGE,  # spec.router.image
+                        "image": router.image or default_image,  # spec.router.image
                         "command": command(owner, router, connector),
                         "ports": [
                             {"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"},

@@ -5,10 +5,11 @@
 """
 
 from .engine import POLICIES, Decision, check_pools
-from .pool import ResolvedPool, Speculative, make_pool
+from .families import FAMILIES, Family
+from .pool import ENGINE_HTTP_PORT, ResolvedPool, Speculative, make_pool
 from .rule import REJECT, WARN, Rule, Verdict
 
 __all__ = [
-    "POLICIES", "REJECT", "WARN", "Decision", "ResolvedPool", "Rule", "Speculative", "Verdict",
-    "check_pools", "make_pool",
+    "ENGINE_HTTP_PORT", "FAMILIES", "POLICIES", "REJECT", "WARN", "Decision", "Family",
+    "ResolvedPool", "Rule", "Speculative", "Verdict", "check_pools", "make_pool",
 ]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import hashing, profiles
 from .pool import ResolvedPool
@@ -28,6 +29,17 @@ class Decision:
     @property
     def warnings(self) -> list[Verdict]:
         return [v for v in self.verdicts if v.severity == WARN]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The one JSON form of a decision (`pdctl check -o json`, the rendered ConfigMap)."""
+        return {
+            "accepted": self.accepted,
+            "verdicts": [v.to_dict() for v in self.verdicts],
+            "prefillHash": self.prefill_hash,
+            "decodeHash": self.decode_hash,
+            "hashNotes": self.hash_notes,
+            "rules": self.rules_version,
+        }
 
 
 def _field_paths(rule: Rule, p: ResolvedPool, d: ResolvedPool) -> list[str]:

@@ -25,7 +25,7 @@ LEGEND = {
     WIP: "work in progress upstream (rejected)",
 }
 
-FAMILIES = ("dense", "mla", "sparse-mla", "hybrid-ssm", "moe", "multimodal", "encoder-decoder")
+# Row titles, in the upstream page's row order (every family has a row).
 FAMILY_TITLES = {
     "dense": "Dense Transformers",
     "mla": "MLA (e.g. DeepSeek-V2/V3)",
@@ -35,6 +35,7 @@ FAMILY_TITLES = {
     "multimodal": "Multimodal",
     "encoder-decoder": "Encoder-Decoder",
 }
+FAMILIES = tuple(FAMILY_TITLES)  # the rows, in page order (the same set as families.FAMILIES)
 CAPABILITIES = ("basic", "spec_decode", "hetero_tp", "cross_layer", "swa", "host_buffer",
                 "hetero_block")
 CAPABILITY_TITLES = {

@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-MLA_FAMILIES = frozenset({"mla", "sparse-mla"})
+from .families import MLA_FAMILIES
+
+# The HTTP port every engine serves on (the operator renders it into the pods, Services and
+# NetworkPolicies; the side-channel rules keep the NIXL ports off it).
+ENGINE_HTTP_PORT = 8000
 PUSH_CONNECTORS = frozenset({"NixlPushConnector"})
 EAGLE_FAMILY = frozenset({"eagle", "eagle3", "mtp", "dflash", "dspark"})
 

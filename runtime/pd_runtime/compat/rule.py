@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .pool import ResolvedPool
 from .versions import ANY, VersionRange
@@ -53,8 +54,9 @@ class Verdict:
     source: str = ""
     policy_note: str | None = field(default=None, compare=False)
 
-    def to_dict(self) -> dict:
-        out = {
+    def to_dict(self) -> dict[str, Any]:
+        """The one JSON form of a verdict (the status keeps these keys but policyNote)."""
+        out: dict[str, Any] = {
             "rule": self.rule,
             "severity": self.severity,
             "fields": self.fields,

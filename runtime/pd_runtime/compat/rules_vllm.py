@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .pool import ENGINE_HTTP_PORT
 from .pool import ResolvedPool as Pool
 from .rule import REJECT, WARN, Rule
 from .versions import between, since, until
 
 MATRIX_PAGE = "vLLM docs/features/nixl_connector_compatibility.md"
-ENGINE_HTTP_PORT = 8000  # the port the rendered engines serve HTTP on
 MANAGED_FLAGS = (
     "--model", "--served-model-name", "--dtype", "--tensor-parallel-size", "-tp",
     "--pipeline-parallel-size", "-pp", "--data-parallel-size", "-dp", "--block-size",

@@ -13,8 +13,8 @@ import time
 import pytest
 import yaml
 
-from pd_operator.render import Owner, render
-from pd_operator.validate import parse_spec
+from pd_operator.render import Owner, kinds, render
+from pd_operator.validate import parse_spec, validate_spec
 from pd_operator.webhook import configs
 
 from op_cluster import (EXAMPLES, Operator, extra_nodes, get_json, install_crd, is_ready,
@@ -22,8 +22,7 @@ from op_cluster import (EXAMPLES, Operator, extra_nodes, get_json, install_crd, 
 
 pytestmark = pytest.mark.cluster
 
-CHILD_KINDS = ("statefulsets,deployments,services,configmaps,serviceaccounts,roles,"
-               "rolebindings,poddisruptionbudgets,networkpolicies")
+CHILD_KINDS = ",".join(k.plural for k in kinds.CHILD_KINDS)  # for kubectl get
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +81,7 @@ def _pods(kubectl, ns: str, name: str, role: str) -> list[dict]:
 def _expected(obj: dict) -> list[dict]:
     meta = obj["metadata"]
     return render(Owner(meta["name"], meta["namespace"], meta["uid"]),
-                  parse_spec(obj["spec"])).children
+                  validate_spec(parse_spec(obj["spec"]))).children
 
 
 def _container(obj: dict) -> dict:

@@ -16,7 +16,7 @@ import yaml
 
 from pd_operator import localrun
 from pd_operator.render import Owner, render
-from pd_operator.validate import parse_object
+from pd_operator.validate import parse_object, validate_spec
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = yaml.safe_load((ROOT / "tests/e2e/deployments/tiny-dense.yaml").read_text())
@@ -37,7 +37,7 @@ def plan(doc: dict, tmp_path: Path, **kw):
 
 
 def rendered(doc: dict) -> dict:
-    out = render(Owner("tiny-dense", "default", "local"), parse_object(doc).spec)
+    out = render(Owner("tiny-dense", "default", "local"), validate_spec(parse_object(doc).spec))
     return {(c["kind"], c["metadata"]["name"]): c for c in out.children}
 
 

@@ -9,11 +9,11 @@ from op_fixtures import BASE
 
 from pd_operator import handlers, leader
 from pd_operator.render import Owner, render
-from pd_operator.validate import parse_spec
+from pd_operator.validate import parse_spec, validate_spec
 
 
 def _children():
-    return render(Owner("demo", "ns", "u"), parse_spec(BASE["spec"])).children
+    return render(Owner("demo", "ns", "u"), validate_spec(parse_spec(BASE["spec"]))).children
 
 
 def _server_defaults(obj):

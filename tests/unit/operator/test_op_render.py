@@ -9,13 +9,13 @@ from op_fixtures import BASE, examples, load, obj
 
 from pd_operator.render import Owner, child_key, render
 from pd_operator.render import labels as L
-from pd_operator.validate import SpecError, parse_object, parse_spec
+from pd_operator.validate import SpecError, parse_object, parse_spec, validate_spec
 
 OWNER = Owner("demo", "ns1", "uid-123")
 
 
 def _render(o):
-    return render(OWNER, parse_spec(o["spec"]))
+    return render(OWNER, validate_spec(parse_spec(o["spec"])))
 
 
 def _by_kind(children):
@@ -195,7 +195,7 @@ def test_accepted_examples_render(path):
         pdd = parse_object(doc)
     except SpecError as exc:
         pytest.fail(f"example does not parse: {exc}")
-    r = render(Owner(doc["metadata"]["name"], "ns", "u"), pdd.spec)
+    r = render(Owner(doc["metadata"]["name"], "ns", "u"), validate_spec(pdd.spec))
     assert r.decision.accepted
     for role in ("prefill", "decode"):
         sts = next(c for c in r.children if c["kind"] == "StatefulSet"
@@ -206,3 +206,38 @@ def test_accepted_examples_render(path):
             pool.data_parallel_size
         assert res["limits"]["nvidia.com/gpu"] == str(want)
         assert len(sts["metadata"]["name"]) <= 63
+
+
+def test_render_evaluates_no_rule(monkeypatch):
+    """render takes the decision validation made; it never runs the rules itself."""
+    import pd_runtime.compat as compat
+    import pd_runtime.compat.engine as compat_engine
+
+    validated = validate_spec(parse_spec(BASE["spec"]))
+
+    def no_rules(*_a, **_k):
+        raise AssertionError("render evaluated the rules")
+
+    monkeypatch.setattr(compat, "check_pools", no_rules)
+    monkeypatch.setattr(compat_engine, "check_pools", no_rules)
+    assert render(OWNER, validated).decision is validated.decision
+
+
+def test_router_image_comes_from_the_caller_not_the_environment(monkeypatch):
+    from pd_operator import __version__
+    from pd_operator.render import DEFAULT_ROUTER_IMAGE, router_image_from
+
+    def image(r):
+        dep = next(c for c in r.children if c["kind"] == "Deployment")
+        return dep["spec"]["template"]["spec"]["containers"][0]["image"]
+
+    monkeypatch.setenv("PD_OPERATOR_ROUTER_IMAGE", "example.org/ignored:1")
+    validated = validate_spec(parse_spec(BASE["spec"]))
+    assert DEFAULT_ROUTER_IMAGE.endswith(f":{__version__}")
+    assert image(render(OWNER, validated)) == DEFAULT_ROUTER_IMAGE
+    assert image(render(OWNER, validated, router_image="example.org/r:2")) == "example.org/r:2"
+    assert router_image_from({}) == DEFAULT_ROUTER_IMAGE
+    assert router_image_from({"PD_OPERATOR_ROUTER_IMAGE": "example.org/r:3"}) == "example.org/r:3"
+    explicit = obj(router={"image": "example.org/own:4"})
+    assert image(render(OWNER, validate_spec(parse_spec(explicit["spec"])),
+                        router_image="example.org/r:2")) == "example.org/own:4"

@@ -6,13 +6,13 @@ from op_fixtures import BASE, obj
 
 from pd_operator import status
 from pd_operator.render import Owner, render
-from pd_operator.validate import parse_spec
+from pd_operator.validate import parse_spec, validate_spec
 
 DESIRED = {"prefill": 1, "decode": 2, "router": 1}
 
 
 def _decision(o=BASE):
-    return render(Owner("demo", "ns", "u"), parse_spec(o["spec"])).decision
+    return render(Owner("demo", "ns", "u"), validate_spec(parse_spec(o["spec"]))).decision
 
 
 def _sts(replicas, ready, gen=1, observed=1, updated=None):
