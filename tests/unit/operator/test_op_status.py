@@ -88,3 +88,16 @@ def test_same_ignores_timestamps_only():
     assert status.same(a, b)
     c, _ = _compute(status.Observed(_sts(1, 1), None, None))
     assert not status.same(a, c)
+
+
+def test_status_verdict_is_the_compat_verdict_without_its_policy_note():
+    """api.Verdict is the CRD's form of pd_runtime.compat.Verdict: the same keys, bar policyNote
+    (the status records the policy's outcome, not what another policy would have done)."""
+    from pd_runtime.compat import Verdict
+
+    v = Verdict("R", "warn", ["spec.x"], "m", "f", "s", policy_note="would reject")
+    assert status.STATUS_VERDICT_KEYS == set(v.to_dict()) - {"policyNote"}
+    warn = obj(prefill__tensorParallelSize=3, validation={"policy": "Warn"})
+    st, _ = _compute(status.Observed(None, None, None), decision=_decision(warn))
+    verdicts = st["compatibility"]["verdicts"]
+    assert verdicts and all(set(x) == status.STATUS_VERDICT_KEYS for x in verdicts)
