@@ -247,10 +247,29 @@ def _check_complete(weights: dict[str, torch.Tensor], config: dict, path: str) -
                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     if any(name.endswith("_proj.bias") for name in weights):
         config["attention_bias"] = True
-    embed = weights["model.embed_tokens.weight"]
-    if tuple(embed.shape) != (config["vocab_size"], config["hidden_size"]):
-        raise GGUFError(f"{path}: token_embd.weight has shape {tuple(embed.shape)}, metadata says "
-                        f"vocab {config['vocab_size']} x hidden {config['hidden_size']}")
+    shapes = expected_shapes(config)
+    for name, tensor in weights.items():
+        want = shapes.get(name.split(".", 3)[-1] if name.startswith("model.layers.") else name)
+        if want is not None and tuple(tensor.shape) != want:
+            raise GGUFError(f"{path}: {name} has shape {tuple(tensor.shape)}, the metadata "
+                            f"implies {want}")
+
+
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes the config implies (per-layer names without the model.layers.N. prefix)."""
+    hidden, ffn, head = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * head, config["num_key_value_heads"] * head
+    return {
+        "model.embed_tokens.weight": (config["vocab_size"], hidden),
+        "lm_head.weight": (config["vocab_size"], hidden),
+        "model.norm.weight": (hidden,),
+        "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (q, hidden), "self_attn.k_proj.weight": (kv, hidden),
+        "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, q),
+        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+        "mlp.gate_proj.weight": (ffn, hidden), "mlp.up_proj.weight": (ffn, hidden),
+        "mlp.down_proj.weight": (hidden, ffn),
+    }
 
 
 def _tokenizer(metadata: dict[str, Any], path: str) -> FastTokenizer:

@@ -125,6 +125,9 @@ def test_tokenizer_only(path: Path) -> None:
     ({"drop": ("model.layers.1.mlp.up_proj.weight",)}, "model.layers.1.mlp.up_proj.weight"),
     ({"extra_metadata": {"tokenizer.ggml.pre": "klingon"}}, "'klingon'"),
     ({"extra_metadata": {"llama.attention.head_count_kv": 3}}, "does not divide head_count 4"),
+    ({"extra_metadata": {"llama.feed_forward_length": 128}},
+     r"ffn_gate.weight|gate_proj.weight has shape \(96, 64\), the metadata implies \(128, 64\)"),
+    ({"extra_metadata": {"llama.vocab_size": 1000}}, r"embed_tokens.weight has shape"),
     ({"extra_metadata": {"llama.block_count": "two"}}, "llama.block_count = 'two'"),
     ({"extra_metadata": {"tokenizer.ggml.bos_token_id": 99999}}, "outside the vocabulary"),
 ])
