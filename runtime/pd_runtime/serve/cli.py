@@ -266,6 +266,9 @@ async def serve(a: argparse.Namespace, r: Resolved) -> int:
 def main(a: argparse.Namespace) -> int:
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import prometheus_client
+
+    prometheus_client.disable_created_metrics()  # no *_created series: counters say enough
     try:
         resolved = run_preflight(a)
     except pf.PreflightError as exc:
