@@ -13,7 +13,7 @@ import os
 import pytest
 
 from pd_runtime.engine.gguf import GGUFError, load_gguf_tokenizer, smollm2_path
-from pd_runtime.engine.tokenizer import FastTokenizer, IncrementalDetokenizer
+from pd_runtime.engine.tokenizer import FastTokenizer, IncrementalDetokenizer, load_tokenizer_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -127,3 +127,21 @@ def test_incremental_detokenizer_on_the_real_vocabulary(ours: FastTokenizer, tex
     deltas = [detok.push(i) for i in ours.encode(text)]
     assert "".join(deltas) + detok.flush() == text
     assert all("\ufffd" not in d for d in deltas)
+
+
+def test_tokenizer_json_as_transformers_saves_it(theirs, tmp_path) -> None:
+    """load_tokenizer_json reads what transformers writes (tokenizer.json, tokenizer_config.json,
+    the chat template file) and tokenizes and renders as transformers does from that folder."""
+    transformers = pytest.importorskip("transformers")
+    theirs.save_pretrained(tmp_path)
+    saved = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer_json(tmp_path)
+    assert ours.bos_token_id == saved.bos_token_id
+    assert ours.eos_token_ids[0] == saved.eos_token_id
+    for text in TEXTS:
+        assert ours.encode(text) == saved.encode(text)
+        assert ours.decode(ours.encode(text)) == saved.decode(saved.encode(text),
+                                                               skip_special_tokens=True)
+    for messages in CHATS:
+        assert ours.apply_chat_template(messages) == saved.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True)
