@@ -96,6 +96,10 @@ async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.engine is None:
         return web.json_response({"status": "loading"}, status=503)
+    healthy = getattr(state.engine, "healthy", None)  # AsyncEngine: False once its loop died
+    if healthy is not None and not healthy():
+        # 503 makes the liveness probe restart the pod instead of serving errors forever.
+        return web.json_response({"status": "dead"}, status=503)
     return web.json_response({"status": "ok", "role": state.role})
 
 

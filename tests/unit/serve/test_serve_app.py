@@ -127,6 +127,9 @@ def test_bad_json_wrong_model_and_loading():
         assert status == 503 and out["error"]["code"] == "loading"
         c.state.engine = e  # type: ignore[attr-defined]
         assert (await c.get("/health")).status == 200
+        e.healthy = lambda: False  # type: ignore[attr-defined]  # the step loop died
+        r = await c.get("/health")
+        assert r.status == 503 and (await r.json())["status"] == "dead"
 
     run("aggregated", loading, loaded=False)
 
