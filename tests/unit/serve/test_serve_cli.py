@@ -185,3 +185,20 @@ def test_sizes():
     assert serve_cli._bytes("1000") == 1000
     with pytest.raises(Exception, match="not a size"):
         serve_cli._bytes("lots")
+
+
+def test_preflight_reads_a_gguf_without_loading_it(token):
+    from pd_runtime.engine.gguf import smollm2_path
+
+    try:
+        path = smollm2_path()
+    except Exception as exc:  # noqa: BLE001 - the package is an install step of the venv
+        pytest.skip(str(exc))
+    a = parse("--model-dir", path, "--side-channel-token-file", token, "--device", "cpu",
+              model="HuggingFaceTB/SmolLM2-135M-Instruct", num_kv_heads="3", head_size="64",
+              num_layers="30")
+    assert serve_cli.run_preflight(a).checkpoint == path  # bfloat16 declared: a GGUF casts
+    with pytest.raises(pf.PreflightError, match=r"numKVHeads \(--num-kv-heads 8\)"):
+        serve_cli.run_preflight(parse("--model-dir", path, "--side-channel-token-file", token,
+                                      "--device", "cpu", num_kv_heads="8", head_size="64",
+                                      num_layers="30"))
