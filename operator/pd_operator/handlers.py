@@ -1,23 +1,30 @@
 """kopf handlers (thin): render, apply, watch the children, report status.
 
-- PDDeployment create / update / resume, and a periodic resync task: render every child
-  (render/), server-side apply them (kube.Client.apply), store what was rendered, and write
-  the status.
+- PDDeployment create / update / resume: render every child (render/), server-side apply them
+  (kube.Client.apply), store what was rendered, and write the status.
 - Child events (StatefulSet, Deployment and every other kind rendered): update the observed
   state and the owner's status; a child deleted or edited by hand is re-applied (drift repair).
 - PDDeployment deletion: nothing to do; the children carry owner references and the garbage
   collector removes them.
 
-State kept in memory (`STATE`) is a cache: after a restart the resume handlers rebuild it.
+State kept in memory (`RUNTIME.owned`) is a cache: after a restart the resume handlers rebuild it.
+
+Events missed while a watch was down are not lost: kopf re-lists when it reconnects (the API
+server answers 410 Gone to a resourceVersion it no longer has), compares each PDDeployment's spec
+with its last-handled annotation (a missed spec change runs on_pddeployment) and passes every
+listed child to the child handlers. What can lose events is a watch that kopf stops for good:
+see `RetryForever`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import itertools
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +38,6 @@ from .validate import SpecError, parse_spec, validate_spec
 log = logging.getLogger(__name__)
 
 API_VERSION = f"{api.GROUP}/{api.VERSION}"
-RESYNC_INTERVAL = 60.0  # re-reconcile PDDeployments whose status lags their spec
-FULL_RESYNC_EVERY = 10  # every 10th round re-applies every PDDeployment (drift with no event)
 # No handler here may need a finalizer (on.delete, timers, daemons): deletion is garbage
 # collection, and a finalizer would block it (and the namespace) whenever the operator is down.
 
@@ -93,13 +98,36 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _owner_body(namespace: str, name: str, uid: str) -> dict[str, Any]:
-    return {"apiVersion": API_VERSION, "kind": api.KIND,
-            "metadata": {"name": name, "namespace": namespace, "uid": uid}}
+def _owner_body(namespace: str, name: str, uid: str) -> kopf.Body:
+    """The PDDeployment as kopf.event needs it (the Event's involvedObject)."""
+    return kopf.Body(kopf.RawBody(apiVersion=API_VERSION, kind=api.KIND, metadata={
+        "name": name, "namespace": namespace, "uid": uid}))
+
+
+@dataclass(frozen=True)
+class RetryForever:
+    """kopf's delays between the attempts of a failed API request, without an end.
+
+    kopf retries a request that met a connection error, 5xx, 403 or 429 once per delay of
+    `settings.networking.error_backoffs` and then raises. Raised inside a watch, the error ends
+    kopf's watcher task for that resource, and nothing starts it again (kopf issue #1276): the
+    process keeps running, keeps the lease, and never sees another event of that kind. A kube-
+    apiserver that restarts answers exactly such errors for a while: connection refused, then
+    503 "the request has been made before all known HTTP paths have been installed" for custom
+    resources, 429 "storage is (re)initializing", 403 until its RBAC caches fill. With the
+    default nine attempts (54 s of delays) a restart that takes a little longer kills the
+    watch; client-go's reflectors, like this, retry for as long as it takes."""
+
+    first: tuple[float, ...] = (1, 1, 2, 3, 5, 8, 13)
+    then: float = 20.0
+
+    def __iter__(self) -> Iterator[float]:  # a fresh sequence for every request
+        return itertools.chain(self.first, itertools.repeat(self.then))
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
     """kopf settings for this operator (applied by the runner)."""
+    settings.networking.error_backoffs = RetryForever()
     settings.peering.standalone = True  # leadership comes from our own Lease (leader.py)
     settings.posting.level = logging.WARNING  # only our own Events and real problems
     settings.watching.connect_timeout = 10
@@ -205,7 +233,7 @@ async def _write_status(client: kube.Client, namespace: str, name: str, state: O
             kopf.event(owner, type="Warning" if t.warning else "Normal",
                        reason=f"{t.type}{'' if t.status == 'True' else 'False'}",
                        message=t.message)
-        except LookupError:  # outside kopf's context (the resync task): log instead
+        except LookupError:  # outside a handler's context: log instead
             log.info("%s/%s: %s=%s (%s)", namespace, name, t.type, t.status, t.message)
 
 
@@ -214,44 +242,6 @@ async def _write_status(client: kube.Client, namespace: str, name: str, state: O
 @kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
 async def on_pddeployment(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
     await reconcile(body, logger)
-
-
-def _lags(obj: dict[str, Any]) -> bool:
-    """The object's status does not describe its current spec, or it is not Ready yet."""
-    st = obj.get("status") or {}
-    return st.get("observedGeneration") != obj["metadata"].get("generation") or \
-        st.get("phase") != "Ready"
-
-
-async def resync_forever(namespaces: list[str] | None = None,
-                         interval: float = RESYNC_INTERVAL) -> None:
-    """Every `interval` seconds, list the PDDeployments (from the API, not from kopf's watch)
-    and reconcile those whose status lags; every FULL_RESYNC_EVERY-th round, all of them.
-
-    A safety net for events a watch never delivered (seen after an API server restart) and for
-    drift that produced no event. A plain task, not a kopf timer: kopf timers put a finalizer
-    on every object, and deletion here is garbage collection only."""
-    rounds = 0
-    while True:
-        await asyncio.sleep(interval)
-        rounds += 1
-        full = rounds % FULL_RESYNC_EVERY == 0
-        for namespace in namespaces or [None]:
-            try:
-                objs = await RUNTIME.api().list(API_VERSION, api.KIND, namespace)
-            except Exception as exc:  # API server away: try again next round
-                log.warning("resync: listing PDDeployments failed: %r", exc)
-                continue
-            for obj in objs:
-                if obj["metadata"].get("deletionTimestamp") or not (full or _lags(obj)):
-                    continue
-                try:
-                    await reconcile(obj, log)
-                except (kopf.PermanentError, kopf.TemporaryError):
-                    pass
-                except Exception as exc:  # keep resyncing the others
-                    log.warning("resync of %s/%s failed: %r", obj["metadata"].get("namespace"),
-                                obj["metadata"].get("name"), exc)
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
@@ -291,32 +281,31 @@ def drifted(desired: dict[str, Any], live: dict[str, Any]) -> bool:
 
 async def _child_event(api_version: str, kind: str, event: kopf.RawEvent,
                        logger: kopf.Logger) -> None:
-    obj = dict(event.get("object") or {})
+    obj: dict[str, Any] = dict(event.get("object") or {})
     obj.setdefault("apiVersion", api_version)
     obj.setdefault("kind", kind)
-    meta = obj.get("metadata") or {}
+    meta: dict[str, Any] = obj.get("metadata") or {}
     owner = _owner_of(meta)
-    if owner is None:
-        return
-    namespace = meta.get("namespace")
+    namespace, name = meta.get("namespace"), meta.get("name")
+    if owner is None or not isinstance(namespace, str) or not isinstance(name, str):
+        return  # not ours, or not a namespaced object
     state = RUNTIME.owned.get((namespace, owner[0]))
     if state is None or state.uid != owner[1]:
         return  # not reconciled yet in this process (resume will do it) or a stale owner
     etype = event.get("type") or "ADDED"
     client = RUNTIME.api()
-    key = (api_version, kind, meta.get("name"))
+    key = (api_version, kind, name)
     desired = state.desired_children.get(key)
     if etype == "DELETED":
         _observe(state, obj, deleted=True)
         if desired is not None and await _owner_alive(client, namespace, owner):
-            logger.info("%s %s was deleted; re-creating it", kind, meta.get("name"))
+            logger.info("%s %s was deleted; re-creating it", kind, name)
             metrics.DRIFT_REPAIRS.labels(kind).inc()
             _observe(state, await client.apply(desired))
     else:
         _observe(state, obj)
         if desired is not None and not meta.get("deletionTimestamp") and drifted(desired, obj):
-            logger.info("%s %s differs from what was rendered; re-applying", kind,
-                        meta.get("name"))
+            logger.info("%s %s differs from what was rendered; re-applying", kind, name)
             metrics.DRIFT_REPAIRS.labels(kind).inc()
             _observe(state, await client.apply(desired))
     if kind in ("StatefulSet", "Deployment"):

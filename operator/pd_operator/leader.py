@@ -45,6 +45,14 @@ def _parse(text: str | None) -> datetime.datetime | None:
             return None
 
 
+def not_serving(exc: kube.ApiError) -> bool:
+    """The API server answered but is not serving requests yet or now (5xx, 429): a restarting
+    kube-apiserver answers 503 and 429 until its storage and handlers are ready. Like an
+    unreachable server, that stops every candidate, so the holder keeps the lease; any other
+    refusal (409 conflict, 403, 404) counts toward stepping down."""
+    return exc.status >= 500 or exc.status == 429
+
+
 @dataclass
 class LeaseConfig:
     name: str
@@ -121,7 +129,7 @@ class Elector:
 
     async def renew_until_lost(self) -> None:
         """Renew every `retry` seconds; return when someone else holds the lease, or the API
-        server answered but refused the renewal for `duration` seconds."""
+        server, while serving, refused the renewal for `duration` seconds."""
         last_ok = time.monotonic()
         while True:
             await asyncio.sleep(self.cfg.retry)
@@ -144,6 +152,8 @@ class Elector:
                 last_ok = time.monotonic()
             except kube.ApiError as exc:
                 log.warning("lease renew: %s", exc)
+                if not_serving(exc):
+                    last_ok = time.monotonic()
             except Exception as exc:
                 # The API server is unreachable (restarting): nobody can take the lease while
                 # it is away, and we race for it again when it is back, so keep going.
