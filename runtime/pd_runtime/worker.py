@@ -78,6 +78,13 @@ def _check_req_id(req_id: str) -> None:
         raise ValueError(f"request id {req_id[:40]!r}: 1-256 characters, no ':' or ','")
 
 
+def _check_in_staging(p_rank: int, rep: PrepareReply, staging: StagingRegion) -> None:
+    """The slot a prefill rank names lies inside the staging region it registered."""
+    if (rep.dev != staging.dev or rep.addr < staging.addr
+            or rep.addr + rep.nbytes > staging.addr + staging.nbytes):
+        raise ProtocolError(f"prefill rank {p_rank} named a slot outside its staging region")
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -93,9 +100,10 @@ class _Consumer:
 
 class PrefillRank:
     """Serves metadata and PREPARE on the side channel; gathers into staging slots; frees a
-    request's slots when its consumers are done or its lease expires, then calls
-    `on_release(req_id, "consumed" | "expired")` (from the poller thread) so the engine can free
-    the request's blocks."""
+    request's slots when all its consumers are done or its lease expires, then calls
+    `on_release(req_id, "consumed" | "expired")` once, so the engine can free the request's
+    blocks. It runs on a runtime thread (the notification poller, or a side-channel thread that
+    found the lease expired): keep it short and thread-safe."""
 
     def __init__(self, spec: RankSpec, factors: dict, token: bytes, device: str = "cpu", *,
                  staging_bytes: int | None = None, lease_s: float = 30.0,
@@ -370,6 +378,7 @@ class DecodeRank:
             rep = replies[pr]
             if rep.nbytes != nb:
                 raise TransferError(f"prefill rank {pr} staged {rep.nbytes} bytes, planned {nb}")
+            _check_in_staging(pr, rep, self.peers[pr].staging)
             st.gather_segments += rep.gather_segments
             st.plan_seconds += rep.plan_s
             st.gather_seconds = max(st.gather_seconds, rep.gather_s)
