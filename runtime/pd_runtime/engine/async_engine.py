@@ -200,6 +200,7 @@ class AsyncEngine:
         await asyncio.to_thread(self._close_sides)
 
     def _close_sides(self) -> None:
+        self.engine.close()
         for side in (self.engine.prefill, self.engine.decode):
             if side is not None:
                 try:

@@ -10,6 +10,7 @@ import itertools
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,10 +18,16 @@ import torch
 
 from .. import kvcache
 from .blocks import BlockManager
-from .errors import DuplicateRequest, EngineError, InvalidSamplingParams, PromptTooLong
+from .errors import (
+    DuplicateRequest,
+    EngineError,
+    InvalidSamplingParams,
+    KVPullFailed,
+    PromptTooLong,
+)
 from .pd import DecodeKVParams, DecodeSide, PrefillSide, RemoteDecode, parse_kv_transfer_params
 from .sampling import SamplingParams, sample
-from .scheduler import Scheduler, SchedulerOutput, Sequence, Status, new_sequence
+from .scheduler import Scheduler, Sequence, Status, new_sequence
 
 
 @dataclass
@@ -36,6 +43,9 @@ class Output:
     completion_tokens: int
     kv_transfer_params: dict | None = None
     error: EngineError | None = None  # set when finish_reason == "error"
+
+
+PULL_POLL_S = 0.01
 
 
 class Runner(Protocol):
@@ -86,6 +96,8 @@ class LLMEngine:
         self._keys = itertools.count()
         self._rng = torch.Generator().manual_seed(seed if seed is not None else time.time_ns())
         self._pending: list[Output] = []
+        self._inflight: dict[Sequence, tuple[Future, int]] = {}  # pulls: (future, tokens)
+        self._pull_pool: ThreadPoolExecutor | None = None
         if chunk_factory is None:
             from .runner import SeqChunk
 
@@ -140,18 +152,28 @@ class LLMEngine:
             tick()
 
     def has_unfinished(self) -> bool:
-        return bool(self.seqs) or bool(self._pending)
+        return bool(self.seqs) or bool(self._pending) or bool(self._inflight)
+
+    def close(self) -> None:
+        """Stop the pull thread (after the pull in flight, if any)."""
+        if self._pull_pool is not None:
+            self._pull_pool.shutdown(wait=True, cancel_futures=True)
 
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[Output]:
         outs, self._pending = self._pending, []
         self._reap_held()
+        self._collect_pulls(outs)
         so = self.scheduler.schedule()
         self.stats.preemptions += len(so.preempted)
-        failed = self._pull(so, outs)
-        chunks = [c for c in so.chunks if c.seq not in failed]
+        for seq, n in so.pulls:
+            self._start_pull(seq, n)
+        chunks = so.chunks
         if not chunks:
+            if self._inflight:  # only pulls to wait for: do not spin
+                wait([f for f, _ in self._inflight.values()], PULL_POLL_S, FIRST_COMPLETED)
+                self._collect_pulls(outs)
             return outs
         batch = []
         for c in chunks:
@@ -175,20 +197,39 @@ class LLMEngine:
             outs.append(self._append(seq, tok))
         return outs
 
-    def _pull(self, so: SchedulerOutput, outs: list[Output]) -> set[Sequence]:
-        failed: set[Sequence] = set()
-        for seq, n in so.pulls:
-            assert self.decode is not None  # add_request refuses D requests otherwise
+    def _start_pull(self, seq: Sequence, n: int) -> None:
+        """Pull the first `n` tokens' KV into `seq`'s blocks: on the pull thread when the
+        transfer side allows it (running requests keep decoding meanwhile), else right here."""
+        assert self.decode is not None  # add_request refuses D requests otherwise
+        req = self.blocks.transfer_request(seq.key, n)
+        fut: Future = Future()
+        if getattr(self.decode, "asynchronous", False):
+            if self._pull_pool is None:
+                self._pull_pool = ThreadPoolExecutor(1, thread_name_prefix="kv-pull")
+            fut = self._pull_pool.submit(self.decode.pull, seq.remote_prefill, req)
+        else:
             try:
-                self.decode.pull(seq.remote_prefill, self.blocks.transfer_request(seq.key, n))
-            except EngineError as e:
-                failed.add(seq)
-                self.stats.failed += 1
-                outs.append(self._finish(seq, "error", e))
+                fut.set_result(self.decode.pull(seq.remote_prefill, req))
+            except BaseException as e:  # noqa: BLE001 - handed over like a thread's failure
+                fut.set_exception(e)
+        self._inflight[seq] = (fut, n)
+
+    def _collect_pulls(self, outs: list[Output]) -> None:
+        for seq, (fut, n) in list(self._inflight.items()):
+            if not fut.done():
                 continue
-            seq.pulled = True
-            seq.num_computed = n
-        return failed
+            del self._inflight[seq]
+            if seq.status is Status.FINISHED:  # aborted while its KV was arriving
+                self.blocks.free(seq.key)
+                continue
+            err = fut.exception()
+            if err is None:
+                self.scheduler.pull_done(seq, n)
+                continue
+            if not isinstance(err, EngineError):
+                err = KVPullFailed(f"KV pull failed: {type(err).__name__}: {err}")
+            self.stats.failed += 1
+            outs.append(self._finish(seq, "error", err))
 
     def _banned(self, seq: Sequence) -> list[int]:
         if len(seq.output_ids) >= seq.params.min_tokens:
@@ -235,8 +276,8 @@ class LLMEngine:
             kv = self.prefill.hold(seq.key, req)
             if req.num_tokens > 0:
                 self.held[seq.key] = seq
-        if seq.key not in self.held:
-            self.blocks.free(seq.key)
+        if seq.key not in self.held and seq not in self._inflight:
+            self.blocks.free(seq.key)  # (a pull still writing into them: freed when it ends)
         return self._output(seq, token_ids or [], text, reason, kv, error)
 
     def _reap_held(self) -> None:
@@ -271,7 +312,8 @@ class LLMEngine:
              "failed": s.failed, "prompt_tokens": s.prompt_tokens,
              "generation_tokens": s.generation_tokens, "steps": s.steps,
              "preemptions": s.preemptions, "running": len(self.scheduler.running),
-             "waiting": len(self.scheduler.waiting), "kv_held": len(self.held),
+             "waiting": len(self.scheduler.waiting), "pulling": len(self.scheduler.pulling),
+             "kv_held": len(self.held),
              "kv_usage": self.blocks.usage()}
         for side in (self.prefill, self.decode):
             if side is not None:

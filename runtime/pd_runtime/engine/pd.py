@@ -183,7 +183,10 @@ class PrefillSide:
 
 
 class DecodeSide:
-    """D: one DecodeRank per P engine (connected once, cached), reading into the engine's arena."""
+    """D: one DecodeRank per P engine (connected once, cached), reading into the engine's arena.
+    Pulls may run on a thread of their own (`asynchronous`): they touch only their own blocks."""
+
+    asynchronous = True
 
     def __init__(self, spec: RankSpec, factors: dict, token: bytes | str, arena: torch.Tensor,
                  device: str = "cpu", timeout: float = 30.0):

@@ -8,8 +8,9 @@ still to compute; a chunk that reaches the end of the sequence produces logits t
 Order per step: running sequences first (FCFS), each gets its chunk or, when blocks run out,
 the most recently admitted running sequence is preempted (blocks freed, recomputed later);
 then waiting sequences join while budget, sequence slots and blocks allow (admission control).
-A decode-side P/D request joins with its pulled tokens already allocated: the engine pulls them
-before the step's forward pass and computes only the last prompt token itself.
+A decode-side P/D request is admitted to `pulling` with blocks for its whole prompt: the engine
+pulls the first T - 1 tokens (in the background where the transfer side allows it, so running
+requests keep decoding), then `pull_done` moves it to `running` to compute the last prompt token.
 """
 
 from __future__ import annotations
@@ -105,20 +106,30 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.pulling: list[Sequence] = []  # admitted, blocks allocated, KV being pulled
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.pulling)
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of the queues (finished or aborted); its blocks are the caller's."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
+        for q in (self.running, self.pulling):
+            if seq in q:
+                q.remove(seq)
+                return
+        if seq in self.waiting:
             self.waiting.remove(seq)
+
+    def pull_done(self, seq: Sequence, num_tokens: int) -> None:
+        """The pulled KV is in place: the sequence computes from `num_tokens` on."""
+        self.pulling.remove(seq)
+        seq.pulled = True
+        seq.num_computed = num_tokens
+        self.running.append(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -135,20 +146,27 @@ class Scheduler:
             i += 1
         if out.preempted:
             return out  # memory is tight: admit nothing new this step
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while (self.waiting and budget > 0
+               and len(self.running) + len(self.pulling) < self.max_num_seqs):
             seq = self.waiting[0]
             pull = seq.remote_prefill.remote_num_tokens if seq.needs_pull else 0
-            start = max(seq.num_computed, pull)
-            n = min(seq.num_tokens - start, budget)
-            if not self.blocks.can_grow(seq.key, start + n, start):
+            if pull:  # blocks for the whole prompt; no compute this step
+                if not self.blocks.can_grow(seq.key, seq.num_tokens, pull):
+                    break
+                self.blocks.grow(seq.key, seq.num_tokens, pull)
+                self.waiting.popleft()
+                seq.status = Status.RUNNING
+                self.pulling.append(seq)
+                out.pulls.append((seq, pull))
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.blocks.can_grow(seq.key, seq.num_computed + n, seq.num_computed):
                 break  # admission control: wait for blocks (FCFS, no overtaking)
-            self.blocks.grow(seq.key, start + n, start)
+            self.blocks.grow(seq.key, seq.num_computed + n, seq.num_computed)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            if pull:
-                out.pulls.append((seq, pull))
-            out.chunks.append(ScheduledChunk(seq, start, n))
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
             budget -= n
         return out
 

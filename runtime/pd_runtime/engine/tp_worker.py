@@ -113,7 +113,10 @@ class TPRunner:
 
 
 class TPDecodeSide:
-    """D with TP: every rank pulls its slice into its own arena; any failure fails the pull."""
+    """D with TP: every rank pulls its slice into its own arena; any failure fails the pull.
+    Synchronous: the orders share the group with the steps, in one order."""
+
+    asynchronous = False
 
     def __init__(self, local: DecodeSide, group: TPGroup):
         self.local, self.group = local, group

@@ -169,3 +169,90 @@ def test_seeded_sampling_independent_of_batch_composition():
     assert alone == crowded
     ref = reference([3, 1, 4, 1, 5], 12)
     assert alone != ref  # temperature 1.5 over two close logits leaves the greedy path
+
+
+class FakeDecodeSide:
+    """Pulls by writing the prompt's tokens into the fake cache, after `gate` opens."""
+
+    asynchronous = True
+
+    def __init__(self, runner: FakeRunner, prompts: dict[str, list[int]], fail: bool = False):
+        import threading
+
+        from pd_runtime.engine.pd import PDStats
+
+        self.runner, self.prompts, self.fail = runner, prompts, fail
+        self.gate = threading.Event()
+        self.stats = PDStats()
+
+    def pull(self, p, d_req) -> int:
+        from pd_runtime.engine.errors import KVPullFailed
+
+        assert self.gate.wait(10)
+        if self.fail:
+            raise KVPullFailed("prefill went away")
+        bs = self.runner.spec.block_size
+        toks = self.prompts[p.remote_request_id]
+        for g, table in d_req.block_tables.items():
+            for pos in range(d_req.num_tokens):
+                self.runner.cache[g][table[pos // bs], pos % bs] = toks[pos]
+        self.stats.kv_pulls += 1
+        return d_req.num_tokens
+
+
+def d_params(rid: str, n: int) -> dict:
+    return {"do_remote_prefill": True, "pd_protocol": 1, "remote_engine_id": "p",
+            "remote_request_id": rid, "remote_block_ids": {"0": [0]}, "remote_host": "h",
+            "remote_port": 1, "tp_size": 1, "remote_num_tokens": n}
+
+
+def test_background_pull_does_not_stall_running_requests():
+    eng, runner = make()
+    remote = list(range(3, 30))
+    side = FakeDecodeSide(runner, {"x": remote})
+    eng.decode = side  # type: ignore[assignment]
+    eng.add_request("local", [1, 2, 3], greedy(12))
+    got: dict[str, list[int]] = {"local": eng.step()[0].token_ids, "remote": []}
+    eng.add_request("remote", remote, greedy(5), d_params("x", len(remote) - 1))
+    for _ in range(6):  # the pull is blocked: the local request keeps decoding
+        for o in eng.step():
+            got[o.request_id] += o.token_ids
+    assert len(got["local"]) >= 6 and got["remote"] == []
+    assert eng.snapshot()["pulling"] == 1
+    side.gate.set()
+    while eng.has_unfinished():
+        for o in eng.step():
+            got[o.request_id] += o.token_ids
+    assert got["local"] == reference([1, 2, 3], 12)
+    assert got["remote"] == reference(remote, 5)
+    # only the last prompt token was computed by D for the remote request
+    remote_chunks = [c for b in runner.batches for c in b if c.token_ids[:1] == remote[-1:]]
+    assert remote_chunks and remote_chunks[0].start_pos == len(remote) - 1
+    assert eng.blocks.usage() == 0.0
+
+
+def test_failed_or_aborted_pull_frees_blocks_and_never_gives_tokens():
+    eng, runner = make()
+    side = FakeDecodeSide(runner, {"x": [5] * 20}, fail=True)
+    eng.decode = side  # type: ignore[assignment]
+    eng.add_request("r", [5] * 20, greedy(5), d_params("x", 19))
+    eng.step()
+    side.gate.set()
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert [o.token_ids for o in outs] == [[]] and outs[0].finish_reason == "error"
+    assert outs[0].error is not None and outs[0].error.http_status == 503
+    assert eng.blocks.usage() == 0.0
+    # aborted while the pull is in flight: blocks stay until the pull ends, then go
+    side.fail, side.gate = False, type(side.gate)()
+    eng.add_request("a", [5] * 20, greedy(5), d_params("x", 19))
+    eng.step()
+    eng.abort("a")
+    outs = eng.step()
+    assert outs[0].finish_reason == "abort" and eng.blocks.usage() > 0
+    side.gate.set()
+    while eng.has_unfinished():
+        assert not [o for o in eng.step() if o.token_ids]
+    assert eng.blocks.usage() == 0.0
+    eng.close()
