@@ -5,7 +5,7 @@ shared token (from a Kubernetes Secret: env PD_RUNTIME_TOKEN or a file) before a
 
     S -> C  Challenge(version, nonce_s)   no MAC                   at most 4 KiB
     C -> S  Hello(version, nonce_c)       MAC(K, "C", seq 0)       at most 4 KiB, verified first
-    S -> C  Welcome(idle_timeout_s)       MAC(K, "S", seq 0)
+    S -> C  Welcome(idle, lifetime)       MAC(K, "S", seq 0)
     then requests MAC(K, "C", n) and replies MAC(K, "S", n), n = 1, 2, ...
 
     K = HMAC-SHA256(token, "pd-runtime side channel" | version | nonce_s | nonce_c)
@@ -24,9 +24,11 @@ or delays frames (they can always cut the connection).
 
 Bounds: before Hello is verified the server reads at most PREAUTH_MAX_FRAME bytes per frame and
 the handshake must finish within `auth_timeout_s` in total. After it, a frame is at most
-`max_frame` bytes and must arrive within `frame_timeout_s` once begun, and a connection idle for
-`idle_timeout_s` is closed (the client reconnects before its next call, replaying its opening
-message). At most `max_connections` connections at once. A missing or empty token refuses to start.
+`max_frame` bytes and must arrive within `frame_timeout_s` once begun; a connection idle for
+`idle_timeout_s`, or older than `lifetime_s`, is closed between requests. The Welcome announces
+both, and the client reconnects before a call that would cross either (replaying its opening
+message), so neither fails a request. At most `max_connections` connections at once. A missing
+or empty token refuses to start.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ Handler = Callable[[ClientRequest, "Session"], Any]
 class ChannelLimits:
     auth_timeout_s: float = 5.0  # accept -> verified Hello, in total
     idle_timeout_s: float = 300.0  # authenticated, between frames
+    lifetime_s: float = 3600.0  # authenticated, in total (closed between requests)
     frame_timeout_s: float = 30.0  # one frame, from its first byte to its last
     max_frame: int = MAX_FRAME  # after authentication
     max_connections: int = 256
@@ -265,6 +268,7 @@ class SideChannelServer:
         self.handler = handler
         self.limits = limits or ChannelLimits()
         self.auth_failures = 0
+        self.sessions = 0  # connections authenticated
         self.refused = 0  # connections refused or closed for any protocol reason
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
         self._conns: set[socket.socket] = set()
@@ -297,9 +301,10 @@ class SideChannelServer:
 
     def _serve(self, s: socket.socket, addr: tuple[str, int]) -> None:
         frames = _Frames(s)
+        end_by = time.monotonic() + self.limits.lifetime_s
         try:
             ch = self._authenticate(frames)
-            self._requests(ch, Session((addr[0], addr[1])))
+            self._requests(ch, Session((addr[0], addr[1])), end_by)
         except (ChannelClosed, ChannelTimeout):
             pass  # the peer went away, or was too slow: nothing to answer
         except HandshakeError as e:
@@ -329,14 +334,15 @@ class SideChannelServer:
             self.auth_failures += 1
             raise AuthError("the decode side's hello failed authentication (wrong token, or a "
                             "replayed handshake)")
-        ch.send(Welcome(self.limits.idle_timeout_s))
+        ch.send(Welcome(self.limits.idle_timeout_s, self.limits.lifetime_s))
+        self.sessions += 1
         return ch
 
-    def _requests(self, ch: _Channel, session: Session) -> None:
+    def _requests(self, ch: _Channel, session: Session, end_by: float) -> None:
         lim = self.limits
         while not self._stop:
-            mac, payload = ch.frames.recv(lim.max_frame, time.monotonic() + lim.idle_timeout_s,
-                                          lim.frame_timeout_s)
+            next_by = min(time.monotonic() + lim.idle_timeout_s, end_by)
+            mac, payload = ch.frames.recv(lim.max_frame, next_by, lim.frame_timeout_s)
             if not ch.authentic(mac, payload):
                 self.auth_failures += 1
                 raise AuthError("a side-channel frame failed authentication (tampered, replayed "
@@ -398,8 +404,8 @@ class SideChannelClient:
         self._opened: Any = None
         self._sock: socket.socket | None = None
         self._ch: _Channel | None = None
-        self._idle_s = 0.0
-        self._last = 0.0
+        self._idle_s = self._lifetime_s = 0.0
+        self._last = self._born = 0.0
         self._by = 0.0
         self._connect()
 
@@ -408,7 +414,8 @@ class SideChannelClient:
         return f"{self.host}:{self.port}"
 
     def _connect(self) -> _Channel:
-        by = time.monotonic() + self.timeout
+        born = time.monotonic()  # no later than the server's accept: the client's age is larger
+        by = born + self.timeout
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as e:
@@ -419,7 +426,7 @@ class SideChannelClient:
             sock.close()
             raise
         self._sock, self._ch = sock, ch
-        self._last = time.monotonic()
+        self._born, self._last = born, time.monotonic()
         return ch
 
     def _handshake(self, frames: _Frames, by: float) -> _Channel:
@@ -434,7 +441,7 @@ class SideChannelClient:
         welcome = self._read(frames, ch, PREAUTH_MAX_FRAME, by)
         if not isinstance(welcome, Welcome):
             raise UnexpectedMessage(f"expected welcome, got {type(welcome).__name__}")
-        self._idle_s = welcome.idle_timeout_s
+        self._idle_s, self._lifetime_s = welcome.idle_timeout_s, welcome.lifetime_s
         return ch
 
     def _read(self, frames: _Frames, ch: _Channel | None, limit: int, by: float) -> Any:
@@ -479,7 +486,7 @@ class SideChannelClient:
         try:
             self._by = time.monotonic() + self.timeout
             ch = self._ch
-            if ch is None or self._idle_too_long():
+            if ch is None or self._expiring():
                 ch = self._reconnect()
             ch.send(msg)
         except BaseException as e:
@@ -498,9 +505,11 @@ class SideChannelClient:
         finally:
             self.lock.release()
 
-    def _idle_too_long(self) -> bool:
-        margin = min(2.0, self._idle_s / 4)
-        return time.monotonic() - self._last >= self._idle_s - margin
+    def _expiring(self) -> bool:
+        """The server would close this connection before (or while) it serves a call now."""
+        now = time.monotonic()
+        idle = now - self._last >= self._idle_s - min(2.0, self._idle_s / 4)
+        return idle or now - self._born >= self._lifetime_s - min(5.0, self._lifetime_s / 4)
 
     def _reconnect(self) -> _Channel:
         self._drop()

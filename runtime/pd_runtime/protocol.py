@@ -53,7 +53,8 @@ class Hello(_Msg, tag="hello", frozen=True):
 class Welcome(_Msg, tag="welcome", frozen=True):
     """Server's proof that it holds the token (authenticated under the session key)."""
 
-    idle_timeout_s: Seconds
+    idle_timeout_s: Seconds  # the server closes a connection idle this long
+    lifetime_s: Seconds  # ... and any connection this old, between requests
 
 
 class MetaRequest(_Msg, tag="meta", frozen=True):

@@ -286,6 +286,24 @@ def test_idle_timeout_and_transparent_reconnect(served):
     assert h.calls == 3
 
 
+def test_connection_lifetime_is_bounded_without_failing_calls(served):
+    """The server closes connections older than their lifetime between requests; the client
+    sees it coming (the Welcome announced it) and reconnects first: no call fails."""
+    server, h = served(lifetime_s=0.6)
+    cl = hs.SideChannelClient(server.host, server.port, TOKEN, timeout=5)
+    cl.open(_meta_request())
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        assert isinstance(cl.call(PrepareRequest("r1", 3, WireRequest(3, {0: [1]}))), PrepareReply)
+        time.sleep(0.05)
+    assert server.sessions >= 2  # busy all along, and still renewed
+    # a client that ignores the announced lifetime is cut off by the server
+    cl._lifetime_s = float("inf")
+    time.sleep(0.8)
+    with pytest.raises(hs.ChannelClosed):
+        cl.call(PrepareRequest("r1", 3, WireRequest(3, {0: [1]})))
+
+
 def test_frame_timeout_after_authentication(served):
     server, _ = served(frame_timeout_s=0.3)
     cl = hs.SideChannelClient(server.host, server.port, TOKEN, timeout=5)
