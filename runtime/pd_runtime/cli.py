@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--timeout", type=_positive(float), default=60.0)
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--rules", default="auto", choices=["auto", "compat", "capabilities"],
-                   help="which rules decide exit code 2: compat.check_pools (auto, when present) "
+                   help="which rules decide exit code 2: compat.check_pools (auto, compat) "
                         "or the runtime's own capabilities")
     t.add_argument("-o", "--output", default="table", choices=["table", "json"])
     from .serve.cli import add_arguments as add_serve_arguments  # SERVE
