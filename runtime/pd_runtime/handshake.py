@@ -230,15 +230,17 @@ def _decode(decoder: msgspec.msgpack.Decoder, payload: bytes, side: str) -> Any:
         raise MalformedMessage(f"malformed message from the {side}: {e}") from None
 
 
-def _send_unauthenticated(frames: _Frames, reply: ErrorReply) -> None:
+def _send_unauthenticated(frames: _Frames, reply: ErrorReply, linger: bool = True) -> None:
     """A refusal sent before (or instead of) authentication, then a lingering close: a little
     of what the peer already sent is read and dropped (at most 64 KiB for 0.5 s) so that the
     close does not reset the connection before the peer has read the refusal."""
     sock = frames.sock
     try:
-        sock.settimeout(1.0)
+        sock.settimeout(1.0 if linger else 0.05)
         sock.sendall(_frame(_NO_MAC, _ENCODER.encode(reply)))
         sock.shutdown(socket.SHUT_WR)
+        if not linger:
+            return
         by, left = time.monotonic() + 0.5, 64 << 10
         while left > 0 and time.monotonic() < by:
             sock.settimeout(max(0.01, by - time.monotonic()))
@@ -291,8 +293,9 @@ class SideChannelServer:
                 return
             if not self._slots.acquire(blocking=False):
                 self.refused += 1
-                _send_unauthenticated(_Frames(s), error_reply(ChannelBusy(
-                    f"{self.limits.max_connections} side-channel connections already open")))
+                _send_unauthenticated(_Frames(s), error_reply(ChannelBusy(  # never blocks accept
+                    f"{self.limits.max_connections} side-channel connections already open")),
+                    linger=False)
                 s.close()
                 continue
             with self._conns_lock:
@@ -391,8 +394,8 @@ class SideChannelClient:
     """Decode side: one authenticated connection to one prefill rank.
 
     `open(msg)` sends the connection's opening request (MetaRequest) and remembers it: when the
-    server's idle timeout is near, the next call reconnects and replays it first, and refuses to
-    go on if a different prefill process answers."""
+    server's idle timeout or the connection's lifetime is near, the next call reconnects and
+    replays it first, and refuses to go on if a different prefill process answers."""
 
     def __init__(self, host: str, port: int, token: bytes, timeout: float = 30.0,
                  max_frame: int = MAX_FRAME):

@@ -313,6 +313,23 @@ def test_frame_timeout_after_authentication(served):
     assert _closed_within(cl._sock, 5) < 2
 
 
+def test_unauthenticated_flood_does_not_block_a_real_client(served):
+    server, h = served()
+    flood = []
+    for i in range(24):
+        s = _raw(server)
+        _read_frame(s)
+        if i % 2:  # half announce a 64 MiB frame, half stay silent
+            s.sendall(struct.pack(">I32s", 64 << 20, bytes(32)))
+        flood.append(s)
+    t0 = time.monotonic()
+    cl = hs.SideChannelClient(server.host, server.port, TOKEN, timeout=5)
+    assert isinstance(cl.open(_meta_request()), MetaReply)
+    assert time.monotonic() - t0 < 2
+    for s in flood:
+        s.close()
+
+
 def test_connection_bound(served):
     server, _ = served(max_connections=2)
     held = [_raw(server), _raw(server)]
