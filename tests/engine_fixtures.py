@@ -166,6 +166,13 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "sliding-all": dict(_BASE, model_type="mistral", sliding_window=5),  # every layer windowed
     "mla": dict(_BASE, **_DEEPSEEK),
     "mla-qlora": dict(_BASE, **dict(_DEEPSEEK, q_lora_rank=24)),
+    # Bamba: attention on even layers, Mamba-2 on odd ones (kvcache.py's hybrid layout)
+    "hybrid": dict(_BASE, model_type="bamba", num_key_value_heads=4, attn_layer_indices=[0, 2],
+                   mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
+                   mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16),
+    "hybrid-1group": dict(_BASE, model_type="bamba", attn_layer_indices=[0, 2], mamba_n_heads=4,
+                          mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16, mamba_d_conv=3,
+                          mamba_expand=2, mamba_chunk_size=8),
 }
 
 

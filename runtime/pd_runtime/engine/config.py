@@ -68,11 +68,19 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE shared expert (gated), DeepSeek shared
     shared_expert_gated: bool = False
+    partial_rotary_factor: float = 1.0  # rope on the first head_size * factor dims (Bamba: 0.5)
+    time_step_limit: tuple[float, float] = (0.0, float("inf"))  # Mamba-2 dt clamp
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def rope_dim(self) -> int:
-        return self.qk_rope_head_dim if self.family == "mla" else self.head_size
+        if self.family == "mla":
+            return self.qk_rope_head_dim
+        return int(self.head_size * self.partial_rotary_factor)
+
+    def is_ssm_layer(self, layer: int) -> bool:
+        """hybrid-ssm: odd layers are Mamba-2 layers (kvcache.py's pattern)."""
+        return self.family == "hybrid-ssm" and layer % 2 == 1
 
     @property
     def torch_dtype(self) -> Any:
@@ -115,6 +123,8 @@ class ModelConfig:
         return self.sliding_window if layer in self.sliding_layers else 0
 
     def kv_group_of(self, layer: int) -> int:
+        if self.is_ssm_layer(layer):
+            return kvcache.GROUP_STATE
         if self.family == "sliding" and layer % 2 == 1:
             return kvcache.GROUP_SLIDING
         return kvcache.GROUP_FULL
@@ -148,6 +158,7 @@ def _eos_of(cfg: dict) -> tuple[int, ...]:
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "ministral")
 MOE_TYPES = ("mixtral", "qwen2_moe")
 MLA_TYPES = ("deepseek_v2",)
+HYBRID_TYPES = ("bamba",)
 
 
 def _sliding_layers(cfg: dict, num_layers: int) -> tuple[int, tuple[int, ...]]:
@@ -171,11 +182,9 @@ def _sliding_layers(cfg: dict, num_layers: int) -> tuple[int, tuple[int, ...]]:
 
 def _from_hf(cfg: dict) -> ModelConfig:
     mt = cfg.get("model_type", "llama")
-    if mt not in DENSE_TYPES + MOE_TYPES + MLA_TYPES:
-        raise ConfigError(
-            f"config.json: model_type {mt!r} not supported "
-            f"({', '.join(DENSE_TYPES + MOE_TYPES + MLA_TYPES)})"
-        )
+    known = DENSE_TYPES + MOE_TYPES + MLA_TYPES + HYBRID_TYPES
+    if mt not in known:
+        raise ConfigError(f"config.json: model_type {mt!r} not supported ({', '.join(known)})")
     layers = int(_req(cfg, "num_hidden_layers"))
     heads = int(_req(cfg, "num_attention_heads"))
     hidden = int(_req(cfg, "hidden_size"))
@@ -183,7 +192,8 @@ def _from_hf(cfg: dict) -> ModelConfig:
     head_size = int(cfg.get("head_dim") or hidden // heads)
     rope = cfg.get("rope_parameters") or {}
     rope_theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
-    scaling = cfg.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
+    scaling = cfg.get("rope_scaling") or {
+        k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
     if scaling and scaling.get("rope_type", scaling.get("type", "default")) not in ("default", "llama3"):
         raise ConfigError(f"config.json: rope_scaling {scaling!r} not supported (default, llama3)")
     if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
@@ -196,6 +206,9 @@ def _from_hf(cfg: dict) -> ModelConfig:
     if mt in MOE_TYPES:
         family = "moe" if family == "dense" else family
         kw = _moe_fields(cfg, mt, layers)
+    if mt in HYBRID_TYPES:
+        family = "hybrid-ssm"
+        kw = _hybrid_fields(cfg, layers)
     if mt in MLA_TYPES:
         family = "mla"
         kw = _mla_fields(cfg, layers)
@@ -222,6 +235,8 @@ def _from_hf(cfg: dict) -> ModelConfig:
         attention_bias=bool(cfg.get("attention_bias", mt in ("qwen2", "qwen2_moe"))),
         qk_norm=mt == "qwen3",
         rope_scaling=tuple(sorted(scaling.items())),
+        partial_rotary_factor=float(cfg.get("partial_rotary_factor")
+                                    or rope.get("partial_rotary_factor") or 1.0),
         **kw,
     )
 
@@ -264,3 +279,23 @@ def _mla_fields(cfg: dict, layers: int) -> dict[str, Any]:
                 norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
                 routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
                 shared_expert_intermediate_size=shared * moe_i, shared_expert_gated=False)
+
+
+def _hybrid_fields(cfg: dict, layers: int) -> dict[str, Any]:
+    """Bamba-style hybrid: attention on even layers, Mamba-2 on odd ones (kvcache.py's layout)."""
+    attn = list(cfg.get("attn_layer_indices") or [])
+    if attn != list(range(0, layers, 2)):
+        raise ConfigError(f"config.json: attn_layer_indices {attn} not supported: the KV layout "
+                          "(kvcache.py) has attention on even layers and SSM on odd layers")
+    if (cfg.get("num_experts") or 1) != 1:
+        raise ConfigError("config.json: hybrid models with MoE feed-forward are not supported")
+    hidden = int(_req(cfg, "hidden_size"))
+    heads = int(_req(cfg, "mamba_n_heads"))
+    head_dim = cfg.get("mamba_d_head")
+    head_dim = int(cfg.get("mamba_expand", 2) * hidden // heads) if head_dim in (None, "auto") \
+        else int(head_dim)
+    limit = cfg.get("time_step_limit") or (0.0, float("inf"))
+    lim = tuple(float("inf") if isinstance(v, dict) else float(v) for v in limit)
+    return dict(ssm_heads=heads, ssm_head_dim=head_dim, ssm_groups=int(cfg.get("mamba_n_groups", 1)),
+                d_state=int(_req(cfg, "mamba_d_state")), conv_kernel=int(cfg.get("mamba_d_conv", 4)),
+                time_step_limit=(lim[0], lim[1]))

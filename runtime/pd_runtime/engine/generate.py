@@ -42,7 +42,7 @@ def greedy(runner: ModelRunner, prompt_ids: list[int], max_tokens: int, *, prefi
     def step(tokens: list[int], start: int) -> int:
         tables = {g: chunk_block_table(spec.model, g, start, start + len(tokens), spec.block_size,
                                        ids) for g in groups}
-        logits.append(runner.execute([SeqChunk(tokens, start, tables)])[0])
+        logits.append(runner.execute([SeqChunk(tokens, start, tables, state_slot=0)])[0])
         return int(torch.argmax(logits[-1]))
 
     chunk = prefill_chunk or len(prompt_ids)

@@ -92,6 +92,21 @@ def _view(arena: torch.Tensor, pl: kvcache.Placement, dtype: torch.dtype) -> tor
     return t.permute(0, 2, 1, 3) if pl.layout == "HND" else t
 
 
+@dataclass
+class LayerState:
+    """One Mamba-2 layer's per-request state slots (kvcache.py's DS conv layout).
+
+    conv_*: the last conv_kernel - 1 inputs of the causal conv, split into its x / B / C parts;
+    ssm: the recurrent state, float32, [slots, heads_local, head_dim * d_state].
+    """
+
+    layer: int
+    conv_x: torch.Tensor  # [slots, k - 1, ssm_heads_local, ssm_head_dim]
+    conv_b: torch.Tensor  # [slots, k - 1, groups_local, d_state]
+    conv_c: torch.Tensor  # [slots, k - 1, groups_local, d_state]
+    ssm: torch.Tensor  # [slots, ssm_heads_local, ssm_head_dim * d_state]
+
+
 class KVCache:
     """Every paged layer of one rank, viewed over `arena` (uint8, arena_layout(spec).nbytes)."""
 
@@ -108,16 +123,27 @@ class KVCache:
         m = spec.model
         data_dtype = TORCH_DTYPES[m.cache_dtype if m.quantized else m.dtype]
         self.layers: dict[int, LayerCache] = {}
+        self.states: dict[int, LayerState] = {}
+        self.num_state_slots = spec.num_state_slots
+        state: dict[int, dict[str, torch.Tensor]] = {}
         scales = {p.comp.layer: p for p in layout.placements if p.comp.name.endswith("_scale")}
         for pl in layout.placements:
             c = pl.comp
+            if c.group == kvcache.GROUP_STATE:
+                dt = torch.float32 if c.name == "ssm" else TORCH_DTYPES[m.dtype]
+                state.setdefault(c.layer, {})[c.name] = _view(arena, pl, dt)
+                continue
             if c.name not in ("kv", "latent"):
-                continue  # scales are attached below; SSM state is not computed by this engine
+                continue  # scales are attached to their data below
             parts = 2 if c.name == "kv" else 1
             sc = scales.get(c.layer)
             scale = _view(arena, sc, torch.float32) if sc is not None else None
             self.layers[c.layer] = LayerCache(c.layer, c.group, parts, _view(arena, pl, data_dtype),
                                               scale)
+
+        for layer, t in state.items():
+            self.states[layer] = LayerState(layer, t["conv_x"], t["conv_B"], t["conv_C"],
+                                            t["ssm"][:, 0])
 
     @staticmethod
     def allocate(spec: kvcache.RankSpec, device: str = "cpu") -> KVCache:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .. import kvcache
 from .config import ModelConfig
 from .kv import KVCache, LayerCache
+from .ssm import Mamba2Mixer, StateChunk
 
 
 class WeightError(ValueError):
@@ -142,15 +143,19 @@ class Layer:
         cfg, s = model.cfg, model.sharder
         p = f"model.layers.{i}."
         self.in_norm = s.full(p + "input_layernorm.weight")
-        self.post_norm = s.full(p + "post_attention_layernorm.weight")
-        if cfg.family == "mla":
+        post = "post_attention_layernorm.weight"
+        self.post_norm = s.full(p + (post if s.has(p + post) else "pre_ff_layernorm.weight"))
+        self.mixer: Mamba2Mixer | None = None
+        if cfg.is_ssm_layer(i):
+            self.mixer = Mamba2Mixer(model, p + "mamba.")
+        elif cfg.family == "mla":
             self._init_mla(p)
         else:
             self._init_gqa(p)
         if i in cfg.moe_layers:
             self._init_moe(p)
         else:
-            self.mlp = dense_mlp(s, p + "mlp.")
+            self.mlp = dense_mlp(s, p + ("mlp." if s.has(p + "mlp.down_proj.weight") else "feed_forward."))
 
     # --- attention (GQA) ---
     def _init_gqa(self, p: str) -> None:
@@ -183,7 +188,12 @@ class Layer:
         k, v = kf.reshape(t, len(m.kv_heads), d), vf.reshape(t, len(m.kv_heads), d)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = rms_norm(q, self.q_norm, cfg.rms_norm_eps), rms_norm(k, self.k_norm, cfg.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
+        rd = cos.shape[-1] * 2
+        if rd == d:
+            q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
+        else:  # partial rotary: the first rd dims rotate, the rest pass through
+            q = torch.cat((apply_rope(q[..., :rd], cos, sin, False), q[..., rd:]), -1)
+            k = torch.cat((apply_rope(k[..., :rd], cos, sin, False), k[..., rd:]), -1)
         rows = torch.cat((k, v), -1)
         kv_all = self._cache_rows(rows, meta, cache)
         qp = pad_rows(q)[meta.q_index]
@@ -282,11 +292,16 @@ class Layer:
             out = out + sh
         return out
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta,
-                cache: LayerCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttnMeta | list[StateChunk], kv: KVCache) -> torch.Tensor:
         h = rms_norm(x, self.in_norm, self.m.cfg.rms_norm_eps)
-        attn = self._attn_mla if self.m.cfg.family == "mla" else self._attn_gqa
-        x = x + attn(h, cos, sin, meta, cache)
+        if self.mixer is not None:
+            assert isinstance(meta, list)
+            x = x + self.mixer.forward(h, meta, kv.states[self.i])
+        else:
+            assert isinstance(meta, AttnMeta)
+            attn = self._attn_mla if self.m.cfg.family == "mla" else self._attn_gqa
+            x = x + attn(h, cos, sin, meta, kv.layers[self.i])
         h = rms_norm(x, self.post_norm, self.m.cfg.rms_norm_eps)
         return x + self.m.all_reduce(self.mlp(h))
 
@@ -338,7 +353,8 @@ class Model:
                 raise WeightError(f"TP {tp_size}: rank {tp_rank}'s query heads need KV heads it does not hold")
         s = self.sharder
         self.embed = s.full("model.embed_tokens.weight")
-        self.norm = s.full("model.norm.weight")
+        self.norm = s.full("model.norm.weight" if s.has("model.norm.weight")
+                           else "model.final_layernorm.weight")
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings or not s.has("lm_head.weight") else "lm_head.weight"
         self.lm_head = self.embed if head == "model.embed_tokens.weight" else s.full(head)
         rd = cfg.rope_dim
@@ -356,14 +372,14 @@ class Model:
         y = self.all_reduce(F.linear(x, w))
         return y + b if b is not None else y
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, metas: list[AttnMeta],
-                kv: KVCache) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor,
+                metas: list[AttnMeta | list[StateChunk]], kv: KVCache) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm; `metas[i]` serves layer i."""
         x = self.embed[ids]
         freqs = pos.float()[:, None] * self.inv_freq[None, :]
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
         for layer, meta in zip(self.layers, metas, strict=True):
-            x = layer.forward(x, cos, sin, meta, kv.layers[layer.i])
+            x = layer.forward(x, cos, sin, meta, kv)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from .. import kvcache
 from .checkpoint import Checkpoint
 from .kv import KVCache, KVCacheError
 from .model import AttnMeta, Model
+from .ssm import StateChunk
 
 
 class RunnerError(ValueError):
@@ -28,15 +29,14 @@ class SeqChunk:
     token_ids: list[int]  # the tokens computed in this step (prefill chunk, or 1 decode token)
     start_pos: int  # tokens of this sequence already in the cache
     block_tables: dict[int, list[int]] = field(default_factory=dict)  # group -> block ids
-    state_slot: int | None = None  # hybrid-ssm: the state slot (not computed by this engine)
+    state_slot: int | None = None  # hybrid-ssm: the state slot (default: block_tables[GROUP_STATE][0])
+    state_src_slot: int | None = None  # hybrid-ssm: read the initial state here instead (P/D)
 
 
 class ModelRunner:
     def __init__(self, ckpt: Checkpoint, kv: KVCache, device: str, tp_rank: int = 0,
                  tp_size: int = 1, group: object = None):
         cfg = ckpt.config
-        if cfg.family == "hybrid-ssm":
-            raise RunnerError("family hybrid-ssm is not computed by this engine")
         spec = kv.spec
         want = cfg.model_spec(spec.model.cache_dtype)
         if spec.model != want:
@@ -66,10 +66,30 @@ class ModelRunner:
             raise RunnerError(f"token id outside the vocabulary of {self.cfg.vocab_size}")
         pos = torch.tensor([c.start_pos + j for c in batch for j in range(len(c.token_ids))],
                            device=self.device)
-        metas = {k: self._meta(batch, *k) for k in set(self.keys)}
+        metas: dict[tuple[int, int], AttnMeta | list[StateChunk]] = {
+            k: self._meta(batch, *k) for k in set(self.keys) if k[0] != kvcache.GROUP_STATE}
+        if (kvcache.GROUP_STATE, 0) in self.keys:
+            metas[(kvcache.GROUP_STATE, 0)] = self._state_chunks(batch)
         h = self.model.forward(ids, pos, [metas[k] for k in self.keys], self.kv)
         last = torch.tensor(_last_indices(batch), device=self.device)
         return self.model.logits(h[last])
+
+    def _state_chunks(self, batch: list[SeqChunk]) -> list[StateChunk]:
+        out, flat = [], 0
+        slots = self.kv.num_state_slots
+        for c in batch:
+            dst = c.state_slot
+            if dst is None:
+                table = c.block_tables.get(kvcache.GROUP_STATE)
+                if not table:
+                    raise RunnerError("hybrid-ssm: a chunk needs state_slot (or a GROUP_STATE table)")
+                dst = table[0]
+            src = dst if c.state_src_slot is None else c.state_src_slot
+            if not (0 <= dst < slots and 0 <= src < slots):
+                raise RunnerError(f"state slot outside 0..{slots - 1}")
+            out.append(StateChunk(flat, len(c.token_ids), c.start_pos, src, dst))
+            flat += len(c.token_ids)
+        return out
 
     def _meta(self, batch: list[SeqChunk], group: int, window: int) -> AttnMeta:
         return build_meta(batch, group, window, self.kv.block_size, self.kv.num_blocks, self.device)

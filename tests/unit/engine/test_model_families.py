@@ -1,7 +1,8 @@
 """Every family against transformers on tiny random checkpoints (MoE: Mixtral and Qwen2-MoE;
 sliding: Qwen2 with alternating windowed layers as kvcache.py lays them out, and Mistral with
-every layer windowed; MLA: DeepSeek-V2 with and without q_lora), across block sizes, layouts and
-chunked prefill; the sliding group's null blocks; fp8 KV caches with per-token-head scales."""
+every layer windowed; MLA: DeepSeek-V2 with and without q_lora; hybrid-ssm: Bamba, attention on
+even layers and Mamba-2 on odd ones), across block sizes, layouts and chunked prefill; the
+sliding group's null blocks; SSM state slots; fp8 KV caches with per-token-head scales."""
 
 from __future__ import annotations
 
@@ -31,6 +32,18 @@ def hf_greedy(path: str, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def hf_greedy_uncached(path: str, prompt: list[int], n: int) -> list[int]:
+    """Greedy by full forward passes (no cache): transformers 5.x Bamba's cached generate drifts
+    from its own forward pass on prompts of ~145+ tokens; the uncached forward is the reference."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, list[int]]]:
     pytest.importorskip("transformers")
@@ -43,7 +56,8 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, list
 
 
 EXPECTED_FAMILY = {"dense": "dense", "moe": "moe", "moe-shared": "moe", "sliding": "sliding",
-                   "sliding-all": "dense", "mla": "mla", "mla-qlora": "mla"}
+                   "sliding-all": "dense", "mla": "mla", "mla-qlora": "mla",
+                   "hybrid": "hybrid-ssm", "hybrid-1group": "hybrid-ssm"}
 
 
 @pytest.mark.parametrize("fam", list(FAMILY_CONFIGS))
@@ -142,3 +156,44 @@ def test_fp8_scale_values() -> None:
     assert s.shape == (5, 3, 2)
     torch.testing.assert_close(s[..., 0], x[..., :8].abs().amax(-1) / 448.0)
     torch.testing.assert_close(dequantize(q, s, 2, torch.float32), x, rtol=0.07, atol=1e-3)
+
+
+@pytest.mark.parametrize("fam", ["hybrid", "hybrid-1group"])
+def test_hybrid_long_prompt_equals_transformers(ckpts: dict, fam: str) -> None:
+    """A prompt longer than the SSD sub-chunk (64) and HF's scan chunk: the state carries."""
+    path, _ = ckpts[fam]
+    prompt = [(i * 37 + 11) % 256 for i in range(150)]
+    ref = hf_greedy_uncached(path, prompt, 6)
+    ck = load_checkpoint(path)
+    assert generate(ck, prompt, 6) == ref
+    assert generate(ck, prompt, 6, prefill_chunk=70, block_size=4, layout="NHD") == ref
+
+
+def test_hybrid_state_hand_over(ckpts: dict) -> None:
+    """P prefills [0, n-1) into slot 0 and computes the last token from it into slot 1
+    (state_src_slot), so slot 0 holds the state D needs; D (a copy of P's arena, as after a
+    pull) recomputes the last prompt token from slot 0 and decodes the tokens of generate."""
+    path, ref = ckpts["hybrid"]
+    ck = load_checkpoint(path)
+    m = ck.config.model_spec()
+    spec = kvcache.RankSpec(m, block_size=4, num_blocks=16, num_state_slots=4)
+    p_kv = KVCache.allocate(spec)
+    p_run = ModelRunner(ck, p_kv, "cpu")
+    n, table = len(PROMPT), {0: list(range(16))}
+    p_run.execute([SeqChunk(PROMPT[:-1], 0, table, state_slot=0)])
+    p_logits = p_run.execute([SeqChunk(PROMPT[-1:], n - 1, table, state_slot=1, state_src_slot=0)])
+    d_kv = KVCache(spec, p_kv.arena.clone())
+    for st in d_kv.states.values():  # slot 1 is P's own; never moved
+        st.ssm[1].zero_()
+        st.conv_x[1].zero_()
+    d_run = ModelRunner(ck, d_kv, "cpu")
+    d_logits = d_run.execute([SeqChunk(PROMPT[-1:], n - 1, table, state_slot=2, state_src_slot=0)])
+    torch.testing.assert_close(d_logits, p_logits)
+    out = [int(d_logits[0].argmax())]
+    while len(out) < N:
+        start = n + len(out) - 1
+        out.append(int(d_run.execute([SeqChunk(out[-1:], start, table, state_slot=2)])[0].argmax()))
+    assert out == ref
+    fresh = ModelRunner(ck, KVCache.allocate(spec), "cpu")
+    with pytest.raises(Exception, match="state slot"):
+        fresh.execute([SeqChunk(PROMPT, 0, table, state_slot=9)])

@@ -64,9 +64,12 @@ def test_tp3_with_three_kv_heads_smollm_shape(tmp_path: Path) -> None:
 
 
 def test_tp4_replicates_two_kv_heads(tmp_path: Path) -> None:
-    """TP 4 > 2 KV heads: each KV head lives on two ranks (kvcache.heads_of_rank)."""
+    """TP 4 > 2 KV heads: each KV head lives on two ranks (kvcache.heads_of_rank); and a hybrid
+    model whose 2 SSM groups are replicated over 4 ranks."""
     path = write_tiny_llama(tmp_path / "m", heads=8, kv_heads=2)
-    jobs = [{"path": path, "prompt": PROMPT, "n": N, "layout": "NHD"}]
+    jobs = [{"path": path, "prompt": PROMPT, "n": N, "layout": "NHD"},
+            # Mamba-2 with 2 groups over 4 ranks: B/C replicated, the gated norm reduced
+            {"path": write_family(tmp_path / "h", "hybrid"), "prompt": PROMPT, "n": N}]
     (tmp_path / "run").mkdir()
     check(run_tp(4, jobs, tmp_path / "run"), jobs)
 
