@@ -21,6 +21,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = Path(__file__).parent / "deployments"
 STARTUP_TIMEOUT_S = 240.0
+TINY_MODEL = "pd-test/tiny-llama"  # spec.model.name of deployments/tiny-*.yaml
+# one prompt longer than a block (21 tokens), one shorter (3)
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21],
+           [1, 2, 3]]
+MAX_TOKENS = 12
 
 
 @dataclass

@@ -9,26 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.runner import DEPLOYMENTS, pdctl_run, post, reference
+from tests.e2e.runner import DEPLOYMENTS, MAX_TOKENS, PROMPTS, pdctl_run, post
+from tests.e2e.runner import TINY_MODEL as MODEL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
-MODEL = "pd-test/tiny-llama"
-PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21],
-           [1, 2, 3]]
-MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from tests.engine_fixtures import write_tiny_llama
-
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "ckpt", seed=3, dtype="bfloat16")
-
-
-@pytest.fixture(scope="module")
-def expected(tiny_ckpt: str) -> list[list[int]]:
-    return [reference(tiny_ckpt, prompt_ids=p, max_tokens=MAX_TOKENS)["token_ids"]
-            for p in PROMPTS]
 
 
 @pytest.fixture(scope="module")
@@ -53,22 +37,6 @@ def test_greedy_through_the_router_equals_generate(deployment, expected):
     p = deployment.metrics("prefill-0")
     assert p.get("pd_runtime_kv_pulls_total", 0.0) == 0.0
     assert p['pd_runtime_requests_total{endpoint="/v1/completions",status="200"}'] >= 2
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="TP 2 in bfloat16 is not token-equal to TP 1 (model.py all-reduces bf16 "
-                          "partials; ENGINE_PLAN.md Changes, SERVE -> MODEL)")
-def test_hetero_tp_and_block_size_through_the_router(tiny_ckpt, expected, tmp_path: Path):
-    """P TP 1 / block 16 -> D TP 2 / block 32: every D rank pulls its half of the KV heads."""
-    with pdctl_run(DEPLOYMENTS / "tiny-hetero.yaml", {MODEL: tiny_ckpt}, tmp_path) as running:
-        for prompt, want in zip(PROMPTS, expected, strict=True):
-            status, out = post(running.url + "/v1/completions",
-                               {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS,
-                                "temperature": 0, "ignore_eos": True,
-                                "return_token_ids": True})
-            assert status == 200, (out, running.logs())
-            assert out["choices"][0]["token_ids"] == want
-        assert running.metrics("decode-0")["pd_runtime_kv_pulls_total"] == len(PROMPTS)
 
 
 def test_streaming_through_the_router(deployment, expected):
@@ -160,17 +128,18 @@ def test_zz_prefill_killed_mid_request_never_gives_wrong_tokens(deployment, expe
         assert status >= 500 and "choices" not in out
 
 
-def test_pdctl_run_stops_everything(tiny_ckpt, tmp_path: Path):
-    """SIGTERM to pdctl run: every replica's process group is gone, bounded."""
+def test_zzz_pdctl_run_stops_everything(deployment):
+    """Last: SIGTERM to `pdctl run` ends every replica's process group and the router, bounded
+    (the P killed above included)."""
     import os
     import time
 
-    with pdctl_run(DEPLOYMENTS / "tiny-dense.yaml", {MODEL: tiny_ckpt}, tmp_path) as running:
-        pids = [r["pid"] for r in running.state["replicas"]] + [running.state["router"]["pid"]]
-        running.proc.send_signal(signal.SIGTERM)
-        running.proc.wait(40)
-        assert running.proc.returncode == 0
+    state = deployment.state
+    pids = [r["pid"] for r in state["replicas"]] + [state["router"]["pid"]]
     t0 = time.monotonic()
+    deployment.proc.send_signal(signal.SIGTERM)
+    deployment.proc.wait(40)
+    assert deployment.proc.returncode == 0
     for pid in pids:
         for _ in range(50):
             try:
@@ -182,7 +151,7 @@ def test_pdctl_run_stops_everything(tiny_ckpt, tmp_path: Path):
             time.sleep(0.1)
         else:
             raise AssertionError(f"process group {pid} still alive")
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 30
 
 
 def _only_zombies(pgid: int) -> bool:

@@ -89,10 +89,6 @@ def test_refusals_name_the_field(tmp_path):
     bad["spec"]["decode"]["tensorParallelSize"] = 3
     with pytest.raises(localrun.RunError, match="reject"):
         plan(bad, tmp_path)
-    vllm = copy.deepcopy(TINY)
-    vllm["spec"]["engine"] = {"type": "vllm", "image": "vllm/vllm-openai:v0.33.0"}
-    with pytest.raises(localrun.RunError, match="engine.type"):
-        plan(vllm, tmp_path)
 
 
 HEALTH_SERVER = r"""
@@ -173,3 +169,21 @@ def test_a_replica_that_dies_while_starting_is_reported(tmp_path):
     with localrun.LocalRun(p, lambda s: None) as run:
         with pytest.raises(localrun.RunError, match="exited with code 2(.|\n)*preflight failed"):
             run.start(timeout_s=20)
+
+
+def test_pdctl_run_cli_refuses_before_starting_anything(tmp_path, capsys):
+    from pd_operator.cli import run_cmds
+    from pd_operator.cli.main import main
+
+    assert run_cmds._model_dirs(["org/m=/a", "/b", "x=y=/c"]) == {"org/m": "/a", "*": "/b",
+                                                                   "x=y": "/c"}
+    f = tmp_path / "d.yaml"
+    f.write_text(yaml.safe_dump(TINY))
+    assert main(["run", str(f), "--workdir", str(tmp_path / "w")]) == 2
+    assert "--model-dir pd-test/tiny-llama=PATH" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # nothing started
+    bad = copy.deepcopy(TINY)
+    bad["spec"]["prefill"]["blockSize"] = "big"
+    f.write_text(yaml.safe_dump(bad))
+    assert main(["run", str(f), "--model-dir", str(tmp_path)]) == 2
+    assert "spec.prefill.blockSize" in capsys.readouterr().err
