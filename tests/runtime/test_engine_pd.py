@@ -143,7 +143,7 @@ def test_disaggregated_equals_offline(ckpt, cell):
 
 @pytest.mark.parametrize("family,cache_dtype,p_block,d_block", [
     ("sliding", "auto", 4, 8), ("mla", "auto", 16, 8), ("moe", "auto", 8, 16),
-    ("dense", "fp8", 16, 32),
+    ("dense", "fp8", 16, 32), ("hybrid", "auto", 16, 8),
 ])
 def test_families_disaggregated_equal_offline(tmp_path, family, cache_dtype, p_block, d_block):
     pytest.importorskip("transformers")

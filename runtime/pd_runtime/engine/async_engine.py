@@ -80,6 +80,12 @@ def _num_blocks(args: EngineArgs, probe: kvcache.RankSpec) -> int:
     return max(2, min(MAX_BLOCKS, mem // per_block))
 
 
+def state_slots(args: EngineArgs) -> int:
+    """SSM state slots (hybrid-ssm): one per running sequence, and spares for P's scratch slots
+    (admission control waits when they run out)."""
+    return args.max_num_seqs + 8
+
+
 def _token(args: EngineArgs) -> bytes:
     from ..handshake import load_token
 
@@ -105,7 +111,7 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, Any]:
     geo = dict(block_size=args.block_size, layout=args.kv_cache_layout,
                cache_dtype=args.kv_cache_dtype)
     spec = rank_spec_for(ckpt.config, num_blocks=_num_blocks(args, rank_spec_for(
-        ckpt.config, num_blocks=1, **geo)), **geo)
+        ckpt.config, num_blocks=1, **geo)), num_state_slots=state_slots(args), **geo)
     eng = engine_from_checkpoint(ckpt, spec, device=args.device,
                                  max_model_len=args.max_model_len, seed=args.seed,
                                  max_num_seqs=args.max_num_seqs,

@@ -49,6 +49,7 @@ class BlockPool:
 class SeqBlocks:
     tables: dict[int, list[int]] = field(default_factory=dict)  # paged group -> block ids
     state_slot: int | None = None
+    scratch_slot: int | None = None  # P/D on hybrid-ssm: where P's last prompt token writes
 
 
 class BlockManager:
@@ -72,21 +73,25 @@ class BlockManager:
         first = self._first_live(group, computed)
         return max(0, want - max(have, first))
 
-    def can_grow(self, seq_id: str, num_tokens: int, computed: int) -> bool:
+    def can_grow(self, seq_id: str, num_tokens: int, computed: int, scratch: bool = False) -> bool:
         sb = self.seqs.get(seq_id) or SeqBlocks()
         self._trim(sb, computed)
-        if self.has_state and sb.state_slot is None and self.slots.num_free < 1:
+        slots = self.has_state * ((sb.state_slot is None) + (scratch and sb.scratch_slot is None))
+        if slots > self.slots.num_free:
             return False
         return all(self._new_blocks(sb, g, num_tokens, computed) <= self.pools[g].num_free
                    for g in self.groups)
 
-    def grow(self, seq_id: str, num_tokens: int, computed: int) -> SeqBlocks:
-        """Cover `num_tokens` tokens; `computed` tokens are already in the cache (window trim)."""
-        if not self.can_grow(seq_id, num_tokens, computed):
+    def grow(self, seq_id: str, num_tokens: int, computed: int, scratch: bool = False) -> SeqBlocks:
+        """Cover `num_tokens` tokens; `computed` tokens are already in the cache (window trim).
+        `scratch`: also a second state slot (hybrid-ssm prefill for a decode engine)."""
+        if not self.can_grow(seq_id, num_tokens, computed, scratch):
             raise OutOfBlocks(f"no room to grow {seq_id} to {num_tokens} tokens")
         sb = self.seqs.setdefault(seq_id, SeqBlocks())
         if self.has_state and sb.state_slot is None:
             sb.state_slot = self.slots.alloc(1)[0]
+        if self.has_state and scratch and sb.scratch_slot is None:
+            sb.scratch_slot = self.slots.alloc(1)[0]
         for g in self.groups:
             table = sb.tables.setdefault(g, [])
             first = self._first_live(g, computed)
@@ -110,14 +115,22 @@ class BlockManager:
             return
         for g, table in sb.tables.items():
             self.pools[g].free(table)
-        if sb.state_slot is not None:
-            self.slots.free([sb.state_slot])
+        self.slots.free([x for x in (sb.state_slot, sb.scratch_slot) if x is not None])
 
     def tables(self, seq_id: str) -> dict[int, list[int]]:
         return {g: list(t) for g, t in self.seqs[seq_id].tables.items()}
 
     def state_slot(self, seq_id: str) -> int | None:
         return self.seqs[seq_id].state_slot
+
+    def scratch_slot(self, seq_id: str) -> int | None:
+        return self.seqs[seq_id].scratch_slot
+
+    def drop_scratch(self, seq_id: str) -> None:
+        sb = self.seqs[seq_id]
+        if sb.scratch_slot is not None:
+            self.slots.free([sb.scratch_slot])
+            sb.scratch_slot = None
 
     def transfer_request(self, seq_id: str, num_tokens: int) -> Request:
         """The planner's view of the first `num_tokens` tokens: tables exactly as

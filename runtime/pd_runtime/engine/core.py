@@ -180,8 +180,7 @@ class LLMEngine:
             end = c.start + c.num_tokens
             n = kvcache.blocks_needed(end, self.spec.block_size)
             tables = {g: t[:n] for g, t in self.blocks.tables(c.seq.key).items()}
-            batch.append(self._chunk(c.seq.tokens(c.start, end), c.start, tables,
-                                     self.blocks.state_slot(c.seq.key)))
+            batch.append(self._make_chunk(c.seq, c.start, end, tables))
         logits = self.runner.execute(batch)
         self.stats.steps += 1
         self.stats.step_tokens += sum(c.num_tokens for c in chunks)
@@ -196,6 +195,15 @@ class LLMEngine:
         for seq, tok in zip(seqs, toks, strict=True):
             outs.append(self._append(seq, tok))
         return outs
+
+    def _make_chunk(self, seq: Sequence, start: int, end: int, tables: dict) -> Any:
+        slot = self.blocks.state_slot(seq.key)
+        scratch = self.blocks.scratch_slot(seq.key)
+        if scratch is not None and start >= len(seq.prompt_ids) - 1:
+            # hybrid-ssm P: from the state of T - 1 tokens (kept for D) into the scratch slot
+            return self._chunk(seq.tokens(start, end), start, tables, scratch,
+                               state_src_slot=slot)
+        return self._chunk(seq.tokens(start, end), start, tables, slot)
 
     def _start_pull(self, seq: Sequence, n: int) -> None:
         """Pull the first `n` tokens' KV into `seq`'s blocks: on the pull thread when the
@@ -249,8 +257,9 @@ class LLMEngine:
                 reason = "stop"
         else:
             text = ""  # a stop token's own text is not part of the output (as vLLM)
-        if reason is None and (n >= p.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = "length"
+        if reason is None and (n >= p.max_tokens or seq.num_tokens >= self.max_model_len
+                               or seq.remote_decode):
+            reason = "length"  # (a prefill for a decode engine answers one token)
         if reason is None:
             return self._output(seq, [tok], text, None)
         out = self._finish(seq, reason, token_ids=[tok], text=text)
@@ -272,6 +281,7 @@ class LLMEngine:
             self.stats.finished += 1
         kv = None
         if seq.remote_decode and reason in ("stop", "length") and self.prefill is not None:
+            self.blocks.drop_scratch(seq.key)
             req = self.blocks.transfer_request(seq.key, len(seq.prompt_ids) - 1)
             kv = self.prefill.hold(seq.key, req)
             if req.num_tokens > 0:

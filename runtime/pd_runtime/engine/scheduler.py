@@ -137,10 +137,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._chunk_len(seq, budget)
             if not self._make_room(seq, seq.num_computed + n, out):
                 break  # seq itself was preempted (it was the last one)
-            self.blocks.grow(seq.key, seq.num_computed + n, seq.num_computed)
+            self.blocks.grow(seq.key, seq.num_computed + n, seq.num_computed,
+                             self._scratch(seq))
             out.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
             budget -= n
             i += 1
@@ -159,10 +160,11 @@ class Scheduler:
                 self.pulling.append(seq)
                 out.pulls.append((seq, pull))
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self.blocks.can_grow(seq.key, seq.num_computed + n, seq.num_computed):
+            n = self._chunk_len(seq, budget)
+            scratch = self._scratch(seq)
+            if not self.blocks.can_grow(seq.key, seq.num_computed + n, seq.num_computed, scratch):
                 break  # admission control: wait for blocks (FCFS, no overtaking)
-            self.blocks.grow(seq.key, seq.num_computed + n, seq.num_computed)
+            self.blocks.grow(seq.key, seq.num_computed + n, seq.num_computed, scratch)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -170,9 +172,21 @@ class Scheduler:
             budget -= n
         return out
 
+    def _scratch(self, seq: Sequence) -> bool:
+        """P/D on hybrid-ssm: P's last prompt token reads the state of T - 1 tokens and writes
+        to a scratch slot, so the live slot keeps exactly what D pulls."""
+        return seq.remote_decode and self.blocks.has_state
+
+    def _chunk_len(self, seq: Sequence, budget: int) -> int:
+        n = min(seq.num_tokens - seq.num_computed, budget)
+        last = len(seq.prompt_ids) - 1
+        if self._scratch(seq) and seq.num_computed < last:
+            n = min(n, last - seq.num_computed)  # the last prompt token goes alone
+        return n
+
     def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         """Preempt from the back of the running queue until `seq` can grow; False if `seq` went."""
-        while not self.blocks.can_grow(seq.key, num_tokens, seq.num_computed):
+        while not self.blocks.can_grow(seq.key, num_tokens, seq.num_computed, self._scratch(seq)):
             victim = self.running[-1]
             self._preempt(victim)
             out.preempted.append(victim)

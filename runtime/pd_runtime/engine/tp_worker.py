@@ -215,7 +215,7 @@ def build_tp_engine(args: Any) -> tuple[Any, Any]:
 
 def _build_rank(args: Any, ckpt: Any, rank: int, group: Any) -> Any:
     """The engine pieces of one rank (rank 0 also schedules with it)."""
-    from .async_engine import _token
+    from .async_engine import _token, state_slots
     from .core import engine_from_checkpoint, rank_spec_for
     from .pd import engine_factors, make_prefill_side
 
@@ -225,7 +225,8 @@ def _build_rank(args: Any, ckpt: Any, rank: int, group: Any) -> Any:
         device = f"cuda:{torch.cuda.current_device()}"
     spec = rank_spec_for(ckpt.config, block_size=args.block_size, layout=args.kv_cache_layout,
                          cache_dtype=args.kv_cache_dtype, num_blocks=args.num_blocks,
-                         tp_size=args.tensor_parallel_size, tp_rank=rank)
+                         tp_size=args.tensor_parallel_size, tp_rank=rank,
+                         num_state_slots=state_slots(args))
     eng = engine_from_checkpoint(ckpt, spec, device=device, group=group,
                                  max_model_len=args.max_model_len, seed=args.seed,
                                  max_num_seqs=args.max_num_seqs,
