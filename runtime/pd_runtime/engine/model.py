@@ -49,6 +49,9 @@ class Sharder:
     def __init__(self, weights: dict[str, torch.Tensor], rank: int, size: int,
                  dtype: torch.dtype, device: str):
         self.w, self.rank, self.size, self.dtype, self.device = weights, rank, size, dtype, device
+        # Row-parallel partial sums are formed and all-reduced in float32 under TP, then rounded
+        # once: 16-bit partials would round twice and drift from TP 1's greedy tokens.
+        self.partial_dtype = torch.float32 if size > 1 else dtype
 
     def has(self, name: str) -> bool:
         return name in self.w
@@ -74,13 +77,14 @@ class Sharder:
         return torch.cat(pieces).contiguous()
 
     def cols(self, t: torch.Tensor, index: list[int] | None = None) -> torch.Tensor:
+        """Column slice (input features) of a row-parallel weight, in `partial_dtype`."""
         if index is not None:
-            return t[:, torch.tensor(index, device=t.device)].contiguous()
+            return t[:, torch.tensor(index, device=t.device)].to(self.partial_dtype).contiguous()
         n = t.shape[1]
         if n % self.size:
             raise WeightError(f"{n} input features cannot be split over TP {self.size}")
         per = n // self.size
-        return t[:, self.rank * per : (self.rank + 1) * per].contiguous()
+        return t[:, self.rank * per : (self.rank + 1) * per].to(self.partial_dtype).contiguous()
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -279,17 +283,18 @@ class Layer:
         if cfg.norm_topk_prob:
             topw = topw / topw.sum(-1, keepdim=True)
         topw = (topw * cfg.routed_scaling_factor).to(x.dtype)
-        out = torch.zeros_like(x)
+        out = torch.zeros(x.shape, dtype=self.experts_down.dtype, device=x.device)
         for e in torch.unique(topi).tolist():
             tok, slot = torch.where(topi == e)
             gate, up = F.linear(x[tok], self.experts_gate_up[e]).chunk(2, -1)
-            y = F.linear(F.silu(gate) * up, self.experts_down[e]) * topw[tok, slot, None]
+            act = (F.silu(gate) * up).to(out.dtype)
+            y = F.linear(act, self.experts_down[e]) * topw[tok, slot, None].to(out.dtype)
             out.index_add_(0, tok, y)
         if self.shared is not None:
             sh = self.shared(x)
             if self.shared_gate is not None:
                 sh = torch.sigmoid(F.linear(x, self.shared_gate)) * sh
-            out = out + sh
+            out = out + sh.to(out.dtype)
         return out
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -303,7 +308,7 @@ class Layer:
             attn = self._attn_mla if self.m.cfg.family == "mla" else self._attn_gqa
             x = x + attn(h, cos, sin, meta, kv.layers[self.i])
         h = rms_norm(x, self.post_norm, self.m.cfg.rms_norm_eps)
-        return x + self.m.all_reduce(self.mlp(h))
+        return x + self.m.all_reduce(self.mlp(h)).to(x.dtype)
 
 
 def expert_weights(s: Sharder, mp: str, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -328,7 +333,7 @@ def dense_mlp(s: Sharder, p: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
     def mlp(x: torch.Tensor) -> torch.Tensor:
         g, u = F.linear(x, gate_up).chunk(2, -1)
-        return F.linear(F.silu(g) * u, down)
+        return F.linear((F.silu(g) * u).to(down.dtype), down)
 
     return mlp
 
@@ -369,7 +374,7 @@ class Model:
         return x
 
     def row_parallel(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        y = self.all_reduce(F.linear(x, w))
+        y = self.all_reduce(F.linear(x.to(w.dtype), w)).to(x.dtype)
         return y + b if b is not None else y
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor,
