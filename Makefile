@@ -10,7 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv cluster-binaries test test-unit lint demo clean-venv generate check-generated
+.PHONY: venv cluster-binaries live-vllm test test-unit lint demo clean-venv generate check-generated
 
 $(STAMP): pyproject.toml deploy/install-python-deps.sh
 	bash deploy/install-python-deps.sh $(PYTHON) $(VENV)
@@ -30,6 +30,11 @@ generate: venv
 check-generated: venv
 	$(BIN)/python -m pd_dev.generate --check
 
+## Install (or reuse from ~/.cache/pd-operator/live-vllm) real vLLM 0.32.0 (CPU), NIXL and
+## vllm-router for the live tier (tests/live) and `pdctl run` with engine.type: vllm.
+live-vllm: venv
+	bash deploy/live-vllm.sh $(VENV)
+
 test-unit: venv
 	$(BIN)/python -m pytest tests/unit -q
 
@@ -39,7 +44,7 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint check-generated venv cluster-binaries
+test: lint check-generated venv cluster-binaries live-vllm
 	$(BIN)/python -m pytest tests -q
 
 demo: venv cluster-binaries
