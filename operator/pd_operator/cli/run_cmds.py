@@ -17,9 +17,10 @@ def register(sub) -> None:
     run = sub.add_parser(
         "run", help="run a PDDeployment locally: its P and D replicas and the router",
         description="Start every prefill and decode replica of a PDDeployment (engine.type: "
-        "builtin) as local process groups, from exactly the commands and environment the "
+        "builtin or vllm) as local process groups, from exactly the commands and environment the "
         "operator renders, with vllm-router in P/D mode in front. Ctrl-C or SIGTERM stops "
-        "everything.")
+        "everything. vLLM on --device cpu runs in the live vLLM environment, installed on first "
+        "use (docs/live-vllm.md).")
     run.add_argument("file", metavar="FILE", help="PDDeployment YAML (one document, or --name)")
     run.add_argument("--name", help="the PDDeployment to run when FILE holds several")
     run.add_argument("--model-dir", action="append", default=[], metavar="NAME=PATH",
