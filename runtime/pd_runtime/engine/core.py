@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -63,7 +63,6 @@ class EngineStats:
     steps: int = 0
     step_tokens: int = 0
     preemptions: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class LLMEngine:
