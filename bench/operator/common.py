@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,26 +14,16 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
-SMALL: dict[str, Any] = {
-    "apiVersion": "serving.pd-operator.dev/v1alpha1",
-    "kind": "PDDeployment",
-    "metadata": {"name": "bench"},
-    "spec": {
-        "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "family": "dense",
-                  "dtype": "bfloat16", "numKVHeads": 8, "headSize": 128,
-                  "numHiddenLayers": 32},
-        "engine": {"type": "vllm", "image": "vllm/vllm-openai:v0.33.0"},
-        "prefill": {"replicas": 1, "tensorParallelSize": 1, "attentionBackend": "FLASH_ATTN"},
-        "decode": {"replicas": 1, "tensorParallelSize": 1, "attentionBackend": "FLASH_ATTN"},
-        "router": {"replicas": 1},
-    },
-}
+sys.path.insert(0, str(REPO))  # the tests' shared helpers (free port, the sample spec)
+
+from tests.helpers import LLAMA_8B, free_port, sample_pdd  # noqa: E402
 
 
 def small(name: str, namespace: str) -> dict[str, Any]:
-    doc = copy.deepcopy(SMALL)
-    doc["metadata"] = {"name": name, "namespace": namespace}
-    return doc
+    """The benchmarks' PDDeployment: the tests' sample spec at TP 1, one replica each."""
+    one = {"replicas": 1, "tensorParallelSize": 1}
+    return sample_pdd(name=name, namespace=namespace, model={**LLAMA_8B, "dtype": "bfloat16"},
+                      engine={"type": "vllm"}, prefill=one, decode=one, router={"replicas": 1})
 
 
 def kubeconfig(arg: str | None) -> str:
@@ -67,12 +55,6 @@ def kubectl(kc: str, *args: str, input: str | None = None, check: bool = True,
     if check and out.returncode != 0:
         raise RuntimeError(f"kubectl {' '.join(args[:3])}: {out.stderr[-2000:]}")
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class OperatorProcess:

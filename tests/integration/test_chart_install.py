@@ -25,18 +25,15 @@ import base64
 import json
 import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
+
+from tests.helpers import free_port, pdctl, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -48,33 +45,6 @@ CRD_TEMPLATE = "templates/crd-serving.pd-operator.dev_pddeployments.yaml"
 ACCEPTED_FILE = "llama-3.1-8b-basic"
 ACCEPTED = yaml.safe_load((EXAMPLES / "accepted" / f"{ACCEPTED_FILE}.yaml").read_text())[
     "metadata"]["name"]
-
-
-def _pdctl() -> str:
-    found = Path(sys.executable).parent / "pdctl"
-    return str(found) if found.exists() else shutil.which("pdctl") or "pdctl"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(what: str, fn: Callable[[], Any], timeout: float = 60, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = fn()
-        except Exception as exc:  # noqa: BLE001 - shown at the deadline
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; "
-                                 f"last: {last!r}")
-        time.sleep(every)
 
 
 def _example(kind: str, name: str, namespace: str) -> str:
@@ -103,7 +73,7 @@ class _Install:
         self.helm_bin = dev_cluster.helm_path()
         self.release = f"pdc-{secrets.token_hex(3)}"
         self.fullname = f"{self.release}-pd-operator"
-        self.port = _free_port()
+        self.port = free_port()
         self.log = tmp / "operator.log"
         self.operator: subprocess.Popen | None = None
         self.cluster_scoped: list[tuple[str, str]] = []
@@ -161,7 +131,7 @@ class _Install:
         env.update(KUBECONFIG=kubeconfig, PYTHONUNBUFFERED="1")
         # Without --local-webhook: serve with the given certificate, register nothing.
         self.operator = subprocess.Popen(
-            [_pdctl(), "operator", "run", "--kubeconfig", kubeconfig, "-n", self.ns,
+            [pdctl(), "operator", "run", "--kubeconfig", kubeconfig, "-n", self.ns,
              "--webhook-addr", "127.0.0.1", "--webhook-port", str(self.port),
              "--webhook-certfile", str(self.tmp / "tls.crt"),
              "--webhook-keyfile", str(self.tmp / "tls.key"),
@@ -215,7 +185,7 @@ def test_chart_webhook_configuration_reaches_the_operator(chart, kubeconfig, kub
         chart.alive()
         out = kubectl("apply", "-f", "-", input=bad, check=False)
         return out.stderr if out.returncode != 0 and "TP-DIVISIBLE" in out.stderr else None
-    stderr = _wait_for("the chart's webhook to reject tp-not-divisible", denied, 60)
+    stderr = wait_for("the chart's webhook to reject tp-not-divisible", denied, 60)
     # the denial came through the chart's configuration (its webhook name), not another one
     assert "admission webhook" in stderr and \
         f"validate.{chart.fullname}.serving.pd-operator.dev" in stderr, stderr
@@ -242,7 +212,7 @@ def test_chart_rbac_lets_the_operator_reconcile(chart, tmp_path, kubeconfig, kub
     chart.start_operator(str(_sa_kubeconfig(kubeconfig, token, tmp_path / "sa.kubeconfig")))
     # the webhook needs no API access: wait for it, then apply an accepted example
     good = _example("accepted", ACCEPTED_FILE, namespace)
-    _wait_for("the webhook to admit", lambda: (chart.alive(), kubectl(
+    wait_for("the webhook to admit", lambda: (chart.alive(), kubectl(
         "apply", "-f", "-", input=good, check=False).returncode == 0)[1], 60)
 
     def children() -> set[str] | None:
@@ -253,9 +223,9 @@ def test_chart_rbac_lets_the_operator_reconcile(chart, tmp_path, kubeconfig, kub
         kinds = {i["kind"] for i in items}
         return kinds if {"StatefulSet", "Deployment", "Role", "RoleBinding",
                          "ConfigMap"} <= kinds else None
-    _wait_for(f"the children of {ACCEPTED}, applied as the chart's ServiceAccount",
+    wait_for(f"the children of {ACCEPTED}, applied as the chart's ServiceAccount",
               children, 45)
-    _wait_for("status written by the operator", lambda: (json.loads(kubectl(
+    wait_for("status written by the operator", lambda: (json.loads(kubectl(
         "get", "pdd", ACCEPTED, "-n", namespace, "-o", "json").stdout).get("status")
         or {}).get("phase"), 30)
     lease = json.loads(kubectl("get", "lease", f"{chart.fullname}-leader", "-n", namespace,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from kubernetes import client
 
 from pd_dev.devcluster import nodes
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -68,15 +67,10 @@ def _diagnose(core: client.CoreV1Api) -> str:
     return f"GPUs in use per node: {used}; pending: {pending[:10]}"
 
 
-def _wait(pred, timeout: float = 120, what: str = "condition", core=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        val = pred()
-        if val:
-            return val
-        time.sleep(0.3)
-    extra = _diagnose(core) if core is not None else ""
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}. {extra}")
+def _wait(what: str, pred, core=None):
+    """Up to 120 s; at the deadline the GPU use per node and the pending pods are shown."""
+    return wait_for(what, pred, timeout=120, every=0.3,
+                    diagnose=(lambda: _diagnose(core)) if core is not None else None)
 
 
 def test_fake_gpu_nodes_advertise_gpus(kube_api):
@@ -96,17 +90,18 @@ def test_gpu_deployment_scheduled_and_running(kube_api, namespace):
     apps, core = client.AppsV1Api(kube_api), client.CoreV1Api(kube_api)
     apps.create_namespaced_deployment(namespace, _deployment("gpu4", gpus=4, replicas=2))
     pods = _wait(
+        "2 Running+Ready pods",
         lambda: (p := _pods(core, namespace, "gpu4")) and len(p) == 2 and all(map(_ready, p)) and p,
-        what="2 Running+Ready pods", core=core,
+        core=core,
     )
     gpu_node_names = {n.metadata.name for n in core.list_node(label_selector="type=kwok").items}
     for p in pods:
         assert p.spec.node_name in gpu_node_names
         assert p.status.pod_ip and p.status.pod_ip.startswith("10.0.")  # kwok's fake pod CIDR
     dep = _wait(
+        "deployment readyReplicas=2",
         lambda: (d := apps.read_namespaced_deployment(namespace=namespace, name="gpu4"))
         .status.ready_replicas == 2 and d,
-        what="deployment readyReplicas=2",
     )
     assert dep.status.available_replicas == 2
 
@@ -121,8 +116,9 @@ def test_gpu_product_selector_and_capacity_are_enforced(kube_api, namespace):
     )
     apps.create_namespaced_deployment(
         namespace, _deployment("too-big", gpus=9, replicas=1, only_default_nodes=True))
-    (pod,) = _wait(lambda: (p := _pods(core, namespace, "h200")) and all(map(_ready, p)) and p,
-                   what="h200 pod Ready", core=core)
+    (pod,) = _wait("h200 pod Ready",
+                   lambda: (p := _pods(core, namespace, "h200")) and all(map(_ready, p)) and p,
+                   core=core)
     node = core.read_node(pod.spec.node_name)
     assert node.metadata.labels[nodes.PRODUCT_LABEL] == "NVIDIA-H200"
 
@@ -134,7 +130,7 @@ def test_gpu_product_selector_and_capacity_are_enforced(kube_api, namespace):
         c = conds.get("PodScheduled")
         return c if c is not None and c.status == "False" else None
 
-    cond = _wait(unschedulable, what="too-big pod marked unschedulable", core=core)
+    cond = _wait("too-big pod marked unschedulable", unschedulable, core=core)
     assert cond.reason == "Unschedulable"
     assert "Insufficient nvidia.com/gpu" in cond.message
     assert _pods(core, namespace, "too-big")[0].spec.node_name is None

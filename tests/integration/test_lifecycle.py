@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,22 +14,18 @@ import pytest
 import yaml
 
 from pd_dev.devcluster import build, cluster, processes
+from tests.helpers import pdctl, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
-def _pdctl() -> str:
-    found = Path(sys.executable).parent / "pdctl"
-    return str(found) if found.exists() else shutil.which("pdctl") or "pdctl"
-
-
-def pdctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([_pdctl(), "dev", "cluster", *args], capture_output=True, text=True,
+def dev_cluster_cmd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([pdctl(), "dev", "cluster", *args], capture_output=True, text=True,
                           timeout=timeout, check=False)
 
 
 def _status(d: Path) -> tuple[int, dict]:
-    out = pdctl("status", "--dir", str(d), "-o", "json")
+    out = dev_cluster_cmd("status", "--dir", str(d), "-o", "json")
     return out.returncode, json.loads(out.stdout)
 
 
@@ -49,18 +43,16 @@ def _kubectl(d: Path, *args: str, input: str | None = None, check: bool = True):
 
 
 def _wait_dead(d: Path, name: str) -> dict:
-    deadline = time.monotonic() + 20
-    while True:
+    def dead() -> dict | None:
         rc, st = _status(d)
-        if not _by_name(st)[name]["running"]:
-            return st | {"rc": rc}
-        assert time.monotonic() < deadline, f"status still shows {name} running"
-        time.sleep(0.2)
+        return None if _by_name(st)[name]["running"] else st | {"rc": rc}
+
+    return wait_for(f"status to show {name} not running", dead, timeout=20, every=0.2)
 
 
 def test_status_reports_dead_component_and_up_restores(dev_cluster, tmp_path):
     d = tmp_path / "second-cluster"
-    up = pdctl("up", "--dir", str(d), "--nodes", "1", "--no-build")
+    up = dev_cluster_cmd("up", "--dir", str(d), "--nodes", "1", "--no-build")
     assert up.returncode == 0, up.stderr
     pids: dict[str, int] = {}
     recorded: dict[str, dict] = {}
@@ -80,7 +72,7 @@ def test_status_reports_dead_component_and_up_restores(dev_cluster, tmp_path):
         assert st["rc"] == 1 and not st["ok"]
         comps = _by_name(st)
         assert all(comps[n]["running"] for n in pids if n != "kube-scheduler")
-        table = pdctl("status", "--dir", str(d))
+        table = dev_cluster_cmd("status", "--dir", str(d))
         assert table.returncode == 1
         row = next(line for line in table.stdout.splitlines() if line.startswith("kube-scheduler"))
         assert " NO " in row and "DEGRADED" in table.stdout
@@ -96,7 +88,7 @@ def test_status_reports_dead_component_and_up_restores(dev_cluster, tmp_path):
         assert node == ""
 
         # 2. `up` again restores exactly the dead one
-        up2 = pdctl("up", "--dir", str(d), "--nodes", "1", "--no-build")
+        up2 = dev_cluster_cmd("up", "--dir", str(d), "--nodes", "1", "--no-build")
         assert up2.returncode == 0, up2.stderr
         assert "kube-scheduler: started" in up2.stderr
         rc, st = _status(d)
@@ -113,7 +105,7 @@ def test_status_reports_dead_component_and_up_restores(dev_cluster, tmp_path):
         os.kill(pids["etcd"], signal.SIGKILL)
         st = _wait_dead(d, "etcd")
         assert st["rc"] == 1
-        up3 = pdctl("up", "--dir", str(d), "--nodes", "1", "--no-build")
+        up3 = dev_cluster_cmd("up", "--dir", str(d), "--nodes", "1", "--no-build")
         assert up3.returncode == 0, up3.stderr
         rc, st = _status(d)
         assert rc == 0 and st["ok"]
@@ -123,7 +115,7 @@ def test_status_reports_dead_component_and_up_restores(dev_cluster, tmp_path):
         phase = _kubectl(d, "get", "pod", "gpu-pod", "-o", "jsonpath={.status.phase}").stdout
         assert phase == "Running"
     finally:
-        down = pdctl("down", "--dir", str(d))
+        down = dev_cluster_cmd("down", "--dir", str(d))
     assert down.returncode == 0, down.stderr
     # nothing left running: every PID it ever started is gone, every port is free again
     assert recorded, "the test never got as far as recording the PIDs"

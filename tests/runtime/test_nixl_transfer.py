@@ -12,6 +12,8 @@ import itertools
 
 import pytest
 
+from tests.helpers import eventually
+
 try:
     from pd_runtime.transport import import_nixl
 
@@ -118,15 +120,6 @@ def test_pool_replaces_a_dead_worker(pool):
 # P and D in this process (or P in one spawned process), faults from tests/runtime/faults.py
 
 
-def _wait(pred, seconds: float = 5.0) -> bool:
-    import time
-
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
 def test_prefill_killed_mid_transfer():
@@ -230,10 +223,10 @@ def test_release_waits_for_every_consumer(pair):
     rid, preq, dreq, _ = cell_requests(cell)[0]
     (d0, want0), (d1, want1) = drs
     d0.pull(rid, preq, dreq)
-    assert not _wait(lambda: released, 0.5), released  # D rank 1 has not read yet
+    assert not eventually(lambda: released, 0.5), released  # D rank 1 has not read yet
     assert pr.stats()["held"] == 1
     d1.pull(rid, preq, dreq)
-    assert _wait(lambda: released == [(rid, "consumed")]), released
+    assert eventually(lambda: released == [(rid, "consumed")]), released
     assert pr.stats()["held"] == 0 and pr.stats()["staging_in_use"] == 0
     for d, want in drs:
         assert np.array_equal(d.arena.numpy(), want)

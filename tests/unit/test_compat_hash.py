@@ -8,22 +8,13 @@ from pd_operator.resolve import resolve
 from pd_operator.validate import parse_object
 from pd_runtime.compat import check_pools
 from pd_runtime.compat.hashing import hash_factors
+from tests.helpers import LLAMA_8B, sample_pdd
 
 LLAMA_HASH = "6ed27ce6d11215010cb868b80a28e0fb089c62db684f14f7bf47b65c78286379"
 LLAMA_FP8_HASH = "8b2ecce1d9a699abcd7c0cf650bbd7db5c5127d4262f2bda738c8db9380a0690"
 
-BASE = {
-    "apiVersion": "serving.pd-operator.dev/v1alpha1",
-    "kind": "PDDeployment",
-    "metadata": {"name": "llama"},
-    "spec": {
-        "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "family": "dense",
-                  "dtype": "bfloat16", "numKVHeads": 8, "headSize": 128, "numHiddenLayers": 32},
-        "engine": {"type": "vllm", "image": "vllm/vllm-openai:v0.32.0"},
-        "prefill": {"attentionBackend": "FLASH_ATTN"},
-        "decode": {"attentionBackend": "FLASH_ATTN"},
-    },
-}
+BASE = sample_pdd("0.32.0", name="llama", model={**LLAMA_8B, "dtype": "bfloat16"},
+                  engine={"type": "vllm"})
 
 
 def decide(obj):

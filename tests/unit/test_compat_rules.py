@@ -7,19 +7,9 @@ import pytest
 from pd_operator.resolve import resolve
 from pd_operator.validate import parse_object
 from pd_runtime.compat import check_pools
+from tests.helpers import sample_pdd
 
-BASE = {
-    "apiVersion": "serving.pd-operator.dev/v1alpha1",
-    "kind": "PDDeployment",
-    "metadata": {"name": "t"},
-    "spec": {
-        "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "family": "dense",
-                  "numKVHeads": 8, "headSize": 128, "numHiddenLayers": 32},
-        "engine": {"image": "vllm/vllm-openai:v0.33.0"},
-        "prefill": {"attentionBackend": "FLASH_ATTN"},
-        "decode": {"attentionBackend": "FLASH_ATTN"},
-    },
-}
+BASE = sample_pdd()
 
 
 def make(**changes):

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 
 from pd_operator.validate import validate_object
 from pd_runtime.compat import rules_common, rules_known_bugs, rules_vllm
+from tests.helpers import pdctl
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "deploy" / "examples"
@@ -44,7 +44,7 @@ RULES_REJECTED = {
     "BUG-TRITON-HND-HETERO-TP", "BUG-GQA-REPLICATED-HETERO-TP", "BUG-MAMBA-EXTERNAL-KV",
     "BUG-SSM-ONE-LOCAL-BLOCK", "ENGINE-VERSION-IMAGE-CONFLICT",
 }
-PDCTL = [sys.executable, "-m", "pd_operator.cli.main"]
+PDCTL = [pdctl()]
 
 
 @cache

@@ -22,9 +22,8 @@ from pd_runtime.compat.versions import (
     image_version_conflict,
     rules_minor,
 )
+from tests.helpers import LLAMA_8B, sample_pdd
 
-LLAMA_8B = {"name": "meta-llama/Llama-3.1-8B-Instruct", "family": "dense", "numKVHeads": 8,
-            "headSize": 128, "numHiddenLayers": 32}
 QWEN_MOE = {"name": "Qwen/Qwen3-30B-A3B-Instruct-2507", "family": "moe", "numKVHeads": 4,
             "headSize": 128, "numHiddenLayers": 48}
 NEMOTRON_H = {"name": "nvidia/Nemotron-H-8B-Base-8K", "family": "hybrid-ssm", "numKVHeads": 8,
@@ -35,17 +34,7 @@ GEMMA_SWA = {"name": "google/gemma-2-9b-it", "family": "dense", "numKVHeads": 8,
              "headSize": 256, "numHiddenLayers": 42, "slidingWindow": 4096}
 
 
-def spec(version: str, model: dict | None = None, prefill: dict | None = None,
-         decode: dict | None = None, **extra) -> dict:
-    engine = {"image": f"vllm/vllm-openai:v{version}"}
-    engine.update(extra.pop("engine", {}))
-    return {
-        "apiVersion": "serving.pd-operator.dev/v1alpha1", "kind": "PDDeployment",
-        "metadata": {"name": "t"},
-        "spec": {"model": model or LLAMA_8B, "engine": engine,
-                 "prefill": {"attentionBackend": "FLASH_ATTN", **(prefill or {})},
-                 "decode": {"attentionBackend": "FLASH_ATTN", **(decode or {})}, **extra},
-    }
+spec = sample_pdd  # spec(version, model, prefill, decode, engine=..., **other spec keys)
 
 
 def decide(obj: dict):

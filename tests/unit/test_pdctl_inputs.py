@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,11 @@ import pytest
 from pd_operator.cli import main as cli_main
 from pd_operator.cli import validate_cmds
 from pd_operator.cli.validate_cmds import InputError, check_documents, read_text
+from tests.helpers import pdctl as pdctl_executable
 
 ROOT = Path(__file__).resolve().parents[2]
 BASIC = ROOT / "deploy" / "examples" / "accepted" / "llama-3.1-8b-basic.yaml"
-PDCTL = [sys.executable, "-m", "pd_operator.cli.main"]
+PDCTL = [pdctl_executable()]
 NOT_UTF8 = b"\xff\xfe apiVersion: x\n"
 
 GOOD = """\

@@ -5,50 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.helpers import EXAMPLES, REPO, free_port, pdctl, wait_for
+
 CRD = REPO / "crds" / "pddeployment.yaml"
-EXAMPLES = REPO / "deploy" / "examples"
 GROUP = "serving.pd-operator.dev"
-
-
-def pdctl() -> str:
-    found = Path(sys.executable).parent / "pdctl"
-    return str(found) if found.exists() else shutil.which("pdctl") or "pdctl"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60, every: float = 0.5) -> Any:
-    """Poll `fn` until it returns something truthy; fail with `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = fn()
-        except Exception as exc:  # noqa: BLE001 - show the last error at the deadline
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; "
-                                 f"last: {last!r}")
-        time.sleep(every)
 
 
 class Operator:

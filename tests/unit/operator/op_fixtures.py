@@ -8,22 +8,14 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[3]
-EXAMPLES = REPO / "deploy" / "examples"
+from tests.helpers import EXAMPLES, LLAMA_8B, REPO, sample_pdd
 
-BASE: dict[str, Any] = {
-    "apiVersion": "serving.pd-operator.dev/v1alpha1",
-    "kind": "PDDeployment",
-    "metadata": {"name": "demo", "namespace": "ns1"},
-    "spec": {
-        "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "family": "dense",
-                  "dtype": "bfloat16", "numKVHeads": 8, "headSize": 128,
-                  "numHiddenLayers": 32},
-        "engine": {"type": "vllm", "image": "vllm/vllm-openai:v0.33.0"},
-        "prefill": {"replicas": 1, "tensorParallelSize": 2, "attentionBackend": "FLASH_ATTN"},
-        "decode": {"replicas": 2, "tensorParallelSize": 2, "attentionBackend": "FLASH_ATTN"},
-    },
-}
+__all__ = ["BASE", "EXAMPLES", "REPO", "examples", "load", "obj"]
+
+BASE: dict[str, Any] = sample_pdd(
+    name="demo", namespace="ns1", model={**LLAMA_8B, "dtype": "bfloat16"},
+    engine={"type": "vllm"}, prefill={"replicas": 1, "tensorParallelSize": 2},
+    decode={"replicas": 2, "tensorParallelSize": 2})
 
 
 def obj(**spec_overrides: Any) -> dict[str, Any]:
