@@ -26,6 +26,7 @@ from typing import Any
 import kopf
 
 from . import handlers, kube, leader, metrics
+from .devtools import dev_module
 from .webhook import configs, server
 
 log = logging.getLogger("pd_operator")
@@ -143,8 +144,11 @@ def _local_certificate(undo: contextlib.AsyncExitStack,
     if opts.certfile and opts.keyfile:
         cert = Path(opts.certfile)
         return cert, Path(opts.keyfile), cert.read_bytes()
-    from .webhook import certs  # development certificates (openssl)
-
+    certs = dev_module("certs")  # a development CA (openssl), from the tooling
+    if certs is None:
+        raise ValueError("--local-webhook makes a development CA with the development tooling "
+                         "(pd_dev), which is not installed: pass --webhook-certfile and "
+                         "--webhook-keyfile")
     tmp = tempfile.TemporaryDirectory(prefix="pd-operator-webhook-")
     undo.callback(tmp.cleanup)
     files = certs.generate(Path(tmp.name))

@@ -12,26 +12,15 @@ import argparse
 import importlib
 import os
 import sys
-from types import ModuleType
+
+from ..devtools import dev_module
 
 COMMAND_MODULES = (
     "pd_operator.cli.validate_cmds",  # check, crd, explain, model-info
     "pd_operator.cli.operator_cmds",  # operator run
     "pd_operator.cli.run_cmds",  # run (a PDDeployment on this machine)
 )
-OPTIONAL_COMMAND_MODULES = (
-    "pd_dev.cli",  # dev cluster build|up|down|status|kubeconfig, dev generate
-)
-
-
-def _optional(name: str) -> ModuleType | None:
-    """The module, or None when its top-level package is not installed."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == name.split(".")[0]:
-            return None
-        raise
+DEV_COMMAND_MODULE = "cli"  # pd_dev.cli: dev cluster build|up|down|status|kubeconfig, generate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,10 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
-    for name in OPTIONAL_COMMAND_MODULES:
-        module = _optional(name)
-        if module is not None:
-            module.register(sub)
+    dev_commands = dev_module(DEV_COMMAND_MODULE)
+    if dev_commands is not None:
+        dev_commands.register(sub)
     return parser
 
 

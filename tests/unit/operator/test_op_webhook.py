@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 from op_fixtures import BASE, examples, load, obj
 
-from pd_operator.webhook import certs, configs, review, server
+from pd_dev import certs
+from pd_operator.webhook import configs, review, server
 
 
 def _review(op, new, old=None, uid="u-1"):

@@ -1,4 +1,5 @@
-"""A development CA and a serving certificate for the webhook, made with the openssl CLI.
+"""A development CA and a serving certificate for the webhook, made with the openssl CLI
+(`pdctl operator run --local-webhook` loads this module when it is given no certificate).
 
 kopf's own self-signed generation fails on Debian 12 (oscrypto cannot detect libcrypto), and the
 `cryptography` package is not a dependency, so this shells out to `openssl`, which every Linux
