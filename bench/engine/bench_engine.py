@@ -82,14 +82,23 @@ def _post_stream(url: str, body: dict[str, Any]) -> tuple[float, float]:
     return first if first is not None else float("nan"), time.perf_counter() - t0
 
 
-def ttft(url: str, requests: int, tokens: int) -> dict[str, Any]:
+def ttft(urls: dict[str, str], requests: int, tokens: int) -> dict[str, Any]:
+    """Streaming requests one at a time, alternating between the servers so that a change in
+    the machine's load (it is shared) hits both alike."""
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
-    _post_stream(url, body)  # warm-up (first handshake, allocator)
-    samples = [_post_stream(url, body) for _ in range(requests)]
-    return {"ttft_s": [round(s[0], 4) for s in samples], "total_s": [round(s[1], 4)
-                                                                     for s in samples],
-            "ttft_median_s": round(statistics.median(s[0] for s in samples), 4),
-            "total_median_s": round(statistics.median(s[1] for s in samples), 4)}
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in urls}
+    for url in urls.values():
+        _post_stream(url, body)  # warm-up (first handshake, allocator)
+    for _ in range(requests):
+        for name, url in urls.items():
+            samples[name].append(_post_stream(url, body))
+    out: dict[str, Any] = {}
+    for name, ss in samples.items():
+        out[name] = {"ttft_s": [round(s[0], 4) for s in ss],
+                     "total_s": [round(s[1], 4) for s in ss],
+                     "ttft_median_s": round(statistics.median(s[0] for s in ss), 4),
+                     "total_median_s": round(statistics.median(s[1] for s in ss), 4)}
+    return out
 
 
 def _wait(url: str, proc: subprocess.Popen[Any], timeout: float = 300.0) -> None:
@@ -136,10 +145,9 @@ def serving(gguf: str, requests: int, tokens: int, workdir: Path) -> dict[str, A
     try:
         _wait(f"http://127.0.0.1:{port}/health", pd)
         _wait(f"http://127.0.0.1:{agg_port}/health", agg)
-        return {
-            "disaggregated": ttft(f"http://127.0.0.1:{port}/v1/completions", requests, tokens),
-            "aggregated": ttft(f"http://127.0.0.1:{agg_port}/v1/completions", requests, tokens),
-        }
+        return ttft({"disaggregated": f"http://127.0.0.1:{port}/v1/completions",
+                     "aggregated": f"http://127.0.0.1:{agg_port}/v1/completions"},
+                    requests, tokens)
     finally:
         _stop(pd)
         _stop(agg)
@@ -155,6 +163,7 @@ def main() -> int:
     from pd_runtime.engine.gguf import load_gguf_tokenizer, smollm2_path
 
     gguf = smollm2_path()
+    load_before = round(os.getloadavg()[0], 2)  # the machine may be shared: say how busy it was
     prompt_ids = load_gguf_tokenizer(gguf).encode(PROMPT)
     eng = engine_generate(gguf, prompt_ids, args.tokens)
     hf = transformers_generate(gguf, prompt_ids, args.tokens)
@@ -165,7 +174,8 @@ def main() -> int:
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads()},
+                    "torch_threads": torch.get_num_threads(),
+                    "load_average_1m_before_after": [load_before, round(os.getloadavg()[0], 2)]},
         "model": MODEL, "dtype": DTYPE, "prompt_tokens": len(prompt_ids),
         "new_tokens": args.tokens,
         "decode": {"engine": {k: eng[k] for k in ("generate_s", "tokens_per_s")},
@@ -175,8 +185,9 @@ def main() -> int:
         "serving": serve,
     }
     d, s = result["decode"], serve
+    load = result["machine"]["load_average_1m_before_after"]
     print(f"SmolLM2-135M {DTYPE}, prompt {len(prompt_ids)} tokens, {args.tokens} new tokens, "
-          f"{os.cpu_count()} cores")
+          f"{os.cpu_count()} cores, load average {load}")
     print(f"{'':34}{'engine':>12}{'transformers':>14}{'ratio':>8}")
     print(f"{'pd-runtime generate, tokens/s':34}{d['engine']['tokens_per_s']:>12}"
           f"{d['transformers']['tokens_per_s']:>14}{d['ratio']:>8}   same tokens: "

@@ -11,7 +11,7 @@ from tests.e2e.runner import ROOT, pdctl_run, post, reference
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPT = "The capital of France is"
-MAX_TOKENS = 16
+MAX_TOKENS = 10
 DEPLOYMENT = ROOT / "deploy" / "examples" / "local" / "smollm2-builtin.yaml"
 
 
