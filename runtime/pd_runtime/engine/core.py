@@ -68,7 +68,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, runner: Runner, spec: kvcache.RankSpec, *,
                  eos_token_ids: Seq[int] = (), vocab_size: int | None = None,
-                 detokenizer: Callable[[list[int]], Callable[[int], str]] | None = None,
+                 detokenizer: Callable[[list[int]], Any] | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, prefill: PrefillSide | None = None,
                  decode: DecodeSide | None = None, seed: int | None = None,
@@ -363,7 +363,8 @@ def engine_from_checkpoint(ckpt: Any, spec: kvcache.RankSpec, *, device: str = "
     return eng
 
 
-def detokenizer_for(tok: Any) -> Callable[[list[int]], Callable[[int], str]]:
+def detokenizer_for(tok: Any) -> Callable[[list[int]], Any]:
+    """prompt ids -> an incremental detokenizer (push / flush) for one request."""
     from .tokenizer import IncrementalDetokenizer
 
-    return lambda prompt: IncrementalDetokenizer(tok, prompt).push
+    return lambda prompt: IncrementalDetokenizer(tok, prompt)

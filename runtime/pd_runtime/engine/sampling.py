@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -129,8 +130,11 @@ class TextStream:
     """A request's output text: stop strings cut it, and while streaming, text that could still
     become a stop string is held back until it cannot."""
 
-    def __init__(self, detok: Callable[[int], str] | None, stop: Sequence[str]):
-        self.detok = detok
+    def __init__(self, detok: Any, stop: Sequence[str]):
+        """`detok`: None (no text), a callable token -> text, or an incremental detokenizer
+        with push(token) -> text and flush() -> the text it still holds back at the end."""
+        self.detok: Callable[[int], str] | None = getattr(detok, "push", detok)
+        self.tail: Callable[[], str] | None = getattr(detok, "flush", None)
         self.stop = list(stop)
         self.text = ""
         self.sent = 0
@@ -149,6 +153,10 @@ class TextStream:
         return self._release(len(self.text) - self._held()), False
 
     def flush(self) -> str:
+        """Everything not released yet (the request ended without a stop string)."""
+        if self.tail is not None:
+            self.text += self.tail()
+            self.tail = None
         return self._release(len(self.text))
 
     def _find_stop(self, old: int) -> int | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +68,7 @@ class Sequence:
 
 
 def new_sequence(request_id: str, key: str, prompt_ids: list[int], params: SamplingParams,
-                 detok: Callable[[int], str] | None) -> Sequence:
+                 detok: Any) -> Sequence:
     return Sequence(request_id, key, list(prompt_ids), params, TextStream(detok, params.stop),
                     make_generator(params.seed))
 

@@ -102,3 +102,16 @@ def test_stop_string_cuts_text_and_holds_possible_prefixes():
 def test_no_detokenizer_means_no_text():
     ts = TextStream(None, ["x"])
     assert ts.push(3, True) == ("", False) and ts.flush() == ""
+
+
+def test_detokenizer_tail_is_released_at_the_end():
+    class Detok:
+        def push(self, t: int) -> str:
+            return "ab"[t]
+
+        def flush(self) -> str:
+            return "!"
+
+    ts = TextStream(Detok(), [])
+    assert ts.push(0, True) == ("a", False) and ts.push(1, True) == ("b", False)
+    assert ts.flush() == "!" and ts.flush() == ""
