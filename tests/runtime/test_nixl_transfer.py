@@ -120,8 +120,6 @@ def test_pool_replaces_a_dead_worker(pool):
 # P and D in this process (or P in one spawned process), faults from tests/runtime/faults.py
 
 
-
-
 def test_prefill_killed_mid_transfer():
     import multiprocessing as mp
 
@@ -137,8 +135,9 @@ def test_prefill_killed_mid_transfer():
     proc = ctx.Process(target=faults.serve_prefill, args=(faults.cell_dict(cell), there, True),
                        daemon=True)
     proc.start()
+    there.close()  # a prefill process that crashes at start gives EOF here, not a long wait
     try:
-        assert here.poll(120), "the prefill process did not start"
+        assert here.poll(300), "the prefill process did not start"
         addr = here.recv()
         dr, _ = build_decode(cell, 0, "cpu", faults.SlowReadTransport("d-slow", "cpu", 0.5))
         try:
@@ -189,18 +188,19 @@ def test_lease_expiry_frees_everything(pair):
 
     from . import faults
 
-    import time
-
     cell = _base(p_tp=1, d_tp=1, lease_s=1.0, requests=1)
     released: list = []
     pr, [(dr, _)] = pair(cell, faults.DroppedReadTransport("d-drop", "cpu", drops=1),
                          on_release=lambda r, why: released.append((r, why)))
     rid, preq, dreq, _ = cell_requests(cell)[0]
-    pr.leases.heartbeat([rid])  # a full second from now, however long the set-up took
+    now = [0.0]  # P's lease clock, moved by hand: however slow this machine, no sleeping
+    pr.leases.clock = lambda: now[0]
+    pr.leases.heartbeat([rid])
     with pytest.raises(TransferError, match="injected"):
         dr.pull(rid, preq, dreq)  # P gathered into a slot; D never reads it
-    assert pr.stats()["staging_in_use"] > 0
-    time.sleep(1.5)
+    assert pr.stats()["staging_in_use"] > 0 and released == []
+    now[0] = 1.5  # past the lease: P's poller expires it
+    assert eventually(lambda: released == [(rid, "expired")]), released
     with pytest.raises(PeerError) as e:
         dr.pull(rid, preq, dreq)  # the lease expired and the blocks are gone
     assert e.value.code == "lease" and "lease expired" in str(e.value)
