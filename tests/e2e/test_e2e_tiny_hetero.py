@@ -12,9 +12,6 @@ from tests.e2e.runner import TINY_MODEL as MODEL
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="TP 2 in bfloat16 is not token-equal to TP 1 (model.py all-reduces bf16 "
-                          "partials; ENGINE_PLAN.md Changes, SERVE -> MODEL)")
 def test_hetero_tp_and_block_size_through_the_router(tiny_ckpt, expected, tmp_path: Path):
     """P TP 1 / block 16 -> D TP 2 / block 32: every D rank pulls its half of the KV heads."""
     with pdctl_run(DEPLOYMENTS / "tiny-hetero.yaml", {MODEL: tiny_ckpt}, tmp_path) as running:
