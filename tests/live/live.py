@@ -1,0 +1,184 @@
+"""Helpers of the live tier: the live vLLM environment, specs, `pdctl run` as a subprocess,
+vLLM's logs and metrics. Every wait is bounded; every process started is stopped."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_SPEC = Path(__file__).parent / "deployments" / "tiny-vllm.yaml"
+# Two vLLM servers start in about 60 s each on an idle 2-core machine; shared cores are slower.
+STARTUP_TIMEOUT_S = 480.0
+REQUEST_TIMEOUT_S = 120.0
+HASH_PASSED = re.compile(r"NIXL compatibility check passed \(hash: ([0-9a-f]{64})\)")
+HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
+XFER_COUNT = "vllm:nixl_xfer_time_seconds_count"
+
+
+def spec_doc(model: str, **changes: Any) -> dict[str, Any]:
+    """The tiny P/D spec with spec.model.name = `model` and `changes` merged into spec."""
+    doc = yaml.safe_load(TINY_SPEC.read_text())
+    doc["spec"]["model"]["name"] = model
+    _merge(doc["spec"], copy.deepcopy(changes))
+    return doc
+
+
+def _merge(into: dict[str, Any], changes: dict[str, Any]) -> None:
+    for k, v in changes.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def write_spec(path: Path, doc: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def pdctl_check(spec: Path) -> dict[str, Any]:
+    """`pdctl check -o json FILE`'s one result."""
+    out = subprocess.run([sys.executable, "-m", "pd_operator.cli.main", "check", "-o", "json",
+                          str(spec)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode in (0, 1), out.stderr
+    (result,) = json.loads(out.stdout)
+    return result
+
+
+@dataclass
+class Running:
+    url: str  # the router
+    state: dict[str, Any]
+    workdir: Path
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)  # pdctl run's own output
+
+    def replica(self, name: str) -> dict[str, Any]:
+        (r,) = [r for r in self.state["replicas"] if r["name"] == name]
+        return r
+
+    def log(self, name: str) -> str:
+        return (self.workdir / "logs" / f"{name}.log").read_text(errors="replace")
+
+    def logs(self, n: int = 40) -> str:
+        out = ["--- pdctl run", *self.lines[-n:]]
+        for log in sorted((self.workdir / "logs").glob("*.log")):
+            out.append(f"--- {log.name}")
+            out += log.read_text(errors="replace").splitlines()[-n:]
+        return "\n".join(out)
+
+
+@contextmanager
+def pdctl_run(spec: Path, workdir: Path) -> Iterator[Running]:
+    """`pdctl run FILE` until it prints its state file; on any failure inside the block the
+    servers' last log lines are printed; SIGTERM (then SIGKILL by process group) after."""
+    from pd_operator.localrun import free_ports
+
+    argv = [sys.executable, "-m", "pd_operator.cli.main", "run", str(spec),
+            "--port", str(free_ports(1)), "--workdir", str(workdir),
+            "--startup-timeout", str(STARTUP_TIMEOUT_S)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=ROOT)
+    lines: list[str] = []
+    running: Running | None = None
+    try:
+        state_file = _wait_for_state(proc, lines, workdir)
+        state = json.loads(Path(state_file).read_text())
+        running = Running(url=state["url"], state=state, workdir=workdir, proc=proc,
+                          lines=lines)
+        yield running
+    except BaseException:
+        print(running.logs() if running else Running("", {}, workdir, proc, lines).logs())
+        raise
+    finally:
+        _stop(proc, workdir)
+
+
+def _wait_for_state(proc: subprocess.Popen[str], lines: list[str], workdir: Path) -> str:
+    assert proc.stdout is not None
+    found: queue.Queue[str] = queue.Queue()
+
+    def drain() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("state: "):
+                found.put(line[len("state: "):].strip())
+        found.put("")
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        path = found.get(timeout=STARTUP_TIMEOUT_S + 60)
+    except queue.Empty:
+        raise RuntimeError("pdctl run not ready in time") from None
+    if not path:
+        raise RuntimeError("pdctl run exited before it was ready")
+    return path
+
+
+def _stop(proc: subprocess.Popen[str], workdir: Path) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    state = workdir / "run.json"  # whatever the runner left goes too, by its process groups
+    if state.exists():
+        s = json.loads(state.read_text())
+        for pid in [s["router"]["pid"], *[r["pid"] for r in s["replicas"]]]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def post(url: str, body: dict[str, Any],
+         timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - local URL
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except json.JSONDecodeError:
+            return exc.code, {"raw": raw.decode(errors="replace")}
+
+
+def complete(base: str, model: str, prompt: str, max_tokens: int = 12) -> tuple[int, Any]:
+    """A greedy completion: (HTTP status, the text or the error body)."""
+    code, body = post(base + "/v1/completions", {"model": model, "prompt": prompt,
+                                                 "max_tokens": max_tokens, "temperature": 0})
+    return code, body["choices"][0]["text"] if code == 200 else body
+
+
+def metric_sum(base: str, name: str) -> float:
+    """The sum over label sets of one Prometheus sample name at base/metrics."""
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:  # noqa: S310
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
