@@ -28,18 +28,42 @@ def _init(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor
     return scale * torch.randn(shape, generator=g) / math.sqrt(fan_in)
 
 
-def llama_config(*, layers: int = 2, hidden: int = 64, heads: int = 8, kv_heads: int = 8,
-                 head_dim: int | None = None, intermediate: int = 128, vocab: int = 256,
-                 dtype: str = "float32", tie: bool = False, eos_token_id: int | None = None,
-                 max_position: int = 2048, rope_theta: float = 10000.0) -> dict[str, Any]:
+def llama_config(
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 8,
+    kv_heads: int = 8,
+    head_dim: int | None = None,
+    intermediate: int = 128,
+    vocab: int = 256,
+    dtype: str = "float32",
+    tie: bool = False,
+    eos_token_id: int | None = None,
+    max_position: int = 2048,
+    rope_theta: float = 10000.0,
+) -> dict[str, Any]:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
-        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "head_dim": head_dim or hidden // heads, "hidden_act": "silu",
-        "max_position_embeddings": max_position, "rms_norm_eps": 1e-5, "rope_theta": rope_theta,
-        "tie_word_embeddings": tie, "bos_token_id": 1, "eos_token_id": eos_token_id,
-        "attention_bias": False, "mlp_bias": False, "dtype": dtype, "torch_dtype": dtype,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim or hidden // heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_position,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": rope_theta,
+        "tie_word_embeddings": tie,
+        "bos_token_id": 1,
+        "eos_token_id": eos_token_id,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "dtype": dtype,
+        "torch_dtype": dtype,
     }
 
 
@@ -51,17 +75,25 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, **cfg_kw: Any) -> str:
     cfg = llama_config(**cfg_kw)
     d, hd = cfg["hidden_size"], cfg["head_dim"]
     h, kvh, inter = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg["vocab_size"], d),
-                                          "model.norm.weight": (d,)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (cfg["vocab_size"], d),
+        "model.norm.weight": (d,),
+    }
     if not cfg["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (cfg["vocab_size"], d)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-                   p + "self_attn.q_proj.weight": (h * hd, d), p + "self_attn.k_proj.weight": (kvh * hd, d),
-                   p + "self_attn.v_proj.weight": (kvh * hd, d), p + "self_attn.o_proj.weight": (d, h * hd),
-                   p + "mlp.gate_proj.weight": (inter, d), p + "mlp.up_proj.weight": (inter, d),
-                   p + "mlp.down_proj.weight": (d, inter)}
+        shapes |= {
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (h * hd, d),
+            p + "self_attn.k_proj.weight": (kvh * hd, d),
+            p + "self_attn.v_proj.weight": (kvh * hd, d),
+            p + "self_attn.o_proj.weight": (d, h * hd),
+            p + "mlp.gate_proj.weight": (inter, d),
+            p + "mlp.up_proj.weight": (inter, d),
+            p + "mlp.down_proj.weight": (d, inter),
+        }
     g = torch.Generator().manual_seed(seed)
     dt = getattr(torch, cfg["dtype"])
     weights = {n: _init(n, s, g).to(dt).contiguous() for n, s in sorted(shapes.items())}
@@ -89,8 +121,9 @@ def write_tiny_hf(path: str | Path, config: dict[str, Any], *, seed: int = 0) ->
     return str(out)
 
 
-def tp_greedy_worker(rank: int, size: int, init_file: str, out_dir: str,
-                     jobs: list[dict[str, Any]]) -> None:
+def tp_greedy_worker(
+    rank: int, size: int, init_file: str, out_dir: str, jobs: list[dict[str, Any]]
+) -> None:
     """One TP rank (torch.multiprocessing spawn target): for each job {path, prompt, n, layout,
     block_size, cache_dtype}, greedy decode on this rank's shard; saves tokens and logits."""
     from pd_runtime import kvcache
@@ -106,13 +139,18 @@ def tp_greedy_worker(rank: int, size: int, init_file: str, out_dir: str,
         results = []
         for job in jobs:
             ck = load_checkpoint(job["path"])
-            spec = kvcache.RankSpec(ck.config.model_spec(job.get("cache_dtype", "auto")),
-                                    tp_size=size, tp_rank=rank,
-                                    block_size=job.get("block_size", 4),
-                                    layout=job.get("layout", "HND"), num_blocks=64)
+            spec = kvcache.RankSpec(
+                ck.config.model_spec(job.get("cache_dtype", "auto")),
+                tp_size=size,
+                tp_rank=rank,
+                block_size=job.get("block_size", 4),
+                layout=job.get("layout", "HND"),
+                num_blocks=64,
+            )
             runner = ModelRunner(ck, KVCache.allocate(spec), "cpu", rank, size, group)
-            tokens, logits = greedy(runner, job["prompt"], job["n"],
-                                    prefill_chunk=job.get("prefill_chunk", 0))
+            tokens, logits = greedy(
+                runner, job["prompt"], job["n"], prefill_chunk=job.get("prefill_chunk", 0)
+            )
             results.append({"tokens": tokens, "logits": torch.stack(logits)})
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -124,8 +162,13 @@ def run_tp(size: int, jobs: list[dict[str, Any]], tmp: Path, timeout_s: float = 
     every process killed on timeout or failure)."""
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(tp_greedy_worker, args=(size, str(tmp / "init"), str(tmp), jobs),
-                             nprocs=size, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        tp_greedy_worker,
+        args=(size, str(tmp / "init"), str(tmp), jobs),
+        nprocs=size,
+        join=False,
+        start_method="spawn",
+    )
     import time
 
     deadline = time.monotonic() + timeout_s
@@ -141,38 +184,90 @@ def run_tp(size: int, jobs: list[dict[str, Any]], tmp: Path, timeout_s: float = 
     return [torch.load(tmp / f"rank{r}.pt") for r in range(size)]
 
 
-_BASE: dict[str, Any] = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4,
-                             num_attention_heads=8, num_key_value_heads=8, intermediate_size=96,
-                             max_position_embeddings=512, eos_token_id=None, bos_token_id=1,
-                             pad_token_id=0, tie_word_embeddings=False)
-_DEEPSEEK: dict[str, Any] = dict(model_type="deepseek_v2", kv_lora_rank=32, q_lora_rank=None,
-                                 qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-                                 n_routed_experts=4, num_experts_per_tok=2,
-                                 moe_intermediate_size=32, n_shared_experts=1,
-                                 first_k_dense_replace=1, topk_method="greedy",
-                                 norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1,
-                                 topk_group=1)
+_BASE: dict[str, Any] = dict(
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    intermediate_size=96,
+    max_position_embeddings=512,
+    eos_token_id=None,
+    bos_token_id=1,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
+_DEEPSEEK: dict[str, Any] = dict(
+    model_type="deepseek_v2",
+    kv_lora_rank=32,
+    q_lora_rank=None,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    topk_method="greedy",
+    norm_topk_prob=False,
+    routed_scaling_factor=1.0,
+    n_group=1,
+    topk_group=1,
+)
 # One tiny config per engine family, each an architecture transformers has (the reference).
 FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "dense": dict(_BASE, model_type="qwen2"),  # q/k/v biases
     "moe": dict(_BASE, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
-    "moe-shared": dict(_BASE, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2,
-                       moe_intermediate_size=48, shared_expert_intermediate_size=64,
-                       norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1]),
+    "moe-shared": dict(
+        _BASE,
+        model_type="qwen2_moe",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        shared_expert_intermediate_size=64,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+    ),
     # kvcache.py's sliding pattern: odd layers windowed, in their own KV-cache group
-    "sliding": dict(_BASE, model_type="qwen2", use_sliding_window=True, sliding_window=5,
-                    max_window_layers=0,
-                    layer_types=["full_attention", "sliding_attention"] * 2),
+    "sliding": dict(
+        _BASE,
+        model_type="qwen2",
+        use_sliding_window=True,
+        sliding_window=5,
+        max_window_layers=0,
+        layer_types=["full_attention", "sliding_attention"] * 2,
+    ),
     "sliding-all": dict(_BASE, model_type="mistral", sliding_window=5),  # every layer windowed
     "mla": dict(_BASE, **_DEEPSEEK),
     "mla-qlora": dict(_BASE, **dict(_DEEPSEEK, q_lora_rank=24)),
     # Bamba: attention on even layers, Mamba-2 on odd ones (kvcache.py's hybrid layout)
-    "hybrid": dict(_BASE, model_type="bamba", num_key_value_heads=4, attn_layer_indices=[0, 2],
-                   mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
-                   mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16),
-    "hybrid-1group": dict(_BASE, model_type="bamba", attn_layer_indices=[0, 2], mamba_n_heads=4,
-                          mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16, mamba_d_conv=3,
-                          mamba_expand=2, mamba_chunk_size=8),
+    "hybrid": dict(
+        _BASE,
+        model_type="bamba",
+        num_key_value_heads=4,
+        attn_layer_indices=[0, 2],
+        mamba_n_heads=8,
+        mamba_d_head=16,
+        mamba_n_groups=2,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_chunk_size=16,
+    ),
+    "hybrid-1group": dict(
+        _BASE,
+        model_type="bamba",
+        attn_layer_indices=[0, 2],
+        mamba_n_heads=4,
+        mamba_d_head=32,
+        mamba_n_groups=1,
+        mamba_d_state=16,
+        mamba_d_conv=3,
+        mamba_expand=2,
+        mamba_chunk_size=8,
+    ),
 }
 
 

@@ -71,5 +71,7 @@ def _load_gguf(p: Path, dtype: str | None) -> Checkpoint:
 
     raw, weights, tok = load_gguf(str(p))
     cfg = _config(raw, p, dtype)
-    weights = {k: (v.to(cfg.torch_dtype) if v.is_floating_point() else v) for k, v in weights.items()}
+    weights = {
+        k: (v.to(cfg.torch_dtype) if v.is_floating_point() else v) for k, v in weights.items()
+    }
     return Checkpoint(cfg, weights, tok, str(p))

@@ -193,8 +193,12 @@ def _from_hf(cfg: dict) -> ModelConfig:
     rope = cfg.get("rope_parameters") or {}
     rope_theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
     scaling = cfg.get("rope_scaling") or {
-        k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) not in ("default", "llama3"):
+        k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")
+    }
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) not in (
+        "default",
+        "llama3",
+    ):
         raise ConfigError(f"config.json: rope_scaling {scaling!r} not supported (default, llama3)")
     if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
         scaling = {}
@@ -235,8 +239,9 @@ def _from_hf(cfg: dict) -> ModelConfig:
         attention_bias=bool(cfg.get("attention_bias", mt in ("qwen2", "qwen2_moe"))),
         qk_norm=mt == "qwen3",
         rope_scaling=tuple(sorted(scaling.items())),
-        partial_rotary_factor=float(cfg.get("partial_rotary_factor")
-                                    or rope.get("partial_rotary_factor") or 1.0),
+        partial_rotary_factor=float(
+            cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
+        ),
         **kw,
     )
 
@@ -244,23 +249,32 @@ def _from_hf(cfg: dict) -> ModelConfig:
 def _moe_fields(cfg: dict, mt: str, layers: int) -> dict[str, Any]:
     if mt == "mixtral":
         n = int(_req(cfg, "num_local_experts"))
-        return dict(num_experts=n, num_experts_per_tok=int(_req(cfg, "num_experts_per_tok")),
-                    moe_intermediate_size=int(_req(cfg, "intermediate_size")),
-                    moe_layers=tuple(range(layers)), norm_topk_prob=True)
+        return dict(
+            num_experts=n,
+            num_experts_per_tok=int(_req(cfg, "num_experts_per_tok")),
+            moe_intermediate_size=int(_req(cfg, "intermediate_size")),
+            moe_layers=tuple(range(layers)),
+            norm_topk_prob=True,
+        )
     step = int(cfg.get("decoder_sparse_step", 1))
     dense_only = set(cfg.get("mlp_only_layers") or [])
     moe = tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
-    return dict(num_experts=int(_req(cfg, "num_experts")),
-                num_experts_per_tok=int(_req(cfg, "num_experts_per_tok")),
-                moe_intermediate_size=int(_req(cfg, "moe_intermediate_size")),
-                moe_layers=moe, norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-                shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
-                shared_expert_gated=True)
+    return dict(
+        num_experts=int(_req(cfg, "num_experts")),
+        num_experts_per_tok=int(_req(cfg, "num_experts_per_tok")),
+        moe_intermediate_size=int(_req(cfg, "moe_intermediate_size")),
+        moe_layers=moe,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
+        shared_expert_gated=True,
+    )
 
 
 def _mla_fields(cfg: dict, layers: int) -> dict[str, Any]:
     if cfg.get("topk_method", "greedy") != "greedy":
-        raise ConfigError(f"config.json: topk_method {cfg.get('topk_method')!r} not supported (greedy)")
+        raise ConfigError(
+            f"config.json: topk_method {cfg.get('topk_method')!r} not supported (greedy)"
+        )
     if cfg.get("scoring_func", "softmax") != "softmax":
         raise ConfigError("config.json: scoring_func must be softmax")
     n_routed = int(cfg.get("n_routed_experts") or 0)
@@ -270,32 +284,49 @@ def _mla_fields(cfg: dict, layers: int) -> dict[str, Any]:
     nope, rope_d = int(_req(cfg, "qk_nope_head_dim")), int(_req(cfg, "qk_rope_head_dim"))
     shared = int(cfg.get("n_shared_experts") or 0)
     moe_i = int(cfg.get("moe_intermediate_size") or 0)
-    return dict(head_size=nope + rope_d, kv_lora_rank=int(_req(cfg, "kv_lora_rank")),
-                qk_rope_head_dim=rope_d, qk_nope_head_dim=nope,
-                v_head_dim=int(_req(cfg, "v_head_dim")),
-                q_lora_rank=(int(cfg["q_lora_rank"]) if cfg.get("q_lora_rank") else None),
-                num_experts=n_routed, num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
-                moe_intermediate_size=moe_i, moe_layers=moe,
-                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-                routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
-                shared_expert_intermediate_size=shared * moe_i, shared_expert_gated=False)
+    return dict(
+        head_size=nope + rope_d,
+        kv_lora_rank=int(_req(cfg, "kv_lora_rank")),
+        qk_rope_head_dim=rope_d,
+        qk_nope_head_dim=nope,
+        v_head_dim=int(_req(cfg, "v_head_dim")),
+        q_lora_rank=(int(cfg["q_lora_rank"]) if cfg.get("q_lora_rank") else None),
+        num_experts=n_routed,
+        num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
+        moe_intermediate_size=moe_i,
+        moe_layers=moe,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+        shared_expert_intermediate_size=shared * moe_i,
+        shared_expert_gated=False,
+    )
 
 
 def _hybrid_fields(cfg: dict, layers: int) -> dict[str, Any]:
     """Bamba-style hybrid: attention on even layers, Mamba-2 on odd ones (kvcache.py's layout)."""
     attn = list(cfg.get("attn_layer_indices") or [])
     if attn != list(range(0, layers, 2)):
-        raise ConfigError(f"config.json: attn_layer_indices {attn} not supported: the KV layout "
-                          "(kvcache.py) has attention on even layers and SSM on odd layers")
+        raise ConfigError(
+            f"config.json: attn_layer_indices {attn} not supported: the KV layout "
+            "(kvcache.py) has attention on even layers and SSM on odd layers"
+        )
     if (cfg.get("num_experts") or 1) != 1:
         raise ConfigError("config.json: hybrid models with MoE feed-forward are not supported")
     hidden = int(_req(cfg, "hidden_size"))
     heads = int(_req(cfg, "mamba_n_heads"))
     head_dim = cfg.get("mamba_d_head")
-    head_dim = int(cfg.get("mamba_expand", 2) * hidden // heads) if head_dim in (None, "auto") \
+    head_dim = (
+        int(cfg.get("mamba_expand", 2) * hidden // heads)
+        if head_dim in (None, "auto")
         else int(head_dim)
+    )
     limit = cfg.get("time_step_limit") or (0.0, float("inf"))
     lim = tuple(float("inf") if isinstance(v, dict) else float(v) for v in limit)
-    return dict(ssm_heads=heads, ssm_head_dim=head_dim, ssm_groups=int(cfg.get("mamba_n_groups", 1)),
-                d_state=int(_req(cfg, "mamba_d_state")), conv_kernel=int(cfg.get("mamba_d_conv", 4)),
-                time_step_limit=(lim[0], lim[1]))
+    return dict(
+        ssm_heads=heads,
+        ssm_head_dim=head_dim,
+        ssm_groups=int(cfg.get("mamba_n_groups", 1)),
+        d_state=int(_req(cfg, "mamba_d_state")),
+        conv_kernel=int(cfg.get("mamba_d_conv", 4)),
+        time_step_limit=(lim[0], lim[1]),
+    )

@@ -67,7 +67,9 @@ class LayerCache:
         return dequantize(q, s, self.parts, rows.dtype)
 
 
-def quantize(rows: torch.Tensor, parts: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(
+    rows: torch.Tensor, parts: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8 rows and float32 scales [..., parts] (one scale per piece of each row)."""
     shape = rows.shape
     x = rows.float().reshape(*shape[:-1], parts, shape[-1] // parts)
@@ -77,7 +79,9 @@ def quantize(rows: torch.Tensor, parts: int, dtype: torch.dtype) -> tuple[torch.
     return q.reshape(shape), scale
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, parts: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, parts: int, dtype: torch.dtype
+) -> torch.Tensor:
     shape = q.shape
     x = q.float().reshape(*shape[:-1], parts, shape[-1] // parts) * scale.unsqueeze(-1)
     return x.reshape(shape).to(dtype)
@@ -138,12 +142,14 @@ class KVCache:
             parts = 2 if c.name == "kv" else 1
             sc = scales.get(c.layer)
             scale = _view(arena, sc, torch.float32) if sc is not None else None
-            self.layers[c.layer] = LayerCache(c.layer, c.group, parts, _view(arena, pl, data_dtype),
-                                              scale)
+            self.layers[c.layer] = LayerCache(
+                c.layer, c.group, parts, _view(arena, pl, data_dtype), scale
+            )
 
         for layer, t in state.items():
-            self.states[layer] = LayerState(layer, t["conv_x"], t["conv_B"], t["conv_C"],
-                                            t["ssm"][:, 0])
+            self.states[layer] = LayerState(
+                layer, t["conv_x"], t["conv_B"], t["conv_C"], t["ssm"][:, 0]
+            )
 
     @staticmethod
     def allocate(spec: kvcache.RankSpec, device: str = "cpu") -> KVCache:
@@ -152,8 +158,9 @@ class KVCache:
         return KVCache(spec, torch.zeros(nbytes, dtype=torch.uint8, device=device))
 
 
-def chunk_block_table(m: kvcache.ModelSpec, group: int, start_pos: int, end_pos: int,
-                      block_size: int, ids: list[int]) -> list[int]:
+def chunk_block_table(
+    m: kvcache.ModelSpec, group: int, start_pos: int, end_pos: int, block_size: int, ids: list[int]
+) -> list[int]:
     """The block table a chunk of tokens [start_pos, end_pos) needs in `group`.
 
     Full groups: every block. Sliding groups: blocks entirely before the first key the chunk's

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from .. import kvcache
 from .config import ModelConfig
 from .kv import KVCache, LayerCache
 from .ssm import Mamba2Mixer, StateChunk
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class WeightError(ValueError):
@@ -46,8 +50,14 @@ class AttnMeta:
 class Sharder:
     """Slices full tensors for one TP rank."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], rank: int, size: int,
-                 dtype: torch.dtype, device: str):
+    def __init__(
+        self,
+        weights: dict[str, torch.Tensor],
+        rank: int,
+        size: int,
+        dtype: torch.dtype,
+        device: str,
+    ):
         self.w, self.rank, self.size, self.dtype, self.device = weights, rank, size, dtype, device
         # Row-parallel partial sums are formed and all-reduced in float32 under TP, then rounded
         # once: 16-bit partials would round twice and drift from TP 1's greedy tokens.
@@ -98,7 +108,11 @@ def rope_inv_freq(cfg: ModelConfig, dim: int) -> torch.Tensor:
     sc = dict(cfg.rope_scaling)
     if sc.get("rope_type", sc.get("type")) != "llama3":
         return inv
-    factor, low, high = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+    factor, low, high = (
+        float(sc["factor"]),
+        float(sc["low_freq_factor"]),
+        float(sc["high_freq_factor"]),
+    )
     old = float(sc["original_max_position_embeddings"])
     low_wl, high_wl = old / low, old / high
     wl = 2 * math.pi / inv
@@ -109,13 +123,19 @@ def rope_inv_freq(cfg: ModelConfig, dim: int) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
+) -> torch.Tensor:
     """x [T, H, d]; cos/sin [T, d/2]. HF rotate_half halves, or adjacent pairs (DeepSeek)."""
     c, s = cos[:, None, :], sin[:, None, :]
     if interleaved:
         xf = x.float().reshape(*x.shape[:-1], -1, 2)
         a, b = xf[..., 0], xf[..., 1]
-        return torch.stack((a * c.float() - b * s.float(), a * s.float() + b * c.float()), -1).flatten(-2).to(x.dtype)
+        return (
+            torch.stack((a * c.float() - b * s.float(), a * s.float() + b * c.float()), -1)
+            .flatten(-2)
+            .to(x.dtype)
+        )
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)
@@ -126,15 +146,18 @@ def pad_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((x, x.new_zeros((1, *x.shape[1:]))))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta,
-           scale: float | None = None) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, scale: float | None = None
+) -> torch.Tensor:
     """q [B, Lq, Hq, d], k/v [B, Lk, Hkv, d] -> [T, Hq * dv] in flat token order."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = qt.shape[1] != kt.shape[1]
     if meta.mask is None:
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=meta.mask, scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(
+            qt, kt, vt, attn_mask=meta.mask, scale=scale, enable_gqa=gqa
+        )
     b, h, lq, dv = o.shape
     return o.transpose(1, 2).reshape(b * lq, h * dv)[meta.out_index]
 
@@ -159,7 +182,9 @@ class Layer:
         if i in cfg.moe_layers:
             self._init_moe(p)
         else:
-            self.mlp = dense_mlp(s, p + ("mlp." if s.has(p + "mlp.down_proj.weight") else "feed_forward."))
+            self.mlp = dense_mlp(
+                s, p + ("mlp." if s.has(p + "mlp.down_proj.weight") else "feed_forward.")
+            )
 
     # --- attention (GQA) ---
     def _init_gqa(self, p: str) -> None:
@@ -169,29 +194,46 @@ class Layer:
         kv_rows = [h * d + j for h in m.kv_heads for j in range(d)]
         a = p + "self_attn."
         # q, k and v in one matmul (one pass over x; the split sizes are this rank's heads)
-        self.wqkv = torch.cat((s.rows(s.full(a + "q_proj.weight"), q_rows),
-                               s.rows(s.full(a + "k_proj.weight"), kv_rows),
-                               s.rows(s.full(a + "v_proj.weight"), kv_rows)))
+        self.wqkv = torch.cat(
+            (
+                s.rows(s.full(a + "q_proj.weight"), q_rows),
+                s.rows(s.full(a + "k_proj.weight"), kv_rows),
+                s.rows(s.full(a + "v_proj.weight"), kv_rows),
+            )
+        )
         self.qkv_split = [len(q_rows), len(kv_rows), len(kv_rows)]
         biases = [s.opt(a + n + "_proj.bias") for n in "qkv"]
         self.bqkv = None
         if any(b is not None for b in biases):
-            self.bqkv = torch.cat([b[r] if b is not None else self.wqkv.new_zeros(len(r))
-                                   for b, r in zip(biases, (q_rows, kv_rows, kv_rows), strict=True)])
+            self.bqkv = torch.cat(
+                [
+                    b[r] if b is not None else self.wqkv.new_zeros(len(r))
+                    for b, r in zip(biases, (q_rows, kv_rows, kv_rows), strict=True)
+                ]
+            )
         self.wo = s.cols(s.full(a + "o_proj.weight"), q_rows)
         self.bo = s.opt(a + "o_proj.bias")
         self.q_norm = s.opt(a + "q_norm.weight")
         self.k_norm = s.opt(a + "k_norm.weight")
 
-    def _attn_gqa(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta,
-                  cache: LayerCache) -> torch.Tensor:
+    def _attn_gqa(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttnMeta,
+        cache: LayerCache,
+    ) -> torch.Tensor:
         cfg, m = self.m.cfg, self.m
         d, t = cfg.head_size, x.shape[0]
         qf, kf, vf = F.linear(x, self.wqkv, self.bqkv).split(self.qkv_split, -1)
         q = qf.reshape(t, len(m.q_heads), d)
         k, v = kf.reshape(t, len(m.kv_heads), d), vf.reshape(t, len(m.kv_heads), d)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = rms_norm(q, self.q_norm, cfg.rms_norm_eps), rms_norm(k, self.k_norm, cfg.rms_norm_eps)
+            q, k = (
+                rms_norm(q, self.q_norm, cfg.rms_norm_eps),
+                rms_norm(k, self.k_norm, cfg.rms_norm_eps),
+            )
         rd = cos.shape[-1] * 2
         if rd == d:
             q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
@@ -230,13 +272,21 @@ class Layer:
         self.bkv_a = s.opt(a + "kv_a_proj_with_mqa.bias")
         self.kv_a_norm = s.full(a + "kv_a_layernorm.weight")
         kvd = cfg.qk_nope_head_dim + cfg.v_head_dim
-        self.wkv_b = s.rows(s.full(a + "kv_b_proj.weight"), [h * kvd + j for h in m.q_heads for j in range(kvd)])
+        self.wkv_b = s.rows(
+            s.full(a + "kv_b_proj.weight"), [h * kvd + j for h in m.q_heads for j in range(kvd)]
+        )
         o_cols = [h * cfg.v_head_dim + j for h in m.q_heads for j in range(cfg.v_head_dim)]
         self.wo = s.cols(s.full(a + "o_proj.weight"), o_cols)
         self.bo = s.opt(a + "o_proj.bias")
 
-    def _attn_mla(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta,
-                  cache: LayerCache) -> torch.Tensor:
+    def _attn_mla(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttnMeta,
+        cache: LayerCache,
+    ) -> torch.Tensor:
         cfg, t, h = self.m.cfg, x.shape[0], len(self.m.q_heads)
         nope, rd, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
         if cfg.q_lora_rank:
@@ -249,7 +299,9 @@ class Layer:
         ckv = F.linear(x, self.wkv_a, self.bkv_a)
         c = rms_norm(ckv[:, :r], self.kv_a_norm, cfg.rms_norm_eps)
         k_pe = apply_rope(ckv[:, None, r:], cos, sin, True)
-        lat = self._cache_rows(torch.cat((c[:, None, :], k_pe), -1), meta, cache)  # [B, Lk, 1, r+rd]
+        lat = self._cache_rows(
+            torch.cat((c[:, None, :], k_pe), -1), meta, cache
+        )  # [B, Lk, 1, r+rd]
         kv = F.linear(lat[:, :, 0, :r], self.wkv_b).view(*lat.shape[:2], h, nope + cfg.v_head_dim)
         k = torch.cat((kv[..., :nope], lat[:, :, :, r:].expand(-1, -1, h, -1)), -1)
         qp = pad_rows(q)[meta.q_index]
@@ -297,8 +349,14 @@ class Layer:
             out = out + sh.to(out.dtype)
         return out
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                meta: AttnMeta | list[StateChunk], kv: KVCache) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttnMeta | list[StateChunk],
+        kv: KVCache,
+    ) -> torch.Tensor:
         h = rms_norm(x, self.in_norm, self.m.cfg.rms_norm_eps)
         if self.mixer is not None:
             assert isinstance(meta, list)
@@ -317,18 +375,26 @@ def expert_weights(s: Sharder, mp: str, n: int) -> tuple[list[torch.Tensor], lis
     if s.has(mp + "experts.gate_up_proj"):
         gu, dn = s.full(mp + "experts.gate_up_proj"), s.full(mp + "experts.down_proj")
         return list(gu.unbind(0)), list(dn.unbind(0))
-    names = ("w1", "w3", "w2") if s.has(mp + "experts.0.w1.weight") else ("gate_proj", "up_proj", "down_proj")
+    names = (
+        ("w1", "w3", "w2")
+        if s.has(mp + "experts.0.w1.weight")
+        else ("gate_proj", "up_proj", "down_proj")
+    )
     gate_up, down = [], []
     for e in range(n):
         ep = f"{mp}experts.{e}."
-        gate_up.append(torch.cat((s.full(ep + names[0] + ".weight"), s.full(ep + names[1] + ".weight"))))
+        gate_up.append(
+            torch.cat((s.full(ep + names[0] + ".weight"), s.full(ep + names[1] + ".weight")))
+        )
         down.append(s.full(ep + names[2] + ".weight"))
     return gate_up, down
 
 
 def dense_mlp(s: Sharder, p: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """SwiGLU MLP, column-parallel gate/up and row-parallel down (partial sum; caller reduces)."""
-    gate_up = s.rows(torch.cat((s.full(p + "gate_proj.weight"), s.full(p + "up_proj.weight"))), parts=2)
+    gate_up = s.rows(
+        torch.cat((s.full(p + "gate_proj.weight"), s.full(p + "up_proj.weight"))), parts=2
+    )
     down = s.cols(s.full(p + "down_proj.weight"))
 
     def mlp(x: torch.Tensor) -> torch.Tensor:
@@ -341,8 +407,15 @@ def dense_mlp(s: Sharder, p: str) -> Callable[[torch.Tensor], torch.Tensor]:
 class Model:
     """Embedding, layers, final norm and LM head of one TP rank."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: str,
-                 tp_rank: int = 0, tp_size: int = 1, group: object = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        device: str,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        group: ProcessGroup | None = None,
+    ):
         self.cfg, self.tp_rank, self.tp_size, self.group = cfg, tp_rank, tp_size, group
         self.sharder = Sharder(weights, tp_rank, tp_size, cfg.torch_dtype, device)
         if cfg.num_heads % tp_size:
@@ -355,12 +428,19 @@ class Model:
             self.kv_heads = kvcache.heads_of_rank(cfg.num_kv_heads, True, tp_size, tp_rank)
             group_size = cfg.num_heads // cfg.num_kv_heads
             if any(h // group_size not in self.kv_heads for h in self.q_heads):
-                raise WeightError(f"TP {tp_size}: rank {tp_rank}'s query heads need KV heads it does not hold")
+                raise WeightError(
+                    f"TP {tp_size}: rank {tp_rank}'s query heads need KV heads it does not hold"
+                )
         s = self.sharder
         self.embed = s.full("model.embed_tokens.weight")
-        self.norm = s.full("model.norm.weight" if s.has("model.norm.weight")
-                           else "model.final_layernorm.weight")
-        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings or not s.has("lm_head.weight") else "lm_head.weight"
+        self.norm = s.full(
+            "model.norm.weight" if s.has("model.norm.weight") else "model.final_layernorm.weight"
+        )
+        head = (
+            "model.embed_tokens.weight"
+            if cfg.tie_word_embeddings or not s.has("lm_head.weight")
+            else "lm_head.weight"
+        )
         self.lm_head = self.embed if head == "model.embed_tokens.weight" else s.full(head)
         rd = cfg.rope_dim
         self.inv_freq = rope_inv_freq(cfg, rd).to(device)
@@ -370,15 +450,22 @@ class Model:
         if self.tp_size > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(x, group=self.group)  # type: ignore[arg-type]
+            dist.all_reduce(x, group=self.group)
         return x
 
-    def row_parallel(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    def row_parallel(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+    ) -> torch.Tensor:
         y = self.all_reduce(F.linear(x.to(w.dtype), w)).to(x.dtype)
         return y + b if b is not None else y
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor,
-                metas: list[AttnMeta | list[StateChunk]], kv: KVCache) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        metas: list[AttnMeta | list[StateChunk]],
+        kv: KVCache,
+    ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm; `metas[i]` serves layer i."""
         x = self.embed[ids]
         freqs = pos.float()[:, None] * self.inv_freq[None, :]

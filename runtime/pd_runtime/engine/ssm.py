@@ -10,12 +10,16 @@ exp(cum_t) + D x_t, and the final state. State lives in the transfer engine's ar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .. import kvcache
 from .kv import LayerState
+
+if TYPE_CHECKING:
+    from .model import Model
 
 SUB = 64
 
@@ -36,10 +40,7 @@ class StateChunk:
 
 
 class Mamba2Mixer:
-    def __init__(self, model: object, prefix: str):
-        from .model import Model
-
-        assert isinstance(model, Model)
+    def __init__(self, model: Model, prefix: str):
         cfg, s = model.cfg, model.sharder
         self.m = model
         h, p, g, n = cfg.ssm_heads, cfg.ssm_head_dim, cfg.ssm_groups, cfg.d_state
@@ -58,7 +59,9 @@ class Mamba2Mixer:
         hx = [hh * p + j for hh in self.heads for j in range(p)]
         gb = [gg * n + j for gg in self.groups for j in range(n)]
         conv_rows = hx + [inter + r for r in gb] + [inter + g * n + r for r in gb]
-        in_rows = hx + [inter + r for r in conv_rows] + [2 * inter + 2 * g * n + hh for hh in self.heads]
+        in_rows = (
+            hx + [inter + r for r in conv_rows] + [2 * inter + 2 * g * n + hh for hh in self.heads]
+        )
         self.split = [len(hx), len(conv_rows), len(self.heads)]
         self.conv_split = [len(hx), len(gb), len(gb)]
         self.w_in = s.rows(s.full(prefix + "in_proj.weight"), in_rows)
@@ -81,16 +84,16 @@ class Mamba2Mixer:
     def forward(self, x: torch.Tensor, chunks: list[StateChunk], st: LayerState) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden] (after the row-parallel out_proj)."""
         gate, xbc, dt = F.linear(x, self.w_in, self.b_in).split(self.split, -1)
-        ys = torch.empty(x.shape[0], len(self.heads) * self.p, dtype=torch.float32,
-                         device=x.device)
+        ys = torch.empty(x.shape[0], len(self.heads) * self.p, dtype=torch.float32, device=x.device)
         for c in chunks:
             rows = slice(c.flat_start, c.flat_start + c.n)
             ys[rows] = self._sequence(xbc[rows], dt[rows], c, st)
         y = self._gated_norm(ys, gate).to(x.dtype)
-        return self.m.row_parallel(y, self.w_out, self.b_out)  # type: ignore[attr-defined]
+        return self.m.row_parallel(y, self.w_out, self.b_out)
 
-    def _sequence(self, xbc: torch.Tensor, dt: torch.Tensor, c: StateChunk,
-                  st: LayerState) -> torch.Tensor:
+    def _sequence(
+        self, xbc: torch.Tensor, dt: torch.Tensor, c: StateChunk, st: LayerState
+    ) -> torch.Tensor:
         hl, p, n, k = len(self.heads), self.p, self.n, self.k
         fresh = c.start_pos == 0
         if fresh:
@@ -98,11 +101,12 @@ class Mamba2Mixer:
             h0 = torch.zeros(hl, p, n, dtype=torch.float32, device=xbc.device)
         else:
             s = c.src_slot
-            prev = torch.cat((st.conv_x[s].flatten(1), st.conv_b[s].flatten(1),
-                              st.conv_c[s].flatten(1)), 1).to(xbc.dtype)
+            prev = torch.cat(
+                (st.conv_x[s].flatten(1), st.conv_b[s].flatten(1), st.conv_c[s].flatten(1)), 1
+            ).to(xbc.dtype)
             h0 = st.ssm[s].view(hl, p, n).clone()
         full = torch.cat((prev, xbc))  # [k - 1 + L, C]
-        tail = full[-(k - 1):]
+        tail = full[-(k - 1) :]
         cx, cb, cc = tail.split(self.conv_split, -1)
         d = c.dst_slot
         st.conv_x[d] = cx.view(k - 1, hl, p).to(st.conv_x.dtype)
@@ -126,9 +130,9 @@ class Mamba2Mixer:
         hl, p = len(self.heads), self.p
         z = (y * F.silu(gate.float())).view(t, hl, p)
         sq = z.pow(2).sum(-1)  # [T, H_local]
-        if self.m.tp_size > 1:  # type: ignore[attr-defined]
+        if self.m.tp_size > 1:
             tot = sq.new_zeros(t, self.num_groups).index_add_(1, self.global_group_of_head, sq)
-            tot = self.m.all_reduce(tot)  # type: ignore[attr-defined]
+            tot = self.m.all_reduce(tot)
             var = tot[:, self.global_group_of_head] / self.group_size
         else:
             tot = sq.new_zeros(t, len(self.groups)).index_add_(1, self.group_of_head, sq)
@@ -137,8 +141,15 @@ class Mamba2Mixer:
         return self.norm_w * z.reshape(t, hl * p).to(self.norm_w.dtype)
 
 
-def ssd_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
-             d: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    d: torch.Tensor,
+    h0: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x [L, H, P], dt [L, H], a [H], b/c [L, H, N], d [H], h0 [H, P, N] (float32) ->
     y [L, H, P] and the final state [H, P, N]."""
     ys = []

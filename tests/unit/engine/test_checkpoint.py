@@ -67,8 +67,27 @@ def test_generate_stops_after_eos(llama: str) -> None:
 
 
 def test_cli_generate_json(llama: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["generate", "--model", llama, "--prompt-ids", "1,2,3", "--max-tokens", "6",
-                     "--ignore-eos", "--layout", "NHD", "--block-size", "2", "-o", "json"]) == 0
+    assert (
+        cli_main(
+            [
+                "generate",
+                "--model",
+                llama,
+                "--prompt-ids",
+                "1,2,3",
+                "--max-tokens",
+                "6",
+                "--ignore-eos",
+                "--layout",
+                "NHD",
+                "--block-size",
+                "2",
+                "-o",
+                "json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["token_ids"] == generate(load_checkpoint(llama), [1, 2, 3], 6, ignore_eos=True)
     assert out["prompt_ids"] == [1, 2, 3] and out["finish_reason"] == "length"
@@ -90,7 +109,22 @@ def test_smollm2_gguf_answers(capsys: pytest.CaptureFixture[str]) -> None:
         path = gguf.smollm2_path()
     except Exception as e:  # not installed: the GGUF helper's error names the pip command
         pytest.skip(str(e))
-    assert cli_main(["generate", "--model", path, "--prompt", "What is the capital of France?",
-                     "--chat", "--max-tokens", "12", "-o", "json"]) == 0
+    assert (
+        cli_main(
+            [
+                "generate",
+                "--model",
+                path,
+                "--prompt",
+                "What is the capital of France?",
+                "--chat",
+                "--max-tokens",
+                "12",
+                "-o",
+                "json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert "Paris" in out["text"]

@@ -21,9 +21,10 @@ PROMPT = [1, 17, 42, 99, 3, 250, 8, 64, 5, 130, 77]
 def hf_greedy(path: str, prompt: list[int], n: int) -> list[int]:
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                         min_new_tokens=n, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +39,17 @@ def hf_tokens(llama: str) -> list[int]:
 
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
-def test_generate_equals_transformers(llama: str, hf_tokens: list[int], block_size: int,
-                                      layout: str) -> None:
+def test_generate_equals_transformers(
+    llama: str, hf_tokens: list[int], block_size: int, layout: str
+) -> None:
     ck = load_checkpoint(llama)
     assert generate(ck, PROMPT, 20, block_size=block_size, layout=layout) == hf_tokens
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 5])
-def test_chunked_prefill_gives_identical_tokens(llama: str, hf_tokens: list[int], chunk: int) -> None:
+def test_chunked_prefill_gives_identical_tokens(
+    llama: str, hf_tokens: list[int], chunk: int
+) -> None:
     ck = load_checkpoint(llama)
     assert generate(ck, PROMPT, 20, block_size=4, layout="NHD", prefill_chunk=chunk) == hf_tokens
 

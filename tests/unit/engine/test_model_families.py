@@ -27,9 +27,10 @@ N = 12
 def hf_greedy(path: str, prompt: list[int], n: int) -> list[int]:
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def hf_greedy_uncached(path: str, prompt: list[int], n: int) -> list[int]:
@@ -41,7 +42,7 @@ def hf_greedy_uncached(path: str, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +56,17 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, list
     return out
 
 
-EXPECTED_FAMILY = {"dense": "dense", "moe": "moe", "moe-shared": "moe", "sliding": "sliding",
-                   "sliding-all": "dense", "mla": "mla", "mla-qlora": "mla",
-                   "hybrid": "hybrid-ssm", "hybrid-1group": "hybrid-ssm"}
+EXPECTED_FAMILY = {
+    "dense": "dense",
+    "moe": "moe",
+    "moe-shared": "moe",
+    "sliding": "sliding",
+    "sliding-all": "dense",
+    "mla": "mla",
+    "mla-qlora": "mla",
+    "hybrid": "hybrid-ssm",
+    "hybrid-1group": "hybrid-ssm",
+}
 
 
 @pytest.mark.parametrize("fam", list(FAMILY_CONFIGS))
@@ -128,8 +137,12 @@ def test_fp8_cache(ckpts: dict, fam: str, cache_dtype: str) -> None:
     path, _ = ckpts[fam]
     ck = load_checkpoint(path)
     one = generate(ck, PROMPT, 6, block_size=4, cache_dtype=cache_dtype)
-    assert generate(ck, PROMPT, 6, block_size=3, layout="NHD", prefill_chunk=5,
-                    cache_dtype=cache_dtype) == one
+    assert (
+        generate(
+            ck, PROMPT, 6, block_size=3, layout="NHD", prefill_chunk=5, cache_dtype=cache_dtype
+        )
+        == one
+    )
     m8 = ck.config.model_spec(cache_dtype)
     spec8 = kvcache.RankSpec(m8, block_size=4, num_blocks=8)
     kv8 = KVCache.allocate(spec8)

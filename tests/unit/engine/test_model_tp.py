@@ -27,10 +27,18 @@ def tp1_reference(path: str, job: dict) -> tuple[list[int], torch.Tensor]:
     from pd_runtime.engine.runner import ModelRunner
 
     ck = load_checkpoint(path)
-    spec = kvcache.RankSpec(ck.config.model_spec(job.get("cache_dtype", "auto")), block_size=4,
-                            layout=job.get("layout", "HND"), num_blocks=64)
-    tokens, logits = greedy(ModelRunner(ck, KVCache.allocate(spec), "cpu"), job["prompt"], job["n"],
-                            prefill_chunk=job.get("prefill_chunk", 0))
+    spec = kvcache.RankSpec(
+        ck.config.model_spec(job.get("cache_dtype", "auto")),
+        block_size=4,
+        layout=job.get("layout", "HND"),
+        num_blocks=64,
+    )
+    tokens, logits = greedy(
+        ModelRunner(ck, KVCache.allocate(spec), "cpu"),
+        job["prompt"],
+        job["n"],
+        prefill_chunk=job.get("prefill_chunk", 0),
+    )
     return tokens, torch.stack(logits)
 
 
@@ -48,8 +56,15 @@ def test_tp2_equals_tp1_for_every_family(tmp_path: Path) -> None:
     jobs = []
     for fam in FAMILY_CONFIGS:
         path = write_family(tmp_path / fam, fam)
-        jobs.append({"path": path, "prompt": PROMPT, "n": N, "layout": "NHD" if fam == "moe" else "HND",
-                     "prefill_chunk": 5 if fam == "sliding" else 0})
+        jobs.append(
+            {
+                "path": path,
+                "prompt": PROMPT,
+                "n": N,
+                "layout": "NHD" if fam == "moe" else "HND",
+                "prefill_chunk": 5 if fam == "sliding" else 0,
+            }
+        )
     jobs.append({"path": jobs[0]["path"], "prompt": PROMPT, "n": N, "cache_dtype": "fp8"})
     # bfloat16: row-parallel partials are summed in float32, so the tokens stay TP 1's
     bf16 = write_tiny_llama(tmp_path / "bf16", seed=3, dtype="bfloat16")
@@ -61,8 +76,9 @@ def test_tp2_equals_tp1_for_every_family(tmp_path: Path) -> None:
 
 def test_tp3_with_three_kv_heads_smollm_shape(tmp_path: Path) -> None:
     """SmolLM2's head shape: 9 query heads, 3 KV heads, TP 3 (one KV head per rank)."""
-    path = write_tiny_llama(tmp_path / "m", hidden=72, heads=9, kv_heads=3, head_dim=8,
-                            intermediate=96)
+    path = write_tiny_llama(
+        tmp_path / "m", hidden=72, heads=9, kv_heads=3, head_dim=8, intermediate=96
+    )
     jobs = [{"path": path, "prompt": PROMPT, "n": N}]
     (tmp_path / "run").mkdir()
     check(run_tp(3, jobs, tmp_path / "run"), jobs)
@@ -72,9 +88,11 @@ def test_tp4_replicates_two_kv_heads(tmp_path: Path) -> None:
     """TP 4 > 2 KV heads: each KV head lives on two ranks (kvcache.heads_of_rank); and a hybrid
     model whose 2 SSM groups are replicated over 4 ranks."""
     path = write_tiny_llama(tmp_path / "m", heads=8, kv_heads=2)
-    jobs = [{"path": path, "prompt": PROMPT, "n": N, "layout": "NHD"},
-            # Mamba-2 with 2 groups over 4 ranks: B/C replicated, the gated norm reduced
-            {"path": write_family(tmp_path / "h", "hybrid"), "prompt": PROMPT, "n": N}]
+    jobs = [
+        {"path": path, "prompt": PROMPT, "n": N, "layout": "NHD"},
+        # Mamba-2 with 2 groups over 4 ranks: B/C replicated, the gated norm reduced
+        {"path": write_family(tmp_path / "h", "hybrid"), "prompt": PROMPT, "n": N},
+    ]
     (tmp_path / "run").mkdir()
     check(run_tp(4, jobs, tmp_path / "run"), jobs)
 
@@ -82,7 +100,12 @@ def test_tp4_replicates_two_kv_heads(tmp_path: Path) -> None:
 def test_shards_hold_the_kv_heads_of_the_rank(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path / "m", heads=8, kv_heads=2)
     ck = load_checkpoint(path)
-    assert [Model(ck.config, ck.weights, "cpu", r, 4).kv_heads for r in range(4)] == [[0], [0], [1], [1]]
+    assert [Model(ck.config, ck.weights, "cpu", r, 4).kv_heads for r in range(4)] == [
+        [0],
+        [0],
+        [1],
+        [1],
+    ]
     assert Model(ck.config, ck.weights, "cpu", 1, 2).kv_heads == [1]
     with pytest.raises(WeightError, match="cannot be split"):
         Model(ck.config, ck.weights, "cpu", 0, 3)
