@@ -71,8 +71,9 @@ def _live_python() -> str:
 def replicas(pool: ResolvedPool, sts: dict[str, Any], configmaps: dict[str, dict[str, Any]],
              secrets_: dict[str, dict[str, Any]], token: str, model_dirs: dict[str, str],
              device: str, ports: Callable[[int], int],
-             live_python: Callable[[], str] = _live_python) -> list[Proc]:
-    """One Proc per replica of a vLLM pool's StatefulSet."""
+             live_python: Callable[[], str] | None = None) -> list[Proc]:
+    """One Proc per replica of a vLLM pool's StatefulSet (`live_python`: the CPU interpreter,
+    by default the live environment's, installed on first use)."""
     from .localrun import Proc, RunError, _env, _files
 
     field = pool.origin.get("model_name", "spec.model.name")
@@ -91,7 +92,8 @@ def replicas(pool: ResolvedPool, sts: dict[str, Any], configmaps: dict[str, dict
     for i in range(sts["spec"]["replicas"]):
         rname = f"{pool.role}-{i}"
         port, side = ports(1), ports(pool.tp * pool.dp)
-        argv = engine_argv(list(container["command"]), port, device, live_python)
+        argv = engine_argv(list(container["command"]), port, device,
+                           live_python or _live_python)
         out.append(Proc(name=rname, role=pool.role, argv=argv,
                         env={**profile, **_env(container, configmaps, side, rname)},
                         files=_files(pod, container, configmaps, secrets_, token, rname),
