@@ -333,6 +333,10 @@ async def _handle(request: web.Request, kind: _Kind) -> web.StreamResponse:
         m.failures.labels("client_disconnected").inc()
         m.requests.labels(kind.endpoint, "499").inc()
         raise
+    except Exception:  # noqa: BLE001 - a bug: logged with its traceback, a named 500 outside
+        log.exception("%s failed", kind.endpoint)
+        m.failures.labels("internal_error").inc()
+        resp = _error(500, "internal error (see the server log)", code="internal_error")
     m.requests.labels(kind.endpoint, str(resp.status)).inc()
     return resp
 
@@ -428,6 +432,13 @@ async def _stream(request: web.Request, kind: _Kind, req: pr._Sampling, jobs: li
     except EngineError as exc:
         state.metrics.failures.labels(exc.code).inc()
         await _send(resp, pr.error_body(exc.message, err_type="server_error", code=exc.code))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:  # noqa: BLE001 - a bug mid-stream: the client still gets a named error
+        log.exception("%s stream failed", kind.endpoint)
+        state.metrics.failures.labels("internal_error").inc()
+        await _send(resp, pr.error_body("internal error (see the server log)",
+                                        err_type="server_error", code="internal_error"))
     finally:
         for t in tasks:
             t.cancel()

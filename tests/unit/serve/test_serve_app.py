@@ -349,3 +349,18 @@ def test_bodies_exactly_as_the_router_sends_them(path, body):
         assert status == 400 and out["error"]["param"] == "skip_special_tokens"
 
     run("prefill", run_body)
+
+
+def test_a_bug_is_a_named_500_not_a_traceback():
+    class Buggy(FakeEngine):
+        async def generate(self, *a, **kw):  # type: ignore[override]
+            raise ZeroDivisionError("oops")
+            yield  # pragma: no cover
+
+    async def body(c: TestClient, e: FakeEngine) -> None:
+        for stream in (False, True):
+            status, out = await post(c, "/v1/completions", {"prompt": "hi", "stream": stream})
+            assert status == 500 and out["error"]["code"] == "internal_error"
+            assert "oops" not in out["error"]["message"]
+
+    run("aggregated", body, Buggy())
