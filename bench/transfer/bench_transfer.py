@@ -114,7 +114,8 @@ def kernel_rows(sizes_mib: list[int], cases=KCASES) -> list[dict]:
             seg = pp.gather if side == "gather" else pp.scatter
             prog = SegmentProgram.prepare(seg, dev, use_triton=True)
             torch.cuda.synchronize()
-            old_host_s = time.perf_counter() - t0  # per request: numpy plan + offset tables + upload
+            # per request: numpy plan + offset tables + upload
+            old_host_s = time.perf_counter() - t0
             src_n = arena_layout(p).nbytes if side == "gather" else pp.nbytes + 256
             dst_n = pp.nbytes + 256 if side == "gather" else arena_layout(d).nbytes
             src = torch.randint(0, 256, (src_n,), dtype=torch.uint8, device=dev)
@@ -131,7 +132,8 @@ def kernel_rows(sizes_mib: list[int], cases=KCASES) -> list[dict]:
             # ours: template built once per geometry (not timed per request), per request only
             # the block tables go up and the kernel runs
             tm = PairTemplate(p, d)
-            kp = kvcopy.program_for(tm.gather if side == "gather" else tm.scatter, dev, side == "gather")
+            kp = kvcopy.program_for(tm.gather if side == "gather" else tm.scatter, dev,
+                                    side == "gather")
             req = preq if side == "gather" else dreq
             dst.zero_()
             role = "prefill" if side == "gather" else "decode"
@@ -154,15 +156,20 @@ def kernel_rows(sizes_mib: list[int], cases=KCASES) -> list[dict]:
             rows.append(dict(kind="kernel", case=name, payload_mib=nb / 2**20, segments=seg.count,
                              copy_b2b_ms=t_copy_b, ours_b2b_ms=t_ours_b, old_b2b_ms=t_old_b,
                              ratio_b2b=t_copy_b / t_ours_b, old_ratio_b2b=t_copy_b / t_old_b,
-                             launches=kp.launches, copy_ms=t_copy, ours_ms=t_ours, old_kernel_ms=t_old,
+                             launches=kp.launches, copy_ms=t_copy, ours_ms=t_ours,
+                             old_kernel_ms=t_old,
                              copy_gbps_rw=2 * nb / t_copy / 1e6, ours_gbps_rw=2 * nb / t_ours / 1e6,
                              ratio=t_copy / t_ours, old_ratio=t_copy / t_old, byte_exact=exact,
-                             old_byte_exact=exact_old, ours_host_us=host_us, old_host_ms=old_host_s * 1e3,
+                             old_byte_exact=exact_old, ours_host_us=host_us,
+                             old_host_ms=old_host_s * 1e3,
                              tile_bytes=kvcopy.KV_TILE_BYTES, num_warps=kvcopy.KV_NUM_WARPS))
             print(f"  {name:45s} {nb / 2**20:6.0f} MiB copy {t_copy:6.3f} ms ours {t_ours:6.3f} ms "
-                  f"({100 * t_copy / t_ours:5.1f}%) old {t_old:6.3f} ms ({100 * t_copy / t_old:5.1f}%) "
-                  f"host ours {host_us:6.1f} us old {old_host_s * 1e3:7.2f} ms exact={exact}/{exact_old} | back-to-back: "
-                  f"copy {t_copy_b:6.3f} ours {t_ours_b:6.3f} ({100 * t_copy_b / t_ours_b:5.1f}%) old {t_old_b:6.3f} "
+                  f"({100 * t_copy / t_ours:5.1f}%) old {t_old:6.3f} ms "
+                  f"({100 * t_copy / t_old:5.1f}%) "
+                  f"host ours {host_us:6.1f} us old {old_host_s * 1e3:7.2f} ms "
+                  f"exact={exact}/{exact_old} | back-to-back: "
+                  f"copy {t_copy_b:6.3f} ours {t_ours_b:6.3f} ({100 * t_copy_b / t_ours_b:5.1f}%) "
+                  f"old {t_old_b:6.3f} "
                   f"({100 * t_copy_b / t_old_b:5.1f}%)", flush=True)
             del src, dst, a, b
             torch.cuda.empty_cache()
@@ -240,8 +247,9 @@ def _decode_run(geo, tokens, reps: int) -> dict:
             reads.append(st.read_seconds)
             paths.append(st.data_path_seconds)
             hosts.append(st.seconds - st.data_path_seconds)
-            brk.append(dict(d_host_before_prepare_s=st.plan_seconds, prepare_rtt_s=st.prepare_seconds,
-                            gather_s=st.gather_seconds, read_s=st.read_seconds, scatter_s=st.scatter_seconds))
+            brk.append(dict(d_host_before_prepare_s=st.plan_seconds,
+                            prepare_rtt_s=st.prepare_seconds, gather_s=st.gather_seconds,
+                            read_s=st.read_seconds, scatter_s=st.scatter_seconds))
     nbytes = st.bytes
     ours_arena = dr.arena.clone()
     # per-block-descriptor baseline on the same data: read P's arena blocks in place
@@ -285,9 +293,11 @@ def _decode_run(geo, tokens, reps: int) -> dict:
     dr.close()
     q_in.put("stop")
     proc.join(timeout=60)
-    t_ours, t_read, t_base = float(np.median(ours)), float(np.median(reads)), float(np.median(base_t))
+    t_ours, t_read = float(np.median(ours)), float(np.median(reads))
+    t_base = float(np.median(base_t))
     t_path = float(np.median(paths))
-    return dict(kind="nixl", payload_mib=nbytes / 2**20, descriptors_ours=1, descriptors_baseline=len(rem),
+    return dict(kind="nixl", payload_mib=nbytes / 2**20, descriptors_ours=1,
+                descriptors_baseline=len(rem),
                 copy_s=t_copy, ours_s=t_ours, ours_read_s=t_read, baseline_s=t_base,
                 copy_gbps=nbytes / t_copy / 1e9, ours_gbps=nbytes / t_ours / 1e9,
                 ours_read_gbps=nbytes / t_read / 1e9, baseline_gbps=nbytes / t_base / 1e9,
@@ -297,14 +307,16 @@ def _decode_run(geo, tokens, reps: int) -> dict:
                 ours_host_overhead_max_s=float(np.max(hosts)), breakdown=brk, read_study=study)
 
 
-def read_study(agent, peer: str, recv: torch.Tensor, p_arena: list, nbytes: int, reps: int, qs=None) -> dict:
+def read_study(agent, peer: str, recv: torch.Tensor, p_arena: list, nbytes: int, reps: int,
+               qs=None) -> dict:
     """One READ of `nbytes` from P's arena, several ways: where does READ time go?"""
     out = {}
     nbytes = min(nbytes, p_arena[1], recv.numel())
     loc = [(recv.data_ptr(), nbytes, recv.device.index or 0)]
     rem = [(p_arena[0], nbytes, p_arena[2])]
 
-    def timed(post, poll_sleep: float, notif: bytes, prepped=None, touch=False) -> tuple[float, float]:
+    def timed(post, poll_sleep: float, notif: bytes, prepped=None,
+              touch=False) -> tuple[float, float]:
         ts, tp = [], []
         for i in range(reps + 1):
             if touch:
@@ -342,7 +354,8 @@ def read_study(agent, peer: str, recv: torch.Tensor, p_arena: list, nbytes: int,
             out[name] = dict(error=str(e))
     try:
         t, tpost = timed(None, 0.0, b"study", touch=True)
-        out["init+notif, busy poll, right after a P kernel"] = dict(s=t, post_s=tpost, gbps=nbytes / t / 1e9)
+        out["init+notif, busy poll, right after a P kernel"] = dict(
+            s=t, post_s=tpost, gbps=nbytes / t / 1e9)
     except Exception as e:  # noqa: BLE001
         out["init+notif, busy poll, right after a P kernel"] = dict(error=str(e))
     try:
@@ -350,7 +363,8 @@ def read_study(agent, peer: str, recv: torch.Tensor, p_arena: list, nbytes: int,
         rh = agent.prep_xfer_dlist(peer, rem, "VRAM")
         h = agent.make_prepped_xfer("READ", lh, [0], rh, [0], b"")
         t, tpost = timed(None, 0.0, b"", prepped=h)
-        out["prepped handle reposted, no notif, busy poll"] = dict(s=t, post_s=tpost, gbps=nbytes / t / 1e9)
+        out["prepped handle reposted, no notif, busy poll"] = dict(
+            s=t, post_s=tpost, gbps=nbytes / t / 1e9)
         agent.release_xfer_handle(h)
         agent.release_dlist_handle(lh)
         agent.release_dlist_handle(rh)
@@ -359,7 +373,8 @@ def read_study(agent, peer: str, recv: torch.Tensor, p_arena: list, nbytes: int,
     # device-side view: CUDA events around a same-size device copy for reference
     out["nbytes"] = nbytes
     print(f"    READ study {nbytes / 2**20:.0f} MiB: " + "; ".join(
-        f"{k}: {v['gbps']:.0f} GB/s (post {v['post_s'] * 1e6:.0f} us)" if isinstance(v, dict) and "gbps" in v else f"{k}: {v}"
+        f"{k}: {v['gbps']:.0f} GB/s (post {v['post_s'] * 1e6:.0f} us)"
+        if isinstance(v, dict) and "gbps" in v else f"{k}: {v}"
         for k, v in out.items() if k != "nbytes"), flush=True)
     return out
 
@@ -371,7 +386,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="bench_transfer.json")
     ap.add_argument("--skip-nixl", action="store_true")
-    ap.add_argument("--sweep-mib", default="", help="tile/warp sweep of the template kernel at these sizes")
+    ap.add_argument("--sweep-mib", default="",
+                    help="tile/warp sweep of the template kernel at these sizes")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_transfer: CUDA not available, nothing to measure")
@@ -388,7 +404,8 @@ def main() -> int:
         best = max(out["sweep"], key=lambda r: r["ratio_b2b"] if r["payload_mib"] >= 32 else 0)
         kvcopy.KV_TILE_BYTES, kvcopy.KV_NUM_WARPS = 32768, 8
         json.dump(out, open(args.out, "w"), indent=2)
-        print(f"sweep: best single row {best['case']} tile {best['tile_bytes']} warps {best['num_warps']}")
+        print(f"sweep: best single row {best['case']} tile {best['tile_bytes']} "
+              f"warps {best['num_warps']}")
     out["kernels"] = kernel_rows([int(x) for x in args.sizes_mib.split(",")])
     json.dump(out, open(args.out, "w"), indent=2)
     if not args.skip_nixl:
@@ -408,14 +425,18 @@ def main() -> int:
     print("\n| case | MiB | copy | ours | ratio |")
     for r in out["kernels"]:
         print(f"| {r['case']} | {r['payload_mib']:.0f} | {r['copy_gbps_rw']:.0f} GB/s r+w | "
-              f"{r['ours_gbps_rw']:.0f} GB/s r+w | {r['ratio']:.2f} (old kernel {r['old_ratio']:.2f}) |")
+              f"{r['ours_gbps_rw']:.0f} GB/s r+w | {r['ratio']:.2f} "
+              f"(old kernel {r['old_ratio']:.2f}) |")
     for r in out["nixl"]:
         if "error" in r:
             print(f"| NIXL {r['case']} | error {r['error']} |")
             continue
-        print(f"  host overhead per pull: median {r['ours_host_overhead_s'] * 1e6:.0f} us, max {r['ours_host_overhead_max_s'] * 1e6:.0f} us")
-        print(f"| NIXL {r['case']} | {r['payload_mib']:.0f} | copy {r['copy_gbps']:.0f} GB/s | ours {r['ours_gbps']:.1f} "
-              f"GB/s end-to-end, data path {r['ours_data_path_gbps']:.1f} (READ {r['ours_read_gbps']:.1f}) | per-block {r['baseline_gbps']:.2f} GB/s "
+        print(f"  host overhead per pull: median {r['ours_host_overhead_s'] * 1e6:.0f} us, "
+              f"max {r['ours_host_overhead_max_s'] * 1e6:.0f} us")
+        print(f"| NIXL {r['case']} | {r['payload_mib']:.0f} | copy {r['copy_gbps']:.0f} GB/s | "
+              f"ours {r['ours_gbps']:.1f} GB/s end-to-end, "
+              f"data path {r['ours_data_path_gbps']:.1f} (READ {r['ours_read_gbps']:.1f}) | "
+              f"per-block {r['baseline_gbps']:.2f} GB/s "
               f"({r['descriptors_baseline']} descs) | x{r['speedup_vs_baseline']:.1f} |")
     json.dump(out, open(args.out, "w"), indent=2)
     return 0
