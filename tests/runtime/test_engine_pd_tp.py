@@ -1,10 +1,14 @@
 """P/D with tensor parallelism: AsyncEngines with TP 2 (rank 1 a worker process, gloo) against
-TP 1, both directions; the decode output equals offline generate token for token."""
+TP 1 both ways, and TP 2 against TP 2 (D in a process of its own); the decode output equals
+offline generate token for token."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -101,3 +105,52 @@ def test_tp_pd_equals_offline(model_dir, p_tp, d_tp):
         assert got[f"r{i}"] == generate(ckpt, pr, 7, ignore_eos=True), f"prompt {i}"
     assert stats["d"]["kv_pulls"] == len(PROMPTS) and stats["d"]["kv_pull_failures"] == 0
     assert stats["p"]["kv_held"] == 0 and stats["d"]["free_blocks"] == 96
+
+
+async def prefill_then_decode_elsewhere(model_dir: str, d_args: dict) -> tuple[list, dict, dict]:
+    p = await AsyncEngine.start(EngineArgs(role="prefill", tensor_parallel_size=2, block_size=16,
+                                           model=model_dir, served_model_name="tiny",
+                                           token=TOKEN, num_blocks=96, seed=0,
+                                           side_channel_port=two_free_ports()))
+    try:
+        jobs = []
+        for prompt in PROMPTS:
+            kv = None
+            async for o in p.generate(f"p{len(jobs)}", prompt,
+                                      SamplingParams(max_tokens=1, temperature=0),
+                                      dict(ROUTER_P_PARAMS)):
+                kv = o.kv_transfer_params or kv
+            jobs.append({"prompt": prompt, "kv": kv, "max_tokens": 7})
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.runtime.engine_decode_proc",
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            raw, _ = await asyncio.wait_for(
+                proc.communicate(json.dumps({"args": d_args, "jobs": jobs}).encode()), 170)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        lines = [ln for ln in raw.decode().splitlines() if ln.startswith("RESULT ")]
+        assert lines, raw.decode()[-2000:]
+        out = json.loads(lines[0][7:])
+        for _ in range(200):
+            if p.stats()["kv_held"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        return out["tokens"], out["stats"], p.stats()
+    finally:
+        await p.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_tp2_to_tp2_equals_offline(model_dir):
+    d_args = dict(role="decode", tensor_parallel_size=2, block_size=32, kv_cache_layout="NHD",
+                  model=model_dir, served_model_name="tiny", token=TOKEN, num_blocks=48, seed=0)
+    tokens, d_stats, p_stats = asyncio.run(asyncio.wait_for(
+        prefill_then_decode_elsewhere(model_dir, d_args), 220))
+    ckpt = load_checkpoint(model_dir)
+    for i, pr in enumerate(PROMPTS):
+        assert tokens[i] == generate(ckpt, pr, 7, ignore_eos=True), f"prompt {i}"
+    assert d_stats["kv_pulls"] == len(PROMPTS) and d_stats["free_blocks"] == 48
+    assert p_stats["kv_held"] == 0 and p_stats["free_blocks"] == 96  # every P rank released
