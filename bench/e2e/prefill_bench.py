@@ -1,0 +1,143 @@
+"""Prefill throughput: the engine's ModelRunner against transformers on the same weights.
+
+Runs inside the aggregated worker (it owns the engine and the weights). Per prompt length: one
+causal pass over the whole prompt, the engine's `ModelRunner.execute` (paged KV writes included,
+logits at the last token) and `LlamaForCausalLM(..., use_cache=True, logits_to_keep=1)` (SDPA,
+its KV cache filled), turns alternating, median of `reps` after a warm-up of each. Also: the last
+token's logits of both (relative L2 difference), a bf16 matrix-product ceiling measured in the
+same process, and optionally a torch.profiler table of one pass of each (where the time goes).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+H200_BF16_DENSE_TFLOPS = 989.4  # H200 / H100 SXM datasheet, dense bf16 (no sparsity)
+
+
+def _sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], Any], dev: str) -> tuple[float, Any]:
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(dev)
+    return time.perf_counter() - t0, out
+
+
+def matmul_ceiling(dev: str, n: int = 8192, reps: int = 10) -> float | None:
+    """TFLOP/s of an n x n x n bf16 product on random data (the achievable ceiling here)."""
+    if dev != "cuda":
+        return None
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = [_timed(lambda: a @ b, dev)[0] for _ in range(reps)]
+    return round(2 * n**3 / statistics.median(times) / 1e12, 1)
+
+
+def _profile(fn: Callable[[], Any], dev: str, top: int = 15) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    _sync(dev)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(dev)
+    wall = time.perf_counter() - t0  # (profiling overhead included)
+    ev = prof.key_averages()
+
+    def dev_us(e: Any) -> float:
+        for a in ("self_device_time_total", "self_cuda_time_total"):
+            if hasattr(e, a):
+                return float(getattr(e, a))
+        return 0.0
+
+    rows = sorted(ev, key=dev_us if dev == "cuda" else (lambda e: e.self_cpu_time_total),
+                  reverse=True)
+    total_dev = sum(dev_us(e) for e in ev)
+    return {"wall_ms_profiled": round(wall * 1e3, 2),
+            "device_ms_total": round(total_dev / 1e3, 2),
+            "top": [{"name": e.key[:90], "calls": e.count,
+                     "self_device_ms": round(dev_us(e) / 1e3, 3),
+                     "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3)} for e in rows[:top]]}
+
+
+def prefill_bench(eng: Any, ckpt: Any, opts: dict[str, Any], req: dict[str, Any]) -> dict[str, Any]:
+    from random_model import hf_config, hf_model, prefill_flops
+
+    from pd_runtime import kvcache
+    from pd_runtime.engine.runner import SeqChunk
+
+    dev, reps = opts["device"], int(req.get("reps", 3))
+    cfg = hf_config(opts["geometry"])
+    runner = eng.runner
+    bs, nb = eng.spec.block_size, eng.spec.num_blocks
+    hf = hf_model(opts["geometry"], ckpt.weights, dev) if req.get("hf", True) else None
+    ceiling = matmul_ceiling(dev) if req.get("ceiling", True) else None
+    out: dict[str, Any] = {"matmul_tflops": ceiling,
+                           "peak_tflops_datasheet": H200_BF16_DENSE_TFLOPS,
+                           "peak_note": "MFU against the H200 SXM datasheet dense bf16 rate",
+                           "rows": [], "profile": {}}
+    g = torch.Generator().manual_seed(1234)
+    for length in req["lengths"]:
+        need = kvcache.blocks_needed(length, bs)
+        if need > nb:
+            out["rows"].append({"tokens": length,
+                                "skipped": f"needs {need} blocks, the arena has {nb}"})
+            continue
+        ids = torch.randint(2, cfg["vocab_size"], (length,), generator=g).tolist()
+        chunk = SeqChunk(ids, 0, {kvcache.GROUP_FULL: list(range(need))})
+        t_ids = torch.tensor([ids], device=dev)
+
+        def run_engine(chunk: SeqChunk = chunk) -> torch.Tensor:
+            return runner.execute([chunk])[0]
+
+        def run_hf(t_ids: torch.Tensor = t_ids, model: Any = hf) -> torch.Tensor:
+            with torch.inference_mode():
+                out = model(input_ids=t_ids, use_cache=True, logits_to_keep=1)
+                return out.logits[0, -1].float()
+
+        te, th = [], []
+        le = _timed(run_engine, dev)[1]  # warm-up (and the logits to compare)
+        lh = _timed(run_hf, dev)[1] if hf is not None else None
+        for _ in range(reps):
+            te.append(_timed(run_engine, dev)[0])
+            if hf is not None:
+                th.append(_timed(run_hf, dev)[0])
+        flops = prefill_flops(cfg, length)
+        row: dict[str, Any] = {"tokens": length, "engine_s": [round(t, 5) for t in te],
+                               "model_tflop": round(flops / 1e12, 2)}
+        me = statistics.median(te)
+        row["engine_median_s"] = round(me, 5)
+        row["engine_tokens_per_s"] = round(length / me, 1)
+        row["engine_tflops"] = round(flops / me / 1e12, 1)
+        row["engine_mfu"] = round(flops / me / 1e12 / H200_BF16_DENSE_TFLOPS, 4)
+        if hf is not None and lh is not None:
+            mh = statistics.median(th)
+            row.update({"hf_s": [round(t, 5) for t in th], "hf_median_s": round(mh, 5),
+                        "hf_tokens_per_s": round(length / mh, 1),
+                        "hf_tflops": round(flops / mh / 1e12, 1),
+                        "hf_mfu": round(flops / mh / 1e12 / H200_BF16_DENSE_TFLOPS, 4),
+                        "ratio_engine_over_hf": round(mh / me, 3),
+                        "last_logits_rel_l2": float((le - lh).norm() / lh.norm()),
+                        "same_argmax": bool(int(le.argmax()) == int(lh.argmax()))})
+        out["rows"].append(row)
+        if req.get("profile_len") == length:
+            out["profile"]["engine"] = _profile(run_engine, dev)
+            if hf is not None:
+                out["profile"]["hf"] = _profile(run_hf, dev)
+    hf = None  # free its activations' cache before the serving cells go on
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return out
