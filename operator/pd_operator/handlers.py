@@ -30,9 +30,9 @@ from typing import Any
 
 import kopf
 
-from . import kube, metrics, render, status
+from . import kinds, kube, metrics, render, status
 from .api import v1alpha1 as api
-from .render import kinds, labels
+from .render import labels
 from .validate import SpecError, parse_spec, validate_spec
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ API_VERSION = f"{api.GROUP}/{api.VERSION}"
 # No handler here may need a finalizer (on.delete, timers, daemons): deletion is garbage
 # collection, and a finalizer would block it (and the namespace) whenever the operator is down.
 
-# Child kinds the operator renders and watches (render.kinds is the table):
+# Child kinds the operator renders and watches (pd_operator.kinds is the table):
 # (group, version, plural, apiVersion, kind)
 CHILD_KINDS = tuple((k.group, k.version, k.plural, k.api_version, k.kind)
                     for k in kinds.CHILD_KINDS)

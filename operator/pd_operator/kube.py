@@ -18,22 +18,17 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 
+from .kinds import CHILD_KINDS
+
 FIELD_MANAGER = "pd-operator"
 
 # (apiVersion, kind) -> (plural, namespaced)
 RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
-    ("v1", "ConfigMap"): ("configmaps", True),
-    ("v1", "Service"): ("services", True),
-    ("v1", "ServiceAccount"): ("serviceaccounts", True),
+    # the children the operator renders (all namespaced): pd_operator.kinds is their table
+    **{(k.api_version, k.kind): (k.plural, True) for k in CHILD_KINDS},
     ("v1", "Pod"): ("pods", True),
     ("v1", "Namespace"): ("namespaces", False),
     ("v1", "Node"): ("nodes", False),
-    ("apps/v1", "StatefulSet"): ("statefulsets", True),
-    ("apps/v1", "Deployment"): ("deployments", True),
-    ("policy/v1", "PodDisruptionBudget"): ("poddisruptionbudgets", True),
-    ("networking.k8s.io/v1", "NetworkPolicy"): ("networkpolicies", True),
-    ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),
-    ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", True),
     ("coordination.k8s.io/v1", "Lease"): ("leases", True),
     ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration"):
         ("validatingwebhookconfigurations", False),

@@ -13,7 +13,8 @@ import time
 import pytest
 import yaml
 
-from pd_operator.render import Owner, kinds, render
+from pd_operator import kinds
+from pd_operator.render import Owner, render
 from pd_operator.validate import parse_spec, validate_spec
 from pd_operator.webhook import configs
 

@@ -1,5 +1,5 @@
-"""The kinds of object `render` produces: the one table the handlers watch, RBAC covers and the
-tests list (pure data)."""
+"""The kinds of object `render` produces: the one table the handlers watch, RBAC covers, the API
+client resolves and the tests list (pure data; imports nothing, so the client stays light)."""
 
 from __future__ import annotations
 
