@@ -169,6 +169,28 @@ def test_families_disaggregated_equal_offline(tmp_path, family, cache_dtype, p_b
         close(p, d)
 
 
+def test_tables_that_do_not_fit_the_prefill_geometry_are_400(ckpt):
+    p, d = make_pair(ckpt)
+    try:
+        pr = prompts(1, seed=3)[0] + [1, 2, 3]
+        kv = prefill_all(p, [pr])["q0"]
+        bad = {**kv, "remote_block_ids": {"0": kv["remote_block_ids"]["0"] + [7]}}
+        bad.pop("remote_block_size")  # only the handshake can tell: checked before the pull
+        d.add_request("q0", pr, SamplingParams(max_tokens=4, temperature=0), bad)
+        outs = drain(d)
+        assert [o.token_ids for o in outs] == [[]]
+        assert isinstance(outs[0].error, InvalidKVTransferParams)
+        assert outs[0].error.http_status == 400
+        assert d.blocks.usage() == 0.0
+        far = {**kv, "remote_block_ids": {"0": [10_000] * len(kv["remote_block_ids"]["0"])}}
+        d.add_request("q1", pr, SamplingParams(max_tokens=4, temperature=0), far)
+        assert isinstance(drain(d)[0].error, InvalidKVTransferParams)
+        d.add_request("q2", pr, SamplingParams(max_tokens=4, temperature=0), kv)  # still fine
+        assert [t for o in drain(d) for t in o.token_ids] == generate(ckpt, pr, 4, ignore_eos=True)
+    finally:
+        close(p, d)
+
+
 def test_expired_lease_is_an_error_never_tokens(ckpt):
     p, d = make_pair(ckpt, lease_s=0.3)
     try:
@@ -206,6 +228,7 @@ def good_params(n: int) -> dict:
     {"pd_protocol": 2}, {"remote_port": 0}, {"remote_port": "5600"}, {"tp_size": 0},
     {"remote_num_tokens": 99}, {"remote_request_id": "a:b"}, {"remote_block_ids": {"7": [1]}},
     {"remote_block_ids": {"0": [-5]}}, {"remote_host": ""}, {"remote_engine_id": None},
+    {"remote_block_ids": {"0": [0, 1]}, "remote_block_size": 16}, {"remote_block_size": 0},
 ])
 def test_malformed_kv_transfer_params_are_refused(ckpt, change):
     from pd_runtime.engine.pd import parse_kv_transfer_params

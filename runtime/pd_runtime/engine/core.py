@@ -22,6 +22,7 @@ from .errors import (
     DuplicateRequest,
     EngineError,
     InvalidSamplingParams,
+    KVHoldFailed,
     KVPullFailed,
     PromptTooLong,
 )
@@ -282,9 +283,16 @@ class LLMEngine:
         if seq.remote_decode and reason in ("stop", "length") and self.prefill is not None:
             self.blocks.drop_scratch(seq.key)
             req = self.blocks.transfer_request(seq.key, len(seq.prompt_ids) - 1)
-            kv = self.prefill.hold(seq.key, req)
-            if req.num_tokens > 0:
-                self.held[seq.key] = seq
+            try:
+                kv = self.prefill.hold(seq.key, req)
+            except Exception as e:  # noqa: BLE001 - this request fails, named; the engine runs
+                error = KVHoldFailed(f"the prefill engine could not keep the KV: "
+                                     f"{type(e).__name__}: {e}")
+                reason, token_ids, text = "error", [], ""
+                seq.finish_reason = reason
+            else:
+                if req.num_tokens > 0:
+                    self.held[seq.key] = seq
         if seq.key not in self.held and seq not in self._inflight:
             self.blocks.free(seq.key)  # (a pull still writing into them: freed when it ends)
         return self._output(seq, token_ids or [], text, reason, kv, error)

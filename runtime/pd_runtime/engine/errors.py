@@ -36,6 +36,12 @@ class KVPullFailed(EngineError):
     code, http_status = "kv_pull_failed", 503
 
 
+class KVHoldFailed(EngineError):
+    """The prefill engine could not keep a request's KV for the decode engine."""
+
+    code, http_status = "kv_hold_failed", 503
+
+
 class RequestAborted(EngineError):
     code, http_status = "request_aborted", 499
 

@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 import torch
 
-from ..kvcache import RankSpec
+from ..kvcache import GROUP_STATE, RankSpec, blocks_needed
 from ..planner import Request
 from .errors import InvalidKVTransferParams, KVPullFailed
 
@@ -118,7 +118,29 @@ def _decode_params(raw: dict, prompt_len: int) -> DecodeKVParams:
             raise bad(f"remote_block_ids: unknown KV-cache group {g!r}")
         if len(ids) > MAX_BLOCK_IDS or any(i < -1 for i in ids):
             raise bad(f"remote_block_ids[{g}]: block ids must be >= -1")
+    if p.remote_block_size is not None:
+        if p.remote_block_size < 1:
+            raise bad(f"remote_block_size {p.remote_block_size} must be >= 1")
+        check_tables(p, p.remote_block_size, None)
     return p
+
+
+def check_tables(p: DecodeKVParams, block_size: int, pool: RankSpec | None) -> None:
+    """P's block tables cover exactly remote_num_tokens tokens (one slot for SSM state), with
+    ids inside P's pools when its geometry is known (after the handshake)."""
+    want = blocks_needed(p.remote_num_tokens, block_size)
+    for g, ids in p.remote_block_ids.items():
+        state = int(g) == GROUP_STATE
+        n = 1 if state else want
+        if len(ids) != n:
+            raise InvalidKVTransferParams(
+                f"kv_transfer_params: remote_block_ids[{g}] has {len(ids)} ids; "
+                f"{p.remote_num_tokens} tokens in blocks of {block_size} need {n}")
+        limit = None if pool is None else pool.num_state_slots if state else pool.num_blocks
+        if limit is not None and any(i >= limit for i in ids):
+            raise InvalidKVTransferParams(
+                f"kv_transfer_params: remote_block_ids[{g}] names a block or slot beyond the "
+                f"prefill engine's {limit}")
 
 
 def _factors_token(token: bytes | str) -> bytes:
@@ -217,7 +239,13 @@ class DecodeSide:
         with self.lock:
             try:
                 dr = self._rank(p)
+                pool = dr.p_pool
+                if pool is not None:  # P's real geometry, from the handshake
+                    check_tables(p, pool.block_size, pool)
                 st = dr.pull(p.remote_request_id, p.p_request(), d_req)
+            except InvalidKVTransferParams:
+                self.stats.kv_pull_failures += 1
+                raise
             except Exception as e:  # noqa: BLE001 - every failure is a failed pull, named
                 self.stats.kv_pull_failures += 1
                 self._drop(p)
