@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import free_port, pdctl
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = Path(__file__).parent / "deployments"
 STARTUP_TIMEOUT_S = 240.0
@@ -53,17 +55,11 @@ class Running:
         return "\n".join(out)
 
 
-def free_port() -> int:
-    from pd_operator.localrun import free_ports
-
-    return free_ports(1)
-
-
 @contextmanager
 def pdctl_run(deployment: Path, model_dirs: dict[str, str], workdir: Path,
               extra: list[str] | None = None) -> Iterator[Running]:
     """`pdctl run FILE` until it prints its state file; SIGTERM (and a bounded wait) after."""
-    argv = [sys.executable, "-m", "pd_operator.cli.main", "run", str(deployment),
+    argv = [pdctl(), "run", str(deployment),
             "--port", str(free_port()), "--workdir", str(workdir), *(extra or [])]
     for name, path in model_dirs.items():
         argv += ["--model-dir", f"{name}={path}"]

@@ -99,6 +99,27 @@ def test_multi_prompt_through_p_is_refused(deployment):
     assert status == 400 and out["error"]["param"] == "prompt"
 
 
+def test_lease_expired_before_the_pull_is_an_error(deployment):
+    """P's lease (8 s, spec.prefill.args) runs out before D pulls: an error, never tokens."""
+    import time
+
+    d0 = deployment.metrics("decode-0")
+    held = deployment.metrics("prefill-0")["pd_runtime_engine_kv_held"]
+    kv = _kv_from_prefill(deployment, PROMPTS[0])
+    assert deployment.metrics("prefill-0")["pd_runtime_engine_kv_held"] == held + 1
+    time.sleep(10)
+    # P freed it (and whatever earlier tests left held without a pull)
+    assert deployment.metrics("prefill-0")["pd_runtime_engine_kv_held"] == 0
+    status, out = post(deployment.replica("decode-0")["url"] + "/v1/completions",
+                       {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS,
+                        "temperature": 0, "ignore_eos": True, "kv_transfer_params": kv})
+    assert status >= 500 and "choices" not in out, out
+    assert out["error"]["code"] == "kv_pull_failed"
+    d1 = deployment.metrics("decode-0")
+    assert d1["pd_runtime_kv_pull_failures_total"] == d0["pd_runtime_kv_pull_failures_total"] + 1
+    assert d1["pd_runtime_engine_free_blocks"] == d0["pd_runtime_engine_free_blocks"]
+
+
 def test_zz_prefill_killed_mid_request_never_gives_wrong_tokens(deployment, expected):
     """Last in the module: it kills P. D gets P's params after P is gone -> an error, never
     tokens; through the router the client gets an error (or, with a retry, the right tokens)."""

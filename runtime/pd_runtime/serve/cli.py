@@ -52,6 +52,16 @@ def _positive(text: str) -> int:
     return v
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
 def _port(text: str) -> int:
     v = _positive(text)
     if v > 65535:
@@ -98,6 +108,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     loc.add_argument("--kv-cache-memory", type=_bytes, default=None,
                      help="KV cache bytes per rank, e.g. 2GiB")
     loc.add_argument("--max-model-len", type=_positive, default=None)
+    loc.add_argument("--kv-lease-seconds", type=_seconds, default=None,
+                     help="how long a prefill server holds a request's KV for its decode "
+                          "server (default: the engine's); set it with spec.prefill.args")
     loc.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"])
 
@@ -213,6 +226,7 @@ def engine_kwargs(a: argparse.Namespace, r: Resolved) -> dict[str, Any]:
         "side_channel_host": r.side_channel_host, "side_channel_port": a.side_channel_port,
         "token_file": r.token_file, "device": r.device, "num_blocks": a.num_blocks,
         "kv_cache_memory": a.kv_cache_memory, "max_model_len": a.max_model_len,
+        **({"lease_s": a.kv_lease_seconds} if a.kv_lease_seconds else {}),
     }
 
 

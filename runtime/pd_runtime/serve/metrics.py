@@ -14,15 +14,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# Engine stats that only grow; every other numeric stat is exported as a gauge.
-ENGINE_COUNTERS = {
+# Engine stats (AsyncEngine.stats(), engine/core.py snapshot) that only grow. The KV ones are
+# exported under their own names (`pd_runtime_kv_pulls_total`, ...) and exist from the start;
+# the others as `pd_runtime_engine_<key>_total`. Every other numeric stat is a gauge
+# `pd_runtime_engine_<key>` (free/held blocks, running, waiting, ...).
+KV_COUNTERS = {
     "kv_pulls": "KV pulls this decode server completed",
     "kv_pull_bytes": "bytes of KV this decode server pulled",
     "kv_pull_failures": "KV pulls that failed (the request got an error, never tokens)",
-    "kv_served": "KV hand-overs this prefill server served",
-    "kv_served_bytes": "bytes of KV this prefill server served",
-    "kv_lease_expired": "held KV leases that expired before a pull",
+    "kv_holds": "requests whose KV this prefill server held for a decode server",
+    "kv_releases": "held KV released by a decode server's pull or by lease expiry",
 }
+ENGINE_COUNTERS = {"requests", "finished", "aborted", "failed", "prompt_tokens",
+                   "generation_tokens", "steps", "preemptions"}
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0, 60.0)
 
@@ -36,19 +40,22 @@ class _EngineStats(Collector):
             stats = dict(self._stats())
         except Exception:  # noqa: BLE001 - a dead engine must not break /metrics
             return
-        for key in ENGINE_COUNTERS:
-            stats.setdefault(key, 0)
+        for key in ("kv_pulls", "kv_pull_bytes", "kv_pull_failures"):
+            stats.setdefault(key, 0)  # an aggregated or prefill server pulls nothing: 0, truly
         for key, value in sorted(stats.items()):
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
-            if key in ENGINE_COUNTERS:
-                c = CounterMetricFamily(f"pd_runtime_{key}", ENGINE_COUNTERS[key])
-                c.add_metric([], float(value))
-                yield c
+            if key in KV_COUNTERS:
+                c = CounterMetricFamily(f"pd_runtime_{key}", KV_COUNTERS[key])
+            elif key in ENGINE_COUNTERS:
+                c = CounterMetricFamily(f"pd_runtime_engine_{key}", f"engine counter {key}")
             else:
                 g = GaugeMetricFamily(f"pd_runtime_engine_{key}", f"engine stat {key}")
                 g.add_metric([], float(value))
                 yield g
+                continue
+            c.add_metric([], float(value))
+            yield c
 
 
 class ServerMetrics:
