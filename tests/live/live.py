@@ -10,7 +10,6 @@ import queue
 import re
 import signal
 import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.helpers import pdctl
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_SPEC = Path(__file__).parent / "deployments" / "tiny-vllm.yaml"
@@ -55,7 +56,7 @@ def write_spec(path: Path, doc: dict[str, Any]) -> Path:
 
 def pdctl_check(spec: Path) -> dict[str, Any]:
     """`pdctl check -o json FILE`'s one result."""
-    out = subprocess.run([sys.executable, "-m", "pd_operator.cli.main", "check", "-o", "json",
+    out = subprocess.run([pdctl(), "check", "-o", "json",
                           str(spec)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode in (0, 1), out.stderr
     (result,) = json.loads(out.stdout)
@@ -91,7 +92,7 @@ def pdctl_run(spec: Path, workdir: Path) -> Iterator[Running]:
     servers' last log lines are printed; SIGTERM (then SIGKILL by process group) after."""
     from pd_operator.localrun import free_ports
 
-    argv = [sys.executable, "-m", "pd_operator.cli.main", "run", str(spec),
+    argv = [pdctl(), "run", str(spec),
             "--port", str(free_ports(1)), "--workdir", str(workdir),
             "--startup-timeout", str(STARTUP_TIMEOUT_S)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

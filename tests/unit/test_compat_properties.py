@@ -3,7 +3,6 @@ input gives exit 2 with a clear message, never a traceback."""
 
 import json
 import subprocess
-import sys
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +11,7 @@ from hypothesis import strategies as st
 from pd_operator.api import v1alpha1 as api
 from pd_operator.cli.main import main as pdctl
 from pd_operator.validate import SpecError, validate_object
+from tests.helpers import pdctl as pdctl_executable
 
 FAMILIES = list(api.Family.__args__)
 KV_DTYPES = list(api.KVCacheDtype.__args__)
@@ -144,7 +144,7 @@ def test_pdctl_check_never_tracebacks(tmp_path_factory, text):
 
 
 def run_cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "pd_operator.cli.main", *args], input=stdin,
+    return subprocess.run([pdctl_executable(), *args], input=stdin,
                           capture_output=True, text=True, timeout=60)
 
 

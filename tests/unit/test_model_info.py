@@ -425,11 +425,12 @@ def test_shipped_configs_match_the_examples():
 def test_pdctl_model_info_prints_the_block():
     """The console script reads a shipped config.json and prints the same spec.model block."""
     import subprocess
-    import sys
+
+    from tests.helpers import pdctl
 
     path = HF_CONFIGS / "DeepSeek-V3.config.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pd_operator.cli.main", "model-info", str(path),
+        [pdctl(), "model-info", str(path),
          "--name", "deepseek-ai/DeepSeek-V3-0324", "-o", "json"],
         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
