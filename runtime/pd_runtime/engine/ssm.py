@@ -52,8 +52,12 @@ class Mamba2Mixer:
         per_group = h // g
         if any(hh // per_group not in self.groups for hh in self.heads):
             raise SSMError(f"TP rank {model.tp_rank}: SSM heads outside its groups")
-        self.group_of_head = torch.tensor([self.groups.index(hh // per_group) for hh in self.heads])
-        self.global_group_of_head = torch.tensor([hh // per_group for hh in self.heads])
+        self.group_of_head = torch.tensor(
+            [self.groups.index(hh // per_group) for hh in self.heads], device=s.device
+        )
+        self.global_group_of_head = torch.tensor(
+            [hh // per_group for hh in self.heads], device=s.device
+        )
         self.p, self.n, self.k = p, n, cfg.conv_kernel
         self.group_size = inter // g
         hx = [hh * p + j for hh in self.heads for j in range(p)]
