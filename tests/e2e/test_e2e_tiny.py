@@ -4,6 +4,7 @@ operator renders, serving the tiny random Llama: greedy tokens through the route
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -99,6 +100,40 @@ def test_multi_prompt_through_p_is_refused(deployment):
     assert status == 400 and out["error"]["param"] == "prompt"
 
 
+def test_mismatched_decode_is_refused_by_the_handshake(deployment, tiny_ckpt):
+    """A decode server started by hand with another model name (a hash factor) and the run's
+    token: its pull from P is refused at the handshake, naming the factor; no tokens."""
+    import subprocess
+    import sys
+
+    from tests.e2e.runner import free_port, wait_healthy
+
+    token = deployment.workdir / "mounts/prefill-0/var/run/secrets/pd-runtime/token"
+    port = free_port()
+    argv = [sys.executable, "-m", "pd_runtime.cli", "serve", "--role", "decode",
+            "--model", "pd-test/another-name", "--model-dir", tiny_ckpt, "--family", "dense",
+            "--dtype", "bfloat16", "--num-kv-heads", "8", "--head-size", "8", "--num-layers", "2",
+            "--port", str(port), "--side-channel-port", str(free_port()), "--host", "127.0.0.1",
+            "--device", "cpu", "--side-channel-token-file", str(token)]
+    log = deployment.workdir / "logs/mismatched-decode.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, log)
+        kv = _kv_from_prefill(deployment, PROMPTS[0])
+        status, out = post(url + "/v1/completions",
+                           {"model": "pd-test/another-name", "prompt": PROMPTS[0],
+                            "max_tokens": 4, "kv_transfer_params": kv})
+        assert status >= 500 and "choices" not in out, out
+        msg = out["error"]["message"]
+        assert "hash mismatch" in msg and "differing factors: model" in msg, out
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
 def test_lease_expired_before_the_pull_is_an_error(deployment):
     """P's lease (8 s, spec.prefill.args) runs out before D pulls: an error, never tokens."""
     import time
@@ -123,7 +158,6 @@ def test_lease_expired_before_the_pull_is_an_error(deployment):
 def test_zz_prefill_killed_mid_request_never_gives_wrong_tokens(deployment, expected):
     """Last in the module: it kills P. D gets P's params after P is gone -> an error, never
     tokens; through the router the client gets an error (or, with a retry, the right tokens)."""
-    import os
 
     kv = _kv_from_prefill(deployment, PROMPTS[0])
     failures = deployment.metrics("decode-0")
@@ -152,7 +186,6 @@ def test_zz_prefill_killed_mid_request_never_gives_wrong_tokens(deployment, expe
 def test_zzz_pdctl_run_stops_everything(deployment):
     """Last: SIGTERM to `pdctl run` ends every replica's process group and the router, bounded
     (the P killed above included)."""
-    import os
     import time
 
     state = deployment.state
