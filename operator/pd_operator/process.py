@@ -99,9 +99,11 @@ async def _start_and_serve(opts: Options, stop: asyncio.Event,
     elector = None
     if opts.lease is not None:
         elector = _elector(client, opts.lease)
-        if not await _acquire(elector, stop):
+        acquired = await _acquire(elector, stop)
+        if acquired:
+            undo.push_async_callback(elector.release)
+        if not acquired or stop.is_set():
             return EXIT_OK  # stopped while waiting for the lease
-        undo.push_async_callback(elector.release)
     return await _reconcile_until_stopped(opts.namespaces, stop, elector)
 
 
@@ -189,13 +191,14 @@ def _elector(client: kube.Client, opts: LeaseOptions) -> leader.Elector:
 
 
 async def _acquire(elector: leader.Elector, stop: asyncio.Event) -> bool:
-    """Wait for the lease; False when stopped first."""
+    """Wait for the lease; False when stopped first (True also when both happened: the lease
+    is then released on the way out)."""
     acquire = asyncio.create_task(elector.acquire())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
     for task in (acquire, stopped):
         task.cancel()
-    return not stop.is_set() and acquire.done() and not acquire.cancelled()
+    return acquire.done() and not acquire.cancelled() and acquire.exception() is None
 
 
 # ------------------------------------------------------------------------------ reconcile
