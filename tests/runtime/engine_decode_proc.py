@@ -33,7 +33,7 @@ async def run(spec: dict) -> dict:
 
 def main() -> int:
     spec = json.loads(sys.stdin.read())
-    out = asyncio.run(asyncio.wait_for(run(spec), 150))
+    out = asyncio.run(asyncio.wait_for(run(spec), 300))
     print("RESULT " + json.dumps(out), flush=True)
     return 0
 

@@ -126,7 +126,7 @@ async def prefill_then_decode_elsewhere(model_dir: str, d_args: dict) -> tuple[l
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
             raw, _ = await asyncio.wait_for(
-                proc.communicate(json.dumps({"args": d_args, "jobs": jobs}).encode()), 170)
+                proc.communicate(json.dumps({"args": d_args, "jobs": jobs}).encode()), 320)
         finally:
             if proc.returncode is None:
                 proc.kill()
@@ -143,12 +143,12 @@ async def prefill_then_decode_elsewhere(model_dir: str, d_args: dict) -> tuple[l
         await p.shutdown()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_tp2_to_tp2_equals_offline(model_dir):
     d_args = dict(role="decode", tensor_parallel_size=2, block_size=32, kv_cache_layout="NHD",
                   model=model_dir, served_model_name="tiny", token=TOKEN, num_blocks=48, seed=0)
     tokens, d_stats, p_stats = asyncio.run(asyncio.wait_for(
-        prefill_then_decode_elsewhere(model_dir, d_args), 220))
+        prefill_then_decode_elsewhere(model_dir, d_args), 420))
     ckpt = load_checkpoint(model_dir)
     for i, pr in enumerate(PROMPTS):
         assert tokens[i] == generate(ckpt, pr, 7, ignore_eos=True), f"prompt {i}"
