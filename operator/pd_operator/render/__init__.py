@@ -39,14 +39,13 @@ def render(owner: Owner, validated: Validated,
     spec, prefill, decode = validated.spec, validated.prefill, validated.decode
     decision = validated.decision
     cm_data = config.data(prefill, decode, decision)
-    cfg_hash = config.content_hash(cm_data)
     push = prefill.is_push or decode.is_push
     children: list[dict[str, Any]] = [config.configmap(owner, cm_data)]
     for pool, hash_hex in ((prefill, decision.prefill_hash), (decode, decision.decode_hash)):
         template = getattr(spec, pool.role).template
         children.append(pools.headless_service(owner, pool))
         children.append(pools.statefulset(owner, pool, template, labels.fingerprint(hash_hex),
-                                          cfg_hash))
+                                          config.pool_hash(pool)))
         children.append(pools.pod_disruption_budget(owner, pool.role))
         children.append(network.policy(owner, pool, push))
     children += router.rbac(owner)

@@ -170,18 +170,25 @@ def test_network_policy_admits_decode_to_prefill_and_router_only():
 
 def test_config_change_rolls_pods_replica_change_does_not():
     a = _render(BASE)
-    b = _render(obj(decode__replicas=5))
+    b = _render(obj(decode__replicas=5, prefill__replicas=3))
     c = _render(obj(prefill__blockSize=32, decode__blockSize=32))
-    ann = "serving.pd-operator.dev/config-hash"
+    d = _render(obj(decode__args=["--max-num-seqs", "8"]))
 
-    def h(r):
-        return _sts(r.children, "prefill")["spec"]["template"]["metadata"]["annotations"][ann]
-    assert h(a) != h(c)
-    # replicas are in the resolved pool document, so they do change the ConfigMap hash; the
-    # pod template of the *prefill* pool must still be equal apart from that annotation
-    pa = _sts(a.children, "prefill")["spec"]["template"]["spec"]
-    pb = _sts(b.children, "prefill")["spec"]["template"]["spec"]
-    assert pa == pb
+    def h(r, role):
+        meta = _sts(r.children, role)["spec"]["template"]["metadata"]
+        return meta["annotations"][L.CONFIG_HASH_ANNOTATION]
+    for role in ("prefill", "decode"):
+        assert h(a, role) != h(c, role)  # the engine reads the block size: pods roll
+        assert h(a, role) == h(b, role)  # scaling restarts nothing
+        # the whole pod template is equal: only the StatefulSet's replicas change
+        assert _sts(a.children, role)["spec"]["template"] == \
+            _sts(b.children, role)["spec"]["template"]
+    # a decode-only change leaves the prefill pods alone
+    assert h(a, "decode") != h(d, "decode")
+    assert h(a, "prefill") == h(d, "prefill")
+    # the ConfigMap still records the replicas (pdctl and the docs read them)
+    cm = next(x for x in b.children if x["kind"] == "ConfigMap")
+    assert json.loads(cm["data"]["decode.json"])["replicas"] == 5
 
 
 def test_render_is_deterministic():
