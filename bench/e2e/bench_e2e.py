@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prefill-reps", type=int, default=3)
     ap.add_argument("--profile-len", type=int, default=8192)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--decode-cases", default="1x1024,1x8192,8x1024,8x8192",
+                    help="BxL decode steps timed against transformers ('' to skip)")
+    ap.add_argument("--decode-profile", default="1x8192,8x1024")
     ap.add_argument("--modes", default="aggregated,pd")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=64)
@@ -337,6 +340,14 @@ def _wave(mode: str, workers: dict[str, Worker], rids: list[str], seeds: list[in
                    args.wave_timeout_s)
 
 
+def _decode_req(args: argparse.Namespace) -> dict[str, Any] | None:
+    def pairs(s: str) -> list[list[int]]:
+        return [[int(v) for v in x.split("x")] for x in s.split(",") if x.strip()]
+
+    cases = pairs(args.decode_cases)
+    return {"cases": cases, "profile": pairs(args.decode_profile), "steps": 8} if cases else None
+
+
 def machine_info(device: str) -> dict[str, Any]:
     import torch
 
@@ -408,6 +419,28 @@ def print_tables(result: dict[str, Any]) -> None:
             for row in prof["top"][:10]:
                 print(f"  {row['self_device_ms']:9.2f} ms dev {row['self_cpu_ms']:9.2f} ms cpu "
                       f"{row['calls']:6}x  {row['name']}")
+    dec = (pf or {}).get("decode")
+    if dec:
+        print("\nDecode step, B sequences at context L (ms): ModelRunner alone, a whole "
+              "LLMEngine step, transformers (DynamicCache)")
+        print(f"{'B':>3} {'L':>6} | {'runner':>8} {'engine':>8} {'HF':>8} {'HF/engine':>9}")
+        for r in dec["rows"]:
+            if "skipped" in r:
+                continue
+            print(f"{r['batch']:>3} {r['context']:>6} | {r['runner_ms_median']:8.2f} "
+                  f"{r['engine_decode_ms_median']:8.2f} {r.get('hf_ms_median', 0):8.2f} "
+                  f"{r.get('ratio_hf_over_engine', 0):9.3f}")
+            print(f"       runner steps {r['runner_step_ms']}")
+            print(f"       engine steps {r['engine_step_ms']}")
+        for r in dec["rows"]:
+            prof = r.get("profile_runner")
+            if prof:
+                print(f"\nprofile, runner decode step B={r['batch']} L={r['context']}: wall "
+                      f"{prof['wall_ms_profiled']} ms (profiled), "
+                      f"device {prof['device_ms_total']} ms")
+                for row in prof["top"][:14]:
+                    print(f"  {row['self_device_ms']:9.2f} ms dev {row['self_cpu_ms']:9.2f} ms cpu "
+                          f"{row['calls']:6}x  {row['name']}")
     if result.get("skipped"):
         print("\nskipped: " + "; ".join(result["skipped"]))
 
@@ -437,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.prefill_lengths:
                 result["prefill"] = agg.call("prefill_bench", {
                     "lengths": args.prefill_lengths, "reps": args.prefill_reps,
-                    "hf": not args.no_hf, "profile_len": args.profile_len}, timeout=600)
+                    "hf": not args.no_hf, "profile_len": args.profile_len,
+                    "decode": _decode_req(args)}, timeout=600)
         finally:
             agg.stop()
     if "pd" in modes:

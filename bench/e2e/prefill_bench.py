@@ -10,9 +10,11 @@ same process, and optionally a torch.profiler table of one pass of each (where t
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -137,7 +139,130 @@ def prefill_bench(eng: Any, ckpt: Any, opts: dict[str, Any], req: dict[str, Any]
             out["profile"]["engine"] = _profile(run_engine, dev)
             if hf is not None:
                 out["profile"]["hf"] = _profile(run_hf, dev)
+    if req.get("decode"):
+        out["decode"] = decode_bench(eng, hf, cfg, dev, req["decode"])
     hf = None  # free its activations' cache before the serving cells go on
     if dev == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+BUCKET = 256
+
+
+@contextlib.contextmanager
+def padded_cache_keys(bucket: int) -> Iterator[None]:
+    """Bench-side experiment, not the engine's code: pad each step's cached-key length to a
+    multiple of `bucket` (the pads masked out), so consecutive decode steps reuse one attention
+    shape instead of presenting SDPA with a new one every step."""
+    from pd_runtime.engine import runner
+
+    orig = runner.build_meta
+
+    def build_meta(batch: Any, group: int, window: int, bs: int, num_blocks: int,
+                   device: str) -> Any:
+        m = orig(batch, group, window, bs, num_blocks, device)
+        lc = m.cache_blk.shape[1]
+        pad = -lc % bucket
+        if lc == 0 or m.mask is None or pad == 0:
+            return m
+        b, lq = m.cache_blk.shape[0], m.mask.shape[2]
+        z = m.cache_blk.new_zeros((b, pad))
+        mask = torch.cat((m.mask[..., :lc], m.mask.new_zeros((b, 1, lq, pad)), m.mask[..., lc:]),
+                         -1)
+        return dataclasses.replace(m, cache_blk=torch.cat((m.cache_blk, z), 1),
+                                   cache_off=torch.cat((m.cache_off, z), 1), mask=mask)
+
+    runner.build_meta = build_meta  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        runner.build_meta = orig  # type: ignore[assignment]
+
+
+def _hf_cache(hf: Any, cfg: dict[str, Any], batch: int, length: int, dev: str) -> Any:
+    """A DynamicCache holding `length` random positions per layer (what a prefill leaves)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=hf.config)
+    shape = (batch, cfg["num_key_value_heads"], length, cfg["head_dim"])
+    dt = getattr(torch, cfg["dtype"])
+    for i in range(cfg["num_hidden_layers"]):
+        cache.update(torch.randn(shape, device=dev, dtype=dt),
+                     torch.randn(shape, device=dev, dtype=dt), i)
+    return cache
+
+
+def decode_bench(eng: Any, hf: Any, cfg: dict[str, Any], dev: str,
+                 req: dict[str, Any]) -> dict[str, Any]:
+    """One decode step of B sequences at context L: the ModelRunner (consecutive positions,
+    each step's wall time, so a drift shows), a whole LLMEngine step (scheduler, sampling), and
+    transformers with a DynamicCache of the same length. KV contents are random (timing only)."""
+    from pd_runtime import kvcache
+    from pd_runtime.engine.runner import SeqChunk
+    from pd_runtime.engine.sampling import SamplingParams
+
+    bs, nb = eng.spec.block_size, eng.spec.num_blocks
+    steps = int(req.get("steps", 8))
+    rows = []
+    for batch, length in req["cases"]:
+        need = kvcache.blocks_needed(length + steps + 1, bs)
+        if batch * need > nb:
+            rows.append({"batch": batch, "context": length, "skipped": "arena too small"})
+            continue
+        tabs = [{kvcache.GROUP_FULL: list(range(i * need, (i + 1) * need))} for i in range(batch)]
+        runner_ms = []
+        for k in range(steps):
+            chunks = [SeqChunk([7 + i], length + k, tabs[i]) for i in range(batch)]
+            runner_ms.append(1e3 * _timed(lambda c=chunks: eng.runner.execute(c), dev)[0])
+        fixed_ms = []  # the same position again and again: every shape seen before
+        chunks = [SeqChunk([7 + i], length, tabs[i]) for i in range(batch)]
+        for _ in range(steps):
+            fixed_ms.append(1e3 * _timed(lambda c=chunks: eng.runner.execute(c), dev)[0])
+        bucket_ms = []  # consecutive positions, cached keys padded to a multiple of BUCKET
+        with padded_cache_keys(BUCKET):
+            for k in range(steps):
+                chunks = [SeqChunk([7 + i], length + steps + k, tabs[i]) for i in range(batch)]
+                bucket_ms.append(1e3 * _timed(lambda c=chunks: eng.runner.execute(c), dev)[0])
+        row: dict[str, Any] = {"batch": batch, "context": length,
+                               "runner_step_ms": [round(x, 2) for x in runner_ms],
+                               "runner_ms_median": round(statistics.median(runner_ms[1:]), 2),
+                               "runner_fixed_shape_ms": [round(x, 2) for x in fixed_ms],
+                               "runner_fixed_shape_ms_median":
+                                   round(statistics.median(fixed_ms[1:]), 2),
+                               f"runner_padded_{BUCKET}_ms": [round(x, 2) for x in bucket_ms],
+                               "runner_padded_ms_median":
+                                   round(statistics.median(bucket_ms[1:]), 2)}
+        # the serving path: a request through LLMEngine.step (prefill, then decode steps)
+        params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+        g = torch.Generator().manual_seed(batch * 100003 + length)
+        for i in range(batch):
+            ids = torch.randint(2, cfg["vocab_size"], (length,), generator=g).tolist()
+            eng.add_request(f"decode-bench-{batch}-{length}-{i}", ids, params)
+        step_ms = []
+        while eng.has_unfinished():
+            t0 = time.perf_counter()
+            eng.step()
+            step_ms.append(1e3 * (time.perf_counter() - t0))
+        dec = step_ms[-steps:]  # the decode steps (prefill steps come first)
+        row["engine_step_ms"] = [round(x, 2) for x in step_ms]
+        row["engine_decode_ms_median"] = round(statistics.median(dec[1:]), 2)
+        if hf is not None:
+            cache = _hf_cache(hf, cfg, batch, length, dev)
+            tok = torch.full((batch, 1), 7, device=dev)
+            hf_ms = []
+            with torch.inference_mode():
+                for _ in range(steps):  # the cache grows by one each step, as in generate
+                    hf_ms.append(1e3 * _timed(lambda c=cache, t=tok: hf(
+                        input_ids=t, past_key_values=c, use_cache=True), dev)[0])
+            row["hf_step_ms"] = [round(x, 2) for x in hf_ms]
+            row["hf_ms_median"] = round(statistics.median(hf_ms[1:]), 2)
+            row["ratio_hf_over_engine"] = round(row["hf_ms_median"]
+                                                / row["engine_decode_ms_median"], 3)
+            del cache
+        if [batch, length] in [list(x) for x in req.get("profile", [])]:
+            chunks = [SeqChunk([7 + i], length + steps, tabs[i]) for i in range(batch)]
+            eng.runner.execute(chunks)
+            row["profile_runner"] = _profile(lambda c=chunks: eng.runner.execute(c), dev, top=20)
+        rows.append(row)
+    return {"rows": rows}

@@ -87,6 +87,27 @@ def probe(name: str, b: int, lq: int, lc: int) -> dict[str, Any]:
     return row
 
 
+def growing(b: int, lc: int, steps: int = 12) -> dict[str, Any]:
+    """Decode as serving does it: the key length grows by one each step (a new shape for every
+    call), against the same shape repeated; per-call wall times, engine-style call."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv = torch.randn(b, HKV, lc + steps + 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    out: dict[str, Any] = {"batch": b, "context": lc}
+    for label, lens in (("growing", [lc + i for i in range(steps)]), ("fixed", [lc] * steps)):
+        ts = []
+        for n in lens:
+            m = torch.ones(b, 1, 1, n, dtype=torch.bool, device="cuda")
+            k = kv[:, :, :n]
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            F.scaled_dot_product_attention(q, k, k, attn_mask=m, enable_gqa=True)
+            torch.cuda.synchronize()
+            ts.append(round((time.perf_counter() - t0) * 1e3, 3))
+        out[label + "_ms"] = ts
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
@@ -100,9 +121,12 @@ def main() -> int:
         rows.append(r)
         print(json.dumps(r), flush=True)
         torch.cuda.empty_cache()
+    grow = [growing(1, 8192), growing(8, 1024), growing(1, 1000)]
+    for r in grow:
+        print(json.dumps(r), flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"torch": torch.__version__, "rows": rows, "growing": grow}, f, indent=1)
     return 0
 
 
