@@ -10,7 +10,9 @@ export UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y UCX_TLS=cuda_ipc,cuda_copy,tcp
 python3 -c "import nixl_cu13, torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 STAGES=${STAGES:-tests probe bench}
 case " $STAGES " in *" tests "*)
-  timeout ${TEST_S:-300} python3 -m pytest -q -p no:cacheprovider --noconftest -rfEs tests/gpu 2>&1 \
+  # tests/gpu, and the engine's own CUDA tests where they exist (tests/unit/engine/*gpu*.py)
+  timeout ${TEST_S:-300} python3 -m pytest -q -p no:cacheprovider --noconftest -rfEs tests/gpu \
+    $(ls tests/unit/engine/*gpu*.py 2>/dev/null) 2>&1 \
     | grep -v "NIXL INFO" | tee $OUT/gpu_tests.log | tail -40 ;; esac
 case " $STAGES " in *" probe "*)
   timeout 120 python3 bench/e2e/sdpa_probe.py --out $OUT/sdpa_probe.json 2>&1 | tail -8 ;; esac
