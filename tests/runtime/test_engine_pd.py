@@ -29,7 +29,12 @@ from pd_runtime.engine.checkpoint import load_checkpoint
 from pd_runtime.engine.core import LLMEngine, Output, engine_from_checkpoint, rank_spec_for
 from pd_runtime.engine.errors import InvalidKVTransferParams, KVPullFailed
 from pd_runtime.engine.generate import generate
-from pd_runtime.engine.pd import DecodeSide, engine_factors, make_prefill_side
+from pd_runtime.engine.pd import (
+    DecodeSide,
+    engine_factors,
+    make_prefill_side,
+    parse_kv_transfer_params,
+)
 from pd_runtime.engine.sampling import SamplingParams
 from tests.engine_fixtures import write_tiny_llama
 
@@ -191,6 +196,26 @@ def test_tables_that_do_not_fit_the_prefill_geometry_are_400(ckpt):
         close(p, d)
 
 
+def test_heartbeats_keep_a_queued_request_past_its_lease(ckpt):
+    p, d = make_pair(ckpt, lease_s=1.0)
+    try:
+        a, b = prompts(2, seed=6)
+        kv = prefill_all(p, [a, b])
+        d.add_request("q0", a, SamplingParams(max_tokens=2, temperature=0), kv["q0"])
+        drain(d)  # connects D to P
+        assert d.decode is not None
+        params = parse_kv_transfer_params(kv["q1"], len(b))
+        end = time.monotonic() + 2.5  # q1 waits 2.5 leases, beating every 0.3 s
+        while time.monotonic() < end:
+            assert d.decode.heartbeat([params]) == 1  # type: ignore[list-item]
+            time.sleep(0.3)
+        d.add_request("q1", b, SamplingParams(max_tokens=4, temperature=0), kv["q1"])
+        got = [t for o in drain(d) for t in o.token_ids]
+        assert got == generate(ckpt, b, 4, ignore_eos=True)
+    finally:
+        close(p, d)
+
+
 def test_expired_lease_is_an_error_never_tokens(ckpt):
     p, d = make_pair(ckpt, lease_s=0.3)
     try:
@@ -231,8 +256,6 @@ def good_params(n: int) -> dict:
     {"remote_block_ids": {"0": [0, 1]}, "remote_block_size": 16}, {"remote_block_size": 0},
 ])
 def test_malformed_kv_transfer_params_are_refused(ckpt, change):
-    from pd_runtime.engine.pd import parse_kv_transfer_params
-
     with pytest.raises(InvalidKVTransferParams) as e:
         parse_kv_transfer_params({**good_params(4), **change}, 5)
     assert e.value.http_status == 400

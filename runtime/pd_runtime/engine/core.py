@@ -47,6 +47,7 @@ class Output:
 
 
 PULL_POLL_S = 0.01
+HEARTBEAT_S = 5.0  # queued decode requests extend their prefill leases this often
 
 
 class Runner(Protocol):
@@ -73,7 +74,8 @@ class LLMEngine:
                  max_model_len: int | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, prefill: PrefillSide | None = None,
                  decode: DecodeSide | None = None, seed: int | None = None,
-                 chunk_factory: Callable[..., Any] | None = None):
+                 chunk_factory: Callable[..., Any] | None = None,
+                 heartbeat_s: float = HEARTBEAT_S):
         self.runner, self.spec = runner, spec
         self.eos = set(eos_token_ids)
         self.vocab_size = vocab_size
@@ -98,6 +100,8 @@ class LLMEngine:
         self._pending: list[Output] = []
         self._inflight: dict[Sequence, tuple[Future, int]] = {}  # pulls: (future, tokens)
         self._pull_pool: ThreadPoolExecutor | None = None
+        self.heartbeat_s = heartbeat_s
+        self._last_heartbeat = time.monotonic()
         if chunk_factory is None:
             from .runner import SeqChunk
 
@@ -164,6 +168,7 @@ class LLMEngine:
     def step(self) -> list[Output]:
         outs, self._pending = self._pending, []
         self._reap_held()
+        self._heartbeat()
         self._collect_pulls(outs)
         so = self.scheduler.schedule()
         self.stats.preemptions += len(so.preempted)
@@ -204,6 +209,20 @@ class LLMEngine:
             return self._chunk(seq.tokens(start, end), start, tables, scratch,
                                state_src_slot=slot)
         return self._chunk(seq.tokens(start, end), start, tables, slot)
+
+    def _heartbeat(self) -> None:
+        """Queued decode requests keep their leases on P alive while they wait for blocks."""
+        if self.decode is None:
+            return
+        now = time.monotonic()
+        lease = self.decode.lease_s()
+        every = min(self.heartbeat_s, lease / 3) if lease else self.heartbeat_s
+        if now - self._last_heartbeat < every:
+            return
+        self._last_heartbeat = now
+        queued = [s.remote_prefill for s in self.scheduler.waiting if s.needs_pull]
+        if queued:
+            self.decode.heartbeat(queued)
 
     def _start_pull(self, seq: Sequence, n: int) -> None:
         """Pull the first `n` tokens' KV into `seq`'s blocks: on the pull thread when the

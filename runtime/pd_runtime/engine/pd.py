@@ -19,6 +19,7 @@ kv_transfer_params from P (JSON, forwarded unchanged by the router):
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import uuid
@@ -34,6 +35,8 @@ from ..planner import Request
 from .errors import InvalidKVTransferParams, KVPullFailed
 
 PD_PROTOCOL = 1
+HB_BATCH = 32  # request ids per heartbeat notification
+log = logging.getLogger(__name__)
 _ID = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 MAX_BLOCK_IDS = 1 << 20
 
@@ -256,6 +259,37 @@ class DecodeSide:
             self.stats.kv_pull_bytes += st.bytes
             self.stats.kv_pull_seconds += st.seconds
             return int(st.bytes)
+
+    def lease_s(self) -> float | None:
+        """The shortest lease of the P engines connected so far (None before any)."""
+        leases = [peer.lease_s for dr in self.conns.values() for peer in dr.peers.values()]
+        return min(leases) if leases else None
+
+    def heartbeat(self, params: list[DecodeKVParams]) -> int:
+        """Extend P's leases of requests still queued here (HB notifications), for the P engines
+        this side is already connected to; skipped while a pull holds the connections. The
+        number of notifications sent."""
+        if not self.lock.acquire(blocking=False):
+            return 0
+        sent = 0
+        try:
+            ids: dict[tuple[str, str, int, int], list[str]] = {}
+            for p in params:
+                key = (p.remote_engine_id, p.remote_host, p.remote_port, p.tp_size)
+                if key in self.conns:
+                    ids.setdefault(key, []).append(p.remote_request_id)
+            for key, rids in ids.items():
+                dr = self.conns[key]
+                for i in range(0, len(rids), HB_BATCH):
+                    msg = "HB:" + ",".join(rids[i : i + HB_BATCH])
+                    for peer in dr.peers.values():
+                        dr.transport.send_notif(peer.agent, msg)
+                        sent += 1
+        except Exception:  # noqa: BLE001 - a lost heartbeat shows up as a failed pull, named
+            log.warning("KV lease heartbeat failed", exc_info=True)
+        finally:
+            self.lock.release()
+        return sent
 
     def _drop(self, p: DecodeKVParams) -> None:
         """Forget a connection after a failure (a dead or restarted P gets a fresh handshake)."""

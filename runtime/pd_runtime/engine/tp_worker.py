@@ -135,6 +135,12 @@ class TPDecodeSide:
         self.stats.kv_pull_bytes += nbytes
         return nbytes
 
+    def lease_s(self) -> float | None:
+        return self.local.lease_s()
+
+    def heartbeat(self, params: list[DecodeKVParams]) -> int:
+        return self.local.heartbeat(params)  # rank 0 is connected to every P rank
+
     def close(self) -> None:
         self.local.close()
 

@@ -184,6 +184,14 @@ class FakeDecodeSide:
         self.runner, self.prompts, self.fail = runner, prompts, fail
         self.gate = threading.Event()
         self.stats = PDStats()
+        self.beats: list[list[str]] = []
+
+    def lease_s(self) -> float | None:
+        return None
+
+    def heartbeat(self, params) -> int:
+        self.beats.append([p.remote_request_id for p in params])
+        return len(params)
 
     def pull(self, p, d_req) -> int:
         from pd_runtime.engine.errors import KVPullFailed
@@ -256,3 +264,16 @@ def test_failed_or_aborted_pull_frees_blocks_and_never_gives_tokens():
         assert not [o for o in eng.step() if o.token_ids]
     assert eng.blocks.usage() == 0.0
     eng.close()
+
+
+def test_queued_decode_requests_keep_their_prefill_leases_alive():
+    eng, runner = make(max_num_seqs=1, heartbeat_s=0.0)
+    side = FakeDecodeSide(runner, {"x": [4] * 9})
+    side.gate.set()
+    eng.decode = side  # type: ignore[assignment]
+    eng.add_request("local", [1, 2, 3], greedy(5))
+    eng.add_request("remote", [4] * 9, greedy(2), d_params("x", 8))
+    while eng.has_unfinished():
+        eng.step()
+    assert side.beats and all(b == ["x"] for b in side.beats)  # while it waited for a slot
+    assert len(side.beats) >= 4  # one per step of the local request
