@@ -174,6 +174,43 @@ def ensure(say: Callable[[str], None] = print, base: Path | None = None) -> Path
             raise LiveEnvError(f"installing the live vLLM environment failed: {exc}") from exc
 
 
+def parser_python(version: str, say: Callable[[str], None] = print,
+                  base: Path | None = None) -> Path:
+    """An interpreter that imports vLLM `version` (for its argument parser only, no engine):
+    a small virtualenv holding just that `vllm` wheel (--no-deps), layered over the live
+    environment's packages by a .pth file. The CUDA wheels import on a CPU; parsing needs no
+    GPU. Cached in <root>/parsers/<version>; about 20-40 s the first time."""
+    base = base or root()
+    live = ensure(say, base)
+    env = base / "parsers" / version
+    py = env / "bin" / "python"
+    stamp = env / "installed"
+    if stamp.exists() and py.exists():
+        return py
+    env.parent.mkdir(parents=True, exist_ok=True)
+    with open(env.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.exists() and py.exists():
+            return py
+        say(f"[live-vllm] vllm=={version} for its argument parser into {env}")
+        subprocess.run([sys.executable, "-m", "venv", "--clear", "--without-pip", str(env)],  # noqa: S603
+                       check=True, stdin=subprocess.DEVNULL)
+        site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()"  # noqa: S603
+                               "['purelib'])"], capture_output=True, text=True, check=True)
+        live_site = subprocess.run([str(live), "-c", "import sysconfig; print(sysconfig."  # noqa: S603
+                                    "get_paths()['purelib'])"], capture_output=True, text=True,
+                                   check=True)
+        Path(site.stdout.strip(), "zz-live-vllm.pth").write_text(live_site.stdout.strip() + "\n")
+        out = subprocess.run([str(live), "-m", "pip", "--python", str(py), "install",  # noqa: S603
+                              "--no-deps", "--progress-bar", "off", f"vllm=={version}"],
+                             capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if out.returncode != 0:
+            raise LiveEnvError(f"pip install vllm=={version} failed:\n{out.stdout[-1500:]}"
+                               f"{out.stderr[-1500:]}")
+        stamp.write_text(version)
+    return py
+
+
 def _try_lock(fh: object) -> bool:
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]

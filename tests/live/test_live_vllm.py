@@ -1,7 +1,8 @@
 """The live tier: what the operator renders for `engine.type: vllm` runs in real vLLM 0.32.0.
 
 - every flag rendered for 0.32.0, for every vLLM example in deploy/examples/accepted, is taken
-  by vLLM 0.32.0's own argument parser (parse only, no model load);
+  by vLLM 0.32.0's own argument parser (parse only, no model load); the same for 0.33.0 and
+  0.28.0, whose CUDA wheels import on a CPU;
 - the rendered router command is taken by vllm-router 0.1.17 (started, then stopped);
 - `pdctl run` starts the rendered P and D and router: greedy output through the router equals
   P alone, D pulled the KV over NIXL, and the hash D logs at the handshake is the decodeHash
@@ -30,6 +31,10 @@ pytestmark = [pytest.mark.live]
 
 EXAMPLES = sorted((live.ROOT / "deploy" / "examples" / "accepted").glob("*.yaml"))
 LIVE_VERSION = "0.32.0"
+# Parsers checked: the live version, and CUDA wheels whose parser imports on a CPU over the live
+# environment's packages (0.33.0: the newest the rules know; 0.28.0: the last with
+# cross_layers_blocks in the hash). 0.22.0 needs packages the live environment lacks (gguf).
+PARSER_VERSIONS = [LIVE_VERSION, "0.33.0", "0.28.0"]
 PROMPTS = ["The quick brown fox", "pd-operator live tier: prefill here, decode there."]
 
 
@@ -68,37 +73,56 @@ def _rendered(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
             for c in rendered.children if c["kind"] in ("StatefulSet", "Deployment")}
 
 
-@pytest.mark.timeout(600)
-def test_rendered_vllm_flags_parse_in_vllm_0_32_0(live_python: Path) -> None:
-    docs = _vllm_docs()
-    assert len(docs) >= 10, "the accepted examples should hold many vLLM deployments"
+def _parse_jobs(version: str) -> list[dict[str, Any]]:
+    """Every rendered `vllm serve` of the accepted vLLM examples at `version`, plus two controls
+    that must be refused (so the check can fail)."""
     jobs = []
-    for label, doc in docs:
-        for name, container in _rendered(_at_version(doc, LIVE_VERSION)).items():
+    for label, doc in _vllm_docs():
+        for name, container in _rendered(_at_version(doc, version)).items():
             argv = container["command"]
             if argv[:2] != ["vllm", "serve"]:
                 continue
             env = {e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e}
             jobs.append({"name": f"{label}/{name}", "args": argv[2:], "env": env})
-    # A flag vLLM does not know must fail: the check can fail.
     jobs.append({"name": "control/unknown-flag", "args": [*jobs[0]["args"], "--no-such-flag"],
                  "env": {}})
     jobs.append({"name": "control/bad-layout", "args": jobs[0]["args"],
                  "env": {"VLLM_KV_CACHE_LAYOUT": "XYZ"}})
-    out = subprocess.run([str(live_python), str(Path(__file__).with_name("vllm_parse_args.py"))],
-                         input=json.dumps(jobs), capture_output=True, text=True, timeout=500,
-                         env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"})
+    return jobs
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("version", PARSER_VERSIONS)
+def test_rendered_vllm_flags_parse_in_that_vllm_version(live_python: Path, version: str,
+                                                        tmp_path: Path) -> None:
+    from pd_operator import live_vllm
+
+    if version == LIVE_VERSION:
+        python = live_python
+    else:  # the CUDA wheel, layered over the live environment: imports on a CPU, parses
+        try:
+            python = live_vllm.parser_python(version)
+        except live_vllm.LiveEnvError as exc:
+            pytest.skip(f"vllm=={version} cannot be installed for its parser: {exc}")
+    jobs = _parse_jobs(version)
+    assert len(jobs) >= 20, "the accepted examples should hold many vLLM deployments"
+    result_file = tmp_path / "parsed.json"
+    out = subprocess.run([str(python), str(Path(__file__).with_name("vllm_parse_args.py")),
+                          str(result_file)], input=json.dumps(jobs), capture_output=True,
+                         text=True, timeout=500, env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"})
     assert out.returncode == 0, out.stderr[-3000:]
-    results = {r["name"]: r for r in json.loads(out.stdout)}
-    assert {r["version"] for r in results.values()} == {LIVE_VERSION}
+    results = {r["name"]: r for r in json.loads(result_file.read_text())}
+    assert {r["version"] for r in results.values()} == {version}
     controls = [results.pop("control/unknown-flag"), results.pop("control/bad-layout")]
     assert not any(c["ok"] for c in controls), controls
     assert "--no-such-flag" in controls[0]["error"]
     refused = {n: r["error"] for n, r in results.items() if not r["ok"]}
     assert not refused, json.dumps(refused, indent=1)
-    # the JSON flags became vLLM's own config objects
-    assert all("NixlConnector" in r["kv_transfer_config"] or "Nixl" in r["kv_transfer_config"]
-               for r in results.values())
+    # the JSON flag became vLLM's own config object, with the rendered connector
+    for job in jobs:
+        if job["name"] in results:
+            cfg = json.loads(job["args"][job["args"].index("--kv-transfer-config") + 1])
+            assert f"'{cfg['kv_connector']}'" in results[job["name"]]["kv_transfer_config"]
 
 
 def _router_argv(container: dict[str, Any], router_bin: str, dead: list[int]) -> list[str]:

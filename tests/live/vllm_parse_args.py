@@ -1,11 +1,12 @@
 """Run inside a vLLM environment (not the project's): parse rendered `vllm serve` argument
 lists with that vLLM's own parser, without loading any model.
 
-stdin: JSON [{"name": ..., "args": [...], "env": {...}}]; stdout: JSON [{"name", "ok", "error",
-"kv_transfer_config", "version"}]. Per job: `make_arg_parser` (what `vllm serve` builds), then
-`validate_parsed_serve_args`, then `AsyncEngineArgs.from_cli_args` (which turns the JSON-valued
-flags such as --kv-transfer-config into vLLM's config objects), and the VLLM_* environment the
-operator renders read through vllm.envs (which checks choices where vLLM declares them).
+Usage: python vllm_parse_args.py OUT.json < JOBS.json, with JOBS [{"name": ..., "args": [...],
+"env": {...}}] and OUT [{"name", "ok", "error", "kv_transfer_config", "version"}].
+Per job: `make_arg_parser` (what `vllm serve` builds), then `validate_parsed_serve_args`, then
+`AsyncEngineArgs.from_cli_args` (which turns the JSON-valued flags such as --kv-transfer-config
+into vLLM's config objects), and the VLLM_* environment the operator renders read through
+vllm.envs (which checks choices where vLLM declares them).
 """
 
 from __future__ import annotations
@@ -18,10 +19,21 @@ import sys
 
 
 def _imports():
-    try:  # 0.30+: the launchers package
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    except ImportError:
-        from vllm.entrypoints.openai.cli_args import make_arg_parser, validate_parsed_serve_args
+    import importlib
+
+    # where `vllm serve`'s parser lives, newest first (it moved in 0.32 and again in 0.33)
+    for module in ("vllm.entrypoints.common.cli_args", "vllm.entrypoints.launchers.cli_args",
+                   "vllm.entrypoints.openai.cli_args"):
+        try:
+            cli_args = importlib.import_module(module)
+        except ImportError:
+            continue
+        if hasattr(cli_args, "make_arg_parser"):
+            break
+    else:
+        raise ImportError("no vllm.entrypoints.*.cli_args with make_arg_parser")
+    make_arg_parser, validate_parsed_serve_args = (cli_args.make_arg_parser,
+                                                   cli_args.validate_parsed_serve_args)
     try:
         from vllm.utils.argparse_utils import FlexibleArgumentParser
     except ImportError:
@@ -64,7 +76,9 @@ def parse_one(job: dict, tools) -> dict:
 def main() -> int:
     jobs = json.load(sys.stdin)
     tools = _imports()
-    json.dump([parse_one(j, tools) for j in jobs], sys.stdout)
+    results = [parse_one(j, tools) for j in jobs]
+    with open(sys.argv[1], "w") as fh:  # a file: some vLLM versions log to stdout
+        json.dump(results, fh)
     return 0
 
 
