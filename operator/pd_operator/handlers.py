@@ -7,6 +7,11 @@
 - PDDeployment deletion: nothing to do; the children carry owner references and the garbage
   collector removes them.
 
+A failed reconcile is reported, not only logged: the status gets `Degraded=True` (reason
+ApplyFailed or RenderFailed, the message naming the child and quoting the API server), the
+PDDeployment gets a Warning Event for each new failure, and kopf retries after `retry_delay`
+(doubling from 5 s to 5 min). Log lines name the object as namespace/name.
+
 State kept in memory (`RUNTIME.owned`) is a cache: after a restart the resume handlers rebuild it.
 
 Events missed while a watch was down are not lost: kopf re-lists when it reconnects (the API
@@ -74,6 +79,7 @@ class Owned:
     observed: dict[str, dict[str, Any]] = field(default_factory=dict)  # prefill/decode/router
     last_status: dict[str, Any] | None = None
     spec_error: str | None = None
+    failure: status.Failure | None = None  # the last reconcile's error, None after a success
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -142,7 +148,63 @@ def configure(settings: kopf.OperatorSettings) -> None:
 
 
 # ------------------------------------------------------------------------------ reconcile
-async def reconcile(body: kopf.Body, logger: logging.Logger | kopf.Logger) -> None:
+# After a failed reconcile kopf waits retry_delay(attempt) before the next one: a child the API
+# server refuses (422, 403, a quota) stays refused until someone changes something, so retrying
+# every 5 s forever only floods the API server and the logs.
+RETRY_FIRST_S = 5.0
+RETRY_MAX_S = 300.0
+# How many failed children one Degraded message names (the rest are counted).
+MAX_FAILURES_NAMED = 3
+
+
+def retry_delay(retry: int) -> float:
+    """Seconds before attempt `retry + 1` (kopf counts retries from 0)."""
+    return min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** min(max(retry, 0), 16))
+
+
+def describe_failures(failures: list[tuple[dict[str, Any], BaseException]]) -> str:
+    """'StatefulSet demo-prefill: HTTP 422: <the API server's message>; ...' (pure)."""
+    def one(child: dict[str, Any], exc: BaseException) -> str:
+        what = f"{child.get('kind')} {child.get('metadata', {}).get('name')}"
+        text = str(exc) if isinstance(exc, kube.ApiError) else f"{type(exc).__name__}: {exc}"
+        return f"{what}: {text}"
+    named = [one(c, e) for c, e in failures[:MAX_FAILURES_NAMED]]
+    more = len(failures) - len(named)
+    return "; ".join(named) + (f"; and {more} more" if more > 0 else "")
+
+
+async def _apply_children(client: kube.Client, children: list[dict[str, Any]], concurrency: int
+                          ) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any],
+                                                                      BaseException]]]:
+    """Apply every child (bounded concurrency); (applied objects, [(child, error)])."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(obj: dict[str, Any]) -> dict[str, Any]:
+        async with sem:
+            return await client.apply(obj)
+
+    results = await asyncio.gather(*(one(c) for c in children), return_exceptions=True)
+    applied = [r for r in results if not isinstance(r, BaseException)]
+    failed = [(c, r) for c, r in zip(children, results) if isinstance(r, BaseException)]
+    for _, exc in failed:
+        if isinstance(exc, asyncio.CancelledError):
+            raise exc
+    return applied, failed
+
+
+async def _report_failure(client: kube.Client, namespace: str, name: str, state: Owned,
+                          stored: dict[str, Any] | None, failure: status.Failure) -> None:
+    """Degraded condition + Event; a status write that fails too is logged, not raised (the
+    original error is the one kopf should retry on)."""
+    state.failure = failure
+    try:
+        await _write_status(client, namespace, name, state, stored)
+    except Exception as exc:  # logged here: the caller raises the cause
+        log.warning("%s/%s: could not write the Degraded status: %s", namespace, name, exc)
+
+
+async def reconcile(body: kopf.Body, logger: logging.Logger | kopf.Logger,
+                    retry: int = 0) -> None:
     meta = body.get("metadata", {})
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     key = (namespace, name)
@@ -162,8 +224,17 @@ async def reconcile(body: kopf.Body, logger: logging.Logger | kopf.Logger) -> No
             metrics.RECONCILES.labels("invalid").inc()
             raise kopf.PermanentError(f"invalid spec: {exc}") from None
         state.spec_error = None
-        rendered = render.render(labels.Owner(name, namespace, uid), validate_spec(spec),
-                                 router_image=render.router_image_from(os.environ))
+        try:
+            rendered = render.render(labels.Owner(name, namespace, uid), validate_spec(spec),
+                                     router_image=render.router_image_from(os.environ))
+        except Exception as exc:  # a renderer bug: the spec was admitted but cannot be rendered
+            log.exception("%s/%s: rendering the children failed", namespace, name)
+            metrics.RECONCILE_ERRORS.labels("render").inc()
+            await _report_failure(client, namespace, name, state, body.get("status"),
+                                  status.Failure("RenderFailed", "rendering the children "
+                                                 f"failed: {type(exc).__name__}: {exc}"))
+            # the same spec renders the same way: wait for the next spec change (or restart)
+            raise kopf.PermanentError(f"{namespace}/{name}: render failed: {exc!r}") from None
         state.rendered = rendered
         state.desired_replicas = {"prefill": spec.prefill.replicas,
                                   "decode": spec.decode.replicas,
@@ -175,22 +246,28 @@ async def reconcile(body: kopf.Body, logger: logging.Logger | kopf.Logger) -> No
             metrics.RECONCILES.labels("rejected").inc()
             raise kopf.PermanentError("the pools are incompatible; see status.conditions")
         state.desired_children = {render.child_key(c): c for c in rendered.children}
-        try:
-            results = await kube.apply_all(client, rendered.children,
-                                           concurrency=RUNTIME.apply_concurrency)
-        except kube.ApiError as exc:
-            metrics.RECONCILE_ERRORS.labels(str(exc.status)).inc()
-            raise kopf.TemporaryError(f"apply failed: {exc}", delay=5) from exc
-        except Exception as exc:  # network trouble, API server restarting
-            metrics.RECONCILE_ERRORS.labels(type(exc).__name__).inc()
-            raise kopf.TemporaryError(f"apply failed: {exc!r}", delay=5) from exc
-        for child, result in zip(rendered.children, results):
-            metrics.APPLIES.labels(child["kind"]).inc()
+        results, failed = await _apply_children(client, rendered.children,
+                                                RUNTIME.apply_concurrency)
+        for result in results:
+            metrics.APPLIES.labels(result.get("kind", "unknown")).inc()
             _observe(state, result)
+        if failed:
+            for _, err in failed:  # network trouble, API server restarting, a refused child
+                metrics.RECONCILE_ERRORS.labels(
+                    str(err.status) if isinstance(err, kube.ApiError)
+                    else type(err).__name__).inc()
+            message = describe_failures(failed)
+            await _report_failure(client, namespace, name, state, body.get("status"),
+                                  status.Failure("ApplyFailed", message))
+            delay = retry_delay(retry)
+            raise kopf.TemporaryError(f"{namespace}/{name}: {len(failed)} of "
+                                      f"{len(rendered.children)} children not applied, next "
+                                      f"attempt in {delay:.0f}s: {message}", delay=delay)
+        state.failure = None
         await _write_status(client, namespace, name, state, body.get("status"))
     metrics.RECONCILES.labels("applied").inc()
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-    logger.info("applied %d children", len(rendered.children))
+    logger.info("%s/%s: applied %d children", namespace, name, len(rendered.children))
 
 
 def _observe(state: Owned, obj: dict[str, Any] | None, deleted: bool = False) -> None:
@@ -216,7 +293,7 @@ async def _write_status(client: kube.Client, namespace: str, name: str, state: O
         decision=decision,
         observed=status.Observed(state.observed.get("prefill"), state.observed.get("decode"),
                                  state.observed.get("router")),
-        previous=previous, now=_now(), spec_error=state.spec_error)
+        previous=previous, now=_now(), spec_error=state.spec_error, failure=state.failure)
     if status.same(new, previous):
         return
     try:
@@ -230,8 +307,9 @@ async def _write_status(client: kube.Client, namespace: str, name: str, state: O
     owner = _owner_body(namespace, name, state.uid)
     for t in transitions:
         try:
-            kopf.event(owner, type="Warning" if t.warning else "Normal",
-                       reason=f"{t.type}{'' if t.status == 'True' else 'False'}",
+            reason = t.reason if t.type == "Degraded" and t.warning else \
+                f"{t.type}{'' if t.status == 'True' else 'False'}"
+            kopf.event(owner, type="Warning" if t.warning else "Normal", reason=reason,
                        message=t.message)
         except LookupError:  # outside a handler's context: log instead
             log.info("%s/%s: %s=%s (%s)", namespace, name, t.type, t.status, t.message)
@@ -240,8 +318,9 @@ async def _write_status(client: kube.Client, namespace: str, name: str, state: O
 @kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
 @kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
 @kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
-async def on_pddeployment(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-    await reconcile(body, logger)
+async def on_pddeployment(body: kopf.Body, logger: kopf.Logger, retry: int = 0,
+                          **_: Any) -> None:
+    await reconcile(body, logger, retry)
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
@@ -299,13 +378,15 @@ async def _child_event(api_version: str, kind: str, event: kopf.RawEvent,
     if etype == "DELETED":
         _observe(state, obj, deleted=True)
         if desired is not None and await _owner_alive(client, namespace, owner):
-            logger.info("%s %s was deleted; re-creating it", kind, name)
+            logger.info("%s/%s: %s %s was deleted; re-creating it", namespace, owner[0], kind,
+                        name)
             metrics.DRIFT_REPAIRS.labels(kind).inc()
             _observe(state, await client.apply(desired))
     else:
         _observe(state, obj)
         if desired is not None and not meta.get("deletionTimestamp") and drifted(desired, obj):
-            logger.info("%s %s differs from what was rendered; re-applying", kind, name)
+            logger.info("%s/%s: %s %s differs from what was rendered; re-applying", namespace,
+                        owner[0], kind, name)
             metrics.DRIFT_REPAIRS.labels(kind).inc()
             _observe(state, await client.apply(desired))
     if kind in ("StatefulSet", "Deployment"):
@@ -329,7 +410,9 @@ def _register_child_handlers() -> None:
             try:
                 await _child_event(_av, _kind, event, logger)
             except kube.ApiError as exc:
-                logger.warning("child event %s: %s", _kind, exc)
+                meta = (event.get("object") or {}).get("metadata") or {}
+                logger.warning("%s/%s: %s event: re-applying failed: %s", meta.get("namespace"),
+                               meta.get("name"), _kind, exc)
                 metrics.RECONCILE_ERRORS.labels(str(exc.status)).inc()
         kopf.on.event(group or "", version, plural, id=f"child-{plural}",
                       labels={"app.kubernetes.io/managed-by": labels.MANAGER})(handler)

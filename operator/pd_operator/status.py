@@ -3,9 +3,11 @@
 The status is built as the API's own status model (api.PDDeploymentStatus) and returned in its
 JSON form, so it cannot drift from the CRD's schema.
 
-Conditions (a list keyed by type): Validated, PrefillReady, DecodeReady, RouterReady, Ready.
-`lastTransitionTime` only moves when a condition's status changes. The handlers turn the
-returned transitions into Kubernetes Events.
+Conditions (a list keyed by type): Validated, PrefillReady, DecodeReady, RouterReady, Ready, and
+Degraded (True while the last reconcile failed: the child it failed on and the API server's
+message, or the renderer's error). `lastTransitionTime` only moves when a condition's status
+changes. The handlers turn the returned transitions into Kubernetes Events; a Degraded
+condition whose message changes is a transition too, so each new failure is an Event.
 """
 
 from __future__ import annotations
@@ -17,7 +19,20 @@ from pd_runtime.compat import Decision
 
 from .api import v1alpha1 as api
 
-CONDITION_TYPES = ("Validated", "PrefillReady", "DecodeReady", "RouterReady", "Ready")
+CONDITION_TYPES = ("Validated", "PrefillReady", "DecodeReady", "RouterReady", "Ready",
+                   "Degraded")
+# Longest message kept in a condition or Event (the API server's messages can quote a whole
+# object; the Event API caps messages at 1 KiB).
+MAX_MESSAGE = 1000
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why the last reconcile did not finish: `reason` is ApplyFailed or RenderFailed; the
+    message names the child (kind and name) and carries the API server's own words."""
+
+    reason: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -64,7 +79,8 @@ def _workload(obj: dict[str, Any] | None, desired: int,
 def _validated(decision: Decision | None, spec_error: str | None) -> tuple[str, str, str]:
     if spec_error is not None:
         return "False", "InvalidSpec", spec_error
-    assert decision is not None
+    if decision is None:  # validation itself failed (see the Degraded condition)
+        return "Unknown", "NotEvaluated", "the compatibility rules could not be evaluated"
     if not decision.accepted:
         ids = ", ".join(v.rule for v in decision.rejections)
         return "False", "Rejected", f"rejected by {ids}"
@@ -76,10 +92,12 @@ def _validated(decision: Decision | None, spec_error: str | None) -> tuple[str, 
 
 def compute(*, generation: int | None, desired: dict[str, int], decision: Decision | None,
             observed: Observed, previous: dict[str, Any] | None, now: str,
-            spec_error: str | None = None) -> tuple[dict[str, Any], list[Transition]]:
+            spec_error: str | None = None,
+            failure: Failure | None = None) -> tuple[dict[str, Any], list[Transition]]:
     """The full status and the condition transitions since `previous` (the stored status).
 
-    `desired` has the wanted replicas of "prefill", "decode" and "router".
+    `desired` has the wanted replicas of "prefill", "decode" and "router"; `failure` is the
+    last reconcile's error (None when it succeeded).
     """
     previous = previous or {}
     prev_conds = {c.get("type"): c for c in previous.get("conditions") or []}
@@ -98,6 +116,10 @@ def compute(*, generation: int | None, desired: dict[str, int], decision: Decisi
         rows.append(("Ready", "True", "AllComponentsReady", "prefill, decode and router ready"))
     else:
         rows.append(("Ready", "False", "ComponentsNotReady", f"not yet: {', '.join(not_ready)}"))
+    if failure is not None:
+        rows.append(("Degraded", "True", failure.reason, truncate(failure.message)))
+    else:
+        rows.append(("Degraded", "False", "Reconciled", "the last reconcile succeeded"))
 
     conditions: list[api.Condition] = []
     transitions: list[Transition] = []
@@ -108,17 +130,22 @@ def compute(*, generation: int | None, desired: dict[str, int], decision: Decisi
         conditions.append(api.Condition.model_validate({
             "type": ctype, "status": cstatus, "reason": reason, "message": message,
             "lastTransitionTime": keep_time or now, "observedGeneration": generation}))
-        if changed and (prev is not None or cstatus == "True" or ctype == "Validated"):
-            transitions.append(Transition(ctype, cstatus, reason, message,
-                                          warning=cstatus != "True"))
+        bad = cstatus == "True" if ctype == "Degraded" else cstatus != "True"
+        new_failure = ctype == "Degraded" and bad and prev is not None and \
+            prev.get("message") != message
+        if (changed and (prev is not None or cstatus == "True" or ctype == "Validated")) \
+                or new_failure:
+            transitions.append(Transition(ctype, cstatus, reason, message, warning=bad))
 
     ready = not not_ready
+    # a Degraded phase that came from a reconcile failure ends with the failure
+    failed_before = (prev_conds.get("Degraded") or {}).get("status") == "True"
     any_ready = any(p.ready_replicas > 0 for p in pools.values())
-    if v_status != "True":
+    if v_status != "True" or failure is not None:
         phase = "Degraded"
     elif ready:
         phase = "Ready"
-    elif previous.get("phase") in ("Ready", "Degraded") and \
+    elif previous.get("phase") in ("Ready", "Degraded") and not failed_before and \
             previous.get("observedGeneration") == generation:
         phase = "Degraded"  # it was Ready for this generation and lost a component
     elif not any_ready:
@@ -145,6 +172,11 @@ def compatibility(decision: Decision) -> api.CompatibilityStatus:
 # The keys of Verdict.to_dict() that the CRD's status Verdict has (not policyNote).
 STATUS_VERDICT_KEYS = frozenset(api.Verdict.model_fields[n].alias or n
                                 for n in api.Verdict.model_fields)
+
+
+def truncate(message: str, limit: int = MAX_MESSAGE) -> str:
+    tail = "... (truncated)"
+    return message if len(message) <= limit else message[:limit - len(tail)] + tail
 
 
 def same(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
