@@ -216,7 +216,10 @@ def _from_hf(cfg: dict) -> ModelConfig:
     if mt in MLA_TYPES:
         family = "mla"
         kw = _mla_fields(cfg, layers)
+        # vLLM's KV geometry for MLA (what spec.model declares): one latent "head" of
+        # kv_lora_rank + qk_rope_head_dim per token; the per-head q/k/v sizes are their own fields
         head_size = kw.pop("head_size")
+        kv_heads = 1
     return ModelConfig(
         family=family,
         vocab_size=int(_req(cfg, "vocab_size")),
@@ -285,7 +288,7 @@ def _mla_fields(cfg: dict, layers: int) -> dict[str, Any]:
     shared = int(cfg.get("n_shared_experts") or 0)
     moe_i = int(cfg.get("moe_intermediate_size") or 0)
     return dict(
-        head_size=nope + rope_d,
+        head_size=int(_req(cfg, "kv_lora_rank")) + rope_d,
         kv_lora_rank=int(_req(cfg, "kv_lora_rank")),
         qk_rope_head_dim=rope_d,
         qk_nope_head_dim=nope,
