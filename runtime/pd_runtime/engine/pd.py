@@ -185,13 +185,13 @@ class PrefillSide:
                 self.hold_remote(tid, req)
             self.held[tid] = key
             self.stats.kv_holds += 1
-        return {
-            "do_remote_prefill": True, "do_remote_decode": False, "pd_protocol": PD_PROTOCOL,
-            "remote_engine_id": self.engine_id, "remote_request_id": tid,
-            "remote_block_ids": {str(g): list(ids) for g, ids in req.block_tables.items()},
-            "remote_host": self.host, "remote_port": self.port, "tp_size": self.tp_size,
-            "remote_num_tokens": req.num_tokens, "remote_block_size": self.block_size,
-        }
+        params = DecodeKVParams(
+            do_remote_prefill=True, do_remote_decode=False, pd_protocol=PD_PROTOCOL,
+            remote_engine_id=self.engine_id, remote_request_id=tid,
+            remote_block_ids={str(g): list(ids) for g, ids in req.block_tables.items()},
+            remote_host=self.host, remote_port=self.port, tp_size=self.tp_size,
+            remote_num_tokens=req.num_tokens, remote_block_size=self.block_size)
+        return msgspec.to_builtins(params)  # the same type D validates with
 
     def released(self) -> list[str]:
         """Sequence keys whose hold ended (consumed by D or expired) on every local rank."""
