@@ -26,7 +26,7 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [[r.randrange(2, 256) for _ in range(r.randrange(3, 45))] for _ in range(n)]
 
 
-@pytest.mark.parametrize("layout,block", [("HND", 16), ("NHD", 4)])
+@pytest.mark.parametrize("layout,block", [("NHD", 4)])  # HND and other blocks: the P/D tests
 def test_batched_greedy_equals_offline_generate(ckpt, layout, block):
     spec = rank_spec_for(ckpt.config, block_size=block, layout=layout, num_blocks=200 // block * 4)
     eng = engine_from_checkpoint(ckpt, spec, max_num_batched_tokens=24, seed=0)
