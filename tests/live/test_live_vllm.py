@@ -7,8 +7,8 @@
 - `pdctl run` starts the rendered P and D and router: greedy output through the router equals
   P alone, D pulled the KV over NIXL, and the hash D logs at the handshake is the decodeHash
   `pdctl check -o json` predicts;
-- a pair the rules reject for a hash factor (the model string) fails in vLLM too, at the
-  handshake, with hashes that differ in exactly that factor.
+- a pair the rules reject for a hash factor (the model string; the KV cache dtype) fails in
+  vLLM too, at the handshake, with hashes that differ in exactly that factor.
 """
 
 from __future__ import annotations
@@ -226,23 +226,38 @@ def _factors(spec: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return pf, df
 
 
+# A hash factor made to differ on D, the rule that rejects it, and the factor it names.
+MISMATCHES = {
+    "model-string": ("MODEL-NAME-MATCH", "model"),
+    "kv-cache-dtype": ("KV-DTYPE-MATCH", "cache_dtype"),
+}
+
+
+def _mismatched_decode(case: str, checkpoint: str, tmp_path: Path) -> dict[str, Any]:
+    if case == "model-string":  # the same weights under another path string
+        alias = tmp_path / "same-weights-other-path"
+        alias.symlink_to(checkpoint)
+        return {"model": {"name": str(alias)}}
+    return {"kvCacheDtype": "fp8_e5m2"}  # a KV dtype CPU_ATTN has (vLLM 0.32.0 cpu_attn.py)
+
+
 @pytest.mark.timeout(1200)
-def test_model_string_mismatch_rejected_by_rules_fails_in_vllm_at_the_handshake(
-        live_python: Path, live_checkpoint: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", sorted(MISMATCHES))
+def test_hash_factor_rejected_by_rules_fails_in_vllm_at_the_handshake(
+        live_python: Path, live_checkpoint: str, tmp_path: Path, case: str) -> None:
     from pd_runtime.compat.hashing import differing_factors, hash_factors
 
-    alias = tmp_path / "same-weights-other-path"
-    alias.symlink_to(live_checkpoint)
+    rule, factor = MISMATCHES[case]
     # policy Warn: the rules still say what they would reject, and pdctl run starts the pair
     doc = live.spec_doc(live_checkpoint, validation={"policy": "Warn"},
-                        decode={"model": {"name": str(alias)}})
+                        decode=_mismatched_decode(case, live_checkpoint, tmp_path))
     spec = live.write_spec(tmp_path / "mismatch.yaml", doc)
     predicted = live.pdctl_check(spec)
     rules = {v["rule"]: v for v in predicted["verdicts"]}
-    assert "MODEL-NAME-MATCH" in rules, predicted
-    assert "would reject" in json.dumps(rules["MODEL-NAME-MATCH"])
+    assert rule in rules, predicted
+    assert "would reject" in json.dumps(rules[rule])
     pf, df = _factors(spec)
-    assert differing_factors(pf, df) == ["model"]
+    assert differing_factors(pf, df) == [factor]
     assert (hash_factors(pf), hash_factors(df)) == (predicted["prefillHash"],
                                                     predicted["decodeHash"])
     with live.pdctl_run(spec, tmp_path / "run") as run:
