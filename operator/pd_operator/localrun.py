@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -48,6 +49,7 @@ DISCOVERY_FLAGS = {"--service-discovery": 0, "--prefill-selector": -1, "--decode
                    "--service-discovery-namespace": 1, "--service-discovery-port": 1,
                    "--selector": -1}
 STOP_TIMEOUT_S = 15.0
+_LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:,.]+ \w+ [\w.]+: (.*)$")
 
 
 class RunError(Exception):
@@ -351,7 +353,7 @@ class LocalRun:
                 if http_status(p.url + path) == 200:
                     del pending[name]
                     self.out(f"  {name}: ready at {p.url} ({time.monotonic() - t0:.1f}s)")
-            status = ", ".join(f"{n}: {self.last_line(n)[:60]}" for n in pending)
+            status = ", ".join(f"{n}: {self.last_line(n)[:70]}" for n in pending)
             if pending and status != shown:
                 self.out(f"  waiting {time.monotonic() - t0:.0f}s: {status}")
                 shown = status
@@ -361,8 +363,12 @@ class LocalRun:
                 time.sleep(0.3)
 
     def last_line(self, name: str) -> str:
+        """The replica's last log line without the logging prefix (time, level, logger)."""
         lines = self.log_tail(name, 1).strip().splitlines()
-        return lines[-1] if lines else "starting"
+        if not lines:
+            return "starting"
+        m = _LOG_PREFIX.match(lines[-1])
+        return m.group(1) if m else lines[-1]
 
     def log_tail(self, name: str, n: int = 20) -> str:
         try:
