@@ -42,6 +42,17 @@ SPEC_CEL = [
         "fieldPath": ".kvTransfer.sideChannelPort",
     },
 ]
+# The object's name becomes the children's names (see v1alpha1.name_error); CEL may read
+# metadata.name at the root.
+ROOT_CEL = [
+    {
+        "rule": f"self.metadata.name.size() <= {api.MAX_NAME_LENGTH} && "
+        f"self.metadata.name.matches('{api.NAME_PATTERN}')",
+        "message": f"NAME-RENDERABLE: metadata.name must be a DNS-1035 label of at most "
+        f"{api.MAX_NAME_LENGTH} characters (lowercase letters, digits and '-', starting with a "
+        "letter): it names the pools' StatefulSets and Services",
+    },
+]
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "P-Ready", "type": "integer", "jsonPath": ".status.prefill.readyReplicas",
@@ -117,6 +128,7 @@ def _openapi_schema() -> dict[str, Any]:
     conditions["x-kubernetes-list-map-keys"] = ["type"]
     return {
         "type": "object",
+        "x-kubernetes-validations": ROOT_CEL,
         "description": "PDDeployment declares a prefill pool and a decode pool that exchange KV "
         "cache over NIXL; the operator validates the pair before it launches anything.",
         "required": ["spec"],

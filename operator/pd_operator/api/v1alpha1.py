@@ -6,18 +6,46 @@ are camelCase aliases. Every field has a description, which becomes `kubectl exp
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from pd_runtime.compat.families import Family
 
+from . import k8s
+
 GROUP = "serving.pd-operator.dev"
 VERSION = "v1alpha1"
 KIND = "PDDeployment"
 PLURAL = "pddeployments"
 SHORT_NAME = "pdd"
+
+# Bounds that make every admitted spec renderable and its admission cost bounded (issue 11).
+# metadata.name: the longest child StatefulSet is <name>-prefill, and its pods carry the label
+# controller-revision-hash=<statefulset>-<10-char hash>, which must fit in 63 characters; the
+# headless Services' names must be DNS-1035 labels (a letter first, no dots).
+MAX_STATEFULSET_NAME = 63 - 11
+MAX_NAME_LENGTH = MAX_STATEFULSET_NAME - len("-prefill")
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+MAX_REPLICAS = 1000
+MAX_ARGS = 128
+MAX_ARG_LENGTH = 4096
+MAX_STRING = 512  # model names, revisions, backends
+MAX_IMAGE = 1024
+
+
+def name_error(name: str) -> str | None:
+    """Why a PDDeployment may not have this name (its children could not be created)."""
+    if len(name) > MAX_NAME_LENGTH:
+        return (f"metadata.name {name!r} has {len(name)} characters; at most "
+                f"{MAX_NAME_LENGTH} fit the children's names (<name>-prefill plus the pod "
+                "revision hash must be a valid 63-character label)")
+    if not re.match(NAME_PATTERN, name):
+        return (f"metadata.name {name!r} must be a DNS-1035 label (lowercase letters, digits "
+                "and '-', starting with a letter): it names the pools' Services")
+    return None
 
 ModelDtype = Literal["float16", "bfloat16", "float32"]
 KVCacheDtype = Literal[
@@ -46,7 +74,7 @@ class APIModel(BaseModel):
 
 class ModelSpec(APIModel):
     name: str = Field(
-        min_length=1,
+        min_length=1, max_length=MAX_STRING,
         description="The exact model string the engine is started with (hub id or path). "
         "It is hashed as a string: the same weights under another path do not match.",
     )
@@ -59,7 +87,8 @@ class ModelSpec(APIModel):
     num_hidden_layers: int = Field(ge=1, description="Total hidden layers.")
     sliding_window: int = Field(0, ge=0, description="> 0 when the model has sliding-window "
                                 "layers (makes the hybrid KV cache manager mandatory).")
-    revision: str | None = Field(None, description="Model revision (not hashed by vLLM; "
+    revision: str | None = Field(None, max_length=MAX_STRING,
+                                 description="Model revision (not hashed by vLLM; "
                                  "compared between the pools).")
     mamba_type: Literal["mamba1", "mamba2", "gdn", "short-conv", "linear"] | None = Field(
         None, description="Hybrid SSM only: the Mamba layer type.")
@@ -68,7 +97,8 @@ class ModelSpec(APIModel):
 class ModelOverride(APIModel):
     """Per-pool override of spec.model: only the fields given replace the shared ones."""
 
-    name: str | None = Field(None, min_length=1, description="Overrides spec.model.name.")
+    name: str | None = Field(None, min_length=1, max_length=MAX_STRING,
+                             description="Overrides spec.model.name.")
     family: Family | None = Field(None, description="Overrides spec.model.family.")
     dtype: ModelDtype | None = Field(None, description="Overrides spec.model.dtype.")
     num_kv_heads: int | None = Field(None, ge=1, description="Overrides spec.model.numKVHeads.")
@@ -77,7 +107,8 @@ class ModelOverride(APIModel):
                                           description="Overrides spec.model.numHiddenLayers.")
     sliding_window: int | None = Field(None, ge=0,
                                        description="Overrides spec.model.slidingWindow.")
-    revision: str | None = Field(None, description="Overrides spec.model.revision.")
+    revision: str | None = Field(None, max_length=MAX_STRING,
+                                 description="Overrides spec.model.revision.")
     mamba_type: Literal["mamba1", "mamba2", "gdn", "short-conv", "linear"] | None = Field(
         None, description="Overrides spec.model.mambaType.")
 
@@ -85,15 +116,18 @@ class ModelOverride(APIModel):
 class EngineSpec(APIModel):
     type: Literal["vllm", "builtin"] = Field("vllm", description="vllm, or builtin (the "
                                              "bundled runtime).")
-    image: str = Field(min_length=1, description="Container image of the engine.")
-    version: str | None = Field(None, description="Engine version; optional when the image "
+    image: str = Field(min_length=1, max_length=MAX_IMAGE,
+                       description="Container image of the engine.")
+    version: str | None = Field(None, max_length=64,
+                                description="Engine version; optional when the image "
                                 "tag carries it. Required for digest-only images.")
 
 
 class EngineOverride(APIModel):
     type: Literal["vllm", "builtin"] | None = Field(None, description="Overrides spec.engine.type.")
-    image: str | None = Field(None, min_length=1, description="Overrides spec.engine.image.")
-    version: str | None = Field(None, description="Overrides spec.engine.version.")
+    image: str | None = Field(None, min_length=1, max_length=MAX_IMAGE,
+                              description="Overrides spec.engine.image.")
+    version: str | None = Field(None, max_length=64, description="Overrides spec.engine.version.")
 
 
 Backend = Literal["UCX", "LIBFABRIC", "GDS", "GDS_MT", "POSIX"]
@@ -108,7 +142,8 @@ class KVTransferSpec(APIModel):
         "NixlConnector", description="NixlConnector (pull, D reads) or NixlPushConnector "
         "(push, P writes).")
     backends: list[Backend] = Field(
-        default_factory=_default_backends, min_length=1, description="NIXL transport backends.")
+        default_factory=_default_backends, min_length=1, max_length=5,
+        description="NIXL transport backends.")
     buffer_device: Literal["cuda", "cpu"] = Field("cuda", description="Where the registered "
                                                   "KV lives: cuda, or cpu (host buffer).")
     enforce_handshake_compat: bool = Field(True, description="Check the compatibility hash "
@@ -147,31 +182,42 @@ class SpeculativeSpec(APIModel):
     method: Literal["eagle", "eagle3", "mtp", "dflash", "dspark", "draft_model", "ngram",
                     "suffix", "medusa", "mlp_speculator"] = Field(
         description="Speculative decoding method.")
-    model: str | None = Field(None, description="Draft model.")
-    num_speculative_tokens: int | None = Field(None, ge=1, description="Tokens proposed per step.")
-    revision: str | None = Field(None, description="Draft model revision.")
-    kv_cache_dtype: str | None = Field(None, description="Draft KV-cache dtype override.")
+    model: str | None = Field(None, max_length=MAX_STRING, description="Draft model.")
+    num_speculative_tokens: int | None = Field(None, ge=1, le=64,
+                                               description="Tokens proposed per step.")
+    revision: str | None = Field(None, max_length=MAX_STRING,
+                                 description="Draft model revision.")
+    kv_cache_dtype: str | None = Field(None, max_length=64,
+                                       description="Draft KV-cache dtype override.")
 
 
 class PodTemplateSpec(APIModel):
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list,
-                                              description="Pod tolerations.")
-    resources: dict[str, Any] = Field(default_factory=dict, description="Container resources "
-                                      "(nvidia.com/gpu is set from TP x PP).")
-    env: list[dict[str, Any]] = Field(default_factory=list, description="Extra container "
-                                      "environment variables.")
+    """Copied into the pool's StatefulSet; each field is checked as the Kubernetes type it
+    becomes (api/k8s.py) and kept in that type's JSON form."""
+
+    node_selector: k8s.NODE_SELECTOR_FIELD = Field(
+        default_factory=dict, description="Pod nodeSelector (label keys and values).")
+    tolerations: Annotated[list[dict[str, Any]], k8s.k8s_field(k8s.TolerationList)] = Field(
+        default_factory=list, description="Pod tolerations (core/v1 Toleration).")
+    resources: Annotated[dict[str, Any], k8s.k8s_field(k8s.ResourceRequirements)] = Field(
+        default_factory=dict, description="Container resources: limits and requests "
+        "(nvidia.com/gpu is set from TP x PP).")
+    env: Annotated[list[dict[str, Any]], k8s.k8s_field(k8s.EnvList)] = Field(
+        default_factory=list, description="Extra container environment variables (core/v1 "
+        "EnvVar: name with value or valueFrom).")
 
 
 class PoolSpec(APIModel):
-    replicas: int = Field(1, ge=0, description="Number of engine instances in the pool.")
+    replicas: int = Field(1, ge=0, le=MAX_REPLICAS,
+                          description="Number of engine instances in the pool.")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="TP size per instance.")
     pipeline_parallel_size: int = Field(1, ge=1, le=16, description="PP size per instance.")
     data_parallel_size: int = Field(1, ge=1, le=64, description="DP size per instance.")
     decode_context_parallel_size: int = Field(1, ge=1, le=64, description="Decode context "
                                               "parallel size (MLA only).")
     block_size: int = Field(16, ge=1, le=1024, description="KV block size in tokens.")
-    attention_backend: str = Field("auto", min_length=1, description="Attention backend "
+    attention_backend: str = Field("auto", min_length=1, max_length=64,
+                                   description="Attention backend "
                                    "(e.g. FLASH_ATTN, FLASHINFER), or auto.")
     kv_cache_dtype: KVCacheDtype = Field("auto", description="KV-cache dtype string, "
                                          "compared literally (fp8 != fp8_e4m3).")
@@ -189,14 +235,16 @@ class PoolSpec(APIModel):
                                                    "spec.kvTransfer.")
     template: PodTemplateSpec = Field(default_factory=PodTemplateSpec,
                                       description="Pod scheduling and environment.")
-    args: list[str] = Field(default_factory=list, description="Extra engine arguments.")
+    args: list[Annotated[str, Field(max_length=MAX_ARG_LENGTH)]] = Field(
+        default_factory=list, max_length=MAX_ARGS, description="Extra engine arguments.")
 
 
 class RouterSpec(APIModel):
-    replicas: int = Field(1, ge=0, description="Router replicas.")
+    replicas: int = Field(1, ge=0, le=MAX_REPLICAS, description="Router replicas.")
     policy: Literal["round_robin", "random", "consistent_hash", "power_of_two",
                     "cache_aware"] = Field("round_robin", description="Routing policy.")
-    image: str | None = Field(None, description="Router image (defaults to the operator's).")
+    image: str | None = Field(None, min_length=1, max_length=MAX_IMAGE,
+                              description="Router image (defaults to the operator's).")
 
 
 class PDDeploymentSpec(APIModel):

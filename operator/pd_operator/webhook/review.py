@@ -20,12 +20,13 @@ from typing import Any
 from pd_runtime.compat import Decision, ResolvedPool, Verdict, profiles
 from pd_runtime.compat.versions import version_from_image
 
-from ..api.v1alpha1 import PDDeploymentSpec
+from ..api.v1alpha1 import PDDeploymentSpec, name_error
 from ..resolve import DEFAULT_LAYOUT, resolve
 from ..validate import SpecError, decide_spec, parse_spec
 
 UPDATE_RULE = "UPDATE-ONE-POOL"
 MAX_WARNING_LEN = 500  # the API server limits the total size of warning headers
+MAX_PROBLEMS_SHOWN = 20  # schema problems listed in one rejection (the rest are counted)
 
 # Pool facts that decide whether the two pools can exchange KV, beyond the engine's own hash
 # factors (which cover engine version, model, dtype, heads, layers, backend, KV dtype, HMA,
@@ -123,10 +124,15 @@ def validate(request: dict[str, Any]) -> Outcome:
         return Outcome(True)
     obj = request.get("object") or {}
     name = (obj.get("metadata") or {}).get("name") or request.get("name") or "(unnamed)"
+    if op == "CREATE" and isinstance(name, str) and (err := name_error(name)):
+        return Outcome(False, f"PDDeployment {name!r} cannot be rendered: {err}", code=422)
     try:
         spec = parse_spec(obj.get("spec"))
     except SpecError as exc:
-        lines = [f"  - {p}: {m}" for p, m in exc.problems]
+        shown = exc.problems[:MAX_PROBLEMS_SHOWN]
+        lines = [f"  - {p}: {m}" for p, m in shown]
+        if len(exc.problems) > len(shown):
+            lines.append(f"  - ... and {len(exc.problems) - len(shown)} more")
         return Outcome(False, f"PDDeployment {name!r} does not match the schema:\n"
                        + "\n".join(lines), code=422)
     old_spec = _old_spec(request) if op == "UPDATE" else None
