@@ -37,7 +37,7 @@ class AttnMeta:
     B sequences, padded to Lq query tokens and Lc cached keys each; T real tokens in flat order.
     """
 
-    q_index: torch.Tensor  # [B, Lq] flat token index (T = the zero pad row)
+    q_index: torch.Tensor  # [B, Lq] flat token index (pads: 0, masked out or discarded)
     out_index: torch.Tensor  # [T] index of each flat token in the [B * Lq] padded order
     cache_blk: torch.Tensor  # [B, Lc] block ids of cached keys (pads point at a real block)
     cache_off: torch.Tensor  # [B, Lc]
@@ -78,6 +78,8 @@ class Sharder:
         """Row slice (output features) of `t` for this rank: an explicit row index, or an even
         split of each of `parts` stacked pieces."""
         if index is not None:
+            if index == list(range(t.shape[0])):
+                return t  # TP 1: the tensor itself, no copy
             return t[torch.tensor(index, device=t.device)].contiguous()
         n = t.shape[0] // parts
         if n % self.size:
@@ -89,6 +91,8 @@ class Sharder:
     def cols(self, t: torch.Tensor, index: list[int] | None = None) -> torch.Tensor:
         """Column slice (input features) of a row-parallel weight, in `partial_dtype`."""
         if index is not None:
+            if index == list(range(t.shape[1])):
+                return t.to(self.partial_dtype)
             return t[:, torch.tensor(index, device=t.device)].to(self.partial_dtype).contiguous()
         n = t.shape[1]
         if n % self.size:
@@ -139,11 +143,6 @@ def apply_rope(
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)
-
-
-def pad_rows(x: torch.Tensor) -> torch.Tensor:
-    """x with one zero row appended (the target of padded indices)."""
-    return torch.cat((x, x.new_zeros((1, *x.shape[1:]))))
 
 
 def attend(
@@ -242,14 +241,14 @@ class Layer:
             k = torch.cat((apply_rope(k[..., :rd], cos, sin, False), k[..., rd:]), -1)
         rows = torch.cat((k, v), -1)
         kv_all = self._cache_rows(rows, meta, cache)
-        qp = pad_rows(q)[meta.q_index]
+        qp = q[meta.q_index]
         o = attend(qp, kv_all[..., :d], kv_all[..., d:], meta)
         return self.m.row_parallel(o, self.wo, self.bo)
 
     def _cache_rows(self, rows: torch.Tensor, meta: AttnMeta, cache: LayerCache) -> torch.Tensor:
         """Store this step's rows; return cached + fresh rows per sequence [B, Lc + Lq, H, C]."""
         cache.put(meta.write_blk, meta.write_off, rows[meta.write_sel])
-        fresh = pad_rows(cache.round_trip(rows))[meta.q_index]
+        fresh = cache.round_trip(rows)[meta.q_index]
         if meta.cache_blk.shape[1] == 0:
             return fresh
         cached = cache.get(meta.cache_blk, meta.cache_off, rows.dtype)
@@ -304,7 +303,7 @@ class Layer:
         )  # [B, Lk, 1, r+rd]
         kv = F.linear(lat[:, :, 0, :r], self.wkv_b).view(*lat.shape[:2], h, nope + cfg.v_head_dim)
         k = torch.cat((kv[..., :nope], lat[:, :, :, r:].expand(-1, -1, h, -1)), -1)
-        qp = pad_rows(q)[meta.q_index]
+        qp = q[meta.q_index]
         o = attend(qp, k, kv[..., nope:], meta, scale=(nope + rd) ** -0.5)
         return self.m.row_parallel(o, self.wo, self.bo)
 

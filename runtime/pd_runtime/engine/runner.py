@@ -147,7 +147,7 @@ def build_meta(
     los = [max(0, s - window + 1) if window else 0 for s in starts]
     b, lq, lc = len(batch), max(lens), max(s - lo for s, lo in zip(starts, los, strict=True))
     total = sum(lens)
-    q_index = torch.full((b, lq), total, dtype=torch.long)
+    q_index = torch.zeros((b, lq), dtype=torch.long)  # pads read token 0: masked / discarded
     cache_blk = torch.zeros((b, lc), dtype=torch.long)
     cache_off = torch.zeros((b, lc), dtype=torch.long)
     out_index = torch.empty(total, dtype=torch.long)
