@@ -98,3 +98,25 @@ def test_runner_refuses_bad_batches(llama: str) -> None:
         runner.execute([SeqChunk([1], 0, {0: [7]})])
     with pytest.raises(RunnerError, match="empty"):
         runner.execute([])
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_decode_reads_the_arena(llama: str, layout: str) -> None:
+    """Decode attends to what the arena holds: one changed byte of a cached K row (as a bad
+    transfer would leave it) changes the next logits; restoring it restores them."""
+    ck = load_checkpoint(llama)
+    spec = kvcache.RankSpec(ck.config.model_spec(), block_size=4, layout=layout, num_blocks=8)
+    kv = KVCache.allocate(spec)
+    runner = ModelRunner(ck, kv, "cpu")
+    table = {0: [2, 5, 7, 1]}
+    runner.execute([SeqChunk(PROMPT[:9], 0, table)])
+    snapshot = kv.arena.clone()
+    step = SeqChunk([PROMPT[9]], 9, table)
+    ref = runner.execute([step])
+    pl = kvcache.arena_layout(spec).placements[1]  # layer 1's KV
+    off = pl.row_offset(5, 1, 2) + 3  # block 5, local head 1, token 6: a K byte
+    kv.arena.copy_(snapshot)
+    kv.arena[off] ^= 0x40
+    assert not torch.allclose(runner.execute([step]), ref, atol=1e-6)
+    kv.arena.copy_(snapshot)
+    torch.testing.assert_close(runner.execute([step]), ref)
