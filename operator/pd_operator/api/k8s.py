@@ -144,7 +144,8 @@ class Toleration(K8sModel):
     operator: Literal["Exists", "Equal"] | None = None
     value: str | None = Field(None, max_length=63, pattern=LABEL_VALUE)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    # int64 in core/v1; bounded where a JSON number stays exact (the CRD schema needs that)
+    toleration_seconds: int | None = Field(None, ge=-(10**15), le=10**15)
 
     @model_validator(mode="after")
     def _consistent(self) -> Toleration:
