@@ -17,6 +17,9 @@ DRIFT_REPAIRS = Counter("pd_operator_drift_repairs_total", "Children re-applied 
 WEBHOOK_SECONDS = Histogram(
     "pd_operator_webhook_duration_seconds", "Admission review handling time",
     ["webhook"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0))
+WEBHOOK_REFUSED = Counter("pd_operator_webhook_refused_total",
+                          "Webhook requests refused before review (bad body, too large, slow)",
+                          ["webhook", "code"])
 WEBHOOK_REVIEWS = Counter("pd_operator_webhook_reviews_total", "Admission reviews",
                           ["webhook", "allowed"])
 VERDICTS = Counter("pd_operator_verdicts_total", "Compatibility verdicts returned by the webhook",

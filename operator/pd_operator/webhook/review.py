@@ -27,6 +27,25 @@ from ..validate import SpecError, decide_spec, parse_spec
 UPDATE_RULE = "UPDATE-ONE-POOL"
 MAX_WARNING_LEN = 500  # the API server limits the total size of warning headers
 MAX_PROBLEMS_SHOWN = 20  # schema problems listed in one rejection (the rest are counted)
+MAX_WARNINGS = 20
+# JSON values one spec may hold before it is judged: the CRD's bounds allow a few thousand, so
+# a flood of list items is refused after a cheap count instead of a schema error per item.
+REVIEW_MAX_NODES = 20_000
+
+
+def too_many_nodes(value: Any, limit: int = REVIEW_MAX_NODES) -> bool:
+    """True when `value` holds more than `limit` JSON values (stops counting at the limit)."""
+    stack, seen = [value], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 # Pool facts that decide whether the two pools can exchange KV, beyond the engine's own hash
 # factors (which cover engine version, model, dtype, heads, layers, backend, KV dtype, HMA,
@@ -123,7 +142,14 @@ def validate(request: dict[str, Any]) -> Outcome:
     if op not in ("CREATE", "UPDATE"):
         return Outcome(True)
     obj = request.get("object") or {}
+    if not isinstance(obj, dict) or not isinstance(obj.get("metadata") or {}, dict):
+        return Outcome(False, "request.object is not a PDDeployment object", code=400)
     name = (obj.get("metadata") or {}).get("name") or request.get("name") or "(unnamed)"
+    if too_many_nodes(obj.get("spec")) or too_many_nodes(
+            (request.get("oldObject") or {}).get("spec")
+            if isinstance(request.get("oldObject"), dict) else None):
+        return Outcome(False, f"PDDeployment {name!r}: the spec holds more than "
+                       f"{REVIEW_MAX_NODES} values; no valid spec is that large", code=422)
     if op == "CREATE" and isinstance(name, str) and (err := name_error(name)):
         return Outcome(False, f"PDDeployment {name!r} cannot be rendered: {err}", code=422)
     try:
@@ -150,7 +176,7 @@ def validate(request: dict[str, Any]) -> Outcome:
                     policy_note="would reject under policy Strict")
             verdicts.append(update_verdict)
     rejections = [v for v in verdicts if v.severity == "reject"]
-    warnings = [_warning(v) for v in verdicts if v.severity != "reject"]
+    warnings = [_warning(v) for v in verdicts if v.severity != "reject"][:MAX_WARNINGS]
     if rejections:
         return Outcome(False, rejection_message(name, rejections), warnings, verdicts)
     return Outcome(True, "", warnings, verdicts)
@@ -158,6 +184,8 @@ def validate(request: dict[str, Any]) -> Outcome:
 
 def _old_spec(request: dict[str, Any]) -> PDDeploymentSpec | None:
     old = request.get("oldObject") or {}
+    if not isinstance(old, dict):
+        return None
     try:
         return parse_spec(old.get("spec"))
     except SpecError:
@@ -211,9 +239,10 @@ def defaults_patch(spec: dict[str, Any]) -> list[dict[str, Any]]:
 def mutate(request: dict[str, Any]) -> Outcome:
     if request.get("operation") not in ("CREATE", "UPDATE"):
         return Outcome(True)
-    spec = (request.get("object") or {}).get("spec")
-    if not isinstance(spec, dict):
-        return Outcome(True)
+    obj = request.get("object")
+    spec = obj.get("spec") if isinstance(obj, dict) else None
+    if not isinstance(spec, dict) or too_many_nodes(spec):
+        return Outcome(True)  # nothing to default; validation refuses what is not a spec
     return Outcome(True, patch=defaults_patch(spec))
 
 

@@ -2,10 +2,22 @@
 
 A thin shell over review.py: parse JSON, call the pure function, record metrics, answer. Runs in
 the operator's event loop; every replica serves it (it needs no leadership).
+
+Anyone who reaches the port can send anything, so every request is bounded (issue 11):
+- the body may be up to MAX_BODY_BYTES (8 MiB): kube-apiserver refuses requests over 3 MiB
+  (its MaxRequestBodyBytes), and an UPDATE review carries the object and oldObject, each up
+  to that size, plus the envelope; a larger body is answered 413 without being read;
+- a body not sent within READ_TIMEOUT_S is answered 408, an idle keep-alive connection is
+  closed after KEEPALIVE_TIMEOUT_S;
+- a body that is not JSON, not an object, or not an AdmissionReview is answered 400 with one
+  log line (no traceback); review.py caps the work per review (REVIEW_MAX_NODES JSON values
+  per object, the problems and warnings listed).
+The chart's NetworkPolicy (webhook.networkPolicy) keeps everyone else off the port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
@@ -23,14 +35,40 @@ log = logging.getLogger(__name__)
 
 ReviewFn = Callable[[dict[str, Any]], tuple[dict[str, Any], review.Outcome]]
 
+MAX_BODY_BYTES = 8 * 1024 * 1024
+READ_TIMEOUT_S = 10.0  # the API server gives up on us after its webhook timeout (5 s here)
+KEEPALIVE_TIMEOUT_S = 30.0
+
+
+def _refuse(kind: str, request: web.Request, status: int, reason: str) -> web.Response:
+    """One log line, one short JSON answer: bad input is the client's problem, not ours."""
+    log.warning("admission %s: %d from %s: %s", kind, status, request.remote, reason)
+    metrics.WEBHOOK_REFUSED.labels(kind, str(status)).inc()
+    return web.json_response({"error": reason}, status=status)
+
+
+async def _read_review(kind: str, request: web.Request) -> dict[str, Any] | web.Response:
+    try:
+        raw = await asyncio.wait_for(request.read(), READ_TIMEOUT_S)
+    except web.HTTPRequestEntityTooLarge:
+        return _refuse(kind, request, 413, f"body larger than {MAX_BODY_BYTES} bytes")
+    except TimeoutError:
+        return _refuse(kind, request, 408, f"body not received within {READ_TIMEOUT_S:.0f}s")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        return _refuse(kind, request, 400, f"body is not JSON ({type(exc).__name__})")
+    if not isinstance(body, dict) or not isinstance(body.get("request"), dict):
+        return _refuse(kind, request, 400, "body is not an AdmissionReview object")
+    return body
+
 
 def _handler(kind: str, fn: ReviewFn):
     async def handle(request: web.Request) -> web.Response:
         started = time.perf_counter()
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return web.json_response({"error": "body is not JSON"}, status=400)
+        body = await _read_review(kind, request)
+        if isinstance(body, web.Response):
+            return body
         try:
             answer, outcome = fn(body)
         except Exception:  # answer, never hang the API server: deny with the reason
@@ -53,7 +91,7 @@ async def _healthz(_: web.Request) -> web.Response:
 
 
 def app() -> web.Application:
-    application = web.Application()
+    application = web.Application(client_max_size=MAX_BODY_BYTES)
     application.router.add_post(configs.VALIDATE_PATH, _handler("validate",
                                                                 review.review_validate))
     application.router.add_post(configs.MUTATE_PATH, _handler("mutate", review.review_mutate))
@@ -69,7 +107,7 @@ def ssl_context(certfile: Path, keyfile: Path) -> ssl.SSLContext:
 
 async def start(addr: str, port: int, certfile: Path, keyfile: Path) -> web.AppRunner:
     """Start serving; returns the runner (await runner.cleanup() to stop)."""
-    runner = web.AppRunner(app(), access_log=None)
+    runner = web.AppRunner(app(), access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, addr, port, ssl_context=ssl_context(certfile, keyfile),
                        backlog=512)
