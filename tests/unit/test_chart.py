@@ -399,3 +399,33 @@ def test_names_are_cut_to_63_characters():
                              "MutatingWebhookConfiguration"):
             assert len(o["metadata"]["name"]) <= 63, o["metadata"]["name"]
     assert json.dumps(objs)  # rendered and parsed
+
+
+# ---------------------------------------------------------------- operator NetworkPolicy
+def test_network_policy_admits_only_the_webhook_and_metrics_ports(default):
+    pol = one(default, "NetworkPolicy")
+    dep = one(default, "Deployment")
+    assert pol["spec"]["podSelector"]["matchLabels"] == \
+        dep["spec"]["selector"]["matchLabels"]
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    ports = [[p["port"] for p in rule["ports"]] for rule in pol["spec"]["ingress"]]
+    assert ports == [["webhook"], ["metrics"]]
+    named = {p["name"] for p in _container(default)["ports"]}
+    assert {"webhook", "metrics"} <= named
+    assert all("from" not in rule for rule in pol["spec"]["ingress"])  # default: any source
+
+
+def test_network_policy_peers_and_switch():
+    objs = objects("webhook.networkPolicy.from[0].ipBlock.cidr=10.0.0.0/24",
+                   "metrics.enabled=false")
+    (rule,) = one(objs, "NetworkPolicy")["spec"]["ingress"]
+    assert rule["from"] == [{"ipBlock": {"cidr": "10.0.0.0/24"}}]
+    assert not [o for o in objects("webhook.networkPolicy.enabled=false")
+                if o["kind"] == "NetworkPolicy"]
+
+
+def test_no_leader_election_with_several_replicas_is_refused():
+    out = template("leaderElection.enabled=false", check=False)  # default: 2 replicas
+    assert out.returncode != 0 and "leaderElection.enabled=false needs operator.replicas" \
+        in out.stderr
+    assert template("leaderElection.enabled=false", "operator.replicas=1").returncode == 0

@@ -176,6 +176,17 @@ VALUES: list[Value] = [
           "off). They are made once and reused on every upgrade (the Secret is looked up), so "
           "the CA bundle stays stable; delete the Secret and upgrade to rotate them.",
           {"minimum": 1}),
+    Value("webhook.networkPolicy.enabled", "boolean", True,
+          "A NetworkPolicy on the operator pods that admits ingress only to the webhook port "
+          "(and the metrics port when metrics.enabled); egress is not restricted. Enforced "
+          "only where the cluster's CNI implements NetworkPolicy (Calico, Cilium, ...); "
+          "elsewhere it is inert. Set to false when another policy manages the namespace."),
+    Value("webhook.networkPolicy.from", "array", [],
+          "Who may reach the webhook port (NetworkPolicyPeer list). Empty: any source, "
+          "because where the API server's requests come from differs per cluster (control-"
+          "plane node addresses, or a managed control plane outside the pod network). "
+          "Narrow it to your control plane, for example: "
+          "`[{ipBlock: {cidr: 10.0.0.0/24}}]`.", {"items": {"type": "object"}}),
     Value("certManager.enabled", "boolean", False,
           "Use cert-manager (must be installed) instead of the chart's self-signed "
           "certificate: a self-signed Issuer, a CA Certificate, a CA Issuer and the serving "
@@ -194,6 +205,11 @@ VALUES: list[Value] = [
     Value("metrics.port", "integer", 8080,
           "Metrics port (HTTP, path /metrics) on the pod and the metrics Service. Change it "
           "only when 8080 clashes with a sidecar.", {"minimum": 1, "maximum": 65535}),
+    Value("metrics.networkPolicy.from", "array", [],
+          "Who may reach the metrics port when webhook.networkPolicy.enabled (NetworkPolicy"
+          "Peer list). Empty: any source. For example: "
+          "`[{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]`.",
+          {"items": {"type": "object"}}),
     Value("metrics.serviceAnnotations", "object", {},
           "Annotations on the metrics Service. For example: "
           "`{prometheus.io/scrape: \"true\", prometheus.io/port: \"8080\"}`.", free_form=True),
