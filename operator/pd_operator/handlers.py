@@ -51,17 +51,28 @@ API_VERSION = f"{api.GROUP}/{api.VERSION}"
 CHILD_KINDS = tuple((k.group, k.version, k.plural, k.api_version, k.kind)
                     for k in kinds.CHILD_KINDS)
 
-# What the operator needs from RBAC (the chart's ClusterRole must cover it).
+# What the operator needs from RBAC (the chart's ClusterRole is exactly this, plus the rights the
+# router Role it creates holds and kopf's CRD/namespace watches; tests/unit/test_chart.py).
+# Each verb comes from a call the code makes; tests/unit/operator/test_op_rbac.py records the
+# calls of every handler path against a fake client and derives the same verbs:
+# - kopf lists and watches each resource it handles, and patches PDDeployments (its progress
+#   annotations; its progress in status through the status subresource);
+# - kube.Client.apply is a server-side apply: a PATCH that creates the object when absent;
+# - _owner_alive reads the owner (get); _write_status merge-patches the status subresource.
+# Children are never updated (PUT) or deleted by the operator: garbage collection deletes them.
+CLIENT_VERBS: dict[str, tuple[str, ...]] = {
+    "apply": ("create", "patch"), "create": ("create",), "get": ("get",), "list": ("list",),
+    "patch_merge": ("patch",), "delete": ("delete",)}
+WATCH_VERBS = ("list", "watch")
+CHILD_VERBS = [*WATCH_VERBS, *CLIENT_VERBS["apply"]]
 RBAC_RULES = [
     {"apiGroups": [api.GROUP], "resources": [api.PLURAL],
-     "verbs": ["get", "list", "watch", "patch", "update"]},
-    {"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"],
-     "verbs": ["get", "patch", "update"]},
-    *({"apiGroups": [g], "resources": [p],
-       "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"]}
+     "verbs": ["get", *WATCH_VERBS, "patch"]},
+    {"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"], "verbs": ["patch"]},
+    *({"apiGroups": [g], "resources": [p], "verbs": list(CHILD_VERBS)}
       for g, _, p, _, _ in CHILD_KINDS),
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
-    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    # kopf.event posts core/v1 Events (create only)
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
      "verbs": ["get", "create", "update"]},
 ]

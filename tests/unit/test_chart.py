@@ -290,7 +290,7 @@ def _rendered_children() -> list[dict[str, Any]]:
     return children
 
 
-CHILD_VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
+CHILD_VERBS = set(handlers.CHILD_VERBS)  # derived from the calls: test_op_rbac.py
 # kopf watches CRDs so that it serves PDDeployments whose CRD appears after it started, and
 # lists namespaces when limited to some (-n).
 KOPF_EXTRA = {(g, r, v) for g, r in (("apiextensions.k8s.io", "customresourcedefinitions"),
