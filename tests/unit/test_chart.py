@@ -131,6 +131,26 @@ def test_kube_version_floor():
     assert out.returncode != 0 and "kubeVersion" in out.stderr
 
 
+def test_helm_template_works_offline_without_kube_version():
+    out = helm("template", RELEASE, str(CHART), "--namespace", NS)
+    assert any(d and d["kind"] == "Deployment" for d in yaml.safe_load_all(out.stdout))
+
+
+def test_notes_name_the_printer_columns():
+    from pd_operator.api import crd
+
+    lines = (CHART / "templates" / "NOTES.txt").read_text().splitlines()
+    plain = next(x for x in lines if "kubectl get pdd -A" in x and "wide" not in x)
+    wide = next(x for x in lines if "kubectl get pdd -A -o wide" in x)
+    said, said_wide = plain.split("#", 1)[1].lower(), wide.split("#", 1)[1].lower()
+    priority = {c["name"]: c.get("priority", 0) for c in crd.PRINTER_COLUMNS}
+    assert {n for n, p in priority.items() if p == 0} == {"Phase", "P-Ready", "D-Ready", "Age"}
+    assert {n for n, p in priority.items() if p == 1} == {"Model", "Hash"}
+    assert "phase" in said and "prefill/decode ready" in said and "age" in said
+    assert "model" in said_wide and "hash" in said_wide
+    assert "verdict" not in said + said_wide  # verdicts are in status, not a column
+
+
 # ---------------------------------------------------------------------------- webhooks
 def _hooks(objs):
     return {kind: one(objs, kind)["webhooks"] for kind in
@@ -429,3 +449,14 @@ def test_no_leader_election_with_several_replicas_is_refused():
     assert out.returncode != 0 and "leaderElection.enabled=false needs operator.replicas" \
         in out.stderr
     assert template("leaderElection.enabled=false", "operator.replicas=1").returncode == 0
+
+
+def test_metrics_bind_where_the_chart_says(default):
+    c = _container(default)
+    assert _arg(c, "--metrics-addr") == "$(POD_IP)"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert _arg(_container(objects("metrics.bindAddress=127.0.0.1")),
+                "--metrics-addr") == "127.0.0.1"
+    off = _container(objects("metrics.enabled=false"))
+    assert _arg(off, "--metrics-port") == "0" and _arg(off, "--metrics-addr") is None

@@ -205,6 +205,11 @@ VALUES: list[Value] = [
     Value("metrics.port", "integer", 8080,
           "Metrics port (HTTP, path /metrics) on the pod and the metrics Service. Change it "
           "only when 8080 clashes with a sidecar.", {"minimum": 1, "maximum": 65535}),
+    Value("metrics.bindAddress", "string", "",
+          "Address the metrics server listens on (`--metrics-addr`). Empty: the pod's own IP "
+          "(downward API), which the metrics Service reaches, rather than every interface. "
+          "For example `127.0.0.1` for a scraping sidecar only.",
+          {"pattern": "^[0-9a-fA-F:.]*$"}),
     Value("metrics.networkPolicy.from", "array", [],
           "Who may reach the metrics port when webhook.networkPolicy.enabled (NetworkPolicy"
           "Peer list). Empty: any source. For example: "
