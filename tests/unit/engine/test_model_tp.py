@@ -42,14 +42,26 @@ def tp1_reference(path: str, job: dict) -> tuple[list[int], torch.Tensor]:
     return tokens, torch.stack(logits)
 
 
+def decided_steps(logits: torch.Tensor, margin: float) -> int:
+    """Steps whose greedy choice float noise cannot flip (top-2 gap above `margin`); after a
+    near-tie, TP 1 and TP k may legitimately pick different tokens and then differ."""
+    top2 = logits.topk(2, -1).values
+    close = ((top2[:, 0] - top2[:, 1]) <= margin).nonzero()
+    return int(close[0]) + 1 if len(close) else logits.shape[0]
+
+
 def check(results: list, jobs: list[dict]) -> None:
     for j, job in enumerate(jobs):
         ref_tokens, ref_logits = tp1_reference(job["path"], job)
+        tol = job.get("tol", 1e-4)
+        n = decided_steps(ref_logits, job.get("margin", 1e-3))
+        assert n >= len(ref_tokens) // 2, (
+            f"{job['path']}: a near-tie at step {n}; pick another seed"
+        )
         for rank_results in results:
             got = rank_results[j]
-            assert got["tokens"] == ref_tokens, job["path"]
-            tol = job.get("tol", 1e-4)
-            torch.testing.assert_close(got["logits"], ref_logits, rtol=tol, atol=tol)
+            assert got["tokens"][:n] == ref_tokens[:n], job["path"]
+            torch.testing.assert_close(got["logits"][:n], ref_logits[:n], rtol=tol, atol=tol)
 
 
 def test_tp2_equals_tp1_for_every_family(tmp_path: Path) -> None:
@@ -68,8 +80,8 @@ def test_tp2_equals_tp1_for_every_family(tmp_path: Path) -> None:
     jobs.append({"path": jobs[0]["path"], "prompt": PROMPT, "n": N, "cache_dtype": "fp8"})
     # bfloat16: row-parallel partials are summed in float32, so the tokens stay TP 1's
     bf16 = write_tiny_llama(tmp_path / "bf16", seed=3, dtype="bfloat16")
-    jobs.append({"path": bf16, "prompt": [1, 2, 3], "n": 12, "tol": 0.1})
-    jobs.append({"path": bf16, "prompt": PROMPT, "n": N, "tol": 0.1})
+    jobs.append({"path": bf16, "prompt": [1, 2, 3], "n": 12, "tol": 0.1, "margin": 0.0})
+    jobs.append({"path": bf16, "prompt": PROMPT, "n": N, "tol": 0.1, "margin": 0.0})
     (tmp_path / "run").mkdir()
     check(run_tp(2, jobs, tmp_path / "run"), jobs)
 
