@@ -91,7 +91,7 @@ def _parse_jobs(version: str) -> list[dict[str, Any]]:
     return jobs
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1500)  # includes installing the live environment when it is missing
 @pytest.mark.parametrize("version", PARSER_VERSIONS)
 def test_rendered_vllm_flags_parse_in_that_vllm_version(live_python: Path, version: str,
                                                         tmp_path: Path) -> None:
