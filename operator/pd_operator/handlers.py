@@ -392,18 +392,30 @@ async def _child_event(api_version: str, kind: str, event: kopf.RawEvent,
             logger.info("%s/%s: %s %s was deleted; re-creating it", namespace, owner[0], kind,
                         name)
             metrics.DRIFT_REPAIRS.labels(kind).inc()
-            _observe(state, await client.apply(desired))
+            await _repair(client, state, namespace, owner[0], desired)
     else:
         _observe(state, obj)
         if desired is not None and not meta.get("deletionTimestamp") and drifted(desired, obj):
             logger.info("%s/%s: %s %s differs from what was rendered; re-applying", namespace,
                         owner[0], kind, name)
             metrics.DRIFT_REPAIRS.labels(kind).inc()
-            _observe(state, await client.apply(desired))
+            await _repair(client, state, namespace, owner[0], desired)
     if kind in ("StatefulSet", "Deployment"):
         async with state.lock:
             if RUNTIME.owned.get((namespace, owner[0])) is state:
                 await _write_status(client, namespace, owner[0], state, None)
+
+
+async def _repair(client: kube.Client, state: Owned, namespace: str, owner_name: str,
+                  desired: dict[str, Any]) -> None:
+    """Re-apply one child; a refusal is reported on the owner (Degraded + Event) and raised."""
+    try:
+        _observe(state, await client.apply(desired))
+    except kube.ApiError as exc:
+        async with state.lock:
+            await _report_failure(client, namespace, owner_name, state, None, status.Failure(
+                "ApplyFailed", describe_failures([(desired, exc)])))
+        raise
 
 
 async def _owner_alive(client: kube.Client, namespace: str, owner: tuple[str, str]) -> bool:

@@ -133,3 +133,21 @@ def test_status_degraded_condition_and_long_messages_truncated():
                                 failure=status.Failure("ApplyFailed", "another child"))
     assert [t.message for t in tr2] == ["another child"]  # a new failure is a new Event
     assert _conds(again)["Degraded"]["lastTransitionTime"] == "t"
+
+
+def test_refused_drift_repair_is_degraded_too(client, events):
+    client.refuse.clear()
+    asyncio.run(handlers.reconcile(kopf.Body(BODY), logging.getLogger("t")))
+    state = handlers.RUNTIME.owned[("ns1", "demo")]
+    key, desired = next((k, c) for k, c in state.desired_children.items()
+                        if c["kind"] == "ConfigMap")
+    live = {**desired, "metadata": {**desired["metadata"], "ownerReferences": [
+        {"apiVersion": handlers.API_VERSION, "kind": "PDDeployment", "name": "demo",
+         "uid": "u1"}]}, "data": {"edited": "by hand"}}
+    client.refuse.add(("ConfigMap", desired["metadata"]["name"]))
+    with pytest.raises(kube.ApiError):
+        asyncio.run(handlers._child_event(key[0], key[1], {"type": "MODIFIED", "object": live},
+                                          logging.getLogger("t")))
+    deg = _conds(client.statuses[-1])["Degraded"]
+    assert deg["status"] == "True" and deg["message"].startswith(f"ConfigMap {key[2]}: HTTP 422")
+    assert events[-1]["reason"] == "ApplyFailed"
