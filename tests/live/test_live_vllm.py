@@ -188,10 +188,23 @@ def _handshake_hashes(log: str) -> list[str]:
     return live.HASH_PASSED.findall(log)
 
 
+# Admitted variants that must start and pair (issue 10 item 4): the spec as written, and one
+# run that changes several admitted settings at once (a quantized KV cache CPU_ATTN has, the
+# hybrid KV cache manager off, another block size), each a hash factor or a geometry.
+POOL_VARIANTS: dict[str, dict[str, Any]] = {
+    "as-written": {},
+    "fp8-e5m2-kv-hma-off-block-64": {"kvCacheDtype": "fp8_e5m2", "hybridKVCacheManager": False,
+                                     "blockSize": 64},
+}
+
+
 @pytest.mark.timeout(1200)
+@pytest.mark.parametrize("variant", list(POOL_VARIANTS))
 def test_pd_through_router_equals_prefill_alone_and_hash_is_predicted(
-        live_python: Path, live_checkpoint: str, tmp_path: Path) -> None:
-    spec = live.write_spec(tmp_path / "tiny-vllm.yaml", live.spec_doc(live_checkpoint))
+        live_python: Path, live_checkpoint: str, tmp_path: Path, variant: str) -> None:
+    pool = POOL_VARIANTS[variant]
+    spec = live.write_spec(tmp_path / "tiny-vllm.yaml",
+                           live.spec_doc(live_checkpoint, prefill=pool, decode=pool))
     predicted = live.pdctl_check(spec)
     assert predicted["accepted"] and predicted["rules"] == "vllm 0.32", predicted
     assert predicted["decodeHash"] and not predicted["hashNotes"], predicted
