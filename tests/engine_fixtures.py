@@ -218,6 +218,18 @@ _DEEPSEEK: dict[str, Any] = dict(
 # One tiny config per engine family, each an architecture transformers has (the reference).
 FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "dense": dict(_BASE, model_type="qwen2"),  # q/k/v biases
+    "dense-qk-norm": dict(_BASE, model_type="qwen3", head_dim=16, num_key_value_heads=4),
+    "dense-llama3-rope": dict(
+        _BASE,
+        model_type="llama",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
     "moe": dict(_BASE, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
     "moe-shared": dict(
         _BASE,

@@ -58,6 +58,8 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, list
 
 EXPECTED_FAMILY = {
     "dense": "dense",
+    "dense-qk-norm": "dense",
+    "dense-llama3-rope": "dense",
     "moe": "moe",
     "moe-shared": "moe",
     "sliding": "sliding",
