@@ -28,6 +28,7 @@ import datetime
 import itertools
 import logging
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ import kopf
 from . import kinds, kube, metrics, render, status
 from .api import v1alpha1 as api
 from .render import labels
+from .render import secret as side_channel
 from .validate import SpecError, parse_spec, validate_spec
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,8 @@ RBAC_RULES = [
       for g, _, p, _, _ in CHILD_KINDS),
     # kopf.event posts core/v1 Events (create only)
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # the side-channel token Secret: created once, never read, updated or watched
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
      "verbs": ["get", "create", "update"]},
 ]
@@ -91,6 +95,7 @@ class Owned:
     last_status: dict[str, Any] | None = None
     spec_error: str | None = None
     failure: status.Failure | None = None  # the last reconcile's error, None after a success
+    token_ready: bool = False  # the side-channel token Secret exists (created or found)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -184,6 +189,16 @@ def describe_failures(failures: list[tuple[dict[str, Any], BaseException]]) -> s
     return "; ".join(named) + (f"; and {more} more" if more > 0 else "")
 
 
+async def ensure_token_secret(client: kube.Client, owner: labels.Owner) -> None:
+    """Create-if-absent: the token's value is chosen once; a Secret already there (409, e.g.
+    after an operator restart) is kept, so running pods stay paired."""
+    try:
+        await client.create(side_channel.secret(owner, secrets.token_urlsafe(32)))
+    except kube.ApiError as exc:
+        if exc.status != 409:
+            raise
+
+
 async def _apply_children(client: kube.Client, children: list[dict[str, Any]], concurrency: int
                           ) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any],
                                                                       BaseException]]]:
@@ -257,8 +272,18 @@ async def reconcile(body: kopf.Body, logger: logging.Logger | kopf.Logger,
             metrics.RECONCILES.labels("rejected").inc()
             raise kopf.PermanentError("the pools are incompatible; see status.conditions")
         state.desired_children = {render.child_key(c): c for c in rendered.children}
+        token_failed: list[tuple[dict[str, Any], BaseException]] = []
+        if side_channel.needed(rendered.prefill, rendered.decode) and not state.token_ready:
+            owner = labels.Owner(name, namespace, uid)  # before the pods that mount it
+            try:
+                await ensure_token_secret(client, owner)
+                state.token_ready = True
+            except Exception as exc:  # reported with the children (the value is never logged)
+                token_failed.append(({"kind": "Secret",
+                                      "metadata": {"name": side_channel.name(owner)}}, exc))
         results, failed = await _apply_children(client, rendered.children,
                                                 RUNTIME.apply_concurrency)
+        failed = token_failed + failed
         for result in results:
             metrics.APPLIES.labels(result.get("kind", "unknown")).inc()
             _observe(state, result)

@@ -27,6 +27,7 @@ RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     # the children the operator renders (all namespaced): pd_operator.kinds is their table
     **{(k.api_version, k.kind): (k.plural, True) for k in CHILD_KINDS},
     ("v1", "Pod"): ("pods", True),
+    ("v1", "Secret"): ("secrets", True),  # the side-channel token (created, never applied)
     ("v1", "Namespace"): ("namespaces", False),
     ("v1", "Node"): ("nodes", False),
     ("coordination.k8s.io/v1", "Lease"): ("leases", True),

@@ -8,7 +8,7 @@ from typing import Any
 from pd_runtime.compat import ENGINE_HTTP_PORT, ResolvedPool
 
 from ..api.v1alpha1 import PodTemplateSpec
-from . import engine, labels
+from . import engine, labels, secret
 from .labels import Owner
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -74,6 +74,9 @@ def statefulset(owner: Owner, pool: ResolvedPool, template: PodTemplateSpec, fp:
         "volumes": [{"name": "pd-config",
                      "configMap": {"name": labels.child_name(owner, "config")}}],
     }
+    if secret.needed(pool):  # the side-channel token, created once by the handlers
+        container["volumeMounts"].append(secret.volume_mount())
+        pod_spec["volumes"].append(secret.volume(owner))
     if template.node_selector:
         pod_spec["nodeSelector"] = dict(template.node_selector)
     if template.tolerations:

@@ -35,6 +35,10 @@ class RecordingClient:
         self._record("apply", obj["apiVersion"], obj["kind"])
         return obj
 
+    async def create(self, obj, **_):
+        self._record("create", obj["apiVersion"], obj["kind"])
+        return obj
+
     async def get(self, api_version, kind, namespace, name):
         self._record("get", api_version, kind)
         return copy.deepcopy(BODY)
@@ -60,6 +64,13 @@ def recorder(monkeypatch):
 
 def test_rbac_rules_are_exactly_the_calls_the_handlers_make(recorder):
     log = logging.getLogger("t")
+    # a builtin pair too: its side-channel token Secret is created once (create only)
+    builtin = copy.deepcopy(BODY)
+    builtin["metadata"].update(name="demo-builtin", uid="u2")
+    builtin["spec"]["engine"] = {"type": "builtin",
+                                 "image": "ghcr.io/pd-operator/pd-runtime:0.1.0"}
+    asyncio.run(handlers.reconcile(kopf.Body(builtin), log))
+    assert ("", "secrets", "create") in recorder.grants
     asyncio.run(handlers.reconcile(kopf.Body(copy.deepcopy(BODY)), log))
     state = handlers.RUNTIME.owned[("ns1", "demo")]
     for key, child in state.desired_children.items():
