@@ -81,6 +81,7 @@ def main() -> int:
     # the same with a NIXL agent (progress thread) holding the arena registered, as D does
     from pd_runtime.transport import Transport
 
+    assert eng.arena is not None
     tr = Transport("decode-probe", dev)
     tr.register(eng.arena)
     recv = torch.zeros(eng.arena.numel(), dtype=torch.uint8, device=dev)

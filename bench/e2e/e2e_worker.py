@@ -61,6 +61,7 @@ def _build(role: str, opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     eng = engine_from_checkpoint(ckpt, spec, device=dev, seed=0,
                                  max_num_seqs=opts["max_num_seqs"],
                                  max_num_batched_tokens=opts["max_num_batched_tokens"])
+    assert eng.arena is not None  # engine_from_checkpoint always builds one
     factors = engine_factors(ckpt.config, f"random-{opts['geometry']}")
     token = opts["token"]
     arena_bytes = kvcache.arena_layout(spec).nbytes

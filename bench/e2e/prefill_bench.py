@@ -173,11 +173,11 @@ def padded_cache_keys(bucket: int) -> Iterator[None]:
         return dataclasses.replace(m, cache_blk=torch.cat((m.cache_blk, z), 1),
                                    cache_off=torch.cat((m.cache_off, z), 1), mask=mask)
 
-    runner.build_meta = build_meta  # type: ignore[assignment]
+    runner.build_meta = build_meta
     try:
         yield
     finally:
-        runner.build_meta = orig  # type: ignore[assignment]
+        runner.build_meta = orig
 
 
 def _hf_cache(hf: Any, cfg: dict[str, Any], batch: int, length: int, dev: str) -> Any:
@@ -206,24 +206,27 @@ def decode_bench(eng: Any, hf: Any, cfg: dict[str, Any], dev: str,
     steps = int(req.get("steps", 8))
     rows = []
     for batch, length in req["cases"]:
-        need = kvcache.blocks_needed(length + steps + 1, bs)
+        need = kvcache.blocks_needed(length + 2 * steps + 2, bs)  # three runs of positions
         if batch * need > nb:
             rows.append({"batch": batch, "context": length, "skipped": "arena too small"})
             continue
         tabs = [{kvcache.GROUP_FULL: list(range(i * need, (i + 1) * need))} for i in range(batch)]
+
+        def runner_step(start: int, tabs: list[dict[int, list[int]]] = tabs) -> float:
+            """One ModelRunner decode step of every sequence at position `start`."""
+            chunks = [SeqChunk([7 + i], start, t) for i, t in enumerate(tabs)]
+            return 1e3 * _timed(lambda: eng.runner.execute(chunks), dev)[0]
+
         runner_ms = []
         for k in range(steps):
-            chunks = [SeqChunk([7 + i], length + k, tabs[i]) for i in range(batch)]
-            runner_ms.append(1e3 * _timed(lambda c=chunks: eng.runner.execute(c), dev)[0])
+            runner_ms.append(runner_step(length + k))
         fixed_ms = []  # the same position again and again: every shape seen before
-        chunks = [SeqChunk([7 + i], length, tabs[i]) for i in range(batch)]
         for _ in range(steps):
-            fixed_ms.append(1e3 * _timed(lambda c=chunks: eng.runner.execute(c), dev)[0])
+            fixed_ms.append(runner_step(length))
         bucket_ms = []  # consecutive positions, cached keys padded to a multiple of BUCKET
         with padded_cache_keys(BUCKET):
             for k in range(steps):
-                chunks = [SeqChunk([7 + i], length + steps + k, tabs[i]) for i in range(batch)]
-                bucket_ms.append(1e3 * _timed(lambda c=chunks: eng.runner.execute(c), dev)[0])
+                bucket_ms.append(runner_step(length + steps + k))
         row: dict[str, Any] = {"batch": batch, "context": length,
                                "runner_step_ms": [round(x, 2) for x in runner_ms],
                                "runner_ms_median": round(statistics.median(runner_ms[1:]), 2),
@@ -251,18 +254,25 @@ def decode_bench(eng: Any, hf: Any, cfg: dict[str, Any], dev: str,
             cache = _hf_cache(hf, cfg, batch, length, dev)
             tok = torch.full((batch, 1), 7, device=dev)
             hf_ms = []
+
+            def hf_step(cache: Any = cache, tok: torch.Tensor = tok) -> Any:
+                return hf(input_ids=tok, past_key_values=cache, use_cache=True)
+
             with torch.inference_mode():
                 for _ in range(steps):  # the cache grows by one each step, as in generate
-                    hf_ms.append(1e3 * _timed(lambda c=cache, t=tok: hf(
-                        input_ids=t, past_key_values=c, use_cache=True), dev)[0])
+                    hf_ms.append(1e3 * _timed(hf_step, dev)[0])
             row["hf_step_ms"] = [round(x, 2) for x in hf_ms]
             row["hf_ms_median"] = round(statistics.median(hf_ms[1:]), 2)
             row["ratio_hf_over_engine"] = round(row["hf_ms_median"]
                                                 / row["engine_decode_ms_median"], 3)
             del cache
         if [batch, length] in [list(x) for x in req.get("profile", [])]:
-            chunks = [SeqChunk([7 + i], length + steps, tabs[i]) for i in range(batch)]
-            eng.runner.execute(chunks)
-            row["profile_runner"] = _profile(lambda c=chunks: eng.runner.execute(c), dev, top=20)
+            last = [SeqChunk([7 + i], length + steps, t) for i, t in enumerate(tabs)]
+            eng.runner.execute(last)
+
+            def one_step(chunks: list[SeqChunk] = last) -> Any:
+                return eng.runner.execute(chunks)
+
+            row["profile_runner"] = _profile(one_step, dev, top=20)
         rows.append(row)
     return {"rows": rows}
