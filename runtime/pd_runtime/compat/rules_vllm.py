@@ -178,6 +178,21 @@ RULES: tuple[Rule, ...] = (
         source="vLLM 0.33.0 nixl/metadata.py L146-216; base_worker.py L977-978",
     ),
     Rule(
+        # Found by the live tier (docs/live-vllm.md): admitted, then vLLM refused to start with
+        # "No common block size for 16 (CPU_ATTN: [MultipleOf(32)])".
+        id="CPU-ATTN-BLOCK-SIZE", severity=REJECT, versions=since(0, 32),
+        summary="The CPU attention backend needs a block size that is a multiple of 32.",
+        when=either_pool(lambda x: x.attention_backend == "CPU_ATTN" and x.block_size % 32 != 0),
+        fields=("p.attention_backend", "p.block_size", "d.attention_backend", "d.block_size"),
+        message="CPU_ATTN supports block sizes that are multiples of 32 only (prefill "
+        "{p.attention_backend}/{p.block_size}, decode {d.attention_backend}/{d.block_size}); "
+        "vLLM refuses to start with 'No common block size'",
+        fix="use blockSize 32 (or 64, 128, ...) on the CPU_ATTN pool(s)",
+        source="vLLM 0.32.0/0.33.0 v1/attention/backends/cpu_attn.py L65-66 "
+        "(get_supported_kernel_block_sizes -> [MultipleOf(32)]); v1/worker/utils.py L555; "
+        "seen live by tests/live (0.28.0 allowed multiples of 16)",
+    ),
+    Rule(
         id="ATTN-BACKEND-AUTO", severity=WARN, checklist="A6",
         summary="An auto-selected backend depends on the GPU: the hash cannot be predicted.",
         when=lambda p, d: "auto" in (p.attention_backend, d.attention_backend),
