@@ -6,6 +6,7 @@ length growing by one per step (as serving) and with one shape repeated:
   plain        the engine alone (as the aggregated worker),
   nixl         after a NIXL agent with its progress thread has registered the arena and the
                receive buffer (what D has: DecodeSide -> DecodeRank -> Transport),
+  nixl_noprog  the same with an agent created without a progress thread,
   padded       as plain, cached-key length padded to a multiple of 256 (prefill_bench's
                padded_cache_keys: one attention shape per 256 steps).
 
@@ -78,22 +79,34 @@ def main() -> int:
             row["padded_growing_ms"] = steps(base, True)
         base += args.steps
         res["rows"].append(row)
-    # the same with a NIXL agent (progress thread) holding the arena registered, as D does
-    from pd_runtime.transport import Transport
+    # the same with a NIXL agent holding the arena and a receive buffer registered, as D does:
+    # first with the runtime's Transport (progress thread on), then an agent without one
+    from pd_runtime.transport import Transport, import_nixl
 
     assert eng.arena is not None
-    tr = Transport("decode-probe", dev)
-    tr.register(eng.arena)
     recv = torch.zeros(eng.arena.numel(), dtype=torch.uint8, device=dev)
-    tr.register(recv)
-    time.sleep(0.5)
-    for row in res["rows"]:
-        ctx = row["context"]
-        ids = torch.randint(2, ck.config.vocab_size, (ctx,)).tolist()
-        eng.runner.execute([SeqChunk(ids, 0, table)])
-        row["nixl_growing_ms"] = steps(ctx + 2 * args.steps, True)
-        row["nixl_fixed_ms"] = steps(ctx, False)
-    tr.close()
+    for variant in ("nixl", "nixl_noprog"):
+        if variant == "nixl":
+            tr: Any = Transport("decode-probe", dev)
+            tr.register(eng.arena)
+            tr.register(recv)
+        else:
+            agent_cls, cfg_cls = import_nixl()
+            tr = agent_cls("decode-probe-noprog", cfg_cls(enable_prog_thread=False,
+                                                          backends=["UCX"]))
+            mem = "VRAM" if dev == "cuda" else "DRAM"
+            for t in (eng.arena, recv):
+                tr.register_memory([(t.data_ptr(), t.numel(), 0, "")], mem)
+        time.sleep(0.5)
+        for row in res["rows"]:
+            ctx = row["context"]
+            ids = torch.randint(2, ck.config.vocab_size, (ctx,)).tolist()
+            eng.runner.execute([SeqChunk(ids, 0, table)])
+            row[variant + "_growing_ms"] = steps(ctx + 2 * args.steps, True)
+            row[variant + "_fixed_ms"] = steps(ctx, False)
+        if variant == "nixl":
+            tr.close()
+        del tr
     for row in res["rows"]:
         for k in list(row):
             if k.endswith("_ms"):
