@@ -1,13 +1,22 @@
 """What every test tier (and the operator benchmarks) share: a free port, a deadline poll, how to
-start pdctl, and a small valid PDDeployment. Import as `from tests.helpers import ...`."""
+start pdctl (and read, stop and post to a `pdctl run`), and a small valid PDDeployment. Import
+as `from tests.helpers import ...`."""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import queue
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,6 +74,66 @@ def pdctl() -> str:
         raise FileNotFoundError(f"no pdctl beside {sys.executable} or on PATH: install the "
                                 "project (make venv)")
     return found
+
+
+def read_state_path(proc: subprocess.Popen[str], lines: list[str], timeout_s: float) -> str:
+    """Read `pdctl run`'s stdout on a thread (kept draining for the whole run, into `lines`)
+    until it prints `state: PATH`; fail with its output when it exits first or is not ready in
+    `timeout_s`."""
+    assert proc.stdout is not None
+    found: queue.Queue[str] = queue.Queue()
+
+    def drain() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("state: "):
+                found.put(line[len("state: "):].strip())
+        found.put("")
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        path = found.get(timeout=timeout_s)
+    except queue.Empty:
+        raise RuntimeError("pdctl run not ready in time:\n" + "\n".join(lines[-40:])) from None
+    if not path:
+        raise RuntimeError("pdctl run exited early:\n" + "\n".join(lines))
+    return path
+
+
+def stop_pdctl_run(proc: subprocess.Popen[str], workdir: Path, grace_s: float) -> None:
+    """SIGTERM `pdctl run` (SIGKILL to its group after `grace_s`); then whatever it left (it
+    should leave nothing) goes too, by the process groups recorded in WORKDIR/run.json."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    state = workdir / "run.json"
+    if state.exists():
+        s = json.loads(state.read_text())
+        for pid in [s["router"]["pid"], *[r["pid"] for r in s["replicas"]]]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def post_json(url: str, body: dict[str, Any], timeout: float) -> tuple[int, dict[str, Any]]:
+    """POST `body` as JSON: (HTTP status, the JSON answer, or {"raw": text} when not JSON)."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - local URL
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except json.JSONDecodeError:
+            return exc.code, {"raw": raw.decode(errors="replace")}
 
 
 LLAMA_8B: dict[str, Any] = {

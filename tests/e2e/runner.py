@@ -4,12 +4,8 @@ reference, metrics of a replica. Every wait is bounded; every process started is
 from __future__ import annotations
 
 import json
-import os
-import queue
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import free_port, pdctl
+from tests.helpers import free_port, pdctl, post_json, read_state_path, stop_pdctl_run
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = Path(__file__).parent / "deployments"
@@ -68,53 +64,11 @@ def pdctl_run(deployment: Path, model_dirs: dict[str, str], workdir: Path,
                             start_new_session=True, cwd=ROOT)
     lines: list[str] = []
     try:
-        state_file = _wait_for_state(proc, lines)
+        state_file = read_state_path(proc, lines, STARTUP_TIMEOUT_S)
         state = json.loads(Path(state_file).read_text())
         yield Running(url=state["url"], state=state, workdir=workdir, proc=proc)
     finally:
-        _stop(proc, workdir)
-
-
-def _wait_for_state(proc: subprocess.Popen[str], lines: list[str]) -> str:
-    """Read pdctl's stdout on a thread (kept draining for the whole run) until `state: PATH`."""
-    assert proc.stdout is not None
-    found: queue.Queue[str] = queue.Queue()
-
-    def drain() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.startswith("state: "):
-                found.put(line[len("state: "):].strip())
-        found.put("")
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        path = found.get(timeout=STARTUP_TIMEOUT_S)
-    except queue.Empty:
-        raise RuntimeError("pdctl run not ready in time:\n" + "\n".join(lines[-40:])) from None
-    if not path:
-        raise RuntimeError("pdctl run exited early:\n" + "\n".join(lines))
-    return path
-
-
-def _stop(proc: subprocess.Popen[str], workdir: Path) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(40)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    # Whatever the runner left (it should leave nothing) goes too, by the recorded groups.
-    state = workdir / "run.json"
-    if state.exists():
-        s = json.loads(state.read_text())
-        for pid in [s["router"]["pid"], *[r["pid"] for r in s["replicas"]]]:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        stop_pdctl_run(proc, workdir, grace_s=40)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[Any], log: Path,
@@ -148,14 +102,4 @@ def reference(model: str, *, prompt: str | None = None, prompt_ids: list[int] | 
 
 
 def post(url: str, body: dict[str, Any], timeout: float = 120.0) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw)
-        except json.JSONDecodeError:
-            return exc.code, {"raw": raw.decode(errors="replace")}
+    return post_json(url, body, timeout)

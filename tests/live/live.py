@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import queue
 import re
-import signal
 import subprocess
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tests.helpers import pdctl
+from tests.helpers import pdctl, post_json, read_state_path, stop_pdctl_run
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_SPEC = Path(__file__).parent / "deployments" / "tiny-vllm.yaml"
@@ -100,7 +96,7 @@ def pdctl_run(spec: Path, workdir: Path) -> Iterator[Running]:
     lines: list[str] = []
     running: Running | None = None
     try:
-        state_file = _wait_for_state(proc, lines, workdir)
+        state_file = read_state_path(proc, lines, STARTUP_TIMEOUT_S + 60)
         state = json.loads(Path(state_file).read_text())
         running = Running(url=state["url"], state=state, workdir=workdir, proc=proc,
                           lines=lines)
@@ -109,62 +105,12 @@ def pdctl_run(spec: Path, workdir: Path) -> Iterator[Running]:
         print(running.logs() if running else Running("", {}, workdir, proc, lines).logs())
         raise
     finally:
-        _stop(proc, workdir)
-
-
-def _wait_for_state(proc: subprocess.Popen[str], lines: list[str], workdir: Path) -> str:
-    assert proc.stdout is not None
-    found: queue.Queue[str] = queue.Queue()
-
-    def drain() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.startswith("state: "):
-                found.put(line[len("state: "):].strip())
-        found.put("")
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        path = found.get(timeout=STARTUP_TIMEOUT_S + 60)
-    except queue.Empty:
-        raise RuntimeError("pdctl run not ready in time") from None
-    if not path:
-        raise RuntimeError("pdctl run exited before it was ready")
-    return path
-
-
-def _stop(proc: subprocess.Popen[str], workdir: Path) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    state = workdir / "run.json"  # whatever the runner left goes too, by its process groups
-    if state.exists():
-        s = json.loads(state.read_text())
-        for pid in [s["router"]["pid"], *[r["pid"] for r in s["replicas"]]]:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        stop_pdctl_run(proc, workdir, grace_s=60)
 
 
 def post(url: str, body: dict[str, Any],
          timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - local URL
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw)
-        except json.JSONDecodeError:
-            return exc.code, {"raw": raw.decode(errors="replace")}
+    return post_json(url, body, timeout)
 
 
 def complete(base: str, model: str, prompt: str, max_tokens: int = 12) -> tuple[int, Any]:
