@@ -15,12 +15,15 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import kvcache
 from .core import LLMEngine, Output
 from .errors import DuplicateRequest, EngineDead, EngineError
 from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +100,28 @@ def _token(args: EngineArgs) -> bytes:
     return load_token()
 
 
+def attach_pd_side(eng: LLMEngine, args: EngineArgs, config: Any, spec: kvcache.RankSpec,
+                   arena: torch.Tensor, device: str) -> None:
+    """Give a prefill or decode rank's engine its P/D side over `arena` (aggregated: none)."""
+    from .pd import DecodeSide, engine_factors, make_prefill_side
+
+    if args.role == "aggregated":
+        return
+    factors = engine_factors(config, args.served_model_name or args.model, args.kv_cache_dtype)
+    token = _token(args)
+    if args.role == "prefill":
+        eng.prefill = make_prefill_side(spec, factors, token, arena,
+                                        host=args.side_channel_host,
+                                        port=args.side_channel_port, lease_s=args.lease_s,
+                                        device=device)
+    else:
+        eng.decode = DecodeSide(spec, factors, token, arena, device, args.kv_pull_timeout_s)
+
+
 def build_engine(args: EngineArgs) -> tuple[LLMEngine, Any]:
     """Load the model and build the engine for rank 0 (and its P/D side); (engine, checkpoint)."""
     from .checkpoint import load_checkpoint
     from .core import engine_from_checkpoint, rank_spec_for
-    from .pd import DecodeSide, engine_factors, make_prefill_side
 
     if args.tensor_parallel_size > 1:
         from .tp_worker import build_tp_engine
@@ -117,18 +137,7 @@ def build_engine(args: EngineArgs) -> tuple[LLMEngine, Any]:
                                  max_num_seqs=args.max_num_seqs,
                                  max_num_batched_tokens=args.max_num_batched_tokens)
     assert eng.arena is not None
-    if args.role != "aggregated":
-        factors = engine_factors(ckpt.config, args.served_model_name or args.model,
-                                 args.kv_cache_dtype)
-        token = _token(args)
-        if args.role == "prefill":
-            eng.prefill = make_prefill_side(spec, factors, token, eng.arena,
-                                            host=args.side_channel_host,
-                                            port=args.side_channel_port, lease_s=args.lease_s,
-                                            device=args.device)
-        else:
-            eng.decode = DecodeSide(spec, factors, token, eng.arena, args.device,
-                                    args.kv_pull_timeout_s)
+    attach_pd_side(eng, args, ckpt.config, spec, eng.arena, args.device)
     return eng, ckpt
 
 

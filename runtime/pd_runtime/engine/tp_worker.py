@@ -221,9 +221,8 @@ def build_tp_engine(args: Any) -> tuple[Any, Any]:
 
 def _build_rank(args: Any, ckpt: Any, rank: int, group: Any) -> Any:
     """The engine pieces of one rank (rank 0 also schedules with it)."""
-    from .async_engine import _token, state_slots
+    from .async_engine import attach_pd_side, state_slots
     from .core import engine_from_checkpoint, rank_spec_for
-    from .pd import engine_factors, make_prefill_side
 
     device = args.device
     if device.startswith("cuda"):
@@ -237,18 +236,7 @@ def _build_rank(args: Any, ckpt: Any, rank: int, group: Any) -> Any:
                                  max_model_len=args.max_model_len, seed=args.seed,
                                  max_num_seqs=args.max_num_seqs,
                                  max_num_batched_tokens=args.max_num_batched_tokens)
-    if args.role != "aggregated":
-        factors = engine_factors(ckpt.config, args.served_model_name or args.model,
-                                 args.kv_cache_dtype)
-        token = _token(args)
-        if args.role == "prefill":
-            eng.prefill = make_prefill_side(spec, factors, token, eng.arena,
-                                            host=args.side_channel_host,
-                                            port=args.side_channel_port, lease_s=args.lease_s,
-                                            device=device)
-        else:
-            eng.decode = DecodeSide(spec, factors, token, eng.arena, device,
-                                    args.kv_pull_timeout_s)
+    attach_pd_side(eng, args, ckpt.config, spec, eng.arena, device)
     return eng
 
 
