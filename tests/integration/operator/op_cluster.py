@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,21 @@ class Operator:
             if all(f'{k}="{v}"' in line for k, v in labels.items()):
                 total += float(line.rsplit(" ", 1)[1])
         return total
+
+
+@contextmanager
+def running_operator(kubeconfig: str, kubectl, namespace: str, log_dir: Path) -> Iterator[Operator]:
+    """An Operator started and its webhook answering; after: stopped, its webhook configurations
+    deleted and the tail of its output printed."""
+    op = Operator(kubeconfig, namespace, log_dir).start()
+    try:
+        webhook_probe(kubectl, namespace)
+        yield op
+    finally:
+        op.stop()
+        for kind in ("validatingwebhookconfiguration", "mutatingwebhookconfiguration"):
+            kubectl("delete", kind, op.config_name, "--ignore-not-found", check=False)
+        print(op.output()[-4000:])
 
 
 def get_json(kubectl, *args: str) -> dict[str, Any]:

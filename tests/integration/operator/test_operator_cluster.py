@@ -19,7 +19,7 @@ from pd_operator.validate import parse_spec, validate_spec
 from pd_operator.webhook import configs
 
 from op_cluster import (EXAMPLES, Operator, extra_nodes, get_json, install_crd, is_ready,
-                        load_example, pdd, wait_for, wait_ready, webhook_probe)
+                        load_example, pdd, running_operator, wait_for, wait_ready, webhook_probe)
 
 pytestmark = pytest.mark.cluster
 
@@ -49,15 +49,8 @@ def cluster_ready(kubectl):
 
 @pytest.fixture
 def operator(cluster_ready, kubeconfig, kubectl, namespace, tmp_path):
-    op = Operator(kubeconfig, namespace, tmp_path).start()
-    try:
-        webhook_probe(kubectl, namespace)
+    with running_operator(kubeconfig, kubectl, namespace, tmp_path) as op:
         yield op
-    finally:
-        op.stop()
-        for kind in ("validatingwebhookconfiguration", "mutatingwebhookconfiguration"):
-            kubectl("delete", kind, op.config_name, "--ignore-not-found", check=False)
-        print(op.output()[-4000:])
 
 
 def _apply(kubectl, ns: str, obj: dict, check: bool = True):

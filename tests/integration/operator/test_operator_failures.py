@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from op_cluster import (Operator, condition, get_json, install_crd, load_example, pdd,
-                        wait_for, webhook_probe)
+from op_cluster import (condition, get_json, install_crd, load_example, pdd, running_operator,
+                        wait_for)
 
 pytestmark = pytest.mark.cluster
 
@@ -19,15 +19,8 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture
 def operator(kubeconfig, kubectl, namespace, tmp_path):
     install_crd(kubectl)
-    op = Operator(kubeconfig, namespace, tmp_path).start()
-    try:
-        webhook_probe(kubectl, namespace)
+    with running_operator(kubeconfig, kubectl, namespace, tmp_path) as op:
         yield op
-    finally:
-        op.stop()
-        for kind in ("validatingwebhookconfiguration", "mutatingwebhookconfiguration"):
-            kubectl("delete", kind, op.config_name, "--ignore-not-found", check=False)
-        print(op.output()[-4000:])
 
 
 def _small(ns: str) -> dict:
