@@ -44,6 +44,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             gpus_per_node=args.gpus_per_node,
             build_missing=not args.no_build,
             timeout=args.timeout,
+            real_node=args.real_node,
         )
     except RuntimeError as exc:
         _err(f"up failed: {exc}")
@@ -124,7 +125,8 @@ def register(sub) -> None:
 
     p = cl_sub.add_parser("build", help="build/install the binaries into the cache only")
     p.add_argument("--force", action="store_true", help="rebuild even if present and right")
-    p.add_argument("--only", help="comma-separated subset of k8s,etcd,kwok,helm")
+    p.add_argument("--only", help="comma-separated subset of k8s,etcd,kwok,helm,k8s-node "
+                   "(k8s-node: the real node's kubelet and kube-proxy)")
     p.set_defaults(func=cmd_build)
 
     p = with_dir(cl_sub.add_parser("up", help="build if needed, start, create fake GPU nodes"))
@@ -132,6 +134,9 @@ def register(sub) -> None:
     p.add_argument("--gpus-per-node", type=int, default=8, help="nvidia.com/gpu per node")
     p.add_argument("--no-build", action="store_true", help="fail instead of building")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per component")
+    p.add_argument("--real-node", action="store_true",
+                   help="also one real node (kubelet, containerd + runc, CNI) where pods run; "
+                   "root; label/taint pd-operator.dev/real-node=true; kept until `down`")
     p.set_defaults(func=cmd_up)
 
     p = with_dir(cl_sub.add_parser("down", help="stop the processes `up` started"))

@@ -24,6 +24,7 @@ from . import versions as _v
 Progress = Callable[[str], None]
 
 K8S_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+NODE_COMMANDS = ("kubelet", "kube-proxy")  # the real node (cluster up --real-node) only
 KWOK_STAGES = (
     "node/fast/node-initialize.yaml",
     "node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
@@ -43,7 +44,7 @@ class Binary:
 
 @dataclass(frozen=True)
 class Tool:
-    name: str  # k8s | etcd | kwok | helm
+    name: str  # k8s | etcd | kwok | helm | k8s-node
     version: str
     module: str  # Go module the wrapper requires
     wrapper: str  # folder under deploy/local
@@ -73,26 +74,36 @@ def k8s_ldflags(version: str) -> tuple[str, ...]:
     return tuple(flags)
 
 
-def tools(v: _v.Versions) -> tuple[Tool, ...]:
-    """What to build (pure)."""
-    k = v.kubernetes
-    k8s = Tool(
-        name="k8s",
-        version=k,
+def _k8s_tool(name: str, version: str, commands: tuple[str, ...]) -> Tool:
+    """Commands of k8s.io/kubernetes built from the wrapper deploy/local/<name> (pure)."""
+    return Tool(
+        name=name,
+        version=version,
         module="k8s.io/kubernetes",
-        wrapper="k8s",
+        wrapper=name,
         binaries=tuple(
             Binary(
                 c,
                 f"k8s.io/kubernetes/cmd/{c}",
                 ("version", "--client") if c == "kubectl" else ("--version",),
-                f"Client Version: {k}" if c == "kubectl" else f"Kubernetes {k}",
+                f"Client Version: {version}" if c == "kubectl" else f"Kubernetes {version}",
             )
-            for c in K8S_COMMANDS
+            for c in commands
         ),
-        ldflags=k8s_ldflags(k),
+        ldflags=k8s_ldflags(version),
         tags=("selinux", "notest", "grpcnotrace"),
     )
+
+
+def node_tools(v: _v.Versions) -> tuple[Tool, ...]:
+    """The real node's binaries: kubelet and kube-proxy at the control plane's version, from
+    their own wrapper so the default build (`tools`) is unchanged (pure)."""
+    return (_k8s_tool("k8s-node", v.kubernetes, NODE_COMMANDS),)
+
+
+def tools(v: _v.Versions) -> tuple[Tool, ...]:
+    """What to build (pure)."""
+    k8s = _k8s_tool("k8s", v.kubernetes, K8S_COMMANDS)
     etcd = Tool(
         name="etcd",
         version=v.etcd,
@@ -127,7 +138,7 @@ def binary_path(name: str, v: _v.Versions | None = None, cache: Path | None = No
     """Path of one cached binary by name (kube-apiserver, etcd, kwok, helm, kubectl, ...)."""
     v = v or _v.load()
     cache = cache or _v.cache_root()
-    for t in tools(v):
+    for t in (*tools(v), *node_tools(v)):
         for b in t.binaries:
             if b.name == name:
                 return t.bin_dir(cache) / name
@@ -174,7 +185,7 @@ def check_wrapper(t: Tool, local: Path) -> None:
             f"{gomod} requires {t.module} {found.get(t.module)}, versions.env says {t.version}; "
             f"edit the go.mod (and run `go mod tidy` there) to match"
         )
-    if t.name == "k8s":
+    if t.module == "k8s.io/kubernetes":
         staging = "v0." + ".".join(t.version.lstrip("v").split(".")[1:])
         bad = [
             line.strip()
@@ -275,8 +286,9 @@ def build_tool(t: Tool, cache: Path, local: Path, progress: Progress, log: Path)
     pkgs = [b.package for b in t.binaries]
     tags = ["-tags", ",".join(t.tags)] if t.tags else []
     total = len(_go(["list", "-deps", *tags, *pkgs], wdir, env).split())
+    cold = "; cold: many minutes on 2 cores" if t.module == "k8s.io/kubernetes" else ""
     progress(f"[{t.name} {t.version}] building {', '.join(b.name for b in t.binaries)} "
-             f"({total} packages{'; cold: many minutes on 2 cores' if t.name == 'k8s' else ''})")
+             f"({total} packages{cold})")
     t.bin_dir(cache).mkdir(parents=True, exist_ok=True)
     n = _run_with_progress(build_command(t, cache), wdir, env, log, t.name, total, progress)
     if t.name == "kwok":
@@ -296,6 +308,7 @@ def ensure_built(
     force: bool = False,
     progress: Progress | None = None,
     only: tuple[str, ...] = (),
+    real_node: bool = False,
 ) -> dict[str, Path]:
     """Build whatever is missing or wrong; return {binary name: path}."""
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -310,7 +323,7 @@ def ensure_built(
         if not _try_lock(lock):
             progress(f"another build holds {cache / 'build.lock'}; waiting for it...")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        _build_all(v, cache, local, force, only, progress, log, paths)
+        _build_all(v, cache, local, force, only, real_node, progress, log, paths)
     progress(f"binaries ready in {time.monotonic() - t_all:.0f}s (cache: {cache}, log: {log})")
     return paths
 
@@ -323,8 +336,9 @@ def _try_lock(fh) -> bool:
         return False
 
 
-def _build_all(v, cache, local, force, only, progress, log, paths) -> None:
-    for t in tools(v):
+def _build_all(v, cache, local, force, only, real_node, progress, log, paths) -> None:
+    wanted = (*tools(v), *node_tools(v)) if real_node or "k8s-node" in only else tools(v)
+    for t in wanted:
         if only and t.name not in only:
             continue
         if not force and tool_ok(t, cache):
@@ -335,7 +349,8 @@ def _build_all(v, cache, local, force, only, progress, log, paths) -> None:
             paths[b.name] = t.bin_dir(cache) / b.name
 
 
-def all_present() -> bool:
+def all_present(real_node: bool = False) -> bool:
     v = _v.load()
     cache = _v.cache_root()
-    return all(tool_ok(t, cache) for t in tools(v))
+    wanted = (*tools(v), *node_tools(v)) if real_node else tools(v)
+    return all(tool_ok(t, cache) for t in wanted)

@@ -3,6 +3,10 @@
 State (ports, PIDs) lives in ``<dir>/state.json``; the default dir is
 ``~/.cache/pd-operator/clusters/default`` (``PD_DEV_CLUSTER_DIR`` overrides). `up` is idempotent:
 it starts only what is not running and healthy. `down` stops exactly the PIDs it recorded.
+
+With ``real_node=True`` (`up --real-node`) one real node joins beside the fake ones: containerd
+and a kubelet (realnode, realnode_host); the mode is kept in the state, and `down` stops the node
+and undoes its changes to the host before it stops the control plane.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pathlib import Path
 import yaml
 
 from . import build, components, nodes, pki, processes
+from . import realnode as rn
+from . import realnode_host as rnh
 from . import versions as _v
 from .components import ORDER, PORT_NAMES, Layout
 from .processes import Proc
@@ -53,6 +59,8 @@ def layout_for(directory: Path | None = None) -> Layout:
 class State:
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, dict[str, int]] = field(default_factory=dict)
+    # the real node: {"enabled": bool, "ports", "node_ip", "gpus", "before": host snapshot}
+    real_node: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, layout: Layout) -> State:
@@ -60,7 +68,8 @@ class State:
             raw = json.loads(layout.state.read_text())
         except FileNotFoundError:
             return cls()
-        return cls(ports=raw.get("ports", {}), procs=raw.get("procs", {}))
+        return cls(ports=raw.get("ports", {}), procs=raw.get("procs", {}),
+                   real_node=raw.get("real_node", {}))
 
     def save(self, layout: Layout) -> None:
         layout.dir.mkdir(parents=True, exist_ok=True)
@@ -146,12 +155,15 @@ def _wait_healthy(layout: Layout, comp: components.Component, proc: Proc, timeou
 def _bins() -> dict[str, Path]:
     v = _v.load()
     cache = _v.cache_root()
-    return {b.name: t.bin_dir(cache) / b.name for t in build.tools(v) for b in t.binaries}
+    return {b.name: t.bin_dir(cache) / b.name
+            for t in (*build.tools(v), *build.node_tools(v)) for b in t.binaries}
 
 
-def _commands(layout: Layout, ports: dict[str, int]) -> dict[str, components.Component]:
+def _commands(layout: Layout, ports: dict[str, int],
+              real_node: bool = False) -> dict[str, components.Component]:
     stages = [build.stages_dir() / s for s in build.KWOK_STAGES]
-    return components.commands(_bins(), layout, ports, stages)
+    extra = rn.apiserver_flags(layout.pki) if real_node else ()
+    return components.commands(_bins(), layout, ports, stages, apiserver_extra=extra)
 
 
 def api_client(layout: Layout | None = None):
@@ -197,25 +209,36 @@ def up(
     build_missing: bool = True,
     progress: Progress | None = None,
     timeout: float = 120.0,
+    real_node: bool = False,
 ) -> list[str]:
-    """Start what is not running; return the names of the components started now."""
+    """Start what is not running; return the names of the components started now.
+    `real_node`: also one real node (kubelet + containerd) beside the fake ones."""
     progress = progress or _default_progress
     layout = layout_for(directory)
     t0 = time.monotonic()
+    real_node = real_node or bool(State.load(layout).real_node.get("enabled"))
     if build_missing:
-        build.ensure_built(progress=progress)
-    elif not build.all_present():
+        build.ensure_built(progress=progress, real_node=real_node)
+    elif not build.all_present(real_node=real_node):
         raise RuntimeError("binaries missing: run `pdctl dev cluster build` first")
+    if real_node:
+        rnh.ensure_host_packages(progress)
     started: list[str] = []
     with _locked(layout):
         state = State.load(layout)
+        _check_mode(state, real_node)
         state.ports = _ports(state)
         state.save(layout)
         cpki = pki.ensure_cluster_pki(layout.pki)
         _write_kubeconfig(layout, state.ports, cpki)
+        if real_node:
+            state.real_node.setdefault("node_ip", rnh.node_ip())
+            state.real_node["enabled"] = True
+            state.save(layout)
+            rnh.node_pki(layout.pki, state.real_node["node_ip"])
         layout.etcd_data.parent.mkdir(parents=True, exist_ok=True)
         layout.etcd_data.parent.chmod(0o700)
-        cmds = _commands(layout, state.ports)
+        cmds = _commands(layout, state.ports, real_node)
         for name in ORDER:
             comp = cmds[name]
             old = state.proc(name)
@@ -231,8 +254,111 @@ def up(
             started.append(name)
             progress(f"{name}: started (pid {proc.pid}), healthy in {time.monotonic() - t1:.1f}s")
         ensure_nodes(layout, node_count, gpus_per_node, timeout, progress)
+        if real_node:
+            started += _up_real_node(layout, state, gpus_per_node, timeout, progress)
     progress(f"cluster up in {time.monotonic() - t0:.1f}s; export KUBECONFIG={layout.kubeconfig}")
     return started
+
+
+def _check_mode(state: State, real_node: bool) -> None:
+    """The API server's flags differ with a real node: never mix a running control plane
+    started without it and a real node."""
+    api = state.proc("kube-apiserver")
+    running = api is not None and processes.alive(api)
+    if running and real_node and not state.real_node.get("enabled"):
+        raise RuntimeError("this control plane runs without --real-node (its API server lacks "
+                           "Node authorization and kubelet client certificates): run `pdctl dev "
+                           "cluster down` first, or use another --dir")
+
+
+def _real_ports(state: State) -> dict[str, int]:
+    ports = dict(state.real_node.get("ports", {}))
+    taken = set(state.ports.values()) | set(ports.values())
+    for name in rn.REAL_PORT_NAMES:
+        if name not in ports:
+            while (p := processes.free_port()) in taken:
+                pass
+            ports[name] = p
+            taken.add(p)
+    return ports
+
+
+def _up_real_node(layout: Layout, state: State, gpus: int, timeout: float,
+                  progress: Progress) -> list[str]:
+    """containerd, the pause image, the kubelet; the node Ready with fake GPUs."""
+    from kubernetes import client
+
+    nl = rn.node_layout(layout.dir)
+    t0 = time.monotonic()
+    started: list[str] = []
+    rs = state.real_node
+    procs = {n: state.proc(n) for n in ("containerd", "kubelet")}
+    if "before" not in rs:  # the host as it was before the node touched it, kept until `down`
+        rs["before"] = rnh.snapshot_host()
+    rs["ports"] = _real_ports(state)
+    rs["gpus"] = gpus
+    state.save(layout)
+    ip = rs["node_ip"]
+    api_url = f"https://{components.HOST}:{state.ports['kube-apiserver']}"
+    certs = rnh.node_pki(layout.pki, ip)
+    rnh.write_configs(nl, layout.pki, api_url, ip, rs["ports"], certs)
+    cd = procs["containerd"]
+    if cd is None or not processes.alive(cd):
+        cd = rnh.start_containerd(nl, layout.logs, timeout)
+        state.procs["containerd"] = {"pid": cd.pid, "start_time": cd.start_time}
+        state.save(layout)
+        started.append("containerd")
+        progress(f"containerd: started (pid {cd.pid})")
+    rnh.ensure_pause_image(nl, progress)
+    kl = procs["kubelet"]
+    if kl is None or not processes.alive(kl):
+        kl = rnh.start_kubelet(nl, _bins()["kubelet"], ip, gpus, rs["ports"], layout.logs,
+                               timeout)
+        state.procs["kubelet"] = {"pid": kl.pid, "start_time": kl.start_time}
+        state.save(layout)
+        started.append("kubelet")
+        progress(f"kubelet: started (pid {kl.pid})")
+    with api_client(layout) as api:
+        core = client.CoreV1Api(api)
+        rnh.wait_node_ready(core, kl, layout.logs / "kubelet.log", timeout)
+        rnh.set_fake_gpus(core, gpus)
+        core.patch_node(rn.NODE_NAME, {"spec": {"unschedulable": False}})
+    progress(f"real node: {rn.NODE_NAME} Ready at {ip} ({gpus} fake nvidia.com/gpu, label "
+             f"{rn.REAL_NODE_LABEL}=true, taint {rn.REAL_NODE_LABEL}=true:NoSchedule) in "
+             f"{time.monotonic() - t0:.1f}s")
+    return started
+
+
+def _down_real_node(layout: Layout, state: State, progress: Progress) -> list[str]:
+    """Drain, stop the kubelet and containerd, undo the host changes."""
+    from kubernetes import client
+
+    nl = rn.node_layout(layout.dir)
+    stopped: list[str] = []
+    api = state.proc("kube-apiserver")
+    kl = state.proc("kubelet")
+    if api is not None and processes.alive(api) and kl is not None and processes.alive(kl):
+        with api_client(layout) as apic:
+            rnh.drain(client.CoreV1Api(apic), nl, 60.0, progress)
+    if kl is not None and processes.stop(kl):
+        stopped.append("kubelet")
+        progress(f"kubelet: stopped (pid {kl.pid})")
+    state.procs.pop("kubelet", None)
+    state.save(layout)
+    cd = state.proc("containerd")
+    if cd is not None and processes.alive(cd):
+        rnh.kill_tasks(nl, progress)
+        processes.stop(cd)
+        stopped.append("containerd")
+        progress(f"containerd: stopped (pid {cd.pid})")
+    state.procs.pop("containerd", None)
+    state.save(layout)
+    for line in rnh.cleanup_host(nl, state.real_node.get("before"), progress):
+        progress(f"real node: {line}")
+    state.real_node.pop("before", None)
+    state.real_node["enabled"] = False
+    state.save(layout)
+    return stopped
 
 
 def down(directory: Path | None = None, purge: bool = False,
@@ -246,6 +372,8 @@ def down(directory: Path | None = None, purge: bool = False,
         return stopped
     with _locked(layout):
         state = State.load(layout)
+        if state.real_node:
+            stopped += _down_real_node(layout, state, progress)
         for name in reversed(ORDER):
             p = state.proc(name)
             if p is None:
@@ -301,7 +429,8 @@ class Status:
 def status(directory: Path | None = None, with_nodes: bool = True) -> Status:
     layout = layout_for(directory)
     state = State.load(layout)
-    cmds = _commands(layout, state.ports) if state.ports else {}
+    cmds = (_commands(layout, state.ports, bool(state.real_node.get("enabled")))
+            if state.ports else {})
     comps = []
     for name in ORDER:
         p = state.proc(name)

@@ -61,8 +61,11 @@ def commands(
     layout: Layout,
     ports: dict[str, int],
     stages: list[Path],
+    apiserver_extra: tuple[str, ...] = (),
 ) -> dict[str, Component]:
-    """The five processes of the cluster, keyed by name, in start order."""
+    """The five processes of the cluster, keyed by name, in start order. `apiserver_extra`:
+    flags for a real node (realnode.apiserver_flags); an --authorization-mode there replaces
+    the default one."""
     pki = layout.pki
     kubeconfig = str(layout.kubeconfig)
     etcd_url = f"http://{HOST}:{ports['etcd']}"
@@ -105,6 +108,9 @@ def commands(
         "--enable-priority-and-fairness=false",
         "--profiling=false",
     )
+    if any(f.startswith("--authorization-mode=") for f in apiserver_extra):
+        apiserver = tuple(f for f in apiserver if not f.startswith("--authorization-mode="))
+    apiserver += apiserver_extra
     always_allow = "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics"
     kcm = (
         str(bins["kube-controller-manager"]),
