@@ -121,6 +121,22 @@ def stop_pdctl_run(proc: subprocess.Popen[str], workdir: Path, grace_s: float) -
                 pass
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group, from /proc."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(d.name))
+    return out
+
+
 def post_json(url: str, body: dict[str, Any], timeout: float) -> tuple[int, dict[str, Any]]:
     """POST `body` as JSON: (HTTP status, the JSON answer, or {"raw": text} when not JSON)."""
     req = urllib.request.Request(url, data=json.dumps(body).encode(),

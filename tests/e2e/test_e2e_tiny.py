@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 
 from tests.e2e.runner import DEPLOYMENTS, MAX_TOKENS, PROMPTS, pdctl_run, post
 from tests.e2e.runner import TINY_MODEL as MODEL
+from tests.helpers import group_members
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -200,23 +200,9 @@ def test_zzz_pdctl_run_stops_everything(deployment):
                 os.killpg(pid, 0)
             except ProcessLookupError:
                 break
-            if _only_zombies(pid):
+            if not group_members(pid):  # only zombies left
                 break
             time.sleep(0.1)
         else:
             raise AssertionError(f"process group {pid} still alive")
     assert time.monotonic() - t0 < 30
-
-
-def _only_zombies(pgid: int) -> bool:
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return False
-    return True

@@ -17,6 +17,7 @@ import yaml
 from pd_operator import localrun
 from pd_operator.render import Owner, render
 from pd_operator.validate import parse_object, validate_spec
+from tests.helpers import group_members
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = yaml.safe_load((ROOT / "tests/e2e/deployments/tiny-dense.yaml").read_text())
@@ -103,24 +104,8 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, from /proc."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            out.append(int(d.name))
-    return out
-
-
 def _alive(pid: int) -> bool:
-    return pid in _group_members(pid)
+    return pid in group_members(pid)
 
 
 def test_local_run_starts_waits_and_stops_process_groups(tmp_path):
@@ -156,7 +141,7 @@ def test_local_run_starts_waits_and_stops_process_groups(tmp_path):
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in groups)
     # the grandchildren (same process groups) are gone too
-    assert not any(_group_members(pgid) for pgid in groups)
+    assert not any(group_members(pgid) for pgid in groups)
     assert time.monotonic() - t0 < 10
 
 
