@@ -45,7 +45,7 @@ lint: venv
 	$(BIN)/lint-imports
 
 test: lint check-generated venv cluster-binaries live-vllm
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -m "not realnode"
 
 demo: venv cluster-binaries
 	bash deploy/demo.sh

@@ -283,6 +283,21 @@ def _real_ports(state: State) -> dict[str, int]:
     return ports
 
 
+def _ensure_running(layout: Layout, state: State, name: str, started: list[str],
+                    progress: Progress, start: Callable[[], Proc]) -> Proc:
+    """The recorded process `name` if it still runs, else a new one (recorded at once)."""
+    proc = state.proc(name)
+    if proc is not None and processes.alive(proc):
+        progress(f"{name}: running (pid {proc.pid})")
+        return proc
+    proc = start()
+    state.procs[name] = {"pid": proc.pid, "start_time": proc.start_time}
+    state.save(layout)
+    started.append(name)
+    progress(f"{name}: started (pid {proc.pid})")
+    return proc
+
+
 def _up_real_node(layout: Layout, state: State, gpus: int, timeout: float,
                   progress: Progress) -> list[str]:
     """containerd, the pause image, the kubelet; the node Ready with fake GPUs."""
@@ -292,8 +307,10 @@ def _up_real_node(layout: Layout, state: State, gpus: int, timeout: float,
     t0 = time.monotonic()
     started: list[str] = []
     rs = state.real_node
-    procs = {n: state.proc(n) for n in ("containerd", "kubelet")}
     if "before" not in rs:  # the host as it was before the node touched it, kept until `down`
+        if rnh.bridge_exists():
+            raise RuntimeError(f"bridge {rn.BRIDGE} exists: another real node runs on this host "
+                               f"(one per host); `pdctl dev cluster down` its cluster first")
         rs["before"] = rnh.snapshot_host()
     rs["ports"] = _real_ports(state)
     rs["gpus"] = gpus
@@ -302,22 +319,12 @@ def _up_real_node(layout: Layout, state: State, gpus: int, timeout: float,
     api_url = f"https://{components.HOST}:{state.ports['kube-apiserver']}"
     certs = rnh.node_pki(layout.pki, ip)
     rnh.write_configs(nl, layout.pki, api_url, ip, rs["ports"], certs)
-    cd = procs["containerd"]
-    if cd is None or not processes.alive(cd):
-        cd = rnh.start_containerd(nl, layout.logs, timeout)
-        state.procs["containerd"] = {"pid": cd.pid, "start_time": cd.start_time}
-        state.save(layout)
-        started.append("containerd")
-        progress(f"containerd: started (pid {cd.pid})")
+    _ensure_running(layout, state, "containerd", started, progress,
+                    lambda: rnh.start_containerd(nl, layout.logs, timeout))
     rnh.ensure_pause_image(nl, progress)
-    kl = procs["kubelet"]
-    if kl is None or not processes.alive(kl):
-        kl = rnh.start_kubelet(nl, _bins()["kubelet"], ip, gpus, rs["ports"], layout.logs,
-                               timeout)
-        state.procs["kubelet"] = {"pid": kl.pid, "start_time": kl.start_time}
-        state.save(layout)
-        started.append("kubelet")
-        progress(f"kubelet: started (pid {kl.pid})")
+    kl = _ensure_running(layout, state, "kubelet", started, progress,
+                         lambda: rnh.start_kubelet(nl, _bins()["kubelet"], ip, gpus,
+                                                   rs["ports"], layout.logs, timeout))
     with api_client(layout) as api:
         core = client.CoreV1Api(api)
         rnh.wait_node_ready(core, kl, layout.logs / "kubelet.log", timeout)

@@ -109,6 +109,19 @@ def snapshot_host() -> dict:
     }
 
 
+def host_footprint(nl: rn.NodeLayout) -> dict:
+    """What a real node leaves on the host, for before/after comparisons (tests, evidence):
+    the snapshot plus our shims, mounts, pod network namespaces and the bridge."""
+    snap = snapshot_host()
+    snap.update(
+        bridge=bridge_exists(),
+        shims=our_shims(nl),
+        mounts=our_mounts(nl),
+        netns=sorted(p.name for p in NETNS_DIR.iterdir()) if NETNS_DIR.is_dir() else [],
+    )
+    return snap
+
+
 def restore_host(before: dict, progress: Progress) -> list[str]:
     """Undo what the node changed; returns one line per change undone."""
     done: list[str] = []

@@ -1,0 +1,119 @@
+"""`pdctl dev cluster up --real-node`: a pod really runs on the real node, `kubectl logs` and
+`kubectl exec` reach it, and `down` leaves the host as it found it (processes, bridge, iptables,
+sysctls, mounts, network namespaces, cgroups).
+
+Marker ``realnode`` (needs root; kept out of `make test` until its time and reliability are
+known). Uses its own cluster dir (``PD_REALNODE_TEST_DIR``, default
+``~/.cache/pd-operator/clusters/realnode-test``), never the shared test cluster; one real node
+per host, so it fails fast when another one runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pd_dev.devcluster import build, cluster, processes
+from pd_dev.devcluster import realnode as rn
+from pd_dev.devcluster import realnode_host as rnh
+from pd_dev.devcluster import versions as _v
+
+pytestmark = [pytest.mark.realnode, pytest.mark.cluster, pytest.mark.slow]
+
+IMAGE = "pd-operator.dev/busybox:realnode-test"
+GREETING = "hello from the real node"
+
+
+def _dir() -> Path:
+    env = os.environ.get("PD_REALNODE_TEST_DIR")
+    return Path(env) if env else _v.cache_root() / "clusters" / "realnode-test"
+
+
+def _pod(name: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {rn.REAL_NODE_LABEL: "true"},
+            "tolerations": [{"key": rn.REAL_NODE_LABEL, "operator": "Exists",
+                             "effect": "NoSchedule"}],
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "main",
+                "image": IMAGE,
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-c", f"echo {GREETING} $(hostname); exec sleep 3600"],
+                # admitted only because the node's status carries fake GPUs
+                "resources": {"limits": {"nvidia.com/gpu": "1", "memory": "32Mi",
+                                         "cpu": "100m"}},
+            }],
+        },
+    }
+
+
+def _kubectl(kubeconfig: Path, *args: str) -> str:
+    out = subprocess.run([str(build.binary_path("kubectl")), f"--kubeconfig={kubeconfig}",
+                          *args], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}{out.stdout}"
+    return out.stdout
+
+
+def _wait_running(core, name: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    pod = None
+    while time.monotonic() < deadline:
+        pod = core.read_namespaced_pod(name, "default")
+        if pod.status.phase == "Running" and all(
+                c.ready for c in pod.status.container_statuses or [False]):
+            return pod
+        time.sleep(0.3)
+    raise AssertionError(f"pod {name} not running after {timeout:.0f}s: {pod and pod.status}")
+
+
+def test_pod_runs_on_real_node_and_down_restores_host():
+    if os.geteuid() != 0:
+        pytest.skip("the real node needs root")
+    from kubernetes import client
+
+    d = _dir()
+    nl = rn.node_layout(d)
+    if cluster.status(d, with_nodes=False).any_running:
+        cluster.down(d)
+    before = rnh.host_footprint(nl)
+    state = None
+    try:
+        cluster.up(d, node_count=1, gpus_per_node=4, real_node=True, timeout=180)
+        state = cluster.State.load(cluster.layout_for(d))
+        rnh.import_image(nl, rnh.busybox_archive(IMAGE, print), IMAGE)
+        layout = cluster.layout_for(d)
+        with cluster.api_client(layout) as api:
+            core = client.CoreV1Api(api)
+            node = core.read_node(rn.NODE_NAME)
+            assert node.status.allocatable["nvidia.com/gpu"] == "4"
+            assert node.metadata.labels[rn.REAL_NODE_LABEL] == "true"
+            core.create_namespaced_pod("default", _pod("hello"))
+            pod = _wait_running(core, "hello")
+            assert pod.spec.node_name == rn.NODE_NAME
+            assert pod.status.pod_ip.startswith(rn.POD_SUBNET.rsplit(".", 1)[0] + ".")
+            deadline = time.monotonic() + 20
+            logs = ""
+            while GREETING not in logs and time.monotonic() < deadline:
+                logs = _kubectl(layout.kubeconfig, "logs", "hello")
+                time.sleep(0.3)
+            assert f"{GREETING} hello" in logs
+            assert _kubectl(layout.kubeconfig, "exec", "hello", "--", "echo", "exec-ok").strip() \
+                == "exec-ok"
+            assert rnh.bridge_exists() and rnh.our_shims(nl)  # it really ran here
+    finally:
+        cluster.down(d)
+    after = rnh.host_footprint(nl)
+    assert state is not None
+    for name in ("containerd", "kubelet", "kube-apiserver", "etcd"):
+        proc = state.proc(name)
+        assert proc is not None and not processes.alive(proc), name
+    assert after == before
