@@ -15,6 +15,11 @@ from typing import Any
 
 import torch
 
+# The kv_transfer_params the router sends to P: decode remotely, nothing to pull yet.
+ROUTER_P_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                   "remote_block_ids": None, "remote_host": None, "remote_port": None}
+
+
 
 def _init(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
     if name.endswith("norm.weight"):

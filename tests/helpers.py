@@ -76,6 +76,17 @@ def pdctl() -> str:
     return found
 
 
+def nixl_import_error() -> str | None:
+    """Why NIXL cannot be imported here (for a skip reason), or None when it can."""
+    try:
+        from pd_runtime.transport import import_nixl
+
+        import_nixl()
+    except Exception as e:  # noqa: BLE001 - any failure is a reason to skip
+        return str(e)
+    return None
+
+
 def read_state_path(proc: subprocess.Popen[str], lines: list[str], timeout_s: float) -> str:
     """Read `pdctl run`'s stdout on a thread (kept draining for the whole run, into `lines`)
     until it prints `state: PATH`; fail with its output when it exits first or is not ready in

@@ -17,14 +17,6 @@ import time
 
 import pytest
 
-try:
-    from pd_runtime.transport import import_nixl
-
-    import_nixl()
-    NIXL_ERR = None
-except Exception as e:  # noqa: BLE001
-    NIXL_ERR = str(e)
-
 from pd_runtime.engine.checkpoint import load_checkpoint
 from pd_runtime.engine.core import LLMEngine, Output, engine_from_checkpoint, rank_spec_for
 from pd_runtime.engine.errors import InvalidKVTransferParams, KVPullFailed
@@ -36,8 +28,10 @@ from pd_runtime.engine.pd import (
     parse_kv_transfer_params,
 )
 from pd_runtime.engine.sampling import SamplingParams
-from tests.engine_fixtures import write_tiny_llama
+from tests.engine_fixtures import ROUTER_P_PARAMS, write_tiny_llama
+from tests.helpers import nixl_import_error
 
+NIXL_ERR = nixl_import_error()
 pytestmark = [
     pytest.mark.nixl,
     pytest.mark.slow,
@@ -46,8 +40,6 @@ pytestmark = [
 ]
 
 TOKEN = "test-side-channel-token"
-ROUTER_P_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-                   "remote_block_ids": None, "remote_host": None, "remote_port": None}
 
 
 @pytest.fixture(scope="module")

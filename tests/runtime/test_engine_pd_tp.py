@@ -12,20 +12,14 @@ import sys
 
 import pytest
 
-try:
-    from pd_runtime.transport import import_nixl
-
-    import_nixl()
-    NIXL_ERR = None
-except Exception as e:  # noqa: BLE001
-    NIXL_ERR = str(e)
-
 from pd_runtime.engine.async_engine import AsyncEngine, EngineArgs
 from pd_runtime.engine.checkpoint import load_checkpoint
 from pd_runtime.engine.generate import generate
 from pd_runtime.engine.sampling import SamplingParams
-from tests.engine_fixtures import write_tiny_llama
+from tests.engine_fixtures import ROUTER_P_PARAMS, write_tiny_llama
+from tests.helpers import nixl_import_error
 
+NIXL_ERR = nixl_import_error()
 pytestmark = [
     pytest.mark.nixl,
     pytest.mark.slow,
@@ -34,8 +28,6 @@ pytestmark = [
 ]
 
 TOKEN = "tp-test-token"
-ROUTER_P_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-                   "remote_block_ids": None, "remote_host": None, "remote_port": None}
 PROMPTS = [[5, 9, 33, 120, 7, 7, 81, 200, 3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26],
            [250, 1, 4], list(range(40, 77))]
 

@@ -12,15 +12,9 @@ import itertools
 
 import pytest
 
-from tests.helpers import eventually
+from tests.helpers import eventually, nixl_import_error
 
-try:
-    from pd_runtime.transport import import_nixl
-
-    import_nixl()
-    NIXL_ERR = None
-except Exception as e:  # noqa: BLE001
-    NIXL_ERR = str(e)
+NIXL_ERR = nixl_import_error()
 
 pytestmark = [
     pytest.mark.nixl,
