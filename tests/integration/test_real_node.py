@@ -1,6 +1,7 @@
 """`pdctl dev cluster up --real-node`: a pod really runs on the real node, `kubectl logs` and
-`kubectl exec` reach it, and `down` leaves the host as it found it (processes, bridge, iptables,
-sysctls, mounts, network namespaces, cgroups).
+`kubectl exec` reach it, it resolves a Service by name (CoreDNS) and reaches it and the API
+server through their ClusterIPs (kube-proxy), and `down` leaves the host as it found it
+(processes, bridge, iptables, sysctls, mounts, network namespaces, cgroups).
 
 Marker ``realnode`` (needs root; kept out of `make test` until its time and reliability are
 known). Uses its own cluster dir (``PD_REALNODE_TEST_DIR``, default
@@ -33,11 +34,11 @@ def _dir() -> Path:
     return Path(env) if env else _v.cache_root() / "clusters" / "realnode-test"
 
 
-def _pod(name: str) -> dict:
+def _pod(name: str, command: str, labels: dict | None = None) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name},
+        "metadata": {"name": name, "labels": labels or {}},
         "spec": {
             "nodeSelector": {rn.REAL_NODE_LABEL: "true"},
             "tolerations": [{"key": rn.REAL_NODE_LABEL, "operator": "Exists",
@@ -47,13 +48,23 @@ def _pod(name: str) -> dict:
                 "name": "main",
                 "image": IMAGE,
                 "imagePullPolicy": "Never",
-                "command": ["sh", "-c", f"echo {GREETING} $(hostname); exec sleep 3600"],
+                "command": ["sh", "-c", command],
                 # admitted only because the node's status carries fake GPUs
                 "resources": {"limits": {"nvidia.com/gpu": "1", "memory": "32Mi",
                                          "cpu": "100m"}},
             }],
         },
     }
+
+
+WEB = ("mkdir -p /tmp/www && echo served-by-web > /tmp/www/index.html && "
+       "exec httpd -f -p 8080 -h /tmp/www")
+SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+           "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+
+
+def _http_get(ip: str, port: int) -> str:
+    return f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} {port}"
 
 
 def _kubectl(kubeconfig: Path, *args: str) -> str:
@@ -96,8 +107,12 @@ def test_pod_runs_on_real_node_and_down_restores_host():
             node = core.read_node(rn.NODE_NAME)
             assert node.status.allocatable["nvidia.com/gpu"] == "4"
             assert node.metadata.labels[rn.REAL_NODE_LABEL] == "true"
-            core.create_namespaced_pod("default", _pod("hello"))
+            core.create_namespaced_pod(
+                "default", _pod("hello", f"echo {GREETING} $(hostname); exec sleep 3600"))
+            core.create_namespaced_pod("default", _pod("web", WEB, {"app": "web"}))
+            svc = core.create_namespaced_service("default", SERVICE)
             pod = _wait_running(core, "hello")
+            _wait_running(core, "web")
             assert pod.spec.node_name == rn.NODE_NAME
             assert pod.status.pod_ip.startswith(rn.POD_SUBNET.rsplit(".", 1)[0] + ".")
             deadline = time.monotonic() + 20
@@ -108,12 +123,21 @@ def test_pod_runs_on_real_node_and_down_restores_host():
             assert f"{GREETING} hello" in logs
             assert _kubectl(layout.kubeconfig, "exec", "hello", "--", "echo", "exec-ok").strip() \
                 == "exec-ok"
+            kc = layout.kubeconfig
+            dns = _kubectl(kc, "exec", "hello", "--", "nslookup", "web.default.svc.cluster.local")
+            assert svc.spec.cluster_ip in dns, dns
+            assert "served-by-web" in _kubectl(kc, "exec", "hello", "--", "sh", "-c",
+                                               _http_get(svc.spec.cluster_ip, 80))
+            # the API server through the `kubernetes` Service (TLS port: a plain request is
+            # answered with 400, which proves the path)
+            assert "HTTP/1.0 400" in _kubectl(kc, "exec", "hello", "--", "sh", "-c",
+                                              _http_get("10.96.0.1", 443))
             assert rnh.bridge_exists() and rnh.our_shims(nl)  # it really ran here
     finally:
         cluster.down(d)
     after = rnh.host_footprint(nl)
     assert state is not None
-    for name in ("containerd", "kubelet", "kube-apiserver", "etcd"):
+    for name in ("containerd", "kubelet", "kube-proxy", "coredns", "kube-apiserver", "etcd"):
         proc = state.proc(name)
         assert proc is not None and not processes.alive(proc), name
     assert after == before

@@ -112,22 +112,45 @@ def _apiserver(extra: tuple[str, ...]) -> tuple[str, ...]:
         "kube-apiserver"].argv
 
 
-def test_apiserver_flags_for_a_real_node_replace_the_authorization_mode():
+def test_apiserver_flags_for_a_real_node_replace_the_defaults():
     default = _apiserver(())
     assert "--authorization-mode=RBAC" in default
+    assert "--endpoint-reconciler-type=none" in default
+    assert "--bind-address=127.0.0.1" in default
     assert not any("kubelet-client" in f for f in default)
-    real = _apiserver(rn.apiserver_flags(Path("/c/pki")))
-    modes = [f for f in real if f.startswith("--authorization-mode=")]
-    assert modes == ["--authorization-mode=Node,RBAC"]
+    real = _apiserver(rn.apiserver_flags(Path("/c/pki"), "192.0.2.2"))
+    names = [f.split("=", 1)[0] for f in real]
+    assert len(names) == len(set(names))  # each flag once: the real node's replace defaults
+    assert "--authorization-mode=Node,RBAC" in real
     assert "--kubelet-preferred-address-types=InternalIP,Hostname" in real
     assert "--kubelet-client-certificate=/c/pki/kubelet-client.crt" in real
+    # pods reach it through the `kubernetes` Service: a real address, with endpoints
+    assert "--advertise-address=192.0.2.2" in real
+    assert "--endpoint-reconciler-type=lease" in real
+
+
+def test_kube_proxy_leaves_host_sysctls_alone_and_coredns_serves_on_the_bridge(tmp_path):
+    nl = rn.NodeLayout(tmp_path, tmp_path / "run")
+    ports = {n: 100 + i for i, n in enumerate(rn.REAL_PORT_NAMES)}
+    cfg = rn.kube_proxy_config(nl, ports)
+    assert cfg["mode"] == "iptables" and cfg["clusterCIDR"] == rn.POD_SUBNET
+    assert cfg["conntrack"]["maxPerCore"] == 0  # 0: leave nf_conntrack_max as it is
+    assert cfg["iptables"]["localhostNodePorts"] is False  # no route_localnet change
+    assert cfg["healthzBindAddress"].startswith("127.0.0.1:")
+    corefile = rn.corefile(tmp_path / "kc", ports)
+    assert f"bind {rn.BRIDGE_IP}" in corefile and "kubernetes cluster.local" in corefile
+    kubelet = rn.kubelet_config(nl, tmp_path / "ca", (tmp_path / "c", tmp_path / "k"), "1.2.3.4",
+                                ports)
+    assert kubelet["clusterDNS"] == [rn.BRIDGE_IP]
 
 
 def test_default_build_is_unchanged_and_node_binaries_share_the_k8s_version():
-    v = _v.Versions(kubernetes="v1.36.3", etcd="v3.6.16", kwok="v0.8.0", helm="v3.22.0")
+    v = _v.load()
     assert [t.name for t in build.tools(v)] == ["k8s", "etcd", "kwok", "helm"]
-    (node,) = build.node_tools(v)
+    node, coredns = build.node_tools(v)
     assert [b.name for b in node.binaries] == ["kubelet", "kube-proxy"]
+    assert coredns.version == v.coredns and coredns.binaries[0].name == "coredns"
+    build.check_wrapper(coredns, _v.local_dir())
     assert node.version == v.kubernetes and node.wrapper == "k8s-node"
     k8s = build.tools(v)[0]
     assert node.ldflags == k8s.ldflags and node.tags == k8s.tags  # built the same way

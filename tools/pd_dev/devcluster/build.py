@@ -98,7 +98,16 @@ def _k8s_tool(name: str, version: str, commands: tuple[str, ...]) -> Tool:
 def node_tools(v: _v.Versions) -> tuple[Tool, ...]:
     """The real node's binaries: kubelet and kube-proxy at the control plane's version, from
     their own wrapper so the default build (`tools`) is unchanged (pure)."""
-    return (_k8s_tool("k8s-node", v.kubernetes, NODE_COMMANDS),)
+    coredns = Tool(
+        name="coredns",
+        version=v.coredns,
+        module="github.com/coredns/coredns",
+        wrapper="coredns",
+        binaries=(Binary("coredns", "github.com/coredns/coredns", ("-version",),
+                         f"CoreDNS-{v.coredns.lstrip('v')}"),),
+        ldflags=("-s", "-w"),
+    )
+    return (_k8s_tool("k8s-node", v.kubernetes, NODE_COMMANDS), coredns)
 
 
 def tools(v: _v.Versions) -> tuple[Tool, ...]:
@@ -337,7 +346,8 @@ def _try_lock(fh) -> bool:
 
 
 def _build_all(v, cache, local, force, only, real_node, progress, log, paths) -> None:
-    wanted = (*tools(v), *node_tools(v)) if real_node or "k8s-node" in only else tools(v)
+    node = real_node or bool({"k8s-node", "coredns"} & set(only))
+    wanted = (*tools(v), *node_tools(v)) if node else tools(v)
     for t in wanted:
         if only and t.name not in only:
             continue

@@ -160,9 +160,10 @@ def _bins() -> dict[str, Path]:
 
 
 def _commands(layout: Layout, ports: dict[str, int],
-              real_node: bool = False) -> dict[str, components.Component]:
+              node_ip: str | None = None) -> dict[str, components.Component]:
+    """`node_ip`: the real node's address, when the cluster has one."""
     stages = [build.stages_dir() / s for s in build.KWOK_STAGES]
-    extra = rn.apiserver_flags(layout.pki) if real_node else ()
+    extra = rn.apiserver_flags(layout.pki, node_ip) if node_ip else ()
     return components.commands(_bins(), layout, ports, stages, apiserver_extra=extra)
 
 
@@ -229,16 +230,17 @@ def up(
         _check_mode(state, real_node)
         state.ports = _ports(state)
         state.save(layout)
-        cpki = pki.ensure_cluster_pki(layout.pki)
-        _write_kubeconfig(layout, state.ports, cpki)
+        ip = None
         if real_node:
-            state.real_node.setdefault("node_ip", rnh.node_ip())
+            ip = state.real_node.setdefault("node_ip", rnh.node_ip())
             state.real_node["enabled"] = True
             state.save(layout)
-            rnh.node_pki(layout.pki, state.real_node["node_ip"])
+            rnh.node_pki(layout.pki, ip)
+        cpki = pki.ensure_cluster_pki(layout.pki, (f"IP:{ip}",) if ip else ())
+        _write_kubeconfig(layout, state.ports, cpki)
         layout.etcd_data.parent.mkdir(parents=True, exist_ok=True)
         layout.etcd_data.parent.chmod(0o700)
-        cmds = _commands(layout, state.ports, real_node)
+        cmds = _commands(layout, state.ports, ip)
         for name in ORDER:
             comp = cmds[name]
             old = state.proc(name)
@@ -300,7 +302,8 @@ def _ensure_running(layout: Layout, state: State, name: str, started: list[str],
 
 def _up_real_node(layout: Layout, state: State, gpus: int, timeout: float,
                   progress: Progress) -> list[str]:
-    """containerd, the pause image, the kubelet; the node Ready with fake GPUs."""
+    """containerd, the pause image, the kubelet, kube-proxy, CoreDNS; the node Ready with
+    fake GPUs."""
     from kubernetes import client
 
     nl = rn.node_layout(layout.dir)
@@ -318,7 +321,8 @@ def _up_real_node(layout: Layout, state: State, gpus: int, timeout: float,
     ip = rs["node_ip"]
     api_url = f"https://{components.HOST}:{state.ports['kube-apiserver']}"
     certs = rnh.node_pki(layout.pki, ip)
-    rnh.write_configs(nl, layout.pki, api_url, ip, rs["ports"], certs)
+    rnh.write_configs(nl, layout.pki, api_url, ip, rs["ports"], certs, layout.kubeconfig)
+    rnh.ensure_bridge()
     _ensure_running(layout, state, "containerd", started, progress,
                     lambda: rnh.start_containerd(nl, layout.logs, timeout))
     rnh.ensure_pause_image(nl, progress)
@@ -330,36 +334,49 @@ def _up_real_node(layout: Layout, state: State, gpus: int, timeout: float,
         rnh.wait_node_ready(core, kl, layout.logs / "kubelet.log", timeout)
         rnh.set_fake_gpus(core, gpus)
         core.patch_node(rn.NODE_NAME, {"spec": {"unschedulable": False}})
+    bins = _bins()  # kube-proxy reads its node (registered by now) at start
+    _ensure_running(layout, state, "kube-proxy", started, progress,
+                    lambda: rnh.start_kube_proxy(nl, bins["kube-proxy"], rs["ports"],
+                                                 layout.logs, timeout))
+    _ensure_running(layout, state, "coredns", started, progress,
+                    lambda: rnh.start_coredns(nl, bins["coredns"], rs["ports"], layout.logs,
+                                              timeout))
     progress(f"real node: {rn.NODE_NAME} Ready at {ip} ({gpus} fake nvidia.com/gpu, label "
              f"{rn.REAL_NODE_LABEL}=true, taint {rn.REAL_NODE_LABEL}=true:NoSchedule) in "
              f"{time.monotonic() - t0:.1f}s")
     return started
 
 
+REAL_NODE_ORDER = ("containerd", "kubelet", "kube-proxy", "coredns")  # start order
+
+
+def _stop_recorded(layout: Layout, state: State, name: str, progress: Progress) -> bool:
+    proc = state.proc(name)
+    stopped = proc is not None and processes.stop(proc)
+    if stopped and proc is not None:
+        progress(f"{name}: stopped (pid {proc.pid})")
+    state.procs.pop(name, None)
+    state.save(layout)
+    return stopped
+
+
 def _down_real_node(layout: Layout, state: State, progress: Progress) -> list[str]:
-    """Drain, stop the kubelet and containerd, undo the host changes."""
+    """Drain (pods stopped by the kubelet, so CNI tears down their networking), stop the node's
+    processes, kill what the kubelet could not stop, undo the host changes."""
     from kubernetes import client
 
     nl = rn.node_layout(layout.dir)
-    stopped: list[str] = []
-    api = state.proc("kube-apiserver")
-    kl = state.proc("kubelet")
+    api, kl = state.proc("kube-apiserver"), state.proc("kubelet")
     if api is not None and processes.alive(api) and kl is not None and processes.alive(kl):
         with api_client(layout) as apic:
             rnh.drain(client.CoreV1Api(apic), nl, 60.0, progress)
-    if kl is not None and processes.stop(kl):
-        stopped.append("kubelet")
-        progress(f"kubelet: stopped (pid {kl.pid})")
-    state.procs.pop("kubelet", None)
-    state.save(layout)
-    cd = state.proc("containerd")
-    if cd is not None and processes.alive(cd):
-        rnh.kill_tasks(nl, progress)
-        processes.stop(cd)
-        stopped.append("containerd")
-        progress(f"containerd: stopped (pid {cd.pid})")
-    state.procs.pop("containerd", None)
-    state.save(layout)
+    stopped = []
+    for name in reversed(REAL_NODE_ORDER):
+        cd = state.proc(name) if name == "containerd" else None
+        if cd is not None and processes.alive(cd):
+            rnh.kill_tasks(nl, progress)
+        if _stop_recorded(layout, state, name, progress):
+            stopped.append(name)
     for line in rnh.cleanup_host(nl, state.real_node.get("before"), progress):
         progress(f"real node: {line}")
     state.real_node.pop("before", None)
@@ -436,8 +453,8 @@ class Status:
 def status(directory: Path | None = None, with_nodes: bool = True) -> Status:
     layout = layout_for(directory)
     state = State.load(layout)
-    cmds = (_commands(layout, state.ports, bool(state.real_node.get("enabled")))
-            if state.ports else {})
+    ip = state.real_node.get("node_ip") if state.real_node.get("enabled") else None
+    cmds = _commands(layout, state.ports, ip) if state.ports else {}
     comps = []
     for name in ORDER:
         p = state.proc(name)

@@ -64,8 +64,8 @@ def commands(
     apiserver_extra: tuple[str, ...] = (),
 ) -> dict[str, Component]:
     """The five processes of the cluster, keyed by name, in start order. `apiserver_extra`:
-    flags for a real node (realnode.apiserver_flags); an --authorization-mode there replaces
-    the default one."""
+    flags for a real node (realnode.apiserver_flags); each replaces a default flag of the same
+    name."""
     pki = layout.pki
     kubeconfig = str(layout.kubeconfig)
     etcd_url = f"http://{HOST}:{ports['etcd']}"
@@ -108,8 +108,8 @@ def commands(
         "--enable-priority-and-fairness=false",
         "--profiling=false",
     )
-    if any(f.startswith("--authorization-mode=") for f in apiserver_extra):
-        apiserver = tuple(f for f in apiserver if not f.startswith("--authorization-mode="))
+    replaced = {f.split("=", 1)[0] for f in apiserver_extra}
+    apiserver = tuple(f for f in apiserver if f.split("=", 1)[0] not in replaced)
     apiserver += apiserver_extra
     always_allow = "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics"
     kcm = (

@@ -117,12 +117,26 @@ class ClusterPKI:
     sa: Pair  # crt = public key, key = private key
 
 
-def ensure_cluster_pki(directory: Path) -> ClusterPKI:
+def cert_sans(crt: Path) -> set[str]:
+    """The subjectAltName entries of a certificate, as `IP:1.2.3.4` / `DNS:name`."""
+    out = subprocess.run(["openssl", "x509", "-in", str(crt), "-noout", "-ext",
+                          "subjectAltName"], capture_output=True, text=True, check=False)
+    text = out.stdout.replace("IP Address:", "IP:")
+    return {s.strip() for line in text.splitlines()[1:] for s in line.split(",") if s.strip()}
+
+
+def ensure_cluster_pki(directory: Path, extra_sans: tuple[str, ...] = ()) -> ClusterPKI:
+    """`extra_sans`: more names for the API server (a real node's pods reach it at the host's
+    address); a kept certificate without them is issued again (same CA, so clients still
+    trust it)."""
     ca = make_ca(directory)
+    crt = directory / "apiserver.crt"
+    if extra_sans and crt.is_file() and not set(extra_sans) <= cert_sans(crt):
+        crt.unlink()
     return ClusterPKI(
         ca=ca,
-        apiserver=issue(ca, directory, "apiserver", "kube-apiserver", sans=APISERVER_SANS,
-                        server=True),
+        apiserver=issue(ca, directory, "apiserver", "kube-apiserver",
+                        sans=APISERVER_SANS + tuple(extra_sans), server=True),
         admin=issue(ca, directory, "admin", "admin", orgs=("system:masters",), client=True),
         sa=make_rsa_pair(directory, "sa"),
     )

@@ -1,9 +1,11 @@
 """The real node beside the kwok fake nodes (`pdctl dev cluster up --real-node`), pure parts.
 
-One kubelet (built like the control plane), Debian's containerd + runc and CNI plugins (bridge,
-host-local, portmap, firewall) make one node where pods really run. Everything this module
-returns is text or argv: the host side (start, stop, undo) is in `realnode_host`. The
-workarounds of ../shared/reference/real-node.md are here, each named where it is applied.
+One kubelet and kube-proxy (built like the control plane), Debian's containerd + runc and CNI
+plugins (bridge, host-local, portmap, firewall), and CoreDNS on the bridge address make one node
+where pods really run, reach Services (the API server's too) and resolve cluster names.
+Everything this module returns is text or argv: the host side (start, stop, undo) is in
+`realnode_host`. The workarounds of ../shared/reference/real-node.md are here, each named where
+it is applied.
 
 The node carries fake ``nvidia.com/gpu`` capacity, the label ``REAL_NODE_LABEL`` and the taint
 ``REAL_NODE_TAINT`` (NoSchedule), so only pods that ask for it (nodeSelector + toleration) land
@@ -25,6 +27,8 @@ REAL_NODE_LABEL = "pd-operator.dev/real-node"
 REAL_NODE_TAINT = {"key": REAL_NODE_LABEL, "value": "true", "effect": "NoSchedule"}
 POD_SUBNET = "10.244.0.0/24"  # kwok's fake pod CIDR is 10.0.0.0/16: keep clear of it
 BRIDGE = "pdrn0"
+BRIDGE_IP = "10.244.0.1"  # the pods' gateway (the bridge plugin's isGateway) and their DNS
+CLUSTER_DOMAIN = "cluster.local"
 CNI_NETWORK = "pd-realnode"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 CNI_BIN_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
@@ -55,7 +59,8 @@ IPTABLES = ("iptables", "ip6tables")  # the kubelet makes its canary chains in b
 IPTABLES_TABLES = ("filter", "nat", "mangle")
 # chains created by the CNI plugins (CNI-*) and by kubelet / kube-proxy (KUBE-*)
 OWNED_CHAIN_PREFIXES = ("CNI-", "KUBE-")
-REAL_PORT_NAMES = ("kubelet", "kubelet-healthz")
+REAL_PORT_NAMES = ("kubelet", "kubelet-healthz", "kube-proxy-healthz", "kube-proxy-metrics",
+                   "coredns-health")
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,18 @@ class NodeLayout:
     @property
     def kubelet_kubeconfig(self) -> Path:
         return self.dir / "kubelet.kubeconfig"
+
+    @property
+    def kube_proxy_config(self) -> Path:
+        return self.dir / "kube-proxy-config.yaml"
+
+    @property
+    def kube_proxy_kubeconfig(self) -> Path:
+        return self.dir / "kube-proxy.kubeconfig"
+
+    @property
+    def corefile(self) -> Path:
+        return self.dir / "Corefile"
 
     @property
     def pod_logs(self) -> Path:
@@ -194,7 +211,7 @@ def cni_conflist(nl: NodeLayout) -> dict:
 
 
 def kubelet_config(nl: NodeLayout, ca: Path, serving: tuple[Path, Path], node_ip: str,
-                   ports: dict[str, int], cluster_dns: tuple[str, ...] = ()) -> dict:
+                   ports: dict[str, int], cluster_dns: tuple[str, ...] = (BRIDGE_IP,)) -> dict:
     return {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
@@ -215,7 +232,7 @@ def kubelet_config(nl: NodeLayout, ca: Path, serving: tuple[Path, Path], node_ip
         },
         "authorization": {"mode": "Webhook"},
         "registerWithTaints": [REAL_NODE_TAINT],
-        "clusterDomain": "cluster.local",
+        "clusterDomain": CLUSTER_DOMAIN,
         "clusterDNS": list(cluster_dns),
         "resolvConf": "/etc/resolv.conf",
         "podLogsDir": str(nl.pod_logs),
@@ -254,17 +271,67 @@ def containerd_argv(nl: NodeLayout) -> tuple[str, ...]:
     return ("containerd", f"--config={nl.containerd_config}")
 
 
-def apiserver_flags(pki_dir: Path) -> tuple[str, ...]:
+def apiserver_flags(pki_dir: Path, node_ip: str) -> tuple[str, ...]:
     """What the API server needs for a real node: Node authorization (the kubelet's own
     credentials), a client certificate towards the kubelets (logs/exec), and the node's
-    InternalIP rather than its name, which nothing resolves (real-node.md)."""
+    InternalIP rather than its name, which nothing resolves (real-node.md). Pods reach it
+    through the `kubernetes` Service: it advertises (and listens on) the host's address, which
+    its certificate names, and keeps that Service's endpoints (the default reconciler)."""
     return (
+        f"--advertise-address={node_ip}",
+        "--bind-address=0.0.0.0",
+        "--endpoint-reconciler-type=lease",
         "--authorization-mode=Node,RBAC",
         "--enable-admission-plugins=NodeRestriction",
         f"--kubelet-client-certificate={pki_dir / 'kubelet-client.crt'}",
         f"--kubelet-client-key={pki_dir / 'kubelet-client.key'}",
         "--kubelet-preferred-address-types=InternalIP,Hostname",
     )
+
+
+def kube_proxy_config(nl: NodeLayout, ports: dict[str, int]) -> dict:
+    """iptables mode; the host's conntrack sysctls and route_localnet are left alone (zero
+    values and no localhost NodePorts), so the only host changes are iptables rules."""
+    return {
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+        "kind": "KubeProxyConfiguration",
+        "clientConnection": {"kubeconfig": str(nl.kube_proxy_kubeconfig)},
+        "mode": "iptables",
+        "clusterCIDR": POD_SUBNET,
+        "hostnameOverride": NODE_NAME,
+        "healthzBindAddress": f"127.0.0.1:{ports['kube-proxy-healthz']}",
+        "metricsBindAddress": f"127.0.0.1:{ports['kube-proxy-metrics']}",
+        "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s",
+                      "tcpCloseWaitTimeout": "0s"},
+        "iptables": {"localhostNodePorts": False},
+    }
+
+
+def kube_proxy_argv(kube_proxy: Path, nl: NodeLayout) -> tuple[str, ...]:
+    return (str(kube_proxy), f"--config={nl.kube_proxy_config}", "--v=1")
+
+
+def corefile(kubeconfig: Path, ports: dict[str, int]) -> str:
+    """CoreDNS on the bridge address: cluster names from the API server, the rest forwarded
+    to the host's resolvers."""
+    return f""".:53 {{
+    bind {BRIDGE_IP}
+    errors
+    health 127.0.0.1:{ports['coredns-health']}
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {kubeconfig} pd-dev
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+    }}
+    forward . /etc/resolv.conf
+    cache 30
+    loop
+}}
+"""
+
+
+def coredns_argv(coredns: Path, nl: NodeLayout) -> tuple[str, ...]:
+    return (str(coredns), "-conf", str(nl.corefile))
 
 
 def gpu_status_patch(gpus: int) -> list[dict]:

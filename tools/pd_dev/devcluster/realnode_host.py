@@ -207,7 +207,8 @@ def busybox_binary(progress: Progress) -> Path:
     return out
 
 
-BUSYBOX_APPLETS = ("sh", "echo", "sleep", "cat", "ls", "hostname", "wget", "env", "true")
+BUSYBOX_APPLETS = ("sh", "echo", "sleep", "cat", "ls", "hostname", "wget", "env", "true",
+                   "nc", "nslookup", "httpd", "mkdir", "printf", "tail", "grep")
 
 
 def busybox_archive(name: str, progress: Progress) -> bytes:
@@ -270,11 +271,21 @@ def node_pki(pki_dir: Path, ip: str) -> dict[str, pki.Pair]:
         "kubelet-client": pki.issue(ca, pki_dir, "kubelet-client",
                                     "kube-apiserver-kubelet-client",
                                     orgs=("system:masters",), client=True),
+        # bound to system:node-proxier by the API server's default RBAC
+        "kube-proxy": pki.issue(ca, pki_dir, "kube-proxy", "system:kube-proxy", client=True),
     }
 
 
+def _kubeconfig(path: Path, api_url: str, ca: Path, pair: pki.Pair) -> None:
+    kc = components.kubeconfig_yaml(api_url, ca.read_bytes(), pair.crt.read_bytes(),
+                                    pair.key.read_bytes())
+    path.write_text(yaml.safe_dump(kc, sort_keys=False))
+    path.chmod(0o600)
+
+
 def write_configs(nl: rn.NodeLayout, pki_dir: Path, api_url: str, ip: str,
-                  ports: dict[str, int], certs: dict[str, pki.Pair]) -> None:
+                  ports: dict[str, int], certs: dict[str, pki.Pair],
+                  admin_kubeconfig: Path) -> None:
     for d in (nl.dir, nl.cni_conf_dir, nl.cni_ipam_dir, nl.kubelet_root, nl.pod_logs, nl.run):
         d.mkdir(parents=True, exist_ok=True)
     nl.run.chmod(0o700)
@@ -285,11 +296,24 @@ def write_configs(nl: rn.NodeLayout, pki_dir: Path, api_url: str, ip: str,
     nl.kubelet_config.write_text(yaml.safe_dump(
         rn.kubelet_config(nl, pki_dir / "ca.crt", (serving.crt, serving.key), ip, ports),
         sort_keys=False))
-    kc = components.kubeconfig_yaml(api_url, (pki_dir / "ca.crt").read_bytes(),
-                                    certs["kubelet"].crt.read_bytes(),
-                                    certs["kubelet"].key.read_bytes())
-    nl.kubelet_kubeconfig.write_text(yaml.safe_dump(kc, sort_keys=False))
-    nl.kubelet_kubeconfig.chmod(0o600)
+    _kubeconfig(nl.kubelet_kubeconfig, api_url, pki_dir / "ca.crt", certs["kubelet"])
+    _kubeconfig(nl.kube_proxy_kubeconfig, api_url, pki_dir / "ca.crt", certs["kube-proxy"])
+    nl.kube_proxy_config.write_text(yaml.safe_dump(rn.kube_proxy_config(nl, ports),
+                                                   sort_keys=False))
+    # CoreDNS reads Services and EndpointSlices cluster-wide: the admin identity of this
+    # development cluster (a dedicated ClusterRole is the production way)
+    nl.corefile.write_text(rn.corefile(admin_kubeconfig, ports))
+
+
+def ensure_bridge() -> None:
+    """The pods' bridge with its gateway address, made before any pod so that CoreDNS can
+    listen there; the CNI bridge plugin adopts it. `down` deletes it."""
+    if bridge_exists():
+        return
+    _run(["ip", "link", "add", rn.BRIDGE, "type", "bridge"], timeout=30)
+    prefix = rn.POD_SUBNET.split("/")[1]
+    _run(["ip", "addr", "add", f"{rn.BRIDGE_IP}/{prefix}", "dev", rn.BRIDGE], timeout=30)
+    _run(["ip", "link", "set", rn.BRIDGE, "up"], timeout=30)
 
 
 def _wait(what: str, check: Callable[[], bool], proc: Proc | None, log: Path,
@@ -323,6 +347,22 @@ def start_kubelet(nl: rn.NodeLayout, kubelet: Path, ip: str, gpus: int, ports: d
     proc = processes.start(rn.kubelet_argv(kubelet, nl, ip, gpus), logs / "kubelet.log")
     url = f"http://127.0.0.1:{ports['kubelet-healthz']}/healthz"
     _wait("kubelet", lambda: processes.probe(url)[0], proc, logs / "kubelet.log", timeout)
+    return proc
+
+
+def start_kube_proxy(nl: rn.NodeLayout, kube_proxy: Path, ports: dict[str, int], logs: Path,
+                     timeout: float) -> Proc:
+    proc = processes.start(rn.kube_proxy_argv(kube_proxy, nl), logs / "kube-proxy.log")
+    url = f"http://127.0.0.1:{ports['kube-proxy-healthz']}/healthz"
+    _wait("kube-proxy", lambda: processes.probe(url)[0], proc, logs / "kube-proxy.log", timeout)
+    return proc
+
+
+def start_coredns(nl: rn.NodeLayout, coredns: Path, ports: dict[str, int], logs: Path,
+                  timeout: float) -> Proc:
+    proc = processes.start(rn.coredns_argv(coredns, nl), logs / "coredns.log")
+    url = f"http://127.0.0.1:{ports['coredns-health']}/health"
+    _wait("coredns", lambda: processes.probe(url)[0], proc, logs / "coredns.log", timeout)
     return proc
 
 

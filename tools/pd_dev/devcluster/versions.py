@@ -56,6 +56,7 @@ class Versions:
     etcd: str  # v3.6.16
     kwok: str  # v0.8.0
     helm: str  # v3.22.0
+    coredns: str = "v1.15.0"  # the real node only; versions.env pins it
 
     @property
     def kube_minor(self) -> str:
@@ -77,6 +78,7 @@ def load(path: Path | None = None) -> Versions:
             etcd=env["ETCD_VERSION"],
             kwok=env["KWOK_VERSION"],
             helm=env["HELM_VERSION"],
+            coredns=env["COREDNS_VERSION"],
         )
     except KeyError as exc:
         raise ValueError(f"{path}: missing {exc.args[0]}") from None
