@@ -132,6 +132,19 @@ def stop_pdctl_run(proc: subprocess.Popen[str], workdir: Path, grace_s: float) -
                 pass
 
 
+def stop_group(proc: subprocess.Popen[Any], grace_s: float, kill_wait_s: float = 5) -> None:
+    """SIGTERM the process group `proc` leads (started with start_new_session); SIGKILL it
+    when `proc` has not exited after `grace_s`. Nothing when `proc` has exited already."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(kill_wait_s)
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group, from /proc."""
     out = []

@@ -25,7 +25,6 @@ import base64
 import json
 import os
 import secrets
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import free_port, pdctl, wait_for
+from tests.helpers import free_port, pdctl, stop_group, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -145,15 +144,8 @@ class _Install:
             f"operator exited:\n{self.log.read_text()}"
 
     def stop_operator(self) -> None:
-        proc = self.operator
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        if self.operator is not None:
+            stop_group(self.operator, grace_s=20, kill_wait_s=10)
 
     def uninstall(self) -> None:
         self.helm("uninstall", self.release, "-n", self.ns, "--wait", "--timeout", "60s",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.helpers import stop_group
 from tests.live import live
 
 pytestmark = [pytest.mark.live]
@@ -147,13 +147,7 @@ def _start_and_stop(argv: list[str], alive_s: float) -> tuple[int | None, str]:
     except subprocess.TimeoutExpired:
         pass
     code = proc.poll()
-    if code is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+    stop_group(proc, grace_s=10)
     output = proc.stdout.read() if proc.stdout else ""
     return code, output[-2000:]
 
