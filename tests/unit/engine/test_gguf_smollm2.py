@@ -8,18 +8,16 @@ import os
 import pytest
 import torch
 
-from pd_runtime.engine.gguf import GGUFError, dequantize, load_gguf, smollm2_path
+from pd_runtime.engine.gguf import dequantize, load_gguf
 from pd_runtime.engine.gguf_file import read_gguf
+from tests.engine_fixtures import smollm2_or_skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
 def path() -> str:
-    try:
-        return smollm2_path()
-    except GGUFError as e:
-        pytest.skip(str(e))
+    return smollm2_or_skip()
 
 
 @pytest.fixture(scope="module")

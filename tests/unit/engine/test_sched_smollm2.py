@@ -8,6 +8,7 @@ import pytest
 from pd_runtime.engine.core import engine_from_checkpoint, rank_spec_for
 from pd_runtime.engine.generate import generate
 from pd_runtime.engine.sampling import SamplingParams
+from tests.engine_fixtures import smollm2_or_skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -15,13 +16,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 @pytest.fixture(scope="module")
 def ckpt():
     from pd_runtime.engine.checkpoint import load_checkpoint
-    from pd_runtime.engine.gguf import GGUFError, smollm2_path
 
-    try:
-        path = smollm2_path()
-    except GGUFError as e:
-        pytest.skip(str(e))
-    return load_checkpoint(path)
+    return load_checkpoint(smollm2_or_skip())
 
 
 def run(eng, prompts, params):

@@ -12,8 +12,9 @@ import os
 
 import pytest
 
-from pd_runtime.engine.gguf import GGUFError, load_gguf_tokenizer, smollm2_path
+from pd_runtime.engine.gguf import load_gguf_tokenizer
 from pd_runtime.engine.tokenizer import FastTokenizer, IncrementalDetokenizer, load_tokenizer_json
+from tests.engine_fixtures import smollm2_or_skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -49,10 +50,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def path() -> str:
-    try:
-        return smollm2_path()
-    except GGUFError as e:
-        pytest.skip(str(e))
+    return smollm2_or_skip()
 
 
 @pytest.fixture(scope="module")
