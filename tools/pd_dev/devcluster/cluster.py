@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -450,20 +451,39 @@ class Status:
         return d
 
 
+def _probe_real(layout: Layout, state: State, name: str) -> tuple[bool, str]:
+    """Health of one of the real node's processes."""
+    ports = state.real_node.get("ports", {})
+    urls = {
+        "kubelet": f"http://127.0.0.1:{ports.get('kubelet-healthz')}/healthz",
+        "kube-proxy": f"http://127.0.0.1:{ports.get('kube-proxy-healthz')}/healthz",
+        "coredns": f"http://127.0.0.1:{ports.get('coredns-health')}/health",
+    }
+    if name in urls:
+        return processes.probe(urls[name])
+    try:
+        rnh.ctr(rn.node_layout(layout.dir), "version", timeout=5)
+    except (rnh.RealNodeError, subprocess.TimeoutExpired) as exc:
+        return False, str(exc)[:80]
+    return True, "serving (ctr version)"
+
+
 def status(directory: Path | None = None, with_nodes: bool = True) -> Status:
     layout = layout_for(directory)
     state = State.load(layout)
     ip = state.real_node.get("node_ip") if state.real_node.get("enabled") else None
     cmds = _commands(layout, state.ports, ip) if state.ports else {}
     comps = []
-    for name in ORDER:
+    names = (*ORDER, *(REAL_NODE_ORDER if ip else ()))
+    for name in names:
         p = state.proc(name)
         running = p is not None and processes.alive(p)
         healthy, detail = (False, "not running")
         if p is None:
             detail = "not started"
         if running:
-            healthy, detail = _probe(layout, cmds[name])
+            healthy, detail = (_probe(layout, cmds[name]) if name in cmds
+                               else _probe_real(layout, state, name))
         comps.append(ComponentStatus(
             name, p.pid if p else None, running, healthy, detail,
             round(processes.rss_kib(p) / 1024, 1) if running and p else 0.0,

@@ -304,6 +304,7 @@ def kube_proxy_config(nl: NodeLayout, ports: dict[str, int]) -> dict:
         "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s",
                       "tcpCloseWaitTimeout": "0s"},
         "iptables": {"localhostNodePorts": False},
+        "nodePortAddresses": ["primary"],  # NodePorts on the node's InternalIP only
     }
 
 

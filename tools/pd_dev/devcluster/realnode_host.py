@@ -276,11 +276,18 @@ def node_pki(pki_dir: Path, ip: str) -> dict[str, pki.Pair]:
     }
 
 
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write only on change: kube-proxy exits when its configuration file is touched, and a
+    second `up` must leave running processes alone."""
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    path.chmod(mode)
+
+
 def _kubeconfig(path: Path, api_url: str, ca: Path, pair: pki.Pair) -> None:
     kc = components.kubeconfig_yaml(api_url, ca.read_bytes(), pair.crt.read_bytes(),
                                     pair.key.read_bytes())
-    path.write_text(yaml.safe_dump(kc, sort_keys=False))
-    path.chmod(0o600)
+    _write(path, yaml.safe_dump(kc, sort_keys=False), 0o600)
 
 
 def write_configs(nl: rn.NodeLayout, pki_dir: Path, api_url: str, ip: str,
@@ -289,20 +296,19 @@ def write_configs(nl: rn.NodeLayout, pki_dir: Path, api_url: str, ip: str,
     for d in (nl.dir, nl.cni_conf_dir, nl.cni_ipam_dir, nl.kubelet_root, nl.pod_logs, nl.run):
         d.mkdir(parents=True, exist_ok=True)
     nl.run.chmod(0o700)
-    nl.containerd_config.write_text(rn.containerd_config(nl))
-    (nl.cni_conf_dir / "10-pd-realnode.conflist").write_text(
-        json.dumps(rn.cni_conflist(nl), indent=2))
+    _write(nl.containerd_config, rn.containerd_config(nl))
+    _write(nl.cni_conf_dir / "10-pd-realnode.conflist", json.dumps(rn.cni_conflist(nl), indent=2))
     serving = certs["kubelet-serving"]
-    nl.kubelet_config.write_text(yaml.safe_dump(
+    _write(nl.kubelet_config, yaml.safe_dump(
         rn.kubelet_config(nl, pki_dir / "ca.crt", (serving.crt, serving.key), ip, ports),
         sort_keys=False))
     _kubeconfig(nl.kubelet_kubeconfig, api_url, pki_dir / "ca.crt", certs["kubelet"])
     _kubeconfig(nl.kube_proxy_kubeconfig, api_url, pki_dir / "ca.crt", certs["kube-proxy"])
-    nl.kube_proxy_config.write_text(yaml.safe_dump(rn.kube_proxy_config(nl, ports),
-                                                   sort_keys=False))
+    _write(nl.kube_proxy_config, yaml.safe_dump(rn.kube_proxy_config(nl, ports),
+                                                 sort_keys=False))
     # CoreDNS reads Services and EndpointSlices cluster-wide: the admin identity of this
     # development cluster (a dedicated ClusterRole is the production way)
-    nl.corefile.write_text(rn.corefile(admin_kubeconfig, ports))
+    _write(nl.corefile, rn.corefile(admin_kubeconfig, ports))
 
 
 def ensure_bridge() -> None:
