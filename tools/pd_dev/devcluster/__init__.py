@@ -11,4 +11,8 @@ from kwok. Modules:
 * `processes` - start/stop by PID, liveness and health probes
 * `nodes`     - the fake GPU node objects (pure)
 * `cluster`   - up / down / status, tying the above together
+* `realnode`  - the real node of `up --real-node` (kubelet, kube-proxy, containerd, CNI, CoreDNS):
+  configs, command lines, the iptables undo plan, images without a registry (pure)
+* `realnode_host` - the real node on this host: packages, start, drain/stop, undo
+  (docs/real-node.md)
 """
