@@ -303,3 +303,16 @@ def smollm2_or_skip() -> str:
         return smollm2_path()
     except GGUFError as e:
         pytest.skip(str(e))
+
+
+def hf_greedy(path: str, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation (exactly `n` tokens, float32) of the checkpoint at
+    `path`: the reference of the engine's model tests. Skips without transformers."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()

@@ -11,20 +11,11 @@ from pd_runtime.engine.checkpoint import load_checkpoint
 from pd_runtime.engine.generate import generate
 from pd_runtime.engine.kv import KVCache
 from pd_runtime.engine.runner import ModelRunner, RunnerError, SeqChunk
-from tests.engine_fixtures import write_tiny_llama
+from tests.engine_fixtures import hf_greedy, write_tiny_llama
 
 pytestmark = pytest.mark.timeout(120)
 
 PROMPT = [1, 17, 42, 99, 3, 250, 8, 64, 5, 130, 77]
-
-
-def hf_greedy(path: str, prompt: list[int], n: int) -> list[int]:
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")

@@ -16,21 +16,12 @@ from pd_runtime.engine.checkpoint import Checkpoint, load_checkpoint
 from pd_runtime.engine.generate import generate
 from pd_runtime.engine.kv import KVCache, KVCacheError, chunk_block_table
 from pd_runtime.engine.runner import ModelRunner, SeqChunk
-from tests.engine_fixtures import FAMILY_CONFIGS, write_family
+from tests.engine_fixtures import FAMILY_CONFIGS, hf_greedy, write_family
 
 pytestmark = pytest.mark.timeout(300)
 
 PROMPT = [1, 17, 42, 99, 3, 250, 8, 64, 5, 130, 77, 12, 9]
 N = 12
-
-
-def hf_greedy(path: str, prompt: list[int], n: int) -> list[int]:
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 def hf_greedy_uncached(path: str, prompt: list[int], n: int) -> list[int]:
