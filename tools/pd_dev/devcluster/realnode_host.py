@@ -106,7 +106,12 @@ def snapshot_host() -> dict:
                      for b in rn.IPTABLES for t in rn.IPTABLES_TABLES},
         "kubepods_cgroups": sorted(str(p) for p in CGROUP_ROOT.glob("*/kubepods")),
         "netns_dir": NETNS_DIR.is_dir(),
+        "netns": _netns(),
     }
+
+
+def _netns() -> list[str]:
+    return sorted(p.name for p in NETNS_DIR.iterdir()) if NETNS_DIR.is_dir() else []
 
 
 def host_footprint(nl: rn.NodeLayout) -> dict:
@@ -117,7 +122,6 @@ def host_footprint(nl: rn.NodeLayout) -> dict:
         bridge=bridge_exists(),
         shims=our_shims(nl),
         mounts=our_mounts(nl),
-        netns=sorted(p.name for p in NETNS_DIR.iterdir()) if NETNS_DIR.is_dir() else [],
     )
     return snap
 
@@ -139,6 +143,13 @@ def restore_host(before: dict, progress: Progress) -> list[str]:
                 done.append(f"sysctl {name}: {now} -> {value}")
         except OSError as exc:
             progress(f"real node: could not restore {name}={value}: {exc}")
+    # pod network namespaces the CRI could not tear down (the kubelet could not drain): CNI's
+    # `cni-<uuid>` names that were not there before
+    for name in sorted(set(_netns()) - set(before.get("netns", []))):
+        if name.startswith("cni-"):
+            subprocess.run(["umount", str(NETNS_DIR / name)], capture_output=True, check=False)
+            (NETNS_DIR / name).unlink(missing_ok=True)
+            done.append(f"removed network namespace {name}")
     if not before.get("netns_dir", True) and NETNS_DIR.is_dir():
         try:
             NETNS_DIR.rmdir()  # only when empty: a namespace left there is reported by checks
