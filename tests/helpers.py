@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,20 @@ def nixl_import_error() -> str | None:
     except Exception as e:  # noqa: BLE001 - any failure is a reason to skip
         return str(e)
     return None
+
+
+@dataclass
+class PdctlRun:
+    """A `pdctl run` that is up: its router, its state file's contents, its workdir, process."""
+
+    url: str  # the router
+    state: dict[str, Any]
+    workdir: Path
+    proc: subprocess.Popen[str]
+
+    def replica(self, name: str) -> dict[str, Any]:
+        (r,) = [r for r in self.state["replicas"] if r["name"] == name]
+        return r
 
 
 def read_state_path(proc: subprocess.Popen[str], lines: list[str], timeout_s: float) -> str:

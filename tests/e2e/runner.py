@@ -11,11 +11,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import free_port, pdctl, post_json, read_state_path, stop_pdctl_run
+from tests.helpers import PdctlRun, free_port, pdctl, post_json, read_state_path, stop_pdctl_run
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = Path(__file__).parent / "deployments"
@@ -27,16 +26,8 @@ PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 
 MAX_TOKENS = 12
 
 
-@dataclass
-class Running:
-    url: str  # the router
-    state: dict[str, Any]
-    workdir: Path
-    proc: subprocess.Popen[str]
-
-    def replica(self, name: str) -> dict[str, Any]:
-        (r,) = [r for r in self.state["replicas"] if r["name"] == name]
-        return r
+class Running(PdctlRun):
+    """The e2e tier's view: a replica's metrics and the tails of the servers' logs."""
 
     def metrics(self, name: str) -> dict[str, float]:
         from pd_runtime.serve.metrics import parse_text

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tests.helpers import pdctl, post_json, read_state_path, stop_pdctl_run
+from tests.helpers import PdctlRun, pdctl, post_json, read_state_path, stop_pdctl_run
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_SPEC = Path(__file__).parent / "deployments" / "tiny-vllm.yaml"
@@ -60,16 +60,8 @@ def pdctl_check(spec: Path) -> dict[str, Any]:
 
 
 @dataclass
-class Running:
-    url: str  # the router
-    state: dict[str, Any]
-    workdir: Path
-    proc: subprocess.Popen[str]
+class Running(PdctlRun):
     lines: list[str] = field(default_factory=list)  # pdctl run's own output
-
-    def replica(self, name: str) -> dict[str, Any]:
-        (r,) = [r for r in self.state["replicas"] if r["name"] == name]
-        return r
 
     def log(self, name: str) -> str:
         return (self.workdir / "logs" / f"{name}.log").read_text(errors="replace")
