@@ -94,6 +94,7 @@ class Owned:
     observed: dict[str, dict[str, Any]] = field(default_factory=dict)  # prefill/decode/router
     last_status: dict[str, Any] | None = None
     spec_error: str | None = None
+    policy: str = "Strict"  # spec.validation.policy of the last parsed spec (for Validated)
     failure: status.Failure | None = None  # the last reconcile's error, None after a success
     token_ready: bool = False  # the side-channel token Secret exists (created or found)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -250,6 +251,7 @@ async def reconcile(body: kopf.Body, logger: logging.Logger | kopf.Logger,
             metrics.RECONCILES.labels("invalid").inc()
             raise kopf.PermanentError(f"invalid spec: {exc}") from None
         state.spec_error = None
+        state.policy = spec.validation.policy
         try:
             rendered = render.render(labels.Owner(name, namespace, uid), validate_spec(spec),
                                      router_image=render.router_image_from(os.environ))
@@ -329,7 +331,8 @@ async def _write_status(client: kube.Client, namespace: str, name: str, state: O
         decision=decision,
         observed=status.Observed(state.observed.get("prefill"), state.observed.get("decode"),
                                  state.observed.get("router")),
-        previous=previous, now=_now(), spec_error=state.spec_error, failure=state.failure)
+        previous=previous, now=_now(), spec_error=state.spec_error, failure=state.failure,
+        policy=state.policy)
     if status.same(new, previous):
         return
     try:

@@ -45,6 +45,8 @@ class WebhookOptions:
     certfile: str | None = None
     keyfile: str | None = None
     config_name: str | None = None  # name of the registered configurations (local only)
+    # validation policies the administrator forbids cluster-wide (--forbid-validation-policies)
+    forbidden_policies: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -122,12 +124,12 @@ async def _serve_webhook(undo: contextlib.AsyncExitStack, client: kube.Client,
         if not (opts.certfile and opts.keyfile):
             raise ValueError("the webhook needs --webhook-certfile and --webhook-keyfile")
         runner = await server.start(opts.addr, opts.port, Path(opts.certfile),
-                                    Path(opts.keyfile))
+                                    Path(opts.keyfile), opts.forbidden_policies)
         undo.push_async_callback(runner.cleanup)
         return
     cert, key, ca_pem = _local_certificate(undo, opts)
     port = opts.port or _free_port()
-    runner = await server.start("127.0.0.1", port, cert, key)
+    runner = await server.start("127.0.0.1", port, cert, key, opts.forbidden_policies)
     undo.push_async_callback(runner.cleanup)
     base = f"https://127.0.0.1:{port}"
     name = opts.config_name or configs.NAME

@@ -76,11 +76,17 @@ def _workload(obj: dict[str, Any] | None, desired: int,
     return "True", "AllReplicasReady", f"{ready}/{spec_replicas} pods ready", pool
 
 
-def _validated(decision: Decision | None, spec_error: str | None) -> tuple[str, str, str]:
+DISABLED_MESSAGE = "validation.policy is Disabled: the pools were not checked"
+
+
+def _validated(decision: Decision | None, spec_error: str | None,
+               policy: str = "Strict") -> tuple[str, str, str]:
     if spec_error is not None:
         return "False", "InvalidSpec", spec_error
     if decision is None:  # validation itself failed (see the Degraded condition)
         return "Unknown", "NotEvaluated", "the compatibility rules could not be evaluated"
+    if policy == "Disabled":  # no rule ran: an empty verdict list proves nothing (issue 11)
+        return "Unknown", "ValidationDisabled", DISABLED_MESSAGE
     if not decision.accepted:
         ids = ", ".join(v.rule for v in decision.rejections)
         return "False", "Rejected", f"rejected by {ids}"
@@ -92,17 +98,18 @@ def _validated(decision: Decision | None, spec_error: str | None) -> tuple[str, 
 
 def compute(*, generation: int | None, desired: dict[str, int], decision: Decision | None,
             observed: Observed, previous: dict[str, Any] | None, now: str,
-            spec_error: str | None = None,
-            failure: Failure | None = None) -> tuple[dict[str, Any], list[Transition]]:
+            spec_error: str | None = None, failure: Failure | None = None,
+            policy: str = "Strict") -> tuple[dict[str, Any], list[Transition]]:
     """The full status and the condition transitions since `previous` (the stored status).
 
     `desired` has the wanted replicas of "prefill", "decode" and "router"; `failure` is the
-    last reconcile's error (None when it succeeded).
+    last reconcile's error (None when it succeeded); `policy` is the spec's validation.policy
+    (under Disabled, Validated is Unknown: nothing was checked).
     """
     previous = previous or {}
     prev_conds = {c.get("type"): c for c in previous.get("conditions") or []}
     rows: list[tuple[str, str, str, str]] = []
-    v_status, v_reason, v_msg = _validated(decision, spec_error)
+    v_status, v_reason, v_msg = _validated(decision, spec_error, policy)
     rows.append(("Validated", v_status, v_reason, v_msg))
     pools: dict[str, api.PoolStatus] = {}
     for cond, key, kind in (("PrefillReady", "prefill", "StatefulSet"),

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--webhook-config-name", default=None,
                      help="name of the registered webhook configurations (--local-webhook)")
     run.add_argument("--no-webhook", action="store_true", help="do not serve the webhook")
+    run.add_argument("--forbid-validation-policies", default="", metavar="POLICIES",
+                     help="comma-separated validation policies the webhook rejects, cluster-wide "
+                     "(Warn, Disabled; e.g. Disabled,Warn); default: none forbidden")
     run.add_argument("--metrics-port", type=int, default=8080, help="0 disables metrics")
     run.add_argument("--metrics-addr", default="0.0.0.0", help="metrics listen address")
     run.add_argument("--no-leader-election", action="store_true")
@@ -100,18 +103,33 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------------------- run
+FORBIDDABLE_POLICIES = ("Warn", "Disabled")  # Strict cannot be forbidden: it is the default
+
+
+def forbidden_policies(text: str) -> frozenset[str]:
+    """`--forbid-validation-policies` parsed ("" -> none); ValueError names a bad entry."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in FORBIDDABLE_POLICIES]
+    if bad:
+        raise ValueError(f"--forbid-validation-policies: {', '.join(map(repr, bad))} is not "
+                         f"one of {', '.join(FORBIDDABLE_POLICIES)} (Strict, the default, "
+                         f"cannot be forbidden)")
+    return frozenset(names)
+
+
 def options_from(args: argparse.Namespace) -> process.Options:
     """The process's options from the parsed flags (ValueError names a bad combination)."""
     from .. import process
 
     webhook = None
+    forbidden = forbidden_policies(args.forbid_validation_policies)
     if not args.no_webhook and (args.local_webhook or args.webhook_certfile):
         if bool(args.webhook_certfile) != bool(args.webhook_keyfile):
             raise ValueError("--webhook-certfile and --webhook-keyfile go together")
         webhook = process.WebhookOptions(
             local=args.local_webhook, port=args.webhook_port, addr=args.webhook_addr,
             certfile=args.webhook_certfile, keyfile=args.webhook_keyfile,
-            config_name=args.webhook_config_name)
+            config_name=args.webhook_config_name, forbidden_policies=forbidden)
     lease = None if args.no_leader_election else process.LeaseOptions(
         name=args.lease_name, namespace=args.lease_namespace, duration=args.lease_duration,
         identity=args.identity)

@@ -3,7 +3,11 @@
 Validation (CREATE and UPDATE) runs the compatibility engine: under Strict every rejecting rule is
 listed in one message (id, fields, fix, source); warnings become admission warnings, which kubectl
 prints. On UPDATE, changing the pairing facts of one pool only is rejected (UPDATE-ONE-POOL): the
-running pods of the other pool would no longer be able to talk to the new ones.
+running pods of the other pool would no longer be able to talk to the new ones. That check runs
+under the stricter of the old and the new validation.policy, so setting Disabled in the same
+update does not skip it. A policy the administrator forbids (`--forbid-validation-policies`,
+chart value validation.forbiddenPolicies; cluster-wide only, there is no per-namespace opt-in)
+is rejected (POLICY-FORBIDDEN). Under Disabled the admission answer warns that nothing was checked.
 
 Mutation writes the resolved defaults into the stored object (kvCacheLayout of each pool,
 kvTransfer.sideChannelPort, engine versions read from image tags, validation.policy), so what
@@ -25,6 +29,10 @@ from ..resolve import DEFAULT_LAYOUT, resolve
 from ..validate import SpecError, decide_spec, parse_spec
 
 UPDATE_RULE = "UPDATE-ONE-POOL"
+FORBIDDEN_RULE = "POLICY-FORBIDDEN"
+POLICIES = ("Strict", "Warn", "Disabled")  # strictest first
+DISABLED_WARNING = ("validation.policy is Disabled: the pools were not checked; set it to "
+                    "Strict (or Warn) to have them checked")
 MAX_WARNING_LEN = 500  # the API server limits the total size of warning headers
 MAX_PROBLEMS_SHOWN = 20  # schema problems listed in one rejection (the rest are counted)
 MAX_WARNINGS = 20
@@ -136,8 +144,29 @@ def _warning(v: Verdict) -> str:
     return text if len(text) <= MAX_WARNING_LEN else text[: MAX_WARNING_LEN - 3] + "..."
 
 
-def validate(request: dict[str, Any]) -> Outcome:
-    """The validating webhook's decision for one AdmissionRequest."""
+def forbidden_policy(name: str, policy: str, forbidden: frozenset[str]) -> str | None:
+    """The rejection message when `policy` is one the administrator forbids, else None."""
+    if policy not in forbidden:
+        return None
+    allowed = [p for p in POLICIES if p not in forbidden]
+    return (f"PDDeployment {name!r} is rejected by {FORBIDDEN_RULE}: spec.validation.policy is "
+            f"{policy!r}, which this cluster's administrator forbids (operator flag "
+            f"--forbid-validation-policies={','.join(p for p in POLICIES if p in forbidden)}); "
+            f"fields: spec.validation.policy; fix: set spec.validation.policy to "
+            f"{' or '.join(repr(p) for p in allowed)} (or remove it: the default is 'Strict')")
+
+
+def update_check_policy(old: PDDeploymentSpec | None, new: PDDeploymentSpec) -> str:
+    """The policy the one-pool update check runs under: the stricter of the old and the new
+    one, so that an update cannot switch the check off and change one pool at once."""
+    if old is None:
+        return new.validation.policy
+    return min(old.validation.policy, new.validation.policy, key=POLICIES.index)
+
+
+def validate(request: dict[str, Any], forbidden: frozenset[str] = frozenset()) -> Outcome:
+    """The validating webhook's decision for one AdmissionRequest; `forbidden` holds the
+    validation policies the administrator forbids."""
     op = request.get("operation")
     if op not in ("CREATE", "UPDATE"):
         return Outcome(True)
@@ -164,12 +193,18 @@ def validate(request: dict[str, Any]) -> Outcome:
     old_spec = _old_spec(request) if op == "UPDATE" else None
     if old_spec is not None and old_spec == spec:
         return Outcome(True)  # metadata-only update (labels, annotations): nothing to judge
+    if isinstance(name, str) and (
+            refused := forbidden_policy(name, spec.validation.policy, forbidden)):
+        return Outcome(False, refused, verdicts=[Verdict(
+            FORBIDDEN_RULE, "reject", ["spec.validation.policy"], refused,
+            "use a policy the administrator allows")])
     decision: Decision = decide_spec(spec)
     verdicts = list(decision.verdicts)
-    if op == "UPDATE" and spec.validation.policy != "Disabled":
+    update_policy = update_check_policy(old_spec, spec)
+    if op == "UPDATE" and update_policy != "Disabled":
         update_verdict = _one_pool_update(old_spec, spec) if old_spec else None
         if update_verdict is not None:
-            if spec.validation.policy == "Warn":
+            if update_policy == "Warn":
                 update_verdict = Verdict(
                     update_verdict.rule, "warn", update_verdict.fields, update_verdict.message,
                     update_verdict.fix, update_verdict.source,
@@ -177,6 +212,8 @@ def validate(request: dict[str, Any]) -> Outcome:
             verdicts.append(update_verdict)
     rejections = [v for v in verdicts if v.severity == "reject"]
     warnings = [_warning(v) for v in verdicts if v.severity != "reject"][:MAX_WARNINGS]
+    if spec.validation.policy == "Disabled":
+        warnings.insert(0, DISABLED_WARNING)
     if rejections:
         return Outcome(False, rejection_message(name, rejections), warnings, verdicts)
     return Outcome(True, "", warnings, verdicts)
@@ -263,8 +300,9 @@ def response(review: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
             "kind": "AdmissionReview", "response": resp}
 
 
-def review_validate(review: dict[str, Any]) -> tuple[dict[str, Any], Outcome]:
-    outcome = validate(review.get("request") or {})
+def review_validate(review: dict[str, Any], forbidden: frozenset[str] = frozenset(),
+                    ) -> tuple[dict[str, Any], Outcome]:
+    outcome = validate(review.get("request") or {}, forbidden)
     return response(review, outcome), outcome
 
 

@@ -18,6 +18,7 @@ The chart's NetworkPolicy (webhook.networkPolicy) keeps everyone else off the po
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import ssl
@@ -90,10 +91,11 @@ async def _healthz(_: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-def app() -> web.Application:
+def app(forbidden: frozenset[str] = frozenset()) -> web.Application:
+    """`forbidden`: the validation policies the administrator forbids (rejected on admission)."""
     application = web.Application(client_max_size=MAX_BODY_BYTES)
-    application.router.add_post(configs.VALIDATE_PATH, _handler("validate",
-                                                                review.review_validate))
+    validate = functools.partial(review.review_validate, forbidden=forbidden)
+    application.router.add_post(configs.VALIDATE_PATH, _handler("validate", validate))
     application.router.add_post(configs.MUTATE_PATH, _handler("mutate", review.review_mutate))
     application.router.add_get("/healthz", _healthz)
     return application
@@ -105,9 +107,10 @@ def ssl_context(certfile: Path, keyfile: Path) -> ssl.SSLContext:
     return ctx
 
 
-async def start(addr: str, port: int, certfile: Path, keyfile: Path) -> web.AppRunner:
+async def start(addr: str, port: int, certfile: Path, keyfile: Path,
+                forbidden: frozenset[str] = frozenset()) -> web.AppRunner:
     """Start serving; returns the runner (await runner.cleanup() to stop)."""
-    runner = web.AppRunner(app(), access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S)
+    runner = web.AppRunner(app(forbidden), access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, addr, port, ssl_context=ssl_context(certfile, keyfile),
                        backlog=512)
