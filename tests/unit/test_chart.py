@@ -21,6 +21,7 @@ import yaml
 from pd_dev import chart_values, generate
 from pd_dev.devcluster import build
 from pd_operator import handlers
+from pd_operator.cli import operator_cmds
 from pd_operator.render import Owner, render
 from pd_operator.validate import parse_object, validate_spec
 from pd_operator.webhook import configs
@@ -460,3 +461,14 @@ def test_metrics_bind_where_the_chart_says(default):
                 "--metrics-addr") == "127.0.0.1"
     off = _container(objects("metrics.enabled=false"))
     assert _arg(off, "--metrics-port") == "0" and _arg(off, "--metrics-addr") is None
+
+
+def test_forbidden_validation_policies_reach_the_operator(default):
+    assert _arg(_container(default), "--forbid-validation-policies") is None
+    c = _container(objects("validation.forbiddenPolicies={Disabled,Warn}"))
+    flag = _arg(c, "--forbid-validation-policies")
+    assert flag == "Disabled,Warn"
+    # the operator accepts what the chart passes
+    assert operator_cmds.forbidden_policies(flag) == frozenset({"Disabled", "Warn"})
+    out = template("validation.forbiddenPolicies={Strict}", check=False)
+    assert out.returncode != 0 and "forbiddenPolicies" in out.stderr

@@ -187,6 +187,16 @@ VALUES: list[Value] = [
           "plane node addresses, or a managed control plane outside the pod network). "
           "Narrow it to your control plane, for example: "
           "`[{ipBlock: {cidr: 10.0.0.0/24}}]`.", {"items": {"type": "object"}}),
+    # ------------------------------------------------------------------- validation
+    Value("validation.forbiddenPolicies", "array", [],
+          "PDDeployment `spec.validation.policy` values the webhook rejects, cluster-wide "
+          "(`--forbid-validation-policies`): `Disabled` (the pools are not checked at all) "
+          "and/or `Warn` (incompatible pools are admitted with warnings). A rejected object "
+          "names the rule POLICY-FORBIDDEN, the field and the allowed values; objects already "
+          "stored keep working and may still be relabelled, but their next spec change must "
+          "pick an allowed policy. There is no per-namespace setting: it applies to every "
+          "namespace the webhook reviews. For example: `[Disabled, Warn]`.",
+          {"items": {"type": "string", "enum": ["Warn", "Disabled"]}, "uniqueItems": True}),
     Value("certManager.enabled", "boolean", False,
           "Use cert-manager (must be installed) instead of the chart's self-signed "
           "certificate: a self-signed Issuer, a CA Certificate, a CA Issuer and the serving "
