@@ -28,6 +28,7 @@ import kopf
 from . import handlers, kube, leader, metrics
 from .devtools import dev_module
 from .webhook import configs, server
+from .webhook import namespaces as ns_labels
 
 log = logging.getLogger("pd_operator")
 
@@ -124,12 +125,14 @@ async def _serve_webhook(undo: contextlib.AsyncExitStack, client: kube.Client,
         if not (opts.certfile and opts.keyfile):
             raise ValueError("the webhook needs --webhook-certfile and --webhook-keyfile")
         runner = await server.start(opts.addr, opts.port, Path(opts.certfile),
-                                    Path(opts.keyfile), opts.forbidden_policies)
+                                    Path(opts.keyfile), opts.forbidden_policies,
+                                    _namespace_policies(client))
         undo.push_async_callback(runner.cleanup)
         return
     cert, key, ca_pem = _local_certificate(undo, opts)
     port = opts.port or _free_port()
-    runner = await server.start("127.0.0.1", port, cert, key, opts.forbidden_policies)
+    runner = await server.start("127.0.0.1", port, cert, key, opts.forbidden_policies,
+                                _namespace_policies(client))
     undo.push_async_callback(runner.cleanup)
     base = f"https://127.0.0.1:{port}"
     name = opts.config_name or configs.NAME
@@ -139,6 +142,11 @@ async def _serve_webhook(undo: contextlib.AsyncExitStack, client: kube.Client,
         undo.push_async_callback(_remove_quietly, client, cfg)
         await client.apply(cfg)
     log.info("registered webhook configurations %s -> %s", name, base)
+
+
+def _namespace_policies(client: kube.Client) -> ns_labels.NamespacePolicies:
+    """The per-namespace forbidden policies (namespace label), read with `list namespaces`."""
+    return ns_labels.NamespacePolicies(ns_labels.label_reader(client))
 
 
 def _local_certificate(undo: contextlib.AsyncExitStack,

@@ -194,8 +194,10 @@ VALUES: list[Value] = [
           "and/or `Warn` (incompatible pools are admitted with warnings). A rejected object "
           "names the rule POLICY-FORBIDDEN, the field and the allowed values; objects already "
           "stored keep working and may still be relabelled, but their next spec change must "
-          "pick an allowed policy. There is no per-namespace setting: it applies to every "
-          "namespace the webhook reviews. For example: `[Disabled, Warn]`.",
+          "pick an allowed policy. It applies to every namespace the webhook reviews; a "
+          "namespace can forbid more for itself with the label "
+          "`pd-operator.dev/forbid-validation-policies: Disabled.Warn` (names separated by "
+          "dots). For example: `[Disabled, Warn]`.",
           {"items": {"type": "string", "enum": ["Warn", "Disabled"]}, "uniqueItems": True}),
     Value("certManager.enabled", "boolean", False,
           "Use cert-manager (must be installed) instead of the chart's self-signed "

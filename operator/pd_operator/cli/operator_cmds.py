@@ -41,7 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--no-webhook", action="store_true", help="do not serve the webhook")
     run.add_argument("--forbid-validation-policies", default="", metavar="POLICIES",
                      help="comma-separated validation policies the webhook rejects, cluster-wide "
-                     "(Warn, Disabled; e.g. Disabled,Warn); default: none forbidden")
+                     "(Warn, Disabled; e.g. Disabled,Warn); default: none forbidden. A namespace "
+                     "forbids more with the label pd-operator.dev/forbid-validation-policies "
+                     "(e.g. Disabled.Warn)")
     run.add_argument("--metrics-port", type=int, default=8080, help="0 disables metrics")
     run.add_argument("--metrics-addr", default="0.0.0.0", help="metrics listen address")
     run.add_argument("--no-leader-election", action="store_true")

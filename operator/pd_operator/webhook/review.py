@@ -5,9 +5,10 @@ listed in one message (id, fields, fix, source); warnings become admission warni
 prints. On UPDATE, changing the pairing facts of one pool only is rejected (UPDATE-ONE-POOL): the
 running pods of the other pool would no longer be able to talk to the new ones. That check runs
 under the stricter of the old and the new validation.policy, so setting Disabled in the same
-update does not skip it. A policy the administrator forbids (`--forbid-validation-policies`,
-chart value validation.forbiddenPolicies; cluster-wide only, there is no per-namespace opt-in)
-is rejected (POLICY-FORBIDDEN). Under Disabled the admission answer warns that nothing was checked.
+update does not skip it. A policy the administrator forbids (cluster-wide with
+`--forbid-validation-policies`, chart value validation.forbiddenPolicies; per namespace with the
+namespace label in namespaces.py) is rejected (POLICY-FORBIDDEN). Under Disabled the admission
+answer warns that nothing was checked.
 
 Mutation writes the resolved defaults into the stored object (kvCacheLayout of each pool,
 kvTransfer.sideChannelPort, engine versions read from image tags, validation.policy), so what
@@ -27,6 +28,7 @@ from pd_runtime.compat.versions import version_from_image
 from ..api.v1alpha1 import PDDeploymentSpec, name_error
 from ..resolve import DEFAULT_LAYOUT, resolve
 from ..validate import SpecError, decide_spec, parse_spec
+from .namespaces import FORBID_LABEL
 
 UPDATE_RULE = "UPDATE-ONE-POOL"
 FORBIDDEN_RULE = "POLICY-FORBIDDEN"
@@ -144,14 +146,23 @@ def _warning(v: Verdict) -> str:
     return text if len(text) <= MAX_WARNING_LEN else text[: MAX_WARNING_LEN - 3] + "..."
 
 
-def forbidden_policy(name: str, policy: str, forbidden: frozenset[str]) -> str | None:
-    """The rejection message when `policy` is one the administrator forbids, else None."""
-    if policy not in forbidden:
+def forbidden_policy(name: str, policy: str, forbidden: frozenset[str],
+                     namespace_forbidden: frozenset[str] = frozenset(),
+                     namespace: str = "") -> str | None:
+    """The rejection message when `policy` is one the administrator forbids (cluster-wide by
+    the operator flag, or by the namespace's label), else None."""
+    if policy not in forbidden | namespace_forbidden:
         return None
-    allowed = [p for p in POLICIES if p not in forbidden]
+    everything = forbidden | namespace_forbidden
+    allowed = [p for p in POLICIES if p not in everything]
+    if policy in forbidden:
+        source = (f"operator flag --forbid-validation-policies="
+                  f"{','.join(p for p in POLICIES if p in forbidden)}")
+    else:
+        names = ".".join(p for p in POLICIES if p in namespace_forbidden)
+        source = f"label {FORBID_LABEL}={names} on namespace {namespace!r}"
     return (f"PDDeployment {name!r} is rejected by {FORBIDDEN_RULE}: spec.validation.policy is "
-            f"{policy!r}, which this cluster's administrator forbids (operator flag "
-            f"--forbid-validation-policies={','.join(p for p in POLICIES if p in forbidden)}); "
+            f"{policy!r}, which this cluster's administrator forbids ({source}); "
             f"fields: spec.validation.policy; fix: set spec.validation.policy to "
             f"{' or '.join(repr(p) for p in allowed)} (or remove it: the default is 'Strict')")
 
@@ -164,9 +175,11 @@ def update_check_policy(old: PDDeploymentSpec | None, new: PDDeploymentSpec) -> 
     return min(old.validation.policy, new.validation.policy, key=POLICIES.index)
 
 
-def validate(request: dict[str, Any], forbidden: frozenset[str] = frozenset()) -> Outcome:
+def validate(request: dict[str, Any], forbidden: frozenset[str] = frozenset(),
+             namespace_forbidden: frozenset[str] = frozenset()) -> Outcome:
     """The validating webhook's decision for one AdmissionRequest; `forbidden` holds the
-    validation policies the administrator forbids."""
+    validation policies the administrator forbids cluster-wide, `namespace_forbidden` those the
+    request's namespace forbids by its label."""
     op = request.get("operation")
     if op not in ("CREATE", "UPDATE"):
         return Outcome(True)
@@ -194,7 +207,8 @@ def validate(request: dict[str, Any], forbidden: frozenset[str] = frozenset()) -
     if old_spec is not None and old_spec == spec:
         return Outcome(True)  # metadata-only update (labels, annotations): nothing to judge
     if isinstance(name, str) and (
-            refused := forbidden_policy(name, spec.validation.policy, forbidden)):
+            refused := forbidden_policy(name, spec.validation.policy, forbidden,
+                                        namespace_forbidden, str(request.get("namespace")))):
         return Outcome(False, refused, verdicts=[Verdict(
             FORBIDDEN_RULE, "reject", ["spec.validation.policy"], refused,
             "use a policy the administrator allows")])
@@ -301,8 +315,9 @@ def response(review: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
 
 
 def review_validate(review: dict[str, Any], forbidden: frozenset[str] = frozenset(),
+                    namespace_forbidden: frozenset[str] = frozenset(),
                     ) -> tuple[dict[str, Any], Outcome]:
-    outcome = validate(review.get("request") or {}, forbidden)
+    outcome = validate(review.get("request") or {}, forbidden, namespace_forbidden)
     return response(review, outcome), outcome
 
 

@@ -18,12 +18,11 @@ The chart's NetworkPolicy (webhook.networkPolicy) keeps everyone else off the po
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,11 @@ from aiohttp import web
 
 from .. import metrics
 from . import configs, review
+from .namespaces import FORBIDDABLE, NamespacePolicies, NamespaceUnreadable
 
 log = logging.getLogger(__name__)
 
-ReviewFn = Callable[[dict[str, Any]], tuple[dict[str, Any], review.Outcome]]
+ReviewFn = Callable[[dict[str, Any]], Awaitable[tuple[dict[str, Any], review.Outcome]]]
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 READ_TIMEOUT_S = 10.0  # the API server gives up on us after its webhook timeout (5 s here)
@@ -71,7 +71,7 @@ def _handler(kind: str, fn: ReviewFn):
         if isinstance(body, web.Response):
             return body
         try:
-            answer, outcome = fn(body)
+            answer, outcome = await fn(body)
         except Exception:  # answer, never hang the API server: deny with the reason
             log.exception("admission %s failed", kind)
             uid = (body.get("request") or {}).get("uid", "")
@@ -91,12 +91,46 @@ async def _healthz(_: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-def app(forbidden: frozenset[str] = frozenset()) -> web.Application:
-    """`forbidden`: the validation policies the administrator forbids (rejected on admission)."""
+def _policy_of(request: dict[str, Any]) -> Any:
+    """spec.validation.policy of the request's object as sent (None when absent or not a map)."""
+    node: Any = request.get("object")
+    for key in ("spec", "validation", "policy"):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def validator(forbidden: frozenset[str] = frozenset(),
+              namespaces: NamespacePolicies | None = None) -> ReviewFn:
+    """The validating review: `forbidden` is the cluster-wide set of forbidden policies,
+    `namespaces` adds what the request's namespace forbids by its label (None: not read)."""
+    async def validate(body: dict[str, Any]) -> tuple[dict[str, Any], review.Outcome]:
+        extra: frozenset[str] = frozenset()
+        request = body.get("request") or {}
+        if namespaces is not None and request.get("operation") in ("CREATE", "UPDATE") \
+                and _policy_of(request) in FORBIDDABLE:  # Strict is never forbidden
+            try:
+                extra = await namespaces.forbidden(str(request.get("namespace") or ""))
+            except NamespaceUnreadable as exc:  # fail closed: the admin's label may forbid it
+                log.warning("admission validate: %s", exc)
+                outcome = review.Outcome(False, f"pd-operator webhook: {exc}; retry shortly",
+                                         code=503)
+                return review.response(body, outcome), outcome
+        return review.review_validate(body, forbidden, extra)
+    return validate
+
+
+async def _mutate(body: dict[str, Any]) -> tuple[dict[str, Any], review.Outcome]:
+    return review.review_mutate(body)
+
+
+def app(forbidden: frozenset[str] = frozenset(),
+        namespaces: NamespacePolicies | None = None) -> web.Application:
+    """`forbidden` and `namespaces`: the validation policies the administrator forbids
+    (see validator)."""
     application = web.Application(client_max_size=MAX_BODY_BYTES)
-    validate = functools.partial(review.review_validate, forbidden=forbidden)
-    application.router.add_post(configs.VALIDATE_PATH, _handler("validate", validate))
-    application.router.add_post(configs.MUTATE_PATH, _handler("mutate", review.review_mutate))
+    application.router.add_post(configs.VALIDATE_PATH,
+                                _handler("validate", validator(forbidden, namespaces)))
+    application.router.add_post(configs.MUTATE_PATH, _handler("mutate", _mutate))
     application.router.add_get("/healthz", _healthz)
     return application
 
@@ -108,9 +142,11 @@ def ssl_context(certfile: Path, keyfile: Path) -> ssl.SSLContext:
 
 
 async def start(addr: str, port: int, certfile: Path, keyfile: Path,
-                forbidden: frozenset[str] = frozenset()) -> web.AppRunner:
+                forbidden: frozenset[str] = frozenset(),
+                namespaces: NamespacePolicies | None = None) -> web.AppRunner:
     """Start serving; returns the runner (await runner.cleanup() to stop)."""
-    runner = web.AppRunner(app(forbidden), access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S)
+    runner = web.AppRunner(app(forbidden, namespaces), access_log=None,
+                           keepalive_timeout=KEEPALIVE_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, addr, port, ssl_context=ssl_context(certfile, keyfile),
                        backlog=512)

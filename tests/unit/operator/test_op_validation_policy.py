@@ -13,7 +13,7 @@ from op_fixtures import BASE, obj
 from pd_operator import status
 from pd_operator.cli import operator_cmds
 from pd_operator.validate import parse_spec, validate_spec
-from pd_operator.webhook import review, server
+from pd_operator.webhook import namespaces, review, server
 
 DESIRED = {"prefill": 1, "decode": 1, "router": 1}
 INCOMPATIBLE = {"prefill__tensorParallelSize": 3, "decode__tensorParallelSize": 2}
@@ -132,3 +132,94 @@ def test_flag_reaches_the_webhook_options():
 def test_flag_refuses_unknown_or_strict(text):
     with pytest.raises(ValueError, match="--forbid-validation-policies"):
         operator_cmds.options_from(_run_args("--forbid-validation-policies", text))
+
+
+# --------------------------------------------------------------- per-namespace label
+def test_label_value_names_the_forbidden_policies():
+    assert namespaces.policies_from_label("Disabled.Warn") == frozenset({"Disabled", "Warn"})
+    assert namespaces.policies_from_label("Disabled") == frozenset({"Disabled"})
+    assert namespaces.policies_from_label("") == frozenset()
+    # Strict can never be forbidden; a typo forbids nothing rather than break admission
+    assert namespaces.policies_from_label("Strict.Disabld.Warn") == frozenset({"Warn"})
+
+
+def test_namespace_label_forbids_with_its_source_named():
+    req = _request("CREATE", obj(validation={"policy": "Warn"}))
+    req["namespace"] = "team-a"
+    out = review.validate(req, frozenset(), frozenset({"Warn"}))
+    assert not out.allowed and review.FORBIDDEN_RULE in out.message
+    assert f"label {namespaces.FORBID_LABEL}=Warn on namespace 'team-a'" in out.message
+    assert "fix: set spec.validation.policy to 'Strict' or 'Disabled'" in out.message
+    assert review.validate(req, frozenset(), frozenset({"Disabled"})).allowed
+
+
+class FakeReader:
+    def __init__(self, labels):
+        self.labels, self.calls, self.fail = labels, 0, False
+
+    async def __call__(self, namespace):
+        self.calls += 1
+        if self.fail:
+            raise OSError("connection refused")
+        return self.labels.get(namespace, {})
+
+
+def test_namespace_policies_cache_refresh_and_fallback():
+    now = [0.0]
+    reader = FakeReader({"a": {namespaces.FORBID_LABEL: "Disabled"}})
+    cache = namespaces.NamespacePolicies(reader, ttl=30, clock=lambda: now[0])
+
+    async def scenario():
+        assert await cache.forbidden("a") == frozenset({"Disabled"})
+        assert await cache.forbidden("a") == frozenset({"Disabled"}) and reader.calls == 1
+        assert await cache.forbidden("b") == frozenset()
+        now[0] = 31.0
+        reader.labels["a"] = {namespaces.FORBID_LABEL: "Disabled.Warn"}
+        assert await cache.forbidden("a") == frozenset({"Disabled", "Warn"})
+        now[0] = 62.0
+        reader.fail = True  # an unreadable namespace keeps its last answer ...
+        assert await cache.forbidden("a") == frozenset({"Disabled", "Warn"})
+        with pytest.raises(namespaces.NamespaceUnreadable, match="'c'"):
+            await cache.forbidden("c")  # ... and one never read is refused, not guessed
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_label_reader_lists_one_namespace_by_field_selector():
+    calls = []
+
+    class Client:
+        async def request(self, method, path, params=None):
+            calls.append((method, path, params))
+            return {"items": [{"metadata": {"name": "a", "labels": {"x": "y"}}}]}
+
+    labels = asyncio.run(namespaces.label_reader(Client())("a"))
+    assert labels == {"x": "y"}
+    # list (granted to the operator for kopf), never get: no new RBAC
+    assert calls == [("GET", "/api/v1/namespaces", {"fieldSelector": "metadata.name=a"})]
+
+
+def test_validator_combines_flag_and_label_and_fails_closed():
+    reader = FakeReader({"team-a": {namespaces.FORBID_LABEL: "Disabled"}})
+    validate = server.validator(frozenset({"Warn"}), namespaces.NamespacePolicies(reader))
+
+    def envelope(policy, ns):
+        req = _request("CREATE", obj(validation={"policy": policy}))
+        req["namespace"] = ns
+        return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": req}
+
+    def allowed(policy, ns):
+        answer, _ = asyncio.run(asyncio.wait_for(validate(envelope(policy, ns)), 10))
+        return answer["response"]
+
+    assert allowed("Disabled", "team-a")["allowed"] is False
+    assert allowed("Disabled", "team-b")["allowed"] is True
+    assert allowed("Warn", "team-b")["allowed"] is False
+    calls = reader.calls
+    assert allowed("Strict", "team-a")["allowed"] is True
+    assert reader.calls == calls  # Strict is never forbidden: no namespace read
+    reader.fail = True
+    refused = allowed("Disabled", "team-c")
+    assert refused["allowed"] is False and refused["status"]["code"] == 503
+    assert "namespace 'team-c'" in refused["status"]["message"]
+    assert allowed("Strict", "team-c")["allowed"] is True
