@@ -175,7 +175,10 @@ class KVTransferOverride(APIModel):
 class ValidationSpec(APIModel):
     policy: Literal["Strict", "Warn", "Disabled"] = Field(
         "Strict", description="Strict rejects incompatible pairs; Warn admits them with "
-        "warnings; Disabled skips the checks.")
+        "warnings; Disabled skips the checks (status says Validated=Unknown, "
+        "ValidationDisabled). An administrator can forbid Warn and Disabled (operator flag "
+        "--forbid-validation-policies, namespace label "
+        "pd-operator.dev/forbid-validation-policies).")
 
 
 class SpeculativeSpec(APIModel):
