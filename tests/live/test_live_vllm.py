@@ -205,6 +205,7 @@ def test_pd_through_router_equals_prefill_alone_and_hash_is_predicted(
     with live.pdctl_run(spec, tmp_path / "run") as run:
         p_url, d_url = run.replica("prefill-0")["url"], run.replica("decode-0")["url"]
         assert any("vllm.entrypoints" in a for a in run.replica("decode-0")["argv"])
+        live.warm_up_pd(run, live_checkpoint)
         pulls_before = live.metric_sum(d_url, live.XFER_COUNT)
         for prompt in PROMPTS:
             code, via_router = live.complete(run.url, live_checkpoint, prompt)
