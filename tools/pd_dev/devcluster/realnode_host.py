@@ -359,28 +359,32 @@ def start_containerd(nl: rn.NodeLayout, logs: Path, timeout: float) -> Proc:
     return proc
 
 
+def _start_healthy(name: str, argv: list[str] | tuple[str, ...], health_url: str, logs: Path,
+                   timeout: float) -> Proc:
+    """Start one node process and wait until its health endpoint answers."""
+    log = logs / f"{name}.log"
+    proc = processes.start(argv, log)
+    _wait(name, lambda: processes.probe(health_url)[0], proc, log, timeout)
+    return proc
+
+
 def start_kubelet(nl: rn.NodeLayout, kubelet: Path, ip: str, gpus: int, ports: dict[str, int],
                   logs: Path, timeout: float) -> Proc:
-    proc = processes.start(rn.kubelet_argv(kubelet, nl, ip, gpus), logs / "kubelet.log")
-    url = f"http://127.0.0.1:{ports['kubelet-healthz']}/healthz"
-    _wait("kubelet", lambda: processes.probe(url)[0], proc, logs / "kubelet.log", timeout)
-    return proc
+    return _start_healthy("kubelet", rn.kubelet_argv(kubelet, nl, ip, gpus),
+                          f"http://127.0.0.1:{ports['kubelet-healthz']}/healthz", logs, timeout)
 
 
 def start_kube_proxy(nl: rn.NodeLayout, kube_proxy: Path, ports: dict[str, int], logs: Path,
                      timeout: float) -> Proc:
-    proc = processes.start(rn.kube_proxy_argv(kube_proxy, nl), logs / "kube-proxy.log")
-    url = f"http://127.0.0.1:{ports['kube-proxy-healthz']}/healthz"
-    _wait("kube-proxy", lambda: processes.probe(url)[0], proc, logs / "kube-proxy.log", timeout)
-    return proc
+    return _start_healthy("kube-proxy", rn.kube_proxy_argv(kube_proxy, nl),
+                          f"http://127.0.0.1:{ports['kube-proxy-healthz']}/healthz", logs,
+                          timeout)
 
 
 def start_coredns(nl: rn.NodeLayout, coredns: Path, ports: dict[str, int], logs: Path,
                   timeout: float) -> Proc:
-    proc = processes.start(rn.coredns_argv(coredns, nl), logs / "coredns.log")
-    url = f"http://127.0.0.1:{ports['coredns-health']}/health"
-    _wait("coredns", lambda: processes.probe(url)[0], proc, logs / "coredns.log", timeout)
-    return proc
+    return _start_healthy("coredns", rn.coredns_argv(coredns, nl),
+                          f"http://127.0.0.1:{ports['coredns-health']}/health", logs, timeout)
 
 
 def wait_node_ready(core, proc: Proc, log: Path, timeout: float) -> None:
