@@ -148,8 +148,28 @@ def checkpoint_path(a: argparse.Namespace) -> tuple[str | None, list[str]]:
             return None, [f"{src} {path}: no such file or directory"]
     if Path(a.model).exists():
         return a.model, []
+    bundled = bundled_model_path(a.model)
+    if bundled:
+        return bundled, []
     return None, [f"spec.model.name (--model {a.model}) is not a local checkpoint; mount it "
                   f"and pass --model-dir (or ${MODEL_DIR_ENV}); the runtime never downloads"]
+
+
+# Models shipped as Python packages that the runtime image installs, by spec.model.name: a
+# PDDeployment naming one needs no volume (the local cluster and `make demo` rely on it).
+BUNDLED_MODELS = {"HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2"}
+
+
+def bundled_model_path(model: str) -> str | None:
+    """The checkpoint of a bundled model when its package is installed, else None."""
+    if BUNDLED_MODELS.get(model) != "smollm2":
+        return None
+    from ..engine.gguf import GGUFError, smollm2_path
+
+    try:
+        return smollm2_path()
+    except GGUFError:
+        return None
 
 
 def read_model_config(path: str) -> Any:

@@ -202,3 +202,17 @@ def test_preflight_reads_a_gguf_without_loading_it(token):
         serve_cli.run_preflight(parse("--model-dir", path, "--side-channel-token-file", token,
                                       "--device", "cpu", num_kv_heads="8", head_size="64",
                                       num_layers="30"))
+
+
+def test_a_bundled_model_needs_no_model_dir(token):
+    from pd_runtime.engine.gguf import smollm2_path
+
+    try:
+        path = smollm2_path()
+    except Exception as exc:  # noqa: BLE001 - the package is an install step of the venv
+        pytest.skip(str(exc))
+    a = parse("--side-channel-token-file", token, "--device", "cpu",
+              model="HuggingFaceTB/SmolLM2-135M-Instruct", num_kv_heads="3", head_size="64",
+              num_layers="30")
+    assert serve_cli.run_preflight(a).checkpoint == path
+    assert serve_cli.bundled_model_path("HuggingFaceTB/SmolLM2-360M-Instruct") is None
