@@ -168,3 +168,13 @@ def test_transfer_test_refuses_bad_numbers_before_running(args, capsys):
         runtime_main(["transfer-test", *args])
     assert exc.value.code == 2
     assert args[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,words", [("a" * 45, "at most 44"), ("Typed", "DNS-1035")])
+def test_names_the_webhook_refuses_at_creation(tmp_path, name, words):
+    f = tmp_path / "name.yaml"
+    f.write_text(GOOD.replace("name: typed", f"name: {name}"))
+    out = assert_clean_failure(pdctl("check", str(f)), "metadata.name", words)
+    assert "Traceback" not in out
+    f.write_text(GOOD.replace("name: typed", "name: " + "a" * 44))
+    assert pdctl("check", str(f)).returncode == 0

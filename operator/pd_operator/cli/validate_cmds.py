@@ -124,16 +124,21 @@ def strict_problems(doc: Any) -> list[tuple[str, str]]:
     for a boolean (pydantic's default lax mode would coerce them; the CRD schema refuses)."""
     from pydantic import ValidationError
 
-    from ..api.v1alpha1 import PDDeployment
+    from ..api.v1alpha1 import PDDeployment, name_error
     from ..validate import schema_errors
 
     if not isinstance(doc, dict):
         return []  # validate_object names the problem
+    problems: list[tuple[str, str]] = []
     try:
         PDDeployment.model_validate(doc, strict=True)
     except ValidationError as exc:
-        return schema_errors(exc)
-    return []
+        problems = schema_errors(exc)
+    # The webhook and the CRD refuse such a name at creation: a file is checked as a creation.
+    name = doc.get("metadata", {}).get("name") if isinstance(doc.get("metadata"), dict) else None
+    if isinstance(name, str) and (err := name_error(name)):
+        problems.append(("metadata.name", err))
+    return problems
 
 
 def check_documents(paths: list[str], max_bytes: int = DEFAULT_MAX_BYTES) -> list[DocReport]:
