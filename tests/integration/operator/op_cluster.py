@@ -139,8 +139,13 @@ def load_example(kind: str, name: str) -> dict[str, Any]:
 
 def install_crd(kubectl) -> None:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    kubectl("wait", "--for=condition=Established",
-            f"crd/pddeployments.{GROUP}", "--timeout=60s")
+    # A brand-new CRD: `kubectl wait` can run before the object is readable ("not found"), and
+    # Established comes before the resource is in discovery; wait for both, retrying each.
+    wait_for("CRD Established", lambda: kubectl(
+        "wait", "--for=condition=Established", f"crd/pddeployments.{GROUP}",
+        "--timeout=30s").returncode == 0, timeout=90)
+    wait_for("pddeployments served", lambda: kubectl(
+        "get", f"pddeployments.{GROUP}", "-A", "-o", "name").returncode == 0, timeout=60)
 
 
 def extra_nodes(prefix: str, products: dict[str, int], pods: str = "256") -> list[dict]:
