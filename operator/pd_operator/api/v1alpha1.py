@@ -248,6 +248,14 @@ class RouterSpec(APIModel):
                     "cache_aware"] = Field("round_robin", description="Routing policy.")
     image: str | None = Field(None, min_length=1, max_length=MAX_IMAGE,
                               description="Router image (defaults to the operator's).")
+    # Where the router pods run: the same core/v1 types (and checks) as a pool's template, so
+    # the router can follow the pools onto dedicated (tainted) nodes.
+    node_selector: k8s.NODE_SELECTOR_FIELD = Field(
+        default_factory=dict, description="Router pod nodeSelector (label keys and values).")
+    tolerations: Annotated[list[dict[str, Any]], k8s.k8s_field(k8s.TolerationList)] = Field(
+        default_factory=list, description="Router pod tolerations (core/v1 Toleration).")
+    resources: Annotated[dict[str, Any], k8s.k8s_field(k8s.ResourceRequirements)] = Field(
+        default_factory=dict, description="Router container resources: limits and requests.")
 
 
 class PDDeploymentSpec(APIModel):

@@ -2,10 +2,25 @@
 
 The router finds the pools' pods by label (role + instance) and talks to their HTTP port; it
 needs list/watch on pods in the namespace, hence the ServiceAccount, Role and RoleBinding.
+
+What vllm-router 0.1.17's Kubernetes discovery (kube-rs, src/service_discovery.rs) relies on:
+- in-cluster config: KUBERNETES_SERVICE_HOST/PORT and the mounted ServiceAccount token and CA;
+  it dials the `kubernetes` Service's ClusterIP over TLS (the API server's certificate must name
+  that IP);
+- one list + watch of every pod in --service-discovery-namespace, filtered on the router's side:
+  a pod matches when it carries every key=value of --prefill-selector (or --decode-selector);
+- a pod is added only when its phase is Running and its Ready condition True (the pools'
+  readinessProbe on /health), as http://<podIP>:<--service-discovery-port> (the default is 80,
+  hence the engine's port here);
+- a pod is removed only when it gets a deletionTimestamp; one that just turns NotReady stays
+  until the router's own health checks (--health-check-*) mark it;
+- the `vllm.ai/bootstrap-port` annotation is read on prefill pods for connectors with a
+  bootstrap server (mooncake); NIXL needs none.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,9 +67,31 @@ def command(owner: Owner, router: RouterSpec, connector: str) -> list[str]:
     return cmd
 
 
+def _placement(router: RouterSpec) -> dict[str, Any]:
+    """spec.router.nodeSelector / tolerations, copied into the pod spec when set."""
+    out: dict[str, Any] = {}
+    if router.node_selector:
+        out["nodeSelector"] = dict(router.node_selector)
+    if router.tolerations:
+        out["tolerations"] = copy.deepcopy(list(router.tolerations))
+    return out
+
+
 def deployment(owner: Owner, router: RouterSpec, connector: str,
                default_image: str = DEFAULT_ROUTER_IMAGE) -> dict[str, Any]:
     name = labels.child_name(owner, COMPONENT)
+    container: dict[str, Any] = {
+        "name": "router",
+        "image": router.image or default_image,  # spec.router.image
+        "command": command(owner, router, connector),
+        "ports": [
+            {"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 5},
+    }
+    if router.resources:
+        container["resources"] = copy.deepcopy(dict(router.resources))  # spec.router.resources
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -66,19 +103,12 @@ def deployment(owner: Owner, router: RouterSpec, connector: str,
                 "metadata": {"labels": labels.labels(owner, COMPONENT, role=COMPONENT)},
                 "spec": {
                     "serviceAccountName": name,
-                    "containers": [{
-                        "name": "router",
-                        "image": router.image or default_image,  # spec.router.image
-                        "command": command(owner, router, connector),
-                        "ports": [
-                            {"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"},
-                            {"name": "metrics", "containerPort": METRICS_PORT,
-                             "protocol": "TCP"},
-                        ],
-                        "readinessProbe": {
-                            "tcpSocket": {"port": "http"}, "periodSeconds": 5,
-                        },
-                    }],
+                    # Discovery authenticates with this token (kube-rs in-cluster config):
+                    # explicit, so a ServiceAccount or policy default of false cannot turn it
+                    # off silently.
+                    "automountServiceAccountToken": True,
+                    "containers": [container],
+                    **_placement(router),  # spec.router.nodeSelector / tolerations
                 },
             },
         },
