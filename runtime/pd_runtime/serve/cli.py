@@ -151,18 +151,28 @@ def checkpoint_path(a: argparse.Namespace) -> tuple[str | None, list[str]]:
     bundled = bundled_model_path(a.model)
     if bundled:
         return bundled, []
+    from ..compat import BUNDLED_MODELS
+
+    if a.model in BUNDLED_MODELS:
+        from ..engine.gguf import SMOLLM2_INSTALL
+
+        return None, [f"spec.model.name {a.model} is bundled with the runtime image, but its "
+                      f"package is not installed here: `{SMOLLM2_INSTALL}`, or pass --model-dir"]
     return None, [f"spec.model.name (--model {a.model}) is not a local checkpoint; mount it "
                   f"and pass --model-dir (or ${MODEL_DIR_ENV}); the runtime never downloads"]
 
 
-# Models shipped as Python packages that the runtime image installs, by spec.model.name: a
-# PDDeployment naming one needs no volume (the local cluster and `make demo` rely on it).
-BUNDLED_MODELS = {"HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2"}
-
-
 def bundled_model_path(model: str) -> str | None:
-    """The checkpoint of a bundled model when its package is installed, else None."""
-    if BUNDLED_MODELS.get(model) != "smollm2":
+    """The checkpoint of a model the image bundles (compat.BUNDLED_MODELS) when its package is
+    installed, else None."""
+    from ..compat import BUNDLED_MODELS
+    from ..engine.gguf import SMOLLM2_PACKAGE, GGUFError, smollm2_path
+
+    if BUNDLED_MODELS.get(model) != SMOLLM2_PACKAGE:
+        return None
+    try:
+        return smollm2_path()
+    except GGUFError:
         return None
     from ..engine.gguf import GGUFError, smollm2_path
 

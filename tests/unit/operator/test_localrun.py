@@ -172,3 +172,11 @@ def test_pdctl_run_cli_refuses_before_starting_anything(tmp_path, capsys):
     f.write_text(yaml.safe_dump(bad))
     assert main(["run", str(f), "--model-dir", str(tmp_path)]) == 2
     assert "spec.prefill.blockSize" in capsys.readouterr().err
+
+
+def test_a_bundled_model_needs_no_model_dir(tmp_path):
+    doc = yaml.safe_load((ROOT / "deploy/examples/local/smollm2-realnode-p1-d3.yaml").read_text())
+    p = plan(doc, tmp_path, model_dirs={})
+    assert all("--model-dir" not in e.argv for e in p.engines)
+    mapped = plan(doc, tmp_path, model_dirs={"*": str(tmp_path)})
+    assert all("--model-dir" in e.argv for e in mapped.engines)
