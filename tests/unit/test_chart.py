@@ -31,6 +31,7 @@ CHART = ROOT / "charts" / "pd-operator"
 EXAMPLES = ROOT / "deploy" / "examples"
 KUBE_VERSION = "1.36.3"  # helm template's offline default (1.20) is below the chart's floor
 RELEASE, NS = "rel", "pd-system"
+REALNODE = CHART / "ci" / "realnode-values.yaml"
 
 HELM = build.binary_path("helm")
 pytestmark = pytest.mark.skipif(
@@ -44,15 +45,22 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return out
 
 
-def template(*sets: str, check: bool = True) -> subprocess.CompletedProcess:
+def template(*sets: str, check: bool = True, tests: bool = False,
+             values: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+    """`helm template`; the `helm test` hooks only with tests=True (they are not installed)."""
     args = ["template", RELEASE, str(CHART), "--namespace", NS, "--kube-version", KUBE_VERSION]
+    args += [] if tests else ["--skip-tests"]
+    for f in values:
+        args += ["-f", str(f)]
     for s in sets:
         args += ["--set", s]
     return helm(*args, check=check)
 
 
-def objects(*sets: str) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(template(*sets).stdout) if d]
+def objects(*sets: str, tests: bool = False,
+            values: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(template(*sets, tests=tests, values=values).stdout)
+            if d]
 
 
 def one(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
@@ -103,7 +111,7 @@ def test_values_yaml_is_the_table_and_every_key_is_commented():
 
 
 def test_every_value_is_used_by_a_template():
-    text = "".join(p.read_text() for p in (CHART / "templates").iterdir())
+    text = "".join(p.read_text() for p in (CHART / "templates").rglob("*") if p.is_file())
     unused = [v.key for v in chart_values.VALUES if f".Values.{v.key}" not in text]
     assert not unused, f"values no template reads: {unused}"
 
@@ -112,6 +120,8 @@ def test_helm_lint_passes_for_each_scenario():
     helm("lint", "--strict", str(CHART), "--kube-version", KUBE_VERSION)
     helm("lint", "--strict", str(CHART), "--kube-version", KUBE_VERSION,
          "--set", "certManager.enabled=true", "--set", "webhook.url=https://127.0.0.1:9443")
+    helm("lint", "--strict", str(CHART), "--kube-version", KUBE_VERSION, "-f", str(REALNODE),
+         "--set", "operator.watchNamespaces={a,b}")
 
 
 # --------------------------------------------------------------------------------- schema
@@ -472,3 +482,241 @@ def test_forbidden_validation_policies_reach_the_operator(default):
     assert operator_cmds.forbidden_policies(flag) == frozenset({"Disabled", "Warn"})
     out = template("validation.forbiddenPolicies={Strict}", check=False)
     assert out.returncode != 0 and "forbiddenPolicies" in out.stderr
+
+
+# ------------------------------------------------------------ namespaces a release watches
+def test_watch_namespaces_scope_the_operator_and_its_webhooks(default):
+    assert _arg(_container(default), "--namespace") is None
+    assert all("namespaceSelector" not in h[0] for h in _hooks(default).values())
+    objs = objects("operator.watchNamespaces={team-a,team-b}")
+    args = _container(objs)["args"]
+    assert [a for a in args if a.startswith("--namespace=")] == \
+        ["--namespace=team-a", "--namespace=team-b"]
+    # the operator parses what the chart passes
+    from pd_operator.cli.main import build_parser
+    assert build_parser().parse_args(args).namespace == ["team-a", "team-b"]
+    for hooks in _hooks(objs).values():
+        assert hooks[0]["namespaceSelector"] == {"matchExpressions": [{
+            "key": "kubernetes.io/metadata.name", "operator": "In",
+            "values": ["team-a", "team-b"]}]}
+    # an explicit webhook.namespaceSelector wins
+    objs = objects("operator.watchNamespaces={team-a}",
+                   "webhook.namespaceSelector.matchLabels.pdo=on")
+    for hooks in _hooks(objs).values():
+        assert hooks[0]["namespaceSelector"] == {"matchLabels": {"pdo": "on"}}
+    out = template("operator.watchNamespaces={Bad_Name}", check=False)
+    assert out.returncode != 0 and "watchNamespaces" in out.stderr
+
+
+# ------------------------------------------------------------------ the real node's values
+def test_realnode_values_place_the_operator_on_the_real_node():
+    from pd_dev.devcluster import realnode
+
+    objs = objects(values=(REALNODE,), tests=True)
+    taint = {**realnode.REAL_NODE_TAINT, "operator": "Equal"}
+    pods = [one(objs, "Deployment")["spec"]["template"]["spec"],
+            one(objs, "Pod")["spec"]]  # the operator and the helm test Pod
+    for pod in pods:
+        # merged with the chart's default kubernetes.io/os: linux, which the kubelet sets too
+        assert pod["nodeSelector"] == {realnode.REAL_NODE_LABEL: "true",
+                                       "kubernetes.io/os": "linux"}
+        assert pod["tolerations"] == [taint]
+    assert one(objs, "Deployment")["spec"]["replicas"] == 1
+    image = _container(objs)
+    assert not image["image"].endswith(":latest") and image["imagePullPolicy"] == "IfNotPresent"
+
+
+# ------------------------------------------------------------------- the helm test hook
+ADMISSION_SCRIPT = CHART / "files" / "admission-test.py"
+
+
+def _test_hooks(*sets: str) -> list[dict[str, Any]]:
+    return [o for o in objects(*sets, tests=True)
+            if o["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+
+
+def test_helm_test_hook_objects():
+    hooks = _test_hooks("operator.tolerations[0].key=dedicated",
+                        "operator.tolerations[0].operator=Exists")
+    assert sorted(o["kind"] for o in hooks) == \
+        ["ConfigMap", "Pod", "Role", "RoleBinding", "ServiceAccount"]
+    assert not [o for o in objects() if o["kind"] == "Pod"]  # not installed, only at helm test
+    weight = {o["kind"]: int(o["metadata"]["annotations"]["helm.sh/hook-weight"])
+              for o in hooks}
+    assert max(w for k, w in weight.items() if k != "Pod") < weight["Pod"]
+    for o in hooks:
+        policy = o["metadata"]["annotations"]["helm.sh/hook-delete-policy"].split(",")
+        assert {"before-hook-creation", "hook-succeeded"} == set(policy), o["kind"]
+        assert o["metadata"]["namespace"] == NS
+    sa, role, binding, pod = (one(hooks, k) for k in
+                              ("ServiceAccount", "Role", "RoleBinding", "Pod"))
+    # may create PDDeployments in the release namespace, nothing else
+    assert role["rules"] == [{"apiGroups": ["serving.pd-operator.dev"],
+                              "resources": ["pddeployments"], "verbs": ["create"]}]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": NS}]
+    spec = pod["spec"]
+    assert spec["serviceAccountName"] == sa["metadata"]["name"]
+    assert spec["restartPolicy"] == "Never" and spec["activeDeadlineSeconds"] > 0
+    operator = one(objects("operator.tolerations[0].key=dedicated",
+                           "operator.tolerations[0].operator=Exists"), "Deployment")
+    op_spec = operator["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    op_c = op_spec["containers"][0]
+    assert c["image"] == op_c["image"] and c["imagePullPolicy"] == op_c["imagePullPolicy"]
+    assert spec["nodeSelector"] == op_spec["nodeSelector"]
+    assert spec["tolerations"] == op_spec["tolerations"] == [
+        {"key": "dedicated", "operator": "Exists"}]
+    assert spec["securityContext"] == op_spec["securityContext"]
+    assert c["securityContext"] == op_c["securityContext"]  # read-only root: /tmp emptyDir
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/etc/pd-operator-test", "/tmp"}
+    # the webhook it expects the denial from is this release's validating webhook
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    validating = _hooks(objects())["ValidatingWebhookConfiguration"][0]["name"]
+    assert env["WEBHOOK_NAME"] == validating
+    data = one(hooks, "ConfigMap")["data"]
+    assert data["admission-test.py"] == ADMISSION_SCRIPT.read_text()
+    assert c["command"] == ["python3", "/etc/pd-operator-test/admission-test.py"]
+    assert env["MANIFEST"] == "/etc/pd-operator-test/pddeployment.yaml"
+
+
+def test_helm_test_object_is_the_rejected_example_and_fails_with_its_rule():
+    data = one(_test_hooks(), "ConfigMap")["data"]
+    obj = yaml.safe_load(data["pddeployment.yaml"])
+    example = yaml.safe_load((EXAMPLES / "rejected" / "tp-not-divisible.yaml").read_text())
+    assert obj == example
+    rule = obj["metadata"]["annotations"]["pd-operator.dev/expect-rule"]
+    from pd_operator.webhook import review
+    out = review.validate({"operation": "CREATE", "object": {
+        **obj, "metadata": {**obj["metadata"], "namespace": NS}}})
+    assert not out.allowed and f"[{rule}]" in out.message
+    # the name passes the CRD's NAME-RENDERABLE rule: the webhook, not the schema, refuses it
+    from pd_operator.api import v1alpha1
+    assert v1alpha1.name_error(obj["metadata"]["name"]) is None
+
+
+def _admission_script():
+    """files/admission-test.py as a module (a fresh one each time: tests patch it)."""
+    import importlib.util
+    import sys
+
+    name = "chart_admission_test"
+    spec = importlib.util.spec_from_file_location(name, ADMISSION_SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+HOOK = "validate.rel-pd-operator.serving.pd-operator.dev"
+
+
+def _status(code: int, message: str) -> str:
+    return json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "message": message, "code": code})
+
+
+def _denial(hook: str, rule: str) -> str:
+    return _status(403, f'admission webhook "{hook}" denied the request: PDDeployment '
+                   f"'tp-not-divisible' is rejected by 1 compatibility rule ({rule}):\n"
+                   f"  1. [{rule}] prefill TP 2 and decode TP 5 do not divide each other")
+
+
+@pytest.mark.parametrize("status, body, outcome", [
+    (None, "", "fail"),                                            # admitted
+    (403, _denial(HOOK, "TP-DIVISIBLE"), "pass"),
+    (403, _denial(HOOK, "KV-DTYPE-MISMATCH"), "fail"),             # another rule
+    (403, _denial("validate.other.serving.pd-operator.dev", "TP-DIVISIBLE"), "retry"),
+    (500, _status(500, 'Internal error occurred: failed calling webhook "' + HOOK + '": '
+                  "dial tcp 10.96.0.9:443: connect: connection refused"), "retry"),
+    (403, _status(403, 'pddeployments.serving.pd-operator.dev is forbidden: User "system:'
+                  'serviceaccount:ns:t" cannot create resource "pddeployments"'), "retry"),
+    (404, _status(404, "the server could not find the requested resource"), "retry"),
+    (422, _status(422, 'PDDeployment.serving.pd-operator.dev "x" is invalid'), "fail"),
+    (400, "not json", "fail"),
+])
+def test_helm_test_judges_each_answer(status, body, outcome):
+    verdict = _admission_script().judge(status, body, "TP-DIVISIBLE", HOOK)
+    assert verdict.outcome == outcome, verdict
+
+
+class _FakeAPIServer:
+    """Answers POSTs with canned (status, body) pairs, in order, and records the requests."""
+
+    def __init__(self, answers: list[tuple[int, str]]):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.answers, self.requests = list(answers), []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                length = int(self.headers.get("Content-Length", 0))
+                fake.requests.append((self.path, json.loads(self.rfile.read(length))))
+                code, body = fake.answers.pop(0) if fake.answers else (500, _status(500, "?"))
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _run_script(monkeypatch, tmp_path, answers, deadline_s="5"):
+    """The script's main() with the real Kubernetes client, against the fake API server."""
+    kubernetes = pytest.importorskip("kubernetes")
+    module = _admission_script()
+    fake = _FakeAPIServer(answers)
+    manifest = tmp_path / "pdd.yaml"
+    manifest.write_text(chart_values.render_admission_test_object())
+
+    def incluster():
+        cfg = kubernetes.client.Configuration()
+        cfg.host = fake.url
+        kubernetes.client.Configuration.set_default(cfg)
+
+    monkeypatch.setattr(kubernetes.config, "load_incluster_config", incluster)
+    monkeypatch.setattr(module, "RETRY_EVERY_S", 0.01)
+    for k, v in {"MANIFEST": str(manifest), "NAMESPACE": "ns", "WEBHOOK_NAME": HOOK,
+                 "DEADLINE_S": deadline_s}.items():
+        monkeypatch.setenv(k, v)
+    try:
+        return module.main(), fake.requests
+    finally:
+        fake.close()
+        kubernetes.client.Configuration.set_default(None)
+
+
+def test_helm_test_script_retries_until_this_webhook_denies(monkeypatch, tmp_path, capsys):
+    unreachable = _status(500, f'failed calling webhook "{HOOK}": connection refused')
+    code, requests = _run_script(monkeypatch, tmp_path, [
+        (500, unreachable), (403, _denial(HOOK, "TP-DIVISIBLE"))])
+    assert code == 0, capsys.readouterr().out
+    assert len(requests) == 2
+    path, body = requests[0]
+    assert path.startswith("/apis/serving.pd-operator.dev/v1alpha1/namespaces/ns/pddeployments")
+    assert "dryRun=All" in path  # server-side dry run: nothing is stored
+    assert body["metadata"] == {**body["metadata"], "name": "tp-not-divisible",
+                                "namespace": "ns"}
+    assert "PASS: denied by " + HOOK in capsys.readouterr().out
+
+
+def test_helm_test_script_fails_when_admitted_or_never_denied(monkeypatch, tmp_path, capsys):
+    admitted = json.dumps({"apiVersion": "serving.pd-operator.dev/v1alpha1",
+                           "kind": "PDDeployment", "metadata": {"name": "tp-not-divisible"}})
+    code, requests = _run_script(monkeypatch, tmp_path, [(201, admitted)])
+    assert code == 1 and len(requests) == 1
+    assert "admitted" in capsys.readouterr().out
+    code, _ = _run_script(monkeypatch, tmp_path, [], deadline_s="0.2")  # 500s until the end
+    assert code == 1 and "deadline" in capsys.readouterr().out

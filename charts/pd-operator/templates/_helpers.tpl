@@ -195,5 +195,36 @@ timeoutSeconds: {{ .Values.webhook.timeoutSeconds }}
 {{- with .Values.webhook.namespaceSelector }}
 namespaceSelector:
   {{- toYaml . | nindent 2 }}
+{{- else }}
+{{- with .Values.operator.watchNamespaces }}
+# operator.watchNamespaces: review only what this release reconciles
+namespaceSelector:
+  matchExpressions:
+    - key: kubernetes.io/metadata.name
+      operator: In
+      values: {{ toJson . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Fails when a webhook configuration of this name exists and is not this release's: helm would
+refuse to adopt it anyway, with a less helpful message. A development `pdctl operator run
+--local-webhook` registers "pd-operator.serving.pd-operator.dev", which is also the name of a
+release whose full name is "pd-operator". Usage: include "pd-operator.webhook.guardName"
+(list . "ValidatingWebhookConfiguration")
+*/}}
+{{- define "pd-operator.webhook.guardName" -}}
+{{- $root := index . 0 }}
+{{- $kind := index . 1 }}
+{{- $name := include "pd-operator.webhook.configName" $root }}
+{{- $existing := lookup "admissionregistration.k8s.io/v1" $kind "" $name }}
+{{- if $existing }}
+{{- $release := dig "metadata" "annotations" "meta.helm.sh/release-name" "" $existing }}
+{{- $releaseNs := dig "metadata" "annotations" "meta.helm.sh/release-namespace" "" $existing }}
+{{- if or (ne $release $root.Release.Name) (ne $releaseNs $root.Release.Namespace) }}
+{{- $owner := ternary (printf "release %s in namespace %s" $release $releaseNs) (printf "%s (label app.kubernetes.io/managed-by: %s; `pdctl operator run --local-webhook` registers this name)" "not a Helm release" (dig "metadata" "labels" "app.kubernetes.io/managed-by" "unknown" $existing)) (ne $release "") }}
+{{- fail (printf "%s %q already exists and belongs to %s. Stop that operator or uninstall that release, or install under another release name (or fullnameOverride); give each one its own operator.watchNamespaces." $kind $name $owner) }}
+{{- end }}
 {{- end }}
 {{- end }}
