@@ -63,6 +63,7 @@ from .protocol import (
     Hello,
     MalformedMessage,
     MetaRequest,
+    PatternRequest,
     PrepareRequest,
     ServerMessage,
     TokenError,
@@ -86,7 +87,7 @@ _ENCODER = msgspec.msgpack.Encoder()
 _FROM_CLIENT = msgspec.msgpack.Decoder(ClientMessage)
 _FROM_SERVER = msgspec.msgpack.Decoder(ServerMessage)
 
-ClientRequest = MetaRequest | PrepareRequest
+ClientRequest = MetaRequest | PrepareRequest | PatternRequest
 Handler = Callable[[ClientRequest, "Session"], Any]
 
 

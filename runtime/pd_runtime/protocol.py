@@ -4,8 +4,12 @@ Every message is a msgspec `Struct` with a `type` tag; each direction decodes in
 so a message the other side may not send is refused by the decoder itself. Unknown fields are
 refused too: a change to any message is a new `PROTOCOL_VERSION`, checked at the handshake.
 
-    server -> client   Challenge, Welcome, MetaReply, PrepareReply, ErrorReply
-    client -> server   Hello, MetaRequest, PrepareRequest
+    server -> client   Challenge, Welcome, MetaReply, PrepareReply, PatternReply, ErrorReply
+    client -> server   Hello, MetaRequest, PrepareRequest, PatternRequest
+
+PatternRequest / PatternReply are the KV path check (selftest.py: a known pattern pulled from a
+live prefill engine). They are new message types, not changes to existing ones: a prefill side
+from before them answers `malformed`, which the checker reports as a refusal.
 
 Every error this side channel raises is a `HandshakeError`; what a peer sent wrong is a
 `ProtocolError`. Each carries the `code` its `ErrorReply` uses, so a refusal reaches the other
@@ -30,6 +34,9 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
 BlockId = Annotated[int, msgspec.Meta(ge=-1, le=1 << 40)]  # -1: a null block (sliding window)
 Address = Annotated[int, msgspec.Meta(ge=0)]  # a host or device address (unsigned 64-bit)
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
+MAX_PATTERN_BYTES = 64 << 20  # the most a KV path check may ask a prefill engine to stage
+PatternBytes = Annotated[int, msgspec.Meta(ge=1, le=MAX_PATTERN_BYTES)]
+Seed = Annotated[int, msgspec.Meta(ge=0, le=(1 << 62) - 1)]
 
 
 class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
@@ -107,6 +114,23 @@ class PrepareReply(_Msg, tag="prepare-reply", frozen=True):
     gather_s: Seconds = 0.0
 
 
+class PatternRequest(_Msg, tag="pattern", frozen=True):
+    """Stage `nbytes` of the pattern `seed` names in a staging slot for the decode rank of this
+    connection (after meta), held under the lease `req_id` like a request's KV: the READ's
+    notification, or the lease's expiry, frees it."""
+
+    req_id: ReqId
+    nbytes: PatternBytes
+    seed: Seed
+
+
+class PatternReply(_Msg, tag="pattern-reply", frozen=True):
+    addr: Address
+    nbytes: Count
+    dev: Count
+    lease_s: Seconds
+
+
 class ErrorReply(_Msg, tag="error", frozen=True):
     """A refusal. `code` names the exception the receiver raises (see `error_from_reply`)."""
 
@@ -118,8 +142,8 @@ class ErrorReply(_Msg, tag="error", frozen=True):
     version: int = 0  # version: the sender's protocol version
 
 
-ClientMessage = Hello | MetaRequest | PrepareRequest
-ServerMessage = Challenge | Welcome | MetaReply | PrepareReply | ErrorReply
+ClientMessage = Hello | MetaRequest | PrepareRequest | PatternRequest
+ServerMessage = Challenge | Welcome | MetaReply | PrepareReply | PatternReply | ErrorReply
 
 
 # ------------------------------------------------------------------------------------------------

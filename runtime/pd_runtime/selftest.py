@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -409,3 +410,182 @@ def _rule_problems(cell: Cell, pre: dict, dec: dict) -> list[str]:
 
     decision = check_pools(pool("prefill", pre), pool("decode", dec), policy="Strict")
     return [f"{v.rule}: {v.message} (fix: {v.fix})" for v in decision.rejections]
+
+
+# ---------------------------------------------------------------------------------------------
+# the KV path check: a known pattern pulled from a live prefill engine (pd-runtime serve's
+# POST /pd/v1/kv-path-check, serve/kvcheck.py). The same side channel, staging region, lease
+# table, NIXL READ and release notification as a request's KV; only the bytes differ: P stages a
+# pattern instead of gathering blocks, and D reads it into a scratch buffer of its own, never
+# into the KV cache of live requests.
+
+PATTERN_REQ_PREFIX = "kvcheck-"
+DEFAULT_PATTERN_BYTES = 4 << 20
+
+
+class PatternMismatch(RuntimeError):
+    """The bytes D read differ from the pattern P was asked to stage."""
+
+    def __init__(self, differing: int, first: int, nbytes: int):
+        self.differing, self.first, self.nbytes = differing, first, nbytes
+        super().__init__(f"{differing} of {nbytes} bytes differ from the pattern "
+                         f"(first at offset {first})")
+
+
+def pattern(seed: int, nbytes: int):
+    """The pattern both sides compute: `nbytes` pseudo-random bytes from `seed` (CPU uint8)."""
+    import numpy as np
+    import torch
+
+    raw = np.random.default_rng(seed).bytes(nbytes)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def serve_pattern(rank, msg, session):
+    """P: PrefillRank `rank`'s answer to a PatternRequest on an authenticated connection that
+    has sent its meta (the decode rank it names is the slot's consumer)."""
+    from .lease import LeaseError, StagingFull, consumer_id
+    from .protocol import PatternReply, Refusal, UnexpectedMessage
+    from .worker import _Consumer
+
+    peer = session.context
+    if not isinstance(peer, _Consumer):
+        raise UnexpectedMessage("pattern before meta on this connection")
+    try:
+        addr, dev, lease_s = stage_pattern(rank, msg.req_id, msg.nbytes, msg.seed,
+                                           consumer_id(peer.agent, peer.spec.tp_rank))
+    except LeaseError as e:
+        raise Refusal("lease", str(e)) from None
+    except StagingFull as e:
+        raise Refusal("staging-full", str(e)) from None
+    return PatternReply(addr, msg.nbytes, dev, lease_s)
+
+
+def stage_pattern(rank, req_id: str, nbytes: int, seed: int, consumer: str):
+    """P (PrefillRank `rank`): hold `req_id` with one staging slot for `consumer`, filled with the
+    pattern; the consumer's READ notification or the lease's expiry frees it. Returns
+    (address, device id, lease seconds). LeaseError / StagingFull when it cannot."""
+    from .lease import LeaseError, StagingFull
+    from .transport import Transport
+
+    if not req_id.startswith(PATTERN_REQ_PREFIX):
+        raise LeaseError(f"a pattern's request id starts with {PATTERN_REQ_PREFIX!r}")
+    leases = rank.leases
+    leases.hold(req_id)
+    try:
+        off = leases.slot(req_id, consumer, nbytes, expected=1)
+    except StagingFull:
+        leases.ack(req_id, consumer, expected=1)  # ends the lease now, not at its expiry
+        raise
+    rank.staging[off:off + nbytes].copy_(pattern(seed, nbytes).to(rank.staging.device))
+    if rank.staging.is_cuda:
+        import torch
+
+        torch.cuda.synchronize(rank.staging.device)
+    return rank.staging.data_ptr() + off, Transport.dev_id(rank.staging), leases.lease_s
+
+
+@dataclass
+class PatternPull:
+    bytes: int
+    seconds: float  # the whole check: connect, handshake, stage, READ, compare
+    read_seconds: float  # the NIXL READ alone
+
+
+class PatternProbe:
+    """D: pulls a pattern from one prefill rank into a scratch buffer of its own.
+
+    One NIXL agent and one registered scratch buffer of `max_bytes` for the life of the server,
+    made at the first check: its metadata stays the same, so a prefill engine loads it once
+    however often it is checked. One check at a time (callers serialize; `lock` is taken)."""
+
+    def __init__(self, spec, factors: dict, token: bytes, device: str = "cpu",
+                 max_bytes: int = 16 << 20):
+        from .compat.hashing import hash_factors
+        from .handshake import require_token
+
+        self.spec, self.factors, self.device = spec, factors, device
+        self.token = require_token(token)
+        self.hash = hash_factors(factors)
+        self.max_bytes = max_bytes
+        self.transport: Any = None
+        self.scratch: Any = None
+        self.lock = threading.Lock()
+
+    def _ready(self) -> None:
+        if self.transport is not None:
+            return
+        import uuid
+
+        import torch
+
+        from .transport import Transport
+
+        transport = Transport(f"kvcheck-{uuid.uuid4().hex[:12]}", self.device)
+        scratch = torch.zeros(self.max_bytes, dtype=torch.uint8, device=self.device)
+        transport.register(scratch)
+        self.transport, self.scratch = transport, scratch
+
+    def pull(self, host: str, port: int, nbytes: int, timeout: float) -> PatternPull:
+        """Pull `nbytes` of a fresh pattern from the prefill rank at host:port and compare them.
+        Raises HandshakeError (side channel), TransferError (NIXL), PatternMismatch."""
+        import secrets
+        import uuid
+
+        from .handshake import SideChannelClient, compare_hash
+        from .protocol import (
+            MetaReply,
+            MetaRequest,
+            PatternReply,
+            PatternRequest,
+            ProtocolError,
+            UnexpectedMessage,
+        )
+
+        if not 1 <= nbytes <= self.max_bytes:
+            raise ValueError(f"bytes must be 1..{self.max_bytes}, got {nbytes}")
+        with self.lock:
+            t0 = time.perf_counter()
+            self._ready()
+            tr = self.transport
+            client = SideChannelClient(host, port, self.token, timeout)
+            agent = None
+            try:
+                meta = client.open(MetaRequest(self.hash, self.factors, self.spec, tr.metadata()))
+                if not isinstance(meta, MetaReply):
+                    raise UnexpectedMessage(f"expected meta-reply, got {type(meta).__name__}")
+                compare_hash(self.factors, self.hash, meta.factors, meta.hash)
+                agent = tr.add_peer(meta.agent_meta)
+                req_id, seed = PATTERN_REQ_PREFIX + uuid.uuid4().hex, secrets.randbits(62)
+                rep = client.call(PatternRequest(req_id, nbytes, seed))
+                if not isinstance(rep, PatternReply):
+                    raise UnexpectedMessage(f"expected pattern-reply, got {type(rep).__name__}")
+                st = meta.staging
+                if (rep.nbytes != nbytes or rep.dev != st.dev or rep.addr < st.addr
+                        or rep.addr + nbytes > st.addr + st.nbytes):
+                    raise ProtocolError("the prefill side named a pattern slot outside its "
+                                        "staging region")
+                t_read = time.perf_counter()
+                handle = tr.read(agent, (self.scratch.data_ptr(), nbytes, tr.dev_id(self.scratch)),
+                                 (rep.addr, nbytes, rep.dev),
+                                 f"{req_id}:{self.spec.tp_rank}:1")  # frees P's slot
+                tr.wait([handle], timeout)
+                read_s = time.perf_counter() - t_read
+                _compare(self.scratch[:nbytes].cpu(), pattern(seed, nbytes))
+                return PatternPull(nbytes, time.perf_counter() - t0, read_s)
+            finally:
+                client.close()
+                if agent is not None:
+                    tr.remove_peer(agent)  # a replaced prefill pod leaves nothing behind
+
+    def close(self) -> None:
+        with self.lock:
+            if self.transport is not None:
+                self.transport.close()
+                self.transport = self.scratch = None
+
+
+def _compare(got, want) -> None:
+    diff = (got != want).nonzero()
+    if diff.numel():
+        raise PatternMismatch(int(diff.numel()), int(diff[0, 0]), int(want.numel()))

@@ -36,6 +36,7 @@ from .protocol import (
     MetaReply,
     MetaRequest,
     NotConnected,
+    PatternRequest,
     PrepareReply,
     PrepareRequest,
     ProtocolError,
@@ -170,11 +171,16 @@ class PrefillRank:
 
     # -- the side channel
 
-    def _handle(self, msg: MetaRequest | PrepareRequest, session: Session) -> Any:
+    def _handle(self, msg: MetaRequest | PrepareRequest | PatternRequest,
+                session: Session) -> Any:
         if isinstance(msg, MetaRequest):
             return self._meta(msg, session)
         if isinstance(msg, PrepareRequest):
             return self._prepare(msg, session)
+        if isinstance(msg, PatternRequest):  # the KV path check (selftest.py)
+            from .selftest import serve_pattern
+
+            return serve_pattern(self, msg, session)
         raise UnexpectedMessage(f"unexpected {type(msg).__name__}")
 
     def _meta(self, msg: MetaRequest, session: Session) -> MetaReply:

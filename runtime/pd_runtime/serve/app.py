@@ -4,9 +4,11 @@
     state.engine = await AsyncEngine.start(args)     # /health says 503 "loading" until then
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream as SSE, ending with
-`data: [DONE]`), GET /v1/models, GET /health, GET /metrics. The P/D protocol is vLLM's, as
-vllm-router drives it: a request carrying `kv_transfer_params` goes to the engine with them, and
-P's answer carries the engine's `kv_transfer_params` (which the router forwards to D unchanged).
+`data: [DONE]`), GET /v1/models, GET /health, GET /metrics, and on a decode server POST
+/pd/v1/kv-path-check (kvcheck.py: a known pattern pulled from a prefill engine). The P/D
+protocol is vLLM's, as vllm-router drives it: a request carrying `kv_transfer_params` goes to
+the engine with them, and P's answer carries the engine's `kv_transfer_params` (which the router
+forwards to D unchanged).
 A client that disconnects aborts its request in the engine (its KV blocks are freed).
 """
 
@@ -26,6 +28,7 @@ from aiohttp import web
 
 from ..engine.errors import EngineError
 from ..engine.tokenizer import ChatTemplateError
+from . import kvcheck
 from . import protocol as pr
 from .metrics import CONTENT_TYPE, ServerMetrics
 
@@ -88,6 +91,7 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    kvcheck.install(app, lambda: state.engine)
     return app
 
 
