@@ -1,28 +1,35 @@
-# syntax=docker/dockerfile:1
 # The operator image (ghcr.io/pd-operator/pd-operator, the chart's default image): `pdctl`
 # with the webhook, kopf, the Kubernetes client, pydantic and pd_runtime.compat. The base
 # dependencies of pyproject.toml only: no torch, no nixl (the `runtime` extra is not installed),
 # so the image stays small and starts fast.
 #
-# Not built in this repository's development sandbox (it has no Docker daemon); the chart tests
-# render it and run the operator from the source tree instead. Build from the repository root:
+# From a registry base, at the repository root:
 #   docker build -f deploy/images/operator.Dockerfile -t ghcr.io/pd-operator/pd-operator:0.1.0 .
 # operator.Dockerfile.dockerignore (BuildKit reads it) keeps .venv, tests and caches out.
+# Without a registry (this repository's development machine): `pdctl dev images build` builds
+# it FROM a local Debian base (debootstrap) with a staged context; see docs/images.md.
+# No `# syntax=` line: it would pull a frontend image, and the legacy builder must work too.
 
+# Any Debian/Ubuntu-like image with python3 >= 3.11 and its venv module.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# A virtual environment, so the final stage copies one folder and no build tools.
+RUN python3 -m venv /opt/pd-operator
+ENV PATH=/opt/pd-operator/bin:$PATH
 WORKDIR /src
+# The dependencies first, from pyproject.toml and the version file only: a change in the
+# sources then reuses this layer (the package itself is reinstalled below).
 COPY pyproject.toml README.md ./
+COPY runtime/pd_runtime/__init__.py runtime/pd_runtime/__init__.py
+RUN pip install ".[router]" && pip uninstall -y pd-operator
 COPY operator/ operator/
 COPY runtime/ runtime/
-# A virtual environment, so the final stage copies one folder and no build tools.
-RUN python -m venv /opt/pd-operator \
- && /opt/pd-operator/bin/pip install ".[router]" \
- && /opt/pd-operator/bin/python -c "import pd_operator.cli.main, pd_runtime.compat, kopf" \
- && /opt/pd-operator/bin/vllm-router --help > /dev/null \
- && ! /opt/pd-operator/bin/python -c "import torch" 2>/dev/null
+RUN pip install ".[router]" \
+ && python3 -c "import pd_operator.cli.main, pd_runtime.compat, kopf" \
+ && vllm-router --help > /dev/null \
+ && ! python3 -c "import torch" 2>/dev/null
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="pd-operator" \

