@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from pd_runtime.protocol import PrepareReply
+from pd_runtime.protocol import PatternReply, PrepareReply
 from pd_runtime.selftest import Cell, build_prefill
 from pd_runtime.transport import TransferError, Transport
 from pd_runtime.worker import PrefillRank
@@ -53,6 +53,21 @@ def die_after_first_prepare(rank: PrefillRank, delay_s: float = 0.05) -> None:
         reply = inner(msg, session)
         if isinstance(reply, PrepareReply):
             threading.Timer(delay_s, os._exit, (DIED_EXIT_CODE,)).start()
+        return reply
+
+    rank.server.handler = handler
+
+
+def corrupt_patterns(rank: PrefillRank) -> None:
+    """Every KV path check pattern this rank stages has one byte flipped after staging (what a
+    wrong address, a stale buffer or a bad link would deliver to the decode side)."""
+    inner = rank.server.handler
+
+    def handler(msg: Any, session: Any) -> Any:
+        reply = inner(msg, session)
+        if isinstance(reply, PatternReply):
+            off = reply.addr - rank.staging.data_ptr() + reply.nbytes // 2
+            rank.staging[off] = 255 - int(rank.staging[off])
         return reply
 
     rank.server.handler = handler

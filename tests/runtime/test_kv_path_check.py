@@ -1,0 +1,233 @@
+"""POST /pd/v1/kv-path-check between two real engine servers (`pd-runtime serve`, prefill and
+decode, tiny Llama on CPU, NIXL over UCX), and the operator's check function against them.
+
+The decode server pulls a fresh pattern from the prefill server's side channel: ok with the
+bytes and the time; no bearer token -> 401 Unauthorized, a wrong one -> 403 Forbidden; a
+prefill side channel that is down -> Unreachable; a prefill rank whose staged pattern is
+corrupted (tests/runtime/faults.py) -> PatternMismatch; the prefill side keeps no lease and no
+staging slot after any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import free_port, nixl_import_error, post_json, stop_group, wait_for
+
+NIXL_ERR = nixl_import_error()
+pytestmark = [
+    pytest.mark.nixl,
+    pytest.mark.slow,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(NIXL_ERR is not None, reason=f"nixl cannot be imported here: {NIXL_ERR}"),
+]
+
+TOKEN = "kv-path-check-test-token"
+MODEL = "pd-test/tiny"
+CHECK = "/pd/v1/kv-path-check"
+MIB = 1 << 20
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, side_port: int, log: Path):
+        self.proc, self.url, self.side_port, self.log = proc, url, side_port, log
+
+
+def _serve(role: str, model_dir: str, token_file: Path, tmp: Path) -> Server:
+    port, side = free_port(), free_port()
+    argv = [sys.executable, "-m", "pd_runtime.cli", "serve", "--role", role, "--model", MODEL,
+            "--model-dir", model_dir, "--family", "dense", "--dtype", "bfloat16",
+            "--num-kv-heads", "8", "--head-size", "8", "--num-layers", "2",
+            "--buffer-device", "cpu", "--device", "cpu", "--host", "127.0.0.1",
+            "--port", str(port), "--side-channel-port", str(side),
+            "--side-channel-host", "127.0.0.1", "--side-channel-token-file", str(token_file),
+            "--kv-cache-memory", "8MiB"]
+    log = tmp / f"{role}.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return Server(proc, f"http://127.0.0.1:{port}", side, log)
+
+
+def _healthy(s: Server) -> bool:
+    if s.proc.poll() is not None:
+        raise AssertionError(f"server exited {s.proc.returncode}:\n{s.log.read_text()[-3000:]}")
+    try:
+        with urllib.request.urlopen(s.url + "/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from tests.engine_fixtures import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "ckpt", seed=5, dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("kvcheck")
+    token_file = tmp / "token"
+    token_file.write_text(TOKEN)
+    started = [_serve("prefill", model_dir, token_file, tmp),
+               _serve("decode", model_dir, token_file, tmp)]
+    try:
+        for s in started:
+            wait_for(f"{s.url} healthy", lambda s=s: _healthy(s), timeout=180)
+        yield started[0], started[1]
+    finally:
+        for s in started:
+            stop_group(s.proc, grace_s=20)
+
+
+def check(d: Server, prefill: str, token: str | None = TOKEN, **body: Any
+          ) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(
+        d.url + CHECK, method="POST",
+        data=json.dumps({"version": 1, "prefill": prefill, **body}).encode(),
+        headers={"Content-Type": "application/json",
+                 **({"Authorization": f"Bearer {token}"} if token is not None else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=90) as r:  # noqa: S310 - local URL
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_pull_from_a_real_prefill_server(servers):
+    p, d = servers
+    for _ in range(2):  # the second check reuses D's probe; P loads its agent once
+        status, out = check(d, f"127.0.0.1:{p.side_port}", bytes=MIB)
+        assert status == 200 and out["ok"] is True, out
+        assert out["version"] == 1 and out["bytes"] == MIB and out["error"] is None
+        assert 0 < out["read_seconds"] <= out["seconds"] < 30
+
+
+def test_no_or_wrong_token_is_refused_by_name(servers):
+    p, d = servers
+    status, out = check(d, f"127.0.0.1:{p.side_port}", token=None)
+    assert status == 401 and out["ok"] is False and out["error"]["code"] == "Unauthorized"
+    status, out = check(d, f"127.0.0.1:{p.side_port}", token="not-the-token")
+    assert status == 403 and out["error"]["code"] == "Forbidden"
+
+
+def test_invalid_requests_are_named(servers):
+    p, d = servers
+    status, out = check(d, f"127.0.0.1:{p.side_port}", bytes=0)
+    assert status == 400 and out["error"]["code"] == "InvalidRequest"
+    assert "bytes" in out["error"]["message"]
+    status, out = check(d, "no-port-here")
+    assert status == 400 and "host:port" in out["error"]["message"]
+    status, out = post_json(d.url + CHECK, {"version": 2, "prefill": "a:1"}, 30)
+    assert status == 401  # the token comes first: nothing is parsed for a stranger
+    status, out = check(d, "a:1", version=2)
+    assert status == 400 and out["error"]["code"] == "UnsupportedVersion"
+
+
+def test_prefill_server_refuses_to_check(servers):
+    p, _ = servers
+    status, out = check(p, f"127.0.0.1:{p.side_port}")
+    assert status == 409 and out["error"]["code"] == "NotDecodeServer"
+
+
+def test_prefill_down_is_unreachable(servers):
+    _, d = servers
+    status, out = check(d, f"127.0.0.1:{free_port()}", timeout_s=5)
+    assert status == 200 and out["ok"] is False
+    assert out["error"]["code"] == "Unreachable", out
+
+
+def _in_process_prefill(model_dir: str, token: str):
+    """A prefill rank in this process with the servers' geometry and factors (the same hash)."""
+    import torch
+
+    from pd_runtime.engine.checkpoint import load_checkpoint
+    from pd_runtime.engine.core import rank_spec_for
+    from pd_runtime.engine.pd import engine_factors, make_prefill_side
+    from pd_runtime.kvcache import arena_layout
+
+    cfg = load_checkpoint(model_dir).config
+    spec = rank_spec_for(cfg, block_size=16, layout="HND", num_blocks=16)
+    arena = torch.zeros(arena_layout(spec).nbytes, dtype=torch.uint8)
+    return make_prefill_side(spec, engine_factors(cfg, MODEL), token, arena)
+
+
+def _released(rank) -> bool:
+    st = rank.stats()
+    return st["held"] == 0 and st["staging_in_use"] == 0
+
+
+def test_corrupted_pattern_is_a_mismatch_and_nothing_stays_held(servers, model_dir):
+    from tests.runtime.faults import corrupt_patterns
+
+    _, d = servers
+    side = _in_process_prefill(model_dir, TOKEN)
+    rank = side.ranks[0]
+    try:
+        addr = f"127.0.0.1:{rank.address[1]}"
+        status, out = check(d, addr, bytes=MIB)
+        assert status == 200 and out["ok"] is True, out
+        wait_for("P's slot released", lambda: _released(rank), timeout=10, every=0.05)
+        corrupt_patterns(rank)
+        status, out = check(d, addr, bytes=MIB)
+        assert status == 200 and out["ok"] is False, out
+        assert out["error"]["code"] == "PatternMismatch"
+        assert "1 of 1048576 bytes differ" in out["error"]["message"]
+        wait_for("P's slot released", lambda: _released(rank), timeout=10, every=0.05)
+        assert rank.stats()["completed"] == 2
+    finally:
+        side.close()
+
+
+def test_prefill_with_another_token_is_refused_by_the_side_channel(servers, model_dir):
+    _, d = servers
+    side = _in_process_prefill(model_dir, "another-token")
+    try:
+        status, out = check(d, f"127.0.0.1:{side.ranks[0].address[1]}", timeout_s=5)
+        assert status == 200 and out["error"]["code"] == "SideChannelAuthFailed", out
+    finally:
+        side.close()
+
+
+# ------------------------------------------------------------------ the operator's side
+def test_operator_check_function_against_the_servers(servers):
+    """pd_operator.kvpath_check.check: what KVPathVerified runs, against real servers."""
+    from pd_operator import kvpath, kvpath_check
+
+    p, d = servers
+    decode = d.url.removeprefix("http://")
+    prefill = f"127.0.0.1:{p.side_port}"
+    t0 = time.monotonic()
+    ok = asyncio.run(kvpath_check.check(decode, prefill, TOKEN))
+    assert ok.ok and ok.reason == "Verified" and ok.bytes == kvpath.CHECK_BYTES, ok
+    assert 0 < ok.seconds < time.monotonic() - t0
+    wrong = asyncio.run(kvpath_check.check(decode, prefill, "wrong"))
+    assert not wrong.ok and wrong.reason == "Forbidden"
+    down = asyncio.run(kvpath_check.check(decode, f"127.0.0.1:{free_port()}", TOKEN,
+                                          timeout_s=5))
+    assert not down.ok and down.reason == "Unreachable"
+    gone = asyncio.run(kvpath_check.check(f"127.0.0.1:{free_port()}", prefill, TOKEN,
+                                          call_timeout_s=5))
+    assert not gone.ok and gone.reason == kvpath_check.DECODE_UNREACHABLE
+
+
+def test_the_operator_speaks_the_servers_wire():
+    from pd_operator import kvpath
+    from pd_runtime.serve import kvcheck
+
+    assert kvpath.CHECK_PATH == kvcheck.KV_PATH_CHECK
+    assert kvpath.WIRE_VERSION == kvcheck.WIRE_VERSION
+    assert kvpath.CHECK_BYTES <= kvcheck.MAX_CHECK_BYTES
+    assert kvpath.CHECK_TIMEOUT_S <= kvcheck.MAX_TIMEOUT_S
