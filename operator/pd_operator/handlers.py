@@ -12,6 +12,12 @@ ApplyFailed or RenderFailed, the message naming the child and quoting the API se
 PDDeployment gets a Warning Event for each new failure, and kopf retries after `retry_delay`
 (doubling from 5 s to 5 min). Log lines name the object as namespace/name.
 
+KVPathVerified (builtin pools): once both pools are ready, a task per PDDeployment picks a ready
+prefill and decode pod and asks the decode pod to pull a pattern from the prefill pod
+(kvpath_check.py; off the reconcile path, bounded in time); a failure is retried with backoff
+(5 s doubling to 5 min) while the pools stay ready. Pools that stop being ready forget the
+result, so a replaced pod is checked again. `--kv-path-verification=off` skips it (fake nodes).
+
 State kept in memory (`RUNTIME.owned`) is a cache: after a restart the resume handlers rebuild it.
 
 Events missed while a watch was down are not lost: kopf re-lists when it reconnects (the API
@@ -35,8 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
+from pd_runtime.compat import ENGINE_HTTP_PORT
 
-from . import kinds, kube, metrics, render, status
+from . import kinds, kube, kvpath, kvpath_check, metrics, render, status
 from .api import v1alpha1 as api
 from .render import labels
 from .render import secret as side_channel
@@ -75,8 +82,11 @@ RBAC_RULES = [
       for g, _, p, _, _ in CHILD_KINDS),
     # kopf.event posts core/v1 Events (create only)
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-    # the side-channel token Secret: created once, never read, updated or watched
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    # the side-channel token Secret: created once; read (get) as the KV path check's bearer
+    # token; never updated, listed or watched
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "get"]},
+    # the KV path check picks a ready prefill and decode pod (their IPs)
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
      "verbs": ["get", "create", "update"]},
 ]
@@ -97,6 +107,8 @@ class Owned:
     policy: str = "Strict"  # spec.validation.policy of the last parsed spec (for Validated)
     failure: status.Failure | None = None  # the last reconcile's error, None after a success
     token_ready: bool = False  # the side-channel token Secret exists (created or found)
+    kv: kvpath.KVPathState = field(default_factory=kvpath.KVPathState)  # the KV path check
+    kv_task: asyncio.Task[None] | None = None  # the running check (and its retries)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -107,6 +119,7 @@ class Runtime:
         self.client: kube.Client | None = None
         self.owned: dict[tuple[str, str], Owned] = {}
         self.apply_concurrency = 8
+        self.kv_path_verification = True  # --kv-path-verification
 
     def api(self) -> kube.Client:
         if self.client is None:
@@ -303,6 +316,7 @@ async def reconcile(body: kopf.Body, logger: logging.Logger | kopf.Logger,
                                       f"attempt in {delay:.0f}s: {message}", delay=delay)
         state.failure = None
         await _write_status(client, namespace, name, state, body.get("status"))
+        _kick_kv_check(namespace, name, state)
     metrics.RECONCILES.labels("applied").inc()
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
     logger.info("%s/%s: applied %d children", namespace, name, len(rendered.children))
@@ -332,7 +346,7 @@ async def _write_status(client: kube.Client, namespace: str, name: str, state: O
         observed=status.Observed(state.observed.get("prefill"), state.observed.get("decode"),
                                  state.observed.get("router")),
         previous=previous, now=_now(), spec_error=state.spec_error, failure=state.failure,
-        policy=state.policy)
+        policy=state.policy, kv_path=_kv_path(state))
     if status.same(new, previous):
         return
     try:
@@ -348,8 +362,10 @@ async def _write_status(client: kube.Client, namespace: str, name: str, state: O
         try:
             reason = t.reason if t.type == "Degraded" and t.warning else \
                 f"{t.type}{'' if t.status == 'True' else 'False'}"
+            message = f"{t.reason}: {t.message}" if t.type == "KVPathVerified" and t.warning \
+                else t.message
             kopf.event(owner, type="Warning" if t.warning else "Normal", reason=reason,
-                       message=t.message)
+                       message=status.truncate(message))
         except LookupError:  # outside a handler's context: log instead
             log.info("%s/%s: %s=%s (%s)", namespace, name, t.type, t.status, t.message)
 
@@ -366,7 +382,9 @@ async def on_pddeployment(body: kopf.Body, logger: kopf.Logger, retry: int = 0,
 async def on_pddeployment_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     if event.get("type") == "DELETED":
         meta = body.get("metadata", {})
-        RUNTIME.owned.pop((meta.get("namespace"), meta.get("name")), None)
+        gone = RUNTIME.owned.pop((meta.get("namespace"), meta.get("name")), None)
+        if gone is not None and gone.kv_task is not None:
+            gone.kv_task.cancel()
 
 
 # --------------------------------------------------------------------------- child events
@@ -432,6 +450,7 @@ async def _child_event(api_version: str, kind: str, event: kopf.RawEvent,
         async with state.lock:
             if RUNTIME.owned.get((namespace, owner[0])) is state:
                 await _write_status(client, namespace, owner[0], state, None)
+                _kick_kv_check(namespace, owner[0], state)
 
 
 async def _repair(client: kube.Client, state: Owned, namespace: str, owner_name: str,
@@ -470,3 +489,93 @@ def _register_child_handlers() -> None:
 
 
 _register_child_handlers()
+
+
+# ------------------------------------------------------------------------- KV path check
+def _kv_applies(state: Owned) -> str:
+    """"check", "disabled" (--kv-path-verification=off) or "unsupported" (not builtin pools)."""
+    r = state.rendered
+    if r is not None and not (r.prefill.engine_type == "builtin"
+                              and r.decode.engine_type == "builtin"):
+        return "unsupported"
+    return "check" if RUNTIME.kv_path_verification else "disabled"
+
+
+def _kv_path(state: Owned) -> kvpath.KVPathState:
+    return kvpath.KVPathState(_kv_applies(state), state.kv.pair, state.kv.outcome,
+                              state.kv.retry_in_s)
+
+
+def _pools_ready(state: Owned) -> bool:
+    observed = status.Observed(state.observed.get("prefill"), state.observed.get("decode"),
+                               state.observed.get("router"))
+    return bool(state.desired_replicas) and status.pools_ready(observed, state.desired_replicas)
+
+
+def _kick_kv_check(namespace: str, name: str, state: Owned) -> None:
+    """Start the KV path check when the pools are ready and none runs; forget the last result
+    when they are not (a pod that comes back is checked again). Called under state.lock."""
+    task = state.kv_task
+    running = task is not None and not task.done()
+    if _kv_applies(state) != "check" or not _pools_ready(state):
+        if running and task is not None:
+            task.cancel()
+        state.kv = kvpath.KVPathState()
+        return
+    if not running:
+        state.kv_task = asyncio.create_task(_verify_kv_path(namespace, name, state),
+                                            name=f"kv-path-check {namespace}/{name}")
+
+
+def _current(namespace: str, name: str, state: Owned) -> bool:
+    return RUNTIME.owned.get((namespace, name)) is state and _pools_ready(state) and \
+        _kv_applies(state) == "check"
+
+
+async def _verify_kv_path(namespace: str, name: str, state: Owned) -> None:
+    """Check the current pair until it passes (backoff between failures); ends when it passed,
+    or the pools are no longer ready, or the PDDeployment is gone."""
+    client = RUNTIME.api()
+    owner = labels.Owner(name, namespace, state.uid)
+    attempt = 0
+    while True:
+        try:
+            outcome = await _check_once(client, owner, state, attempt)
+        except Exception as exc:  # an API error listing pods or writing status: retried
+            log.warning("%s/%s: KV path check: %s", namespace, name, exc)
+            outcome = kvpath.Outcome(False, "CheckFailed", str(exc))
+        if outcome is None or outcome.ok:
+            return
+        await asyncio.sleep(kvpath.retry_delay(attempt))
+        attempt += 1
+
+
+async def _check_once(client: kube.Client, owner: labels.Owner, state: Owned,
+                      attempt: int) -> kvpath.Outcome | None:
+    """One attempt; None when there is nothing (more) to do."""
+    namespace, name = owner.namespace, owner.name
+    pair = await kvpath_check.pick_pair(client, owner)
+    async with state.lock:
+        if not _current(namespace, name, state) or state.rendered is None:
+            return None
+        if pair is None:  # the StatefulSets count a pod ready that the pod list does not yet
+            return kvpath.Outcome(False, "NoReadyPods", "no ready pod in a pool")
+        known = state.kv
+        if known.pair is not None and known.pair.key == pair.key and known.outcome is not None \
+                and known.outcome.ok:
+            return None  # this pair was verified
+        if known.pair is None or known.pair.key != pair.key:
+            state.kv = kvpath.KVPathState(pair=pair)  # Verifying
+            await _write_status(client, namespace, name, state, None)
+        side_channel_port = state.rendered.prefill.side_channel_port
+    outcome = await kvpath_check.check_pair(client, owner, pair, ENGINE_HTTP_PORT,
+                                            side_channel_port)
+    async with state.lock:
+        if not _current(namespace, name, state) or state.kv.pair != pair:
+            return None
+        retry = None if outcome.ok else kvpath.retry_delay(attempt)
+        state.kv = kvpath.KVPathState(pair=pair, outcome=outcome, retry_in_s=retry)
+        await _write_status(client, namespace, name, state, None)
+    log.info("%s/%s: KV path %s -> %s: %s %s", namespace, name, pair.prefill.name,
+             pair.decode.name, outcome.reason, outcome.message)
+    return outcome

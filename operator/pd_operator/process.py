@@ -68,6 +68,7 @@ class Options:
     metrics_addr: str = "0.0.0.0"
     apply_concurrency: int = 8
     api_concurrency: int = 32
+    kv_path_verification: bool = True  # False: fake nodes / development only (KVPathVerified)
     verbose: bool = False
 
 
@@ -95,6 +96,10 @@ async def _start_and_serve(opts: Options, stop: asyncio.Event,
     undo.push_async_callback(client.close)
     handlers.RUNTIME.client = client
     handlers.RUNTIME.apply_concurrency = opts.apply_concurrency
+    handlers.RUNTIME.kv_path_verification = opts.kv_path_verification
+    if not opts.kv_path_verification:
+        log.warning("--kv-path-verification=off: builtin pools become Ready without a KV path "
+                    "check (fake nodes and development only)")
     if opts.metrics_port:
         metrics.serve(opts.metrics_port, opts.metrics_addr)
     if opts.webhook is not None:

@@ -3,11 +3,14 @@
 The status is built as the API's own status model (api.PDDeploymentStatus) and returned in its
 JSON form, so it cannot drift from the CRD's schema.
 
-Conditions (a list keyed by type): Validated, PrefillReady, DecodeReady, RouterReady, Ready, and
+Conditions (a list keyed by type): Validated, PrefillReady, DecodeReady, RouterReady,
+KVPathVerified (a real pull between a prefill and a decode pod: kvpath.py), Ready, and
 Degraded (True while the last reconcile failed: the child it failed on and the API server's
-message, or the renderer's error). `lastTransitionTime` only moves when a condition's status
-changes. The handlers turn the returned transitions into Kubernetes Events; a Degraded
-condition whose message changes is a transition too, so each new failure is an Event.
+message, or the renderer's error). Ready needs every other readiness condition True, except a
+KVPathVerified that is Unknown because no check applies (vLLM pools, verification off).
+`lastTransitionTime` only moves when a condition's status changes. The handlers turn the
+returned transitions into Kubernetes Events; a Degraded condition whose message changes, and a
+KVPathVerified that fails for a new reason, are transitions too, so each new failure is an Event.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from typing import Any
 
 from pd_runtime.compat import Decision
 
+from . import kvpath
 from .api import v1alpha1 as api
 
-CONDITION_TYPES = ("Validated", "PrefillReady", "DecodeReady", "RouterReady", "Ready",
-                   "Degraded")
+CONDITION_TYPES = ("Validated", "PrefillReady", "DecodeReady", "RouterReady", "KVPathVerified",
+                   "Ready", "Degraded")
 # Longest message kept in a condition or Event (the API server's messages can quote a whole
 # object; the Event API caps messages at 1 KiB).
 MAX_MESSAGE = 1000
@@ -76,6 +80,15 @@ def _workload(obj: dict[str, Any] | None, desired: int,
     return "True", "AllReplicasReady", f"{ready}/{spec_replicas} pods ready", pool
 
 
+POOL_CONDITIONS = ("PrefillReady", "DecodeReady")
+
+
+def pools_ready(observed: Observed, desired: dict[str, int]) -> bool:
+    """Both pools' StatefulSets are ready (what the KV path check waits for)."""
+    return all(_workload(getattr(observed, k), desired.get(k, 0), "StatefulSet")[0] == "True"
+               for k in ("prefill", "decode"))
+
+
 DISABLED_MESSAGE = "validation.policy is Disabled: the pools were not checked"
 
 
@@ -99,12 +112,14 @@ def _validated(decision: Decision | None, spec_error: str | None,
 def compute(*, generation: int | None, desired: dict[str, int], decision: Decision | None,
             observed: Observed, previous: dict[str, Any] | None, now: str,
             spec_error: str | None = None, failure: Failure | None = None,
-            policy: str = "Strict") -> tuple[dict[str, Any], list[Transition]]:
+            policy: str = "Strict", kv_path: kvpath.KVPathState | None = None,
+            ) -> tuple[dict[str, Any], list[Transition]]:
     """The full status and the condition transitions since `previous` (the stored status).
 
     `desired` has the wanted replicas of "prefill", "decode" and "router"; `failure` is the
     last reconcile's error (None when it succeeded); `policy` is the spec's validation.policy
-    (under Disabled, Validated is Unknown: nothing was checked).
+    (under Disabled, Validated is Unknown: nothing was checked); `kv_path` is what the KV path
+    check knows (None: no check applies, as for vLLM pools).
     """
     previous = previous or {}
     prev_conds = {c.get("type"): c for c in previous.get("conditions") or []}
@@ -118,7 +133,11 @@ def compute(*, generation: int | None, desired: dict[str, int], decision: Decisi
         s, r, m, pool = _workload(getattr(observed, key), desired[key], kind)
         pools[key] = pool
         rows.append((cond, s, r, m))
-    not_ready = [t for t, s, _, _ in rows if s != "True"]
+    pools_ready = all(s == "True" for t, s, _, _ in rows if t in POOL_CONDITIONS)
+    rows.append(("KVPathVerified", *kvpath.condition(
+        kv_path or kvpath.KVPathState(applies="unsupported"), pools_ready)))
+    not_ready = [t for t, s, r, _ in rows
+                 if (kvpath.blocks_ready(s, r) if t == "KVPathVerified" else s != "True")]
     if not not_ready:
         rows.append(("Ready", "True", "AllComponentsReady", "prefill, decode and router ready"))
     else:
@@ -137,9 +156,13 @@ def compute(*, generation: int | None, desired: dict[str, int], decision: Decisi
         conditions.append(api.Condition.model_validate({
             "type": ctype, "status": cstatus, "reason": reason, "message": message,
             "lastTransitionTime": keep_time or now, "observedGeneration": generation}))
-        bad = cstatus == "True" if ctype == "Degraded" else cstatus != "True"
-        new_failure = ctype == "Degraded" and bad and prev is not None and \
-            prev.get("message") != message
+        bad = cstatus == "True" if ctype == "Degraded" else \
+            kvpath.blocks_ready(cstatus, reason) if ctype == "KVPathVerified" else \
+            cstatus != "True"
+        new_failure = prev is not None and bad and (
+            (ctype == "Degraded" and prev.get("message") != message)
+            or (ctype == "KVPathVerified" and prev.get("reason") != reason
+                and reason not in kvpath.QUIET))  # each new reason a check fails for
         if (changed and (prev is not None or cstatus == "True" or ctype == "Validated")) \
                 or new_failure:
             transitions.append(Transition(ctype, cstatus, reason, message, warning=bad))

@@ -55,6 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="concurrent server-side applies per PDDeployment")
     run.add_argument("--api-concurrency", type=int, default=32,
                      help="API requests in flight at once (process-wide)")
+    run.add_argument("--kv-path-verification", choices=("on", "off"), default="on",
+                     help="KVPathVerified: prove the KV path between a ready prefill and decode "
+                     "pod of builtin pools (a real pull) before Ready. 'off' is for fake nodes "
+                     "(kwok) and development only: Ready then comes with KVPathVerified=Unknown "
+                     "(VerificationDisabled)")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
 
@@ -139,7 +144,7 @@ def options_from(args: argparse.Namespace) -> process.Options:
         kubeconfig=args.kubeconfig, namespaces=tuple(args.namespace), webhook=webhook,
         lease=lease, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
         apply_concurrency=args.apply_concurrency, api_concurrency=args.api_concurrency,
-        verbose=args.verbose)
+        kv_path_verification=args.kv_path_verification == "on", verbose=args.verbose)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -13,8 +13,9 @@ import kopf
 import pytest
 from op_fixtures import BASE
 
-from pd_operator import handlers, kube
+from pd_operator import handlers, kube, kvpath, kvpath_check
 from pd_operator.api import v1alpha1 as api
+from pd_operator.render import labels
 
 BODY = {"apiVersion": handlers.API_VERSION, "kind": "PDDeployment",
         "metadata": {"name": "demo", "namespace": "ns1", "uid": "u1", "generation": 1},
@@ -41,7 +42,15 @@ class RecordingClient:
 
     async def get(self, api_version, kind, namespace, name):
         self._record("get", api_version, kind)
+        if kind == "Secret":  # the side-channel token, read by the KV path check
+            return {"data": {"token": "dG9rZW4="}}
         return copy.deepcopy(BODY)
+
+    async def list(self, api_version, kind, namespace=None, label_selector=None):
+        self._record("list", api_version, kind)
+        return [{"metadata": {"name": "p-0", "uid": "p"}, "status": {
+            "phase": "Running", "podIP": "10.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}]}}]
 
     async def patch_merge(self, api_version, kind, namespace, name, patch, subresource=None):
         self._record("patch_merge", api_version, kind, subresource)
@@ -62,7 +71,7 @@ def recorder(monkeypatch):
     return rec
 
 
-def test_rbac_rules_are_exactly_the_calls_the_handlers_make(recorder):
+def test_rbac_rules_are_exactly_the_calls_the_handlers_make(recorder, monkeypatch):
     log = logging.getLogger("t")
     # a builtin pair too: its side-channel token Secret is created once (create only)
     builtin = copy.deepcopy(BODY)
@@ -71,6 +80,20 @@ def test_rbac_rules_are_exactly_the_calls_the_handlers_make(recorder):
                                  "image": "ghcr.io/pd-operator/pd-runtime:0.1.0"}
     asyncio.run(handlers.reconcile(kopf.Body(builtin), log))
     assert ("", "secrets", "create") in recorder.grants
+    # its KV path check once both pools are ready: list the pools' pods, read the token
+    kv_state = handlers.RUNTIME.owned[("ns1", "demo-builtin")]
+    for sts in (c for c in kv_state.desired_children.values() if c["kind"] == "StatefulSet"):
+        n = sts["spec"]["replicas"]
+        handlers._observe(kv_state, {**sts, "status": {"readyReplicas": n, "updatedReplicas": n}})
+
+    async def no_network(*_a, **_k):
+        return kvpath.Outcome(True, "Verified", "", 1, 0.001)
+
+    monkeypatch.setattr(kvpath_check, "check", no_network)
+    owner = labels.Owner("demo-builtin", "ns1", "u2")
+    out = asyncio.run(handlers._check_once(recorder, owner, kv_state, 0))
+    assert out is not None and out.ok
+    assert {("", "pods", "list"), ("", "secrets", "get")} <= recorder.grants
     asyncio.run(handlers.reconcile(kopf.Body(copy.deepcopy(BODY)), log))
     state = handlers.RUNTIME.owned[("ns1", "demo")]
     for key, child in state.desired_children.items():

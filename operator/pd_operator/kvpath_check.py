@@ -1,0 +1,89 @@
+"""The KV path check's shell: list the pools' pods, read the side-channel token, call the decode
+server's POST /pd/v1/kv-path-check (kvpath.py holds the pure parts).
+
+`check()` is the one call a test or a person needs: a decode pod's address, a prefill side
+channel's address and the token in, a kvpath.Outcome out, never an exception.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+import aiohttp
+
+from . import kube, kvpath
+from .render import labels
+from .render import secret as side_channel
+
+# Reasons of failures seen from the operator's side of the HTTP call (the decode server's own
+# codes come back in its answer: kvpath.parse_answer).
+DECODE_UNREACHABLE = "DecodeUnreachable"
+DECODE_TIMEOUT = "DecodeTimeout"
+TOKEN_UNAVAILABLE = "TokenUnavailable"
+
+
+async def check(decode: str, prefill: str, token: str, *, nbytes: int = kvpath.CHECK_BYTES,
+                timeout_s: float = kvpath.CHECK_TIMEOUT_S,
+                call_timeout_s: float = kvpath.CALL_TIMEOUT_S) -> kvpath.Outcome:
+    """Ask the decode server at `decode` (host:port of its HTTP server) to pull `nbytes` of a
+    pattern from the prefill side channel at `prefill` (host:port)."""
+    url = f"http://{decode}{kvpath.CHECK_PATH}"
+    body = {"version": kvpath.WIRE_VERSION, "prefill": prefill, "bytes": nbytes,
+            "timeout_s": timeout_s}
+    try:
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=call_timeout_s)) as session, \
+                session.post(url, json=body,
+                             headers={"Authorization": f"Bearer {token}"}) as resp:
+            raw = await resp.read()
+            try:
+                answer: Any = json.loads(raw)
+            except ValueError:
+                answer = raw.decode(errors="replace")
+            return kvpath.parse_answer(resp.status, answer)
+    except TimeoutError:
+        return kvpath.Outcome(False, DECODE_TIMEOUT,
+                              f"{url} did not answer within {call_timeout_s:.0f}s")
+    except aiohttp.ClientError as exc:
+        return kvpath.Outcome(False, DECODE_UNREACHABLE, f"{url}: {exc}")
+
+
+async def read_token(client: kube.Client, owner: labels.Owner) -> str:
+    """The pool's side-channel token, from the Secret the operator created (ValueError when it
+    is missing or unreadable; the value itself is never logged)."""
+    name = side_channel.name(owner)
+    obj = await client.get("v1", "Secret", owner.namespace, name)
+    data = (obj or {}).get("data") or {}
+    raw = data.get(side_channel.TOKEN_KEY)
+    if not isinstance(raw, str) or not raw:
+        raise ValueError(f"Secret {name} has no {side_channel.TOKEN_KEY!r} key"
+                         if obj else f"Secret {name} does not exist")
+    try:
+        return base64.b64decode(raw, validate=True).decode().strip()
+    except (binascii.Error, UnicodeDecodeError):
+        raise ValueError(f"Secret {name}: the token is not base64 text") from None
+
+
+async def pick_pair(client: kube.Client, owner: labels.Owner) -> kvpath.Pair | None:
+    """One ready prefill pod and one ready decode pod (None while either pool has none)."""
+    chosen: list[kvpath.PodRef | None] = []
+    for role in ("prefill", "decode"):
+        selector = ",".join(f"{k}={v}" for k, v in labels.selector_labels(owner, role).items())
+        chosen.append(kvpath.choose(await client.list("v1", "Pod", owner.namespace, selector)))
+    p, d = chosen
+    return kvpath.Pair(p, d) if p is not None and d is not None else None
+
+
+async def check_pair(client: kube.Client, owner: labels.Owner, pair: kvpath.Pair,
+                     decode_port: int, side_channel_port: int) -> kvpath.Outcome:
+    """Check `pair` with the token of `owner` (a missing token is an Outcome too)."""
+    try:
+        token = await read_token(client, owner)
+    except (ValueError, kube.ApiError) as exc:
+        return kvpath.Outcome(False, TOKEN_UNAVAILABLE, str(exc))
+    return await check(kvpath.address(pair.decode.ip, decode_port),
+                       kvpath.address(pair.prefill.ip, side_channel_port), token)
+
