@@ -226,3 +226,27 @@ def test_chart_rbac_lets_the_operator_reconcile(chart, tmp_path, kubeconfig, kub
     text = chart.log.read_text()
     for word in ("Forbidden", "forbidden", " 403"):
         assert word not in text, f"the chart's RBAC refused a request:\n{text[-4000:]}"
+
+
+def test_chart_refuses_a_webhook_configuration_it_does_not_own(dev_cluster, kubeconfig, kubectl,
+                                                               namespace):
+    """A development `pdctl operator run --local-webhook` registers
+    pd-operator.serving.pd-operator.dev, the name of a release whose full name is pd-operator:
+    the chart fails with the reason instead of helm's "cannot be imported"."""
+    release = f"pdg-{secrets.token_hex(3)}"
+    name = f"{release}-pd-operator.serving.pd-operator.dev"
+    kubectl("apply", "-f", "-", input=json.dumps({  # no webhooks: nothing is ever called
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "pd-operator"}},
+        "webhooks": []}))
+    try:
+        out = subprocess.run([dev_cluster.helm_path(), f"--kubeconfig={kubeconfig}", "install",
+                              release, str(CHART), "-n", namespace, "--dry-run=server",
+                              "--set", "crds.enabled=false"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0
+        assert f'"{name}" already exists and is not this release\'s' in out.stderr, out.stderr
+        assert "pdctl operator run --local-webhook" in out.stderr
+    finally:
+        kubectl("delete", "validatingwebhookconfiguration", name, check=False)

@@ -223,8 +223,8 @@ release whose full name is "pd-operator". Usage: include "pd-operator.webhook.gu
 {{- $release := dig "metadata" "annotations" "meta.helm.sh/release-name" "" $existing }}
 {{- $releaseNs := dig "metadata" "annotations" "meta.helm.sh/release-namespace" "" $existing }}
 {{- if or (ne $release $root.Release.Name) (ne $releaseNs $root.Release.Namespace) }}
-{{- $owner := ternary (printf "release %s in namespace %s" $release $releaseNs) (printf "%s (label app.kubernetes.io/managed-by: %s; `pdctl operator run --local-webhook` registers this name)" "not a Helm release" (dig "metadata" "labels" "app.kubernetes.io/managed-by" "unknown" $existing)) (ne $release "") }}
-{{- fail (printf "%s %q already exists and belongs to %s. Stop that operator or uninstall that release, or install under another release name (or fullnameOverride); give each one its own operator.watchNamespaces." $kind $name $owner) }}
+{{- $owner := ternary (printf "it belongs to release %s in namespace %s" $release $releaseNs) (printf "Helm did not make it (label app.kubernetes.io/managed-by: %s; `pdctl operator run --local-webhook` registers this name)" (dig "metadata" "labels" "app.kubernetes.io/managed-by" "unknown" $existing)) (ne $release "") }}
+{{- fail (printf "%s %q already exists and is not this release's: %s. Stop that operator or uninstall that release, or install under another release name (or fullnameOverride); give each one its own operator.watchNamespaces." $kind $name $owner) }}
 {{- end }}
 {{- end }}
 {{- end }}
