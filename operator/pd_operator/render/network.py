@@ -5,7 +5,9 @@ Admitted, and nothing else (rule E27 of vllm-nixl-rules.md §14):
 - decode -> prefill: the side-channel ports (base .. base+DP-1) and the NIXL/UCX data path. UCX
   picks its data ports at run time, so the data path is admitted as every TCP port from decode
   pods of the same deployment (still nothing from other pods);
-- push connector only: prefill -> decode the same way (P writes into D).
+- push connector only: prefill -> decode the same way (P writes into D);
+- builtin decode pools: the operator (the chart's pod labels, any namespace) -> decode, on the
+  engine HTTP port, for the KV path check (KVPathVerified; the endpoint also wants the token).
 Egress is not restricted (DNS, model downloads).
 """
 
@@ -19,6 +21,9 @@ from . import labels, pools
 from .labels import Owner
 
 DATA_PORT_RANGE = (1024, 65535)
+# the operator's pods as the chart labels them (app.kubernetes.io/name is the chart's name)
+OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "pd-operator",
+                       "app.kubernetes.io/component": "operator"}
 
 
 def _from(owner: Owner, component: str) -> dict[str, Any]:
@@ -39,6 +44,10 @@ def policy(owner: Owner, target: ResolvedPool, push: bool) -> dict[str, Any]:
         ingress.append(_peer_rule(owner, "decode", target))
     elif push:
         ingress.append(_peer_rule(owner, "prefill", target))
+    if role == "decode" and target.engine_type == "builtin":
+        ingress.append({"from": [{"namespaceSelector": {},
+                                  "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)}}],
+                        "ports": [{"protocol": "TCP", "port": ENGINE_HTTP_PORT}]})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

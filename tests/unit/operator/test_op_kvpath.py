@@ -1,0 +1,325 @@
+"""KVPathVerified: the pure core (kvpath.py: pod choice, answers, the condition), the status it
+feeds (Ready waits for it on builtin pools only), the decode NetworkPolicy that lets the
+operator in, and the handlers' check loop against a fake API server and a scripted check: a
+failure is retried, a pass sets True, a replaced prefill pod makes it False then True again."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+import yaml
+from op_fixtures import BASE
+
+from pd_operator import handlers, kvpath, kvpath_check, status
+from pd_operator.render import Owner, render
+from pd_operator.render.network import OPERATOR_POD_LABELS
+from pd_operator.validate import parse_spec, validate_spec
+
+BUILTIN_IMAGE = "ghcr.io/pd-operator/pd-runtime:0.1.0"
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _pod(name: str, uid: str = "u", ip: str | None = "10.0.0.9", phase: str = "Running",
+         ready: bool = True, restarts: int = 0, deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "uid": uid}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    st: dict[str, Any] = {"phase": phase, "conditions": [
+        {"type": "Ready", "status": "True" if ready else "False"}],
+        "containerStatuses": [{"restartCount": restarts}]}
+    if ip:
+        st["podIP"] = ip
+    return {"metadata": meta, "status": st}
+
+
+# ------------------------------------------------------------------------------- pure core
+def test_choose_takes_the_lowest_ready_pod_and_skips_the_rest():
+    pods = [_pod("d-10", "a"), _pod("d-2", "b"), _pod("d-0", "c", ready=False),
+            _pod("d-1", "d", ip=None), _pod("d-3", "e", deleting=True),
+            _pod("d-4", "f", phase="Pending")]
+    chosen = kvpath.choose(pods)
+    assert chosen is not None and chosen.name == "d-2"  # ordinal order, not string order
+    assert kvpath.choose([_pod("x", ready=False)]) is None
+
+
+def test_a_pod_key_changes_when_replaced_or_restarted():
+    a = kvpath.ready_pod(_pod("p-0", "uid1"))
+    assert a is not None
+    for other in (_pod("p-0", "uid2"), _pod("p-0", "uid1", restarts=1),
+                  _pod("p-0", "uid1", ip="10.0.0.10")):
+        b = kvpath.ready_pod(other)
+        assert b is not None and b.key != a.key
+
+
+@pytest.mark.parametrize("http, body, ok, reason", [
+    (200, {"version": 1, "ok": True, "bytes": 4 << 20, "seconds": 0.0031}, True, "Verified"),
+    (200, {"ok": False, "error": {"code": "PatternMismatch", "message": "1 of 4 bytes"}},
+     False, "PatternMismatch"),
+    (403, {"ok": False, "error": {"code": "Forbidden", "message": "x"}}, False, "Forbidden"),
+    (502, "<html>bad gateway</html>", False, "BadAnswer"),
+    (200, {"ok": True}, False, "BadAnswer"),
+    (500, {"ok": False, "error": {"code": "weird code!", "message": ""}}, False, "Weirdcode"),
+    (500, {"ok": False}, False, "HTTP500"),
+])
+def test_answers_become_named_outcomes(http, body, ok, reason):
+    out = kvpath.parse_answer(http, body)
+    assert out.ok is ok and out.reason == reason
+
+
+PAIR = kvpath.Pair(kvpath.PodRef("demo-prefill-0", "p", "10.0.0.1", 0),
+                   kvpath.PodRef("demo-decode-0", "d", "10.0.0.2", 0))
+
+
+def test_the_condition_table():
+    cond = kvpath.condition
+    assert cond(kvpath.KVPathState("disabled"), True)[:2] == ("Unknown", kvpath.DISABLED)
+    assert cond(kvpath.KVPathState("unsupported"), True)[:2] == ("Unknown", kvpath.UNSUPPORTED)
+    assert cond(kvpath.KVPathState(), False)[:2] == ("False", kvpath.WAITING)
+    assert cond(kvpath.KVPathState(pair=PAIR), True)[:2] == ("False", kvpath.VERIFYING)
+    ok = kvpath.Outcome(True, "Verified", "", 4 << 20, 0.0031)
+    assert cond(kvpath.KVPathState(pair=PAIR, outcome=ok), True) == (
+        "True", "Verified", "pulled 4.0 MiB from demo-prefill-0 to demo-decode-0 in 3.1 ms")
+    bad = kvpath.Outcome(False, "PullFailed", "READ failed")
+    s, r, m = cond(kvpath.KVPathState(pair=PAIR, outcome=bad, retry_in_s=20), True)
+    assert (s, r) == ("False", "PullFailed")
+    assert m == ("KV pull from demo-prefill-0 to demo-decode-0 failed: READ failed; "
+                 "next check in 20s")
+    # an outcome is only shown while the pools are ready
+    assert cond(kvpath.KVPathState(pair=PAIR, outcome=ok), False)[1] == kvpath.WAITING
+
+
+def test_retry_delay_doubles_to_five_minutes():
+    assert [kvpath.retry_delay(i) for i in range(4)] == [5, 10, 20, 40]
+    assert kvpath.retry_delay(30) == 300
+
+
+def test_the_operator_address_of_an_ipv6_pod():
+    assert kvpath.address("fd00::5", 8000) == "[fd00::5]:8000"
+    assert kvpath.address("10.0.0.5", 5600) == "10.0.0.5:5600"
+
+
+# ---------------------------------------------------------------------------------- status
+def _sts(n: int, ready: int) -> dict[str, Any]:
+    return {"metadata": {"generation": 1}, "spec": {"replicas": n},
+            "status": {"observedGeneration": 1, "readyReplicas": ready, "updatedReplicas": n}}
+
+
+def _decision():
+    return render(Owner("demo", "ns", "u"), validate_spec(parse_spec(BASE["spec"]))).decision
+
+
+ALL_READY = status.Observed(_sts(1, 1), _sts(1, 1), _sts(1, 1))
+DESIRED = {"prefill": 1, "decode": 1, "router": 1}
+
+
+def _status(kv: kvpath.KVPathState | None, observed=ALL_READY, previous=None):
+    return status.compute(generation=1, desired=DESIRED, decision=_decision(),
+                          observed=observed, previous=previous, now="t", kv_path=kv)
+
+
+def _cond(st: dict[str, Any], t: str = "KVPathVerified") -> dict[str, Any]:
+    return next(c for c in st["conditions"] if c["type"] == t)
+
+
+def test_ready_waits_for_the_kv_path_on_builtin_pools_only():
+    assert "KVPathVerified" in status.CONDITION_TYPES
+    st, _ = _status(kvpath.KVPathState(pair=PAIR))
+    assert st["phase"] == "Progressing" and _cond(st, "Ready")["status"] == "False"
+    assert "KVPathVerified" in _cond(st, "Ready")["message"]
+    ok = kvpath.Outcome(True, "Verified", "", 1 << 20, 0.002)
+    st, tr = _status(kvpath.KVPathState(pair=PAIR, outcome=ok), previous=st)
+    assert st["phase"] == "Ready" and _cond(st)["status"] == "True"
+    assert ("KVPathVerified", "True") in {(t.type, t.status) for t in tr}
+    for applies in ("unsupported", "disabled"):  # Unknown, and Ready all the same
+        st, _ = _status(kvpath.KVPathState(applies))
+        assert st["phase"] == "Ready" and _cond(st)["status"] == "Unknown"
+    st, _ = _status(None)  # no check applies (vLLM)
+    assert _cond(st)["reason"] == kvpath.UNSUPPORTED and st["phase"] == "Ready"
+
+
+def test_each_new_failure_reason_is_one_event():
+    verifying, _ = _status(kvpath.KVPathState(pair=PAIR))
+    failed = kvpath.KVPathState(pair=PAIR, outcome=kvpath.Outcome(False, "Unreachable", "x"),
+                                retry_in_s=5)
+    st, tr = _status(failed, previous=verifying)
+    (t,) = [t for t in tr if t.type == "KVPathVerified"]
+    assert t.warning and t.reason == "Unreachable"
+    again = kvpath.KVPathState(pair=PAIR, outcome=kvpath.Outcome(False, "Unreachable", "x"),
+                               retry_in_s=10)
+    st2, tr = _status(again, previous=st)
+    assert not [t for t in tr if t.type == "KVPathVerified"]  # the same reason: no new Event
+    assert "next check in 10s" in _cond(st2)["message"]
+
+
+# ------------------------------------------------------------------------- network policy
+def _builtin_spec() -> dict[str, Any]:
+    spec = copy.deepcopy(BASE["spec"])
+    spec["engine"] = {"type": "builtin", "image": BUILTIN_IMAGE}
+    spec["decode"]["replicas"] = 1
+    return spec
+
+
+def test_the_operator_may_reach_builtin_decode_pods_on_the_engine_port():
+    children = render(Owner("demo", "ns", "u"), validate_spec(parse_spec(_builtin_spec()))
+                      ).children
+    dec = next(c for c in children if c["kind"] == "NetworkPolicy"
+               and c["metadata"]["name"] == "demo-decode")
+    (rule,) = [r for r in dec["spec"]["ingress"] if "namespaceSelector" in r["from"][0]]
+    assert rule["from"][0]["podSelector"]["matchLabels"] == OPERATOR_POD_LABELS
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+    chart = yaml.safe_load((ROOT / "charts/pd-operator/Chart.yaml").read_text())
+    assert chart["name"] == OPERATOR_POD_LABELS["app.kubernetes.io/name"]
+
+
+# ------------------------------------------------------------------------ the check loop
+class FakeAPI:
+    """Pods per pool, the token Secret, and every status written."""
+
+    def __init__(self) -> None:
+        self.pods = {"prefill": [_pod("demo-prefill-0", "p1", "10.0.0.1")],
+                     "decode": [_pod("demo-decode-0", "d1", "10.0.0.2")]}
+        self.statuses: list[dict[str, Any]] = []
+
+    async def apply(self, obj, **_):
+        return obj
+
+    async def create(self, obj, **_):
+        return obj
+
+    async def get(self, api_version, kind, namespace, name):
+        if kind == "Secret":
+            return {"data": {"token": "c2VjcmV0"}}
+        return None
+
+    async def list(self, api_version, kind, namespace=None, label_selector=None):
+        role = "prefill" if "component=prefill" in (label_selector or "") else "decode"
+        return copy.deepcopy(self.pods[role])
+
+    async def patch_merge(self, api_version, kind, namespace, name, patch, subresource=None):
+        self.statuses.append(patch["status"])
+        return patch
+
+    def kv(self) -> list[tuple[str, str]]:
+        out = []
+        for st in self.statuses:
+            c = _cond(st)
+            if not out or out[-1] != (c["status"], c["reason"]):
+                out.append((c["status"], c["reason"]))
+        return out
+
+
+@pytest.fixture
+def api(monkeypatch):
+    fake = FakeAPI()
+    monkeypatch.setattr(handlers.RUNTIME, "client", fake)
+    monkeypatch.setattr(handlers.RUNTIME, "owned", {})
+    monkeypatch.setattr(handlers.RUNTIME, "kv_path_verification", True)
+    monkeypatch.setattr(kvpath, "retry_delay", lambda attempt: 0.01)
+    events: list[tuple[str, str, str]] = []
+    monkeypatch.setattr(kopf, "event", lambda obj, type, reason, message:
+                        events.append((type, reason, message)))
+    fake.events = events  # type: ignore[attr-defined]
+    return fake
+
+
+def _script(monkeypatch, outcomes: list[kvpath.Outcome]) -> list[tuple[str, str, str]]:
+    calls: list[tuple[str, str, str]] = []
+
+    async def check(decode, prefill, token, **_):
+        calls.append((decode, prefill, token))
+        return outcomes.pop(0)
+
+    monkeypatch.setattr(kvpath_check, "check", check)
+    return calls
+
+
+async def _sts_event(state: handlers.Owned, role: str, ready: int) -> None:
+    sts = next(c for c in state.desired_children.values()
+               if c["kind"] == "StatefulSet" and c["metadata"]["name"] == f"demo-{role}")
+    obj = copy.deepcopy(sts)
+    obj["metadata"]["ownerReferences"] = [{"apiVersion": handlers.API_VERSION,
+                                           "kind": "PDDeployment", "name": "demo", "uid": "u1"}]
+    obj["status"] = {"readyReplicas": ready, "updatedReplicas": obj["spec"]["replicas"]}
+    await handlers._child_event("apps/v1", "StatefulSet", {"type": "MODIFIED", "object": obj},
+                                logging.getLogger("t"))
+
+
+async def _settle(state: handlers.Owned) -> None:
+    for _ in range(500):
+        if state.kv_task is None or state.kv_task.done():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the KV path check did not finish")
+
+
+def _body() -> kopf.Body:
+    return kopf.Body({"apiVersion": handlers.API_VERSION, "kind": "PDDeployment",
+                      "metadata": {"name": "demo", "namespace": "ns1", "uid": "u1",
+                                   "generation": 1}, "spec": _builtin_spec()})
+
+
+def test_failure_is_retried_then_verified_and_a_replaced_pod_is_checked_again(api, monkeypatch):
+    ok = kvpath.Outcome(True, "Verified", "", 4 << 20, 0.003)
+    calls = _script(monkeypatch, [kvpath.Outcome(False, "PullFailed", "READ failed"), ok, ok])
+
+    async def scenario() -> handlers.Owned:
+        await handlers.reconcile(_body(), logging.getLogger("t"))
+        state = handlers.RUNTIME.owned[("ns1", "demo")]
+        for role in ("router", "prefill", "decode"):
+            if role == "router":
+                dep = next(c for c in state.desired_children.values()
+                           if c["kind"] == "Deployment")
+                handlers._observe(state, {**dep, "status": {"readyReplicas": 1,
+                                                            "updatedReplicas": 1}})
+                continue
+            await _sts_event(state, role, 1)
+        await _settle(state)
+        assert api.statuses[-1]["phase"] == "Ready"
+        # the prefill pod is replaced: not ready, then a new pod (new uid and IP) is ready
+        await _sts_event(state, "prefill", 0)
+        assert state.kv.pair is None
+        api.pods["prefill"] = [_pod("demo-prefill-0", "p2", "10.0.0.3")]
+        await _sts_event(state, "prefill", 1)
+        await _settle(state)
+        return state
+
+    state = asyncio.run(scenario())
+    assert api.kv() == [("False", "WaitingForPools"), ("False", "Verifying"),
+                        ("False", "PullFailed"), ("True", "Verified"),
+                        ("False", "WaitingForPools"), ("False", "Verifying"),
+                        ("True", "Verified")]
+    assert [c[1] for c in calls] == ["10.0.0.1:5600", "10.0.0.1:5600", "10.0.0.3:5600"]
+    assert {c[0] for c in calls} == {"10.0.0.2:8000"} and {c[2] for c in calls} == {"secret"}
+    assert _cond(api.statuses[-1])["message"].startswith(
+        "pulled 4.0 MiB from demo-prefill-0 to demo-decode-0 in 3.0 ms")
+    assert api.statuses[-1]["phase"] == "Ready"
+    kinds = [(t, r) for t, r, _ in api.events if r.startswith("KVPath")]
+    assert kinds == [("Warning", "KVPathVerifiedFalse"), ("Normal", "KVPathVerified"),
+                     ("Warning", "KVPathVerifiedFalse"), ("Normal", "KVPathVerified")]
+    assert any(m.startswith("PullFailed: KV pull from demo-prefill-0") for _, _, m in api.events)
+    assert state.kv_task is not None and state.kv_task.done()
+
+
+def test_verification_off_reaches_ready_without_a_check(api, monkeypatch):
+    calls = _script(monkeypatch, [])
+    monkeypatch.setattr(handlers.RUNTIME, "kv_path_verification", False)
+
+    async def scenario() -> None:
+        await handlers.reconcile(_body(), logging.getLogger("t"))
+        state = handlers.RUNTIME.owned[("ns1", "demo")]
+        dep = next(c for c in state.desired_children.values() if c["kind"] == "Deployment")
+        handlers._observe(state, {**dep, "status": {"readyReplicas": 1, "updatedReplicas": 1}})
+        for role in ("prefill", "decode"):
+            await _sts_event(state, role, 1)
+        assert state.kv_task is None
+
+    asyncio.run(scenario())
+    assert not calls
+    assert api.statuses[-1]["phase"] == "Ready"
+    assert _cond(api.statuses[-1])["reason"] == kvpath.DISABLED
