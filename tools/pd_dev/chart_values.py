@@ -91,6 +91,11 @@ VALUES: list[Value] = [
           "Concurrent server-side applies per PDDeployment (`--apply-concurrency`). Raise it "
           "only for clusters with hundreds of PDDeployments and an API server with headroom.",
           {"minimum": 1}),
+    Value("operator.kvPathVerification", "boolean", True,
+          "Prove the KV path of builtin pools before Ready: a real pull between a ready prefill "
+          "and decode pod (condition KVPathVerified). `false` passes "
+          "`--kv-path-verification=off`: for fake nodes (kwok) and development only, where pods "
+          "run nothing; Ready then comes with KVPathVerified=Unknown (VerificationDisabled)."),
     Value("operator.verbose", "boolean", False,
           "Debug logging (`-v`): kopf logs every handler run. For troubleshooting only."),
     Value("operator.extraArgs", "array", [],

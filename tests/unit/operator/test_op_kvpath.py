@@ -323,3 +323,20 @@ def test_verification_off_reaches_ready_without_a_check(api, monkeypatch):
     assert not calls
     assert api.statuses[-1]["phase"] == "Ready"
     assert _cond(api.statuses[-1])["reason"] == kvpath.DISABLED
+
+
+# ------------------------------------------------------------------------------ the chart
+def test_the_chart_value_passes_the_flag_and_the_operator_parses_it():
+    from pd_operator.cli.main import build_parser
+    from pd_operator.cli.operator_cmds import options_from
+    from tests.unit.test_chart import HELM, _arg, _container, objects
+
+    if not Path(HELM).exists():
+        pytest.skip(f"helm is not installed at {HELM}")
+    assert _arg(_container(objects()), "--kv-path-verification") is None  # on by default
+    container = _container(objects("operator.kvPathVerification=false"))
+    assert _arg(container, "--kv-path-verification") == "off"
+    assert container["args"][:2] == ["operator", "run"]
+    parsed = build_parser().parse_args(container["args"])
+    assert options_from(parsed).kv_path_verification is False
+    assert options_from(build_parser().parse_args(["operator", "run"])).kv_path_verification
