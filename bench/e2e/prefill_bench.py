@@ -160,8 +160,8 @@ def padded_cache_keys(bucket: int) -> Iterator[None]:
     orig = runner.build_meta
 
     def build_meta(batch: Any, group: int, window: int, bs: int, num_blocks: int,
-                   device: str) -> Any:
-        m = orig(batch, group, window, bs, num_blocks, device)
+                   device: str, **kw: Any) -> Any:
+        m = orig(batch, group, window, bs, num_blocks, device, **kw)
         lc = m.cache_blk.shape[1]
         pad = -lc % bucket
         if lc == 0 or m.mask is None or pad == 0:

@@ -45,6 +45,23 @@ class AttnMeta:
     write_blk: torch.Tensor  # [W]
     write_off: torch.Tensor  # [W]
     mask: torch.Tensor | None  # [B, 1, Lq, Lc + Lq] bool, None: one causal sequence, no cache
+    # Split steps (CUDA): 1-token chunks go to the paged decode kernel (`paged`); the fields
+    # above then describe only the other chunks, whose flat tokens are `sdpa_rows` (None: none),
+    # except write_*, which still cover every token of the step.
+    paged: PagedMeta | None = None
+    sdpa_rows: torch.Tensor | None = None
+
+
+@dataclass
+class PagedMeta:
+    """The decode tokens of a step, attended by kernels.paged_decode (block table read in place)."""
+
+    rows: torch.Tensor | None  # [D] flat token index of each decode token (None: all, in order)
+    table: torch.Tensor  # [D, W] block ids (pads: any valid id, never read)
+    seq_lens: torch.Tensor  # [D] keys per decode token, itself included (written before)
+    window: int  # 0: every key; > 0: the last `window` keys
+    num_splits: int
+    tokens_per_split: int
 
 
 class Sharder:
@@ -240,10 +257,47 @@ class Layer:
             q = torch.cat((apply_rope(q[..., :rd], cos, sin, False), q[..., rd:]), -1)
             k = torch.cat((apply_rope(k[..., :rd], cos, sin, False), k[..., rd:]), -1)
         rows = torch.cat((k, v), -1)
+        if meta.paged is not None:
+            o = self._attend_split(q, rows, meta, cache)
+            return self.m.row_parallel(o, self.wo, self.bo)
         kv_all = self._cache_rows(rows, meta, cache)
         qp = q[meta.q_index]
         o = attend(qp, kv_all[..., :d], kv_all[..., d:], meta)
         return self.m.row_parallel(o, self.wo, self.bo)
+
+    def _attend_split(
+        self, q: torch.Tensor, rows: torch.Tensor, meta: AttnMeta, cache: LayerCache
+    ) -> torch.Tensor:
+        """A step's decode tokens through the paged kernel, its other chunks through SDPA (each
+        padded only to the longest of those chunks). Every row is stored first: the kernel reads
+        the decode tokens' own keys from the cache."""
+        from ..kernels.paged_decode import paged_decode
+
+        p, d = meta.paged, self.m.cfg.head_size
+        assert p is not None
+        cache.put(meta.write_blk, meta.write_off, rows[meta.write_sel])
+        qd = q if p.rows is None else q[p.rows]
+        od = paged_decode(
+            qd.contiguous(),
+            cache.data[..., :d],
+            cache.data[..., d:],
+            p.table,
+            p.seq_lens,
+            scale=d**-0.5,
+            window=p.window,
+            num_splits=p.num_splits,
+            tokens_per_split=p.tokens_per_split,
+        )
+        if meta.sdpa_rows is None:
+            return od
+        o = od.new_empty((q.shape[0], od.shape[1]))
+        o[p.rows] = od
+        rs = rows[meta.sdpa_rows]
+        kv = cache.round_trip(rs)[meta.q_index]
+        if meta.cache_blk.shape[1]:
+            kv = torch.cat((cache.get(meta.cache_blk, meta.cache_off, rs.dtype), kv), 1)
+        o[meta.sdpa_rows] = attend(q[meta.sdpa_rows][meta.q_index], kv[..., :d], kv[..., d:], meta)
+        return o
 
     def _cache_rows(self, rows: torch.Tensor, meta: AttnMeta, cache: LayerCache) -> torch.Tensor:
         """Store this step's rows; return cached + fresh rows per sequence [B, Lc + Lq, H, C]."""
