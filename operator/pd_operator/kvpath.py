@@ -144,8 +144,11 @@ def _reason(code: str) -> str:
     return cleaned[:1].upper() + cleaned[1:] if cleaned else "Failed"
 
 
-def condition(state: KVPathState, pools_ready: bool) -> tuple[str, str, str]:
-    """(status, reason, message) of KVPathVerified (pure)."""
+def condition(state: KVPathState, pools_ready: bool,
+              previous: dict[str, Any] | None = None) -> tuple[str, str, str]:
+    """(status, reason, message) of KVPathVerified (pure). `previous` is the stored condition:
+    a check that re-runs on ready pools which were verified (after an operator restart) keeps
+    True until it has an outcome, so a restart does not make a serving deployment flap."""
     if state.applies == "disabled":
         return ("Unknown", DISABLED, "--kv-path-verification=off (fake nodes or development "
                                      "only): the KV path between the pools was not checked")
@@ -156,6 +159,8 @@ def condition(state: KVPathState, pools_ready: bool) -> tuple[str, str, str]:
         return "False", WAITING, "waiting for the prefill and decode pools to be ready"
     pair, out = state.pair, state.outcome
     if pair is None or out is None:
+        if previous and previous.get("status") == "True" and previous.get("reason") == VERIFIED:
+            return "True", VERIFIED, str(previous.get("message") or "")
         return "False", VERIFYING, "checking the KV path between a prefill and a decode pod"
     route = f"from {pair.prefill.name} to {pair.decode.name}"
     if out.ok:

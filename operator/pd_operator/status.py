@@ -135,7 +135,8 @@ def compute(*, generation: int | None, desired: dict[str, int], decision: Decisi
         rows.append((cond, s, r, m))
     pools_ready = all(s == "True" for t, s, _, _ in rows if t in POOL_CONDITIONS)
     rows.append(("KVPathVerified", *kvpath.condition(
-        kv_path or kvpath.KVPathState(applies="unsupported"), pools_ready)))
+        kv_path or kvpath.KVPathState(applies="unsupported"), pools_ready,
+        prev_conds.get("KVPathVerified"))))
     not_ready = [t for t, s, r, _ in rows
                  if (kvpath.blocks_ready(s, r) if t == "KVPathVerified" else s != "True")]
     if not not_ready:

@@ -143,6 +143,24 @@ def test_ready_waits_for_the_kv_path_on_builtin_pools_only():
     assert _cond(st)["reason"] == kvpath.UNSUPPORTED and st["phase"] == "Ready"
 
 
+def test_an_operator_restart_does_not_drop_a_verified_path_while_it_checks_again():
+    ok = kvpath.Outcome(True, "Verified", "", 1 << 20, 0.002)
+    verified, _ = _status(kvpath.KVPathState(pair=PAIR, outcome=ok))
+    # a new process: nothing known yet, the stored status says Verified
+    again, tr = _status(kvpath.KVPathState(pair=PAIR), previous=verified)
+    assert _cond(again)["status"] == "True" and again["phase"] == "Ready" and not tr
+    assert _cond(again)["message"] == _cond(verified)["message"]
+    bad = kvpath.Outcome(False, "PullFailed", "READ failed")
+    failed, tr = _status(kvpath.KVPathState(pair=PAIR, outcome=bad), previous=again)
+    assert _cond(failed)["status"] == "False" and [t.type for t in tr if t.warning] == [
+        "KVPathVerified", "Ready"]
+    # but pools that were not ready in between start from Verifying (False)
+    waiting, _ = _status(kvpath.KVPathState(), observed=status.Observed(
+        _sts(1, 0), _sts(1, 1), _sts(1, 1)), previous=verified)
+    st, _ = _status(kvpath.KVPathState(pair=PAIR), previous=waiting)
+    assert (_cond(st)["status"], _cond(st)["reason"]) == ("False", kvpath.VERIFYING)
+
+
 def test_each_new_failure_reason_is_one_event():
     verifying, _ = _status(kvpath.KVPathState(pair=PAIR))
     failed = kvpath.KVPathState(pair=PAIR, outcome=kvpath.Outcome(False, "Unreachable", "x"),
