@@ -14,9 +14,13 @@ from typing import Any
 
 import aiohttp
 
+from pd_runtime.compat import ENGINE_HTTP_PORT
+
 from . import kube, kvpath
-from .render import labels
+from .api import v1alpha1 as api
+from .render import labels, render
 from .render import secret as side_channel
+from .validate import SpecError, parse_spec, validate_spec
 
 # Reasons of failures seen from the operator's side of the HTTP call (the decode server's own
 # codes come back in its answer: kvpath.parse_answer).
@@ -87,3 +91,26 @@ async def check_pair(client: kube.Client, owner: labels.Owner, pair: kvpath.Pair
     return await check(kvpath.address(pair.decode.ip, decode_port),
                        kvpath.address(pair.prefill.ip, side_channel_port), token)
 
+
+
+async def check_deployment(client: kube.Client, namespace: str, name: str
+                           ) -> tuple[kvpath.Pair | None, kvpath.Outcome]:
+    """The operator's check of one PDDeployment, run once from outside (`pdctl operator
+    check-kv-path`): its pods now, its token, its side-channel port."""
+    obj = await client.get(f"{api.GROUP}/{api.VERSION}", api.KIND, namespace, name)
+    if obj is None:
+        return None, kvpath.Outcome(False, "NotFound", f"PDDeployment {namespace}/{name} "
+                                                       "does not exist")
+    owner = labels.Owner(name, namespace, obj["metadata"]["uid"])
+    try:
+        rendered = render(owner, validate_spec(parse_spec(dict(obj.get("spec") or {}))))
+    except SpecError as exc:
+        return None, kvpath.Outcome(False, "InvalidSpec", str(exc))
+    if not (rendered.prefill.engine_type == rendered.decode.engine_type == "builtin"):
+        return None, kvpath.Outcome(False, kvpath.UNSUPPORTED, "the KV path check needs "
+                                    "engine.type builtin on both pools")
+    pair = await pick_pair(client, owner)
+    if pair is None:
+        return None, kvpath.Outcome(False, "NoReadyPods", "a pool has no ready pod")
+    return pair, await check_pair(client, owner, pair, ENGINE_HTTP_PORT,
+                                  rendered.prefill.side_channel_port)

@@ -1,4 +1,5 @@
-"""`pdctl operator run` (the operator process) and `pdctl operator render` (print the children).
+"""`pdctl operator run` (the operator process), `pdctl operator render` (print the children)
+and `pdctl operator check-kv-path` (the KVPathVerified check of one PDDeployment, once).
 
 run: parses the flags and hands them to pd_operator.process, which owns the process (webhook,
 metrics, leader election, kopf, shutdown). Imported lazily: kopf is slow to import and
@@ -70,6 +71,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="owner uid written into the ownerReferences")
     rnd.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
     rnd.set_defaults(func=cmd_render)
+
+    kv = op_sub.add_parser("check-kv-path", help="run the KVPathVerified check of a "
+                           "PDDeployment once, from here (a real pull between its pods)")
+    kv.add_argument("name", help="the PDDeployment")
+    kv.add_argument("-n", "--namespace", default="default")
+    kv.add_argument("--kubeconfig", help="kubeconfig (default: in-cluster, then $KUBECONFIG)")
+    kv.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    kv.set_defaults(func=cmd_check_kv_path)
     op.set_defaults(func=lambda a: (op.print_help(sys.stderr), 2)[1])
 
 
@@ -107,6 +116,37 @@ def cmd_render(args: argparse.Namespace) -> int:
     else:
         print(yaml.safe_dump(out, sort_keys=False), end="")
     return 0
+
+
+# ---------------------------------------------------------------------- check-kv-path
+def cmd_check_kv_path(args: argparse.Namespace) -> int:
+    """Exit 0 when the pull passed, 1 when it failed (the reason printed), 2 on usage errors."""
+    import asyncio
+    from dataclasses import asdict
+
+    from .. import kube, kvpath, kvpath_check
+
+    async def run() -> tuple[kvpath.Pair | None, kvpath.Outcome]:
+        client = kube.Client(kube.Credentials.load(args.kubeconfig))
+        try:
+            return await kvpath_check.check_deployment(client, args.namespace, args.name)
+        finally:
+            await client.close()
+
+    try:
+        pair, outcome = asyncio.run(run())
+    except (kube.ApiError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.output == "json":
+        print(json.dumps({"pair": asdict(pair) if pair else None, **asdict(outcome)}, indent=1))
+    elif pair is None:
+        print(f"KVPathVerified not checked: {outcome.reason}: {outcome.message}")
+    else:
+        st, reason, message = kvpath.condition(kvpath.KVPathState(pair=pair, outcome=outcome),
+                                               pools_ready=True)
+        print(f"KVPathVerified {st} ({reason}): {message}")
+    return 0 if outcome.ok else 1
 
 
 # -------------------------------------------------------------------------------- run

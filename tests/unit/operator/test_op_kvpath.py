@@ -358,3 +358,27 @@ def test_the_chart_value_passes_the_flag_and_the_operator_parses_it():
     parsed = build_parser().parse_args(container["args"])
     assert options_from(parsed).kv_path_verification is False
     assert options_from(build_parser().parse_args(["operator", "run"])).kv_path_verification
+
+
+def test_check_deployment_runs_the_operators_check_once(monkeypatch):
+    """What `pdctl operator check-kv-path NAME` runs: the same pods, token and ports."""
+    fake = FakeAPI()
+    stored: dict[str, Any] = {"demo": {"metadata": {"name": "demo", "uid": "u1"},
+                                       "spec": _builtin_spec()},
+                              "vllm": {"metadata": {"name": "vllm", "uid": "u2"},
+                                       "spec": copy.deepcopy(BASE["spec"])}}
+
+    async def get(api_version, kind, namespace, name):
+        if kind == "Secret":
+            return {"data": {"token": "c2VjcmV0"}}
+        return stored.get(name)
+
+    fake.get = get  # type: ignore[method-assign]
+    calls = _script(monkeypatch, [kvpath.Outcome(True, "Verified", "", 4 << 20, 0.003)])
+    pair, out = asyncio.run(kvpath_check.check_deployment(fake, "ns1", "demo"))
+    assert out.ok and pair is not None and pair.prefill.name == "demo-prefill-0"
+    assert calls == [("10.0.0.2:8000", "10.0.0.1:5600", "secret")]
+    pair, out = asyncio.run(kvpath_check.check_deployment(fake, "ns1", "gone"))
+    assert pair is None and out.reason == "NotFound"
+    pair, out = asyncio.run(kvpath_check.check_deployment(fake, "ns1", "vllm"))
+    assert pair is None and out.reason == kvpath.UNSUPPORTED
