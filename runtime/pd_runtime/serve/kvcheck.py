@@ -103,7 +103,7 @@ def failure_code(exc: BaseException) -> str:
         return "PatternMismatch"
     if isinstance(exc, TransferError):
         return "PullFailed"
-    if isinstance(exc, ChannelTimeout):
+    if isinstance(exc, ChannelTimeout | TimeoutError):  # TimeoutError: the overall bound
         return "Timeout"
     if isinstance(exc, ChannelClosed):
         return "Unreachable"

@@ -112,6 +112,7 @@ def test_an_ok_check_is_answered_with_its_measurements():
     (TransferError("READ failed"), "PullFailed"),
     (ChannelClosed("cannot reach the prefill side channel"), "Unreachable"),
     (ChannelTimeout("timed out"), "Timeout"),
+    (TimeoutError(), "Timeout"),
     (AuthError("wrong token"), "SideChannelAuthFailed"),
     (HashMismatch(["model"], "a" * 64, "b" * 64), "HashMismatch"),
     (PeerError("staging-full", "full"), "PrefillRefused"),
