@@ -231,3 +231,79 @@ def test_the_operator_speaks_the_servers_wire():
     assert kvpath.WIRE_VERSION == kvcheck.WIRE_VERSION
     assert kvpath.CHECK_BYTES <= kvcheck.MAX_CHECK_BYTES
     assert kvpath.CHECK_TIMEOUT_S <= kvcheck.MAX_TIMEOUT_S
+
+
+class _FakeAPI:
+    """The API server as the operator's KV path check sees it: both pools' pods at 127.0.0.1
+    (where the servers listen), the token Secret, and the statuses written."""
+
+    def __init__(self) -> None:
+        self.statuses: list[dict[str, Any]] = []
+
+    async def apply(self, obj, **_):
+        return obj
+
+    async def create(self, obj, **_):
+        return obj
+
+    async def get(self, api_version, kind, namespace, name):
+        import base64
+
+        return {"data": {"token": base64.b64encode(TOKEN.encode()).decode()}} \
+            if kind == "Secret" else None
+
+    async def list(self, api_version, kind, namespace=None, label_selector=None):
+        role = "prefill" if "component=prefill" in (label_selector or "") else "decode"
+        return [{"metadata": {"name": f"demo-{role}-0", "uid": role},
+                 "status": {"phase": "Running", "podIP": "127.0.0.1",
+                            "conditions": [{"type": "Ready", "status": "True"}]}}]
+
+    async def patch_merge(self, api_version, kind, namespace, name, patch, subresource=None):
+        self.statuses.append(patch["status"])
+        return patch
+
+
+def test_the_operator_sets_kv_path_verified_against_the_servers(servers, monkeypatch):
+    """The handlers' check (pods, token, status) end to end against the real servers: the
+    decode port is the test server's (the operator calls the rendered engine port)."""
+    import kopf
+
+    from pd_operator import handlers
+    from tests.helpers import sample_pdd
+
+    p, d = servers
+    api = _FakeAPI()
+    monkeypatch.setattr(handlers.RUNTIME, "client", api)
+    monkeypatch.setattr(handlers.RUNTIME, "owned", {})
+    monkeypatch.setattr(handlers.RUNTIME, "kv_path_verification", True)
+    monkeypatch.setattr(handlers, "ENGINE_HTTP_PORT", int(d.url.rsplit(":", 1)[1]))
+    monkeypatch.setattr(kopf, "event", lambda *a, **k: None)
+    pdd = sample_pdd(name="demo", namespace="ns1",
+                     model={"name": MODEL, "family": "dense", "dtype": "bfloat16",
+                            "numKVHeads": 8, "headSize": 8, "numHiddenLayers": 2},
+                     engine={"type": "builtin", "image": "ghcr.io/pd-operator/pd-runtime:0.1.0"},
+                     prefill={"replicas": 1, "attentionBackend": "auto"},
+                     decode={"replicas": 1, "attentionBackend": "auto"},
+                     kvTransfer={"sideChannelPort": p.side_port, "bufferDevice": "cpu"})
+    pdd["metadata"].update(uid="u1", generation=1)
+
+    async def scenario():
+        import logging
+
+        await handlers.reconcile(kopf.Body(pdd), logging.getLogger("t"))
+        state = handlers.RUNTIME.owned[("ns1", "demo")]
+        for child in state.desired_children.values():
+            if child["kind"] in ("StatefulSet", "Deployment"):
+                n = child["spec"]["replicas"]
+                handlers._observe(state, {**child, "status": {"readyReplicas": n,
+                                                              "updatedReplicas": n}})
+        owner = handlers.labels.Owner("demo", "ns1", "u1")
+        return await handlers._check_once(api, owner, state, 0)
+
+    outcome = asyncio.run(scenario())
+    assert outcome is not None and outcome.ok, outcome
+    last = api.statuses[-1]
+    cond = next(c for c in last["conditions"] if c["type"] == "KVPathVerified")
+    assert cond["status"] == "True" and cond["reason"] == "Verified"
+    assert cond["message"].startswith("pulled 4.0 MiB from demo-prefill-0 to demo-decode-0 in ")
+    assert last["phase"] == "Ready"
