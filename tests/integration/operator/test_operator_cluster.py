@@ -137,7 +137,12 @@ def test_accepted_examples_become_ready_on_gpu_nodes(operator, kubectl, namespac
         st = obj["status"]
         assert st["prefill"]["readyReplicas"] == obj["spec"]["prefill"].get("replicas", 1)
         assert {c["type"] for c in st["conditions"]} >= {
-            "Validated", "PrefillReady", "DecodeReady", "RouterReady", "Ready"}
+            "Validated", "PrefillReady", "DecodeReady", "RouterReady", "KVPathVerified", "Ready"}
+        # fake nodes: no KV path to prove; Unknown either way, and Ready all the same
+        kv = next(c for c in st["conditions"] if c["type"] == "KVPathVerified")
+        builtin = obj["spec"]["engine"]["type"] == "builtin"
+        assert (kv["status"], kv["reason"]) == (
+            "Unknown", "VerificationDisabled" if builtin else "NotSupportedForEngine"), name
     assert operator.metric("pd_operator_webhook_duration_seconds_count",
                            webhook="validate") >= len(names)
 
