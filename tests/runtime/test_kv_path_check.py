@@ -191,6 +191,31 @@ def test_corrupted_pattern_is_a_mismatch_and_nothing_stays_held(servers, model_d
         side.close()
 
 
+def test_prefill_refusals_are_named_and_hold_nothing(servers, model_dir):
+    """A pattern larger than P's free staging is refused (staging-full -> PrefillRefused) and
+    its lease ends at once; a pattern asked before the meta handshake is refused by name."""
+    from pd_runtime.handshake import SideChannelClient
+    from pd_runtime.protocol import PatternRequest, UnexpectedMessage
+
+    _, d = servers
+    side = _in_process_prefill(model_dir, TOKEN)  # 16 blocks: about 1.3 MiB of staging
+    rank = side.ranks[0]
+    try:
+        status, out = check(d, f"127.0.0.1:{rank.address[1]}", bytes=8 * MIB)
+        assert status == 200 and out["error"]["code"] == "PrefillRefused", out
+        assert "staging" in out["error"]["message"]
+        assert _released(rank) and rank.stats()["completed"] == 1
+        client = SideChannelClient("127.0.0.1", rank.address[1], TOKEN.encode(), 5)
+        try:
+            with pytest.raises(UnexpectedMessage, match="before meta"):
+                client.call(PatternRequest("kvcheck-x", MIB, 1))
+        finally:
+            client.close()
+        assert _released(rank)
+    finally:
+        side.close()
+
+
 def test_prefill_with_another_token_is_refused_by_the_side_channel(servers, model_dir):
     _, d = servers
     side = _in_process_prefill(model_dir, "another-token")
