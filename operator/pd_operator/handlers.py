@@ -348,6 +348,8 @@ async def _write_status(client: kube.Client, namespace: str, name: str, state: O
         previous=previous, now=_now(), spec_error=state.spec_error, failure=state.failure,
         policy=state.policy, kv_path=_kv_path(state))
     if status.same(new, previous):
+        if previous:  # the stored status is current: later writes compare with it (after a
+            state.last_status = previous  # restart, not with nothing: no spurious Events)
         return
     try:
         await client.patch_merge(API_VERSION, api.KIND, namespace, name, {"status": new},

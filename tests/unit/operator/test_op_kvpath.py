@@ -203,8 +203,12 @@ class FakeAPI:
         self.pods = {"prefill": [_pod("demo-prefill-0", "p1", "10.0.0.1")],
                      "decode": [_pod("demo-decode-0", "d1", "10.0.0.2")]}
         self.statuses: list[dict[str, Any]] = []
+        self.ready = False  # apply answers workloads with all replicas ready (as after a restart)
 
     async def apply(self, obj, **_):
+        if self.ready and obj["kind"] in ("StatefulSet", "Deployment"):
+            n = obj["spec"]["replicas"]
+            return {**obj, "status": {"readyReplicas": n, "updatedReplicas": n}}
         return obj
 
     async def create(self, obj, **_):
@@ -382,3 +386,37 @@ def test_check_deployment_runs_the_operators_check_once(monkeypatch):
     assert pair is None and out.reason == "NotFound"
     pair, out = asyncio.run(kvpath_check.check_deployment(fake, "ns1", "vllm"))
     assert pair is None and out.reason == kvpath.UNSUPPORTED
+
+
+def test_an_operator_restart_keeps_the_stored_conditions_and_sends_no_events(api, monkeypatch):
+    """A new process: the first reconcile finds the stored status current (a no-op write);
+    the KV path check that follows compares with that status, not with nothing, so
+    KVPathVerified stays True with its time, and no condition is announced again."""
+    _script(monkeypatch, [kvpath.Outcome(True, "Verified", "", 4 << 20, 0.003)] * 2)
+
+    async def ready_and_checked(stored: dict[str, Any] | None) -> handlers.Owned:
+        body = _body()
+        if stored is not None:
+            body = kopf.Body({**dict(body), "status": stored})
+        await handlers.reconcile(body, logging.getLogger("t"))
+        state = handlers.RUNTIME.owned[("ns1", "demo")]
+        dep = next(c for c in state.desired_children.values() if c["kind"] == "Deployment")
+        handlers._observe(state, {**dep, "status": {"readyReplicas": 1, "updatedReplicas": 1}})
+        for role in ("prefill", "decode"):
+            await _sts_event(state, role, 1)
+        await _settle(state)
+        return state
+
+    asyncio.run(ready_and_checked(None))
+    stored = api.statuses[-1]
+    assert _cond(stored)["status"] == "True"
+    api.statuses.clear()
+    api.events.clear()
+    handlers.RUNTIME.owned.clear()  # the restart
+    api.ready = True
+    state = asyncio.run(ready_and_checked(stored))
+    assert state.kv.outcome is not None and state.kv.outcome.ok  # checked again
+    assert not api.events
+    for st in api.statuses:
+        assert _cond(st)["status"] == "True"
+        assert _cond(st)["lastTransitionTime"] == _cond(stored)["lastTransitionTime"]
