@@ -73,7 +73,8 @@ class Outcome:
     reason: str
     message: str
     bytes: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole check: connect, handshake, stage, READ, compare
+    read_seconds: float = 0.0  # the NIXL READ alone
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,9 @@ def parse_answer(http_status: int, body: Any) -> Outcome:
         nbytes, secs = body.get("bytes"), body.get("seconds")
         if not isinstance(nbytes, int) or not isinstance(secs, int | float):
             return Outcome(False, "BadAnswer", "ok without bytes and seconds")
-        return Outcome(True, VERIFIED, "", nbytes, float(secs))
+        read = body.get("read_seconds")
+        return Outcome(True, VERIFIED, "", nbytes, float(secs),
+                       float(read) if isinstance(read, int | float) else 0.0)
     raw = body.get("error")
     err: dict[str, Any] = raw if isinstance(raw, dict) else {}
     code = err.get("code")
@@ -164,8 +167,9 @@ def condition(state: KVPathState, pools_ready: bool,
         return "False", VERIFYING, "checking the KV path between a prefill and a decode pod"
     route = f"from {pair.prefill.name} to {pair.decode.name}"
     if out.ok:
+        read = f" (the READ: {human_seconds(out.read_seconds)})" if out.read_seconds else ""
         return ("True", VERIFIED, f"pulled {human_bytes(out.bytes)} {route} in "
-                                  f"{human_seconds(out.seconds)}")
+                                  f"{human_seconds(out.seconds)}{read}")
     retry = "" if state.retry_in_s is None else f"; next check in {state.retry_in_s:.0f}s"
     return "False", out.reason, f"KV pull {route} failed: {out.message}{retry}"
 

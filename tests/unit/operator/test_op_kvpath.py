@@ -85,6 +85,10 @@ def test_the_condition_table():
     ok = kvpath.Outcome(True, "Verified", "", 4 << 20, 0.0031)
     assert cond(kvpath.KVPathState(pair=PAIR, outcome=ok), True) == (
         "True", "Verified", "pulled 4.0 MiB from demo-prefill-0 to demo-decode-0 in 3.1 ms")
+    timed = kvpath.parse_answer(200, {"ok": True, "bytes": 4 << 20, "seconds": 0.0952,
+                                      "read_seconds": 0.0021})
+    assert cond(kvpath.KVPathState(pair=PAIR, outcome=timed), True)[2].endswith(
+        "in 95.2 ms (the READ: 2.1 ms)")
     bad = kvpath.Outcome(False, "PullFailed", "READ failed")
     s, r, m = cond(kvpath.KVPathState(pair=PAIR, outcome=bad, retry_in_s=20), True)
     assert (s, r) == ("False", "PullFailed")
