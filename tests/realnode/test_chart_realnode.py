@@ -48,7 +48,7 @@ def _example(kind: str, name: str, namespace: str) -> tuple[str, str]:
 @pytest.fixture
 def operator_image(real_kubectl) -> str:
     node = json.loads(real_kubectl("get", "node", rn.NODE_NAME, "-o", "json").stdout)
-    names = {n for img in node["status"].get("images", []) for n in img.get("names", [])}
+    names = {n for img in node["status"].get("images") or [] for n in img.get("names") or []}
     if IMAGE not in names:
         pytest.skip(f"{IMAGE} is not on {rn.NODE_NAME} (build and import it: "
                     ".venv/bin/pdctl dev images build)")
@@ -148,8 +148,11 @@ def test_chart_installs_on_the_real_node_and_helm_test_passes(
         out = release.helm("test", release.name, "--logs", "--timeout", "180s")
         assert f"PASS: denied by {release.webhook} with TP-DIVISIBLE" in out.stdout, out.stdout
         left = kubectl("get", "pods,serviceaccounts,roles,rolebindings,configmaps", "-n", ns,
-                       "-l", "app.kubernetes.io/component=test", "-o", "name").stdout
-        assert not left.strip(), f"the passed test's hook objects remain:\n{left}"
+                       "-l", "app.kubernetes.io/component=test", "-o", "name").stdout.split()
+        # only the Pod stays after a pass (for --logs), Succeeded
+        assert left == [f"pod/{release.fullname}-admission-test"], left
+        phase = kubectl("get", left[0], "-n", ns, "-o", "jsonpath={.status.phase}").stdout
+        assert phase == "Succeeded"
 
         # kubectl sees the same rejection, through the API server and this webhook
         name, bad = _example("rejected", "tp-not-divisible", ns)
