@@ -578,6 +578,10 @@ async def _check_once(client: kube.Client, owner: labels.Owner, state: Owned,
         retry = None if outcome.ok else kvpath.retry_delay(attempt)
         state.kv = kvpath.KVPathState(pair=pair, outcome=outcome, retry_in_s=retry)
         await _write_status(client, namespace, name, state, None)
-    log.info("%s/%s: KV path %s -> %s: %s %s", namespace, name, pair.prefill.name,
-             pair.decode.name, outcome.reason, outcome.message)
+    metrics.KV_PATH_CHECKS.labels(outcome.reason).inc()
+    if outcome.ok:
+        metrics.KV_PATH_SECONDS.observe(outcome.seconds)
+    log.log(logging.INFO if outcome.ok else logging.WARNING, "%s/%s: KV path %s -> %s: %s %s",
+            namespace, name, pair.prefill.name, pair.decode.name, outcome.reason,
+            outcome.message)
     return outcome

@@ -24,6 +24,11 @@ WEBHOOK_REVIEWS = Counter("pd_operator_webhook_reviews_total", "Admission review
                           ["webhook", "allowed"])
 VERDICTS = Counter("pd_operator_verdicts_total", "Compatibility verdicts returned by the webhook",
                    ["rule", "severity"])
+KV_PATH_CHECKS = Counter("pd_operator_kv_path_checks_total", "KV path checks (KVPathVerified) "
+                         "by outcome: Verified or the failure's reason", ["reason"])
+KV_PATH_SECONDS = Histogram("pd_operator_kv_path_check_duration_seconds",
+                            "A passed KV path check as the decode pod measured it",
+                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
 MANAGED = Gauge("pd_operator_pddeployments", "PDDeployments by phase", ["phase"])
 LEADER = Gauge("pd_operator_leader", "1 while this replica holds the leader lease")
 

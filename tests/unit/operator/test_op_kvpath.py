@@ -290,8 +290,15 @@ def _body() -> kopf.Body:
                                    "generation": 1}, "spec": _builtin_spec()})
 
 
+def _count(reason: str) -> float:
+    from pd_operator import metrics
+
+    return metrics.KV_PATH_CHECKS.labels(reason)._value.get()
+
+
 def test_failure_is_retried_then_verified_and_a_replaced_pod_is_checked_again(api, monkeypatch):
     ok = kvpath.Outcome(True, "Verified", "", 4 << 20, 0.003)
+    before = _count("Verified"), _count("PullFailed")
     calls = _script(monkeypatch, [kvpath.Outcome(False, "PullFailed", "READ failed"), ok, ok])
 
     async def scenario() -> handlers.Owned:
@@ -330,6 +337,7 @@ def test_failure_is_retried_then_verified_and_a_replaced_pod_is_checked_again(ap
                      ("Warning", "KVPathVerifiedFalse"), ("Normal", "KVPathVerified")]
     assert any(m.startswith("PullFailed: KV pull from demo-prefill-0") for _, _, m in api.events)
     assert state.kv_task is not None and state.kv_task.done()
+    assert (_count("Verified"), _count("PullFailed")) == (before[0] + 2, before[1] + 1)
 
 
 def test_verification_off_reaches_ready_without_a_check(api, monkeypatch):
