@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from e2e_worker import ROUTER_P_PARAMS, worker_main  # noqa: E402
+from random_model import GEOMETRIES  # noqa: E402
 
 
 def _ints(s: str) -> list[int]:
@@ -48,7 +49,7 @@ def _ints(s: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--geometry", default="llama3-8b", choices=["llama3-8b", "tiny"])
+    ap.add_argument("--geometry", default="llama3-8b", choices=sorted(GEOMETRIES))
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--prompts", type=_ints, default=[1024, 8192, 32768])
     ap.add_argument("--concurrency", type=_ints, default=[1, 8])

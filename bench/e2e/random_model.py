@@ -22,6 +22,15 @@ GEOMETRIES: dict[str, dict[str, Any]] = {
                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0,
                                     "original_max_position_embeddings": 8192}),
+    # DeepSeek-V2-Lite's attention (MLA: kv_lora_rank 512 + rope 64 per token, 16 heads,
+    # nope 128, v 128, no q LoRA) on 27 layers, with a dense MLP (its MoE left out: the decode
+    # path under test is the attention's), default rope
+    "dsv2-lite-mla": dict(vocab_size=102400, hidden_size=2048, num_hidden_layers=27,
+                          num_attention_heads=16, num_key_value_heads=16, head_dim=192,
+                          intermediate_size=10944, rope_theta=10000.0,
+                          max_position_embeddings=163840, dtype="bfloat16", mla=True,
+                          kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                          v_head_dim=128, q_lora_rank=None),
     # the same code paths in seconds on a CPU (float32: the engine and transformers agree closely)
     "tiny": dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, intermediate_size=256, rope_theta=10000.0,
@@ -31,6 +40,11 @@ GEOMETRIES: dict[str, dict[str, Any]] = {
 
 def hf_config(geometry: str) -> dict[str, Any]:
     g = dict(GEOMETRIES[geometry])
+    if g.pop("mla", False):
+        return {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+                "hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                "attention_bias": False, "bos_token_id": 1, "eos_token_id": None,
+                "n_routed_experts": None, "torch_dtype": g["dtype"], **g}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
             "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "attention_bias": False,
             "mlp_bias": False, "bos_token_id": 1, "eos_token_id": None,
@@ -38,6 +52,8 @@ def hf_config(geometry: str) -> dict[str, Any]:
 
 
 def weight_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    if cfg["model_type"] == "deepseek_v2":
+        return _mla_shapes(cfg)
     d, hd, inter = cfg["hidden_size"], cfg["head_dim"], cfg["intermediate_size"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
     shapes: dict[str, tuple[int, ...]] = {
@@ -51,6 +67,30 @@ def weight_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
             p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
             p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
+            p + "mlp.gate_proj.weight": (inter, d), p + "mlp.up_proj.weight": (inter, d),
+            p + "mlp.down_proj.weight": (d, inter),
+        })
+    return shapes
+
+
+def _mla_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    d, inter, h = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
+    r, rd = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    nope, dv = cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (cfg["vocab_size"], d),
+        "model.norm.weight": (d,),
+        "lm_head.weight": (cfg["vocab_size"], d),
+    }
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (h * (nope + rd), d),
+            p + "self_attn.kv_a_proj_with_mqa.weight": (r + rd, d),
+            p + "self_attn.kv_a_layernorm.weight": (r,),
+            p + "self_attn.kv_b_proj.weight": (h * (nope + dv), r),
+            p + "self_attn.o_proj.weight": (d, h * dv),
             p + "mlp.gate_proj.weight": (inter, d), p + "mlp.up_proj.weight": (inter, d),
             p + "mlp.down_proj.weight": (d, inter),
         })

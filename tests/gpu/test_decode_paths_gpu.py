@@ -1,5 +1,6 @@
-"""GPU: the decode paths agree. kernels.paged_decode against the same attention in plain torch
-(bf16 / fp32, HND / NHD, GQA ratios, sliding windows, split plans); every family's greedy tokens
+"""GPU: the decode paths agree. kernels.paged_decode and mla_paged_decode against the same
+attention in plain torch (bf16 / fp32, HND / NHD, GQA ratios, sliding windows, MLA head counts,
+split plans); every family's greedy tokens
 under PD_RUNTIME_DECODE=legacy, paged and graph (CUDA graphs) equal in float32, and in bfloat16
 the three give close logits along legacy's tokens (teacher-forced: different kernels round
 differently, so free-running bf16 greedy may part at a near tie); a continuous-batching engine
@@ -54,6 +55,36 @@ def test_kernel_equals_reference(dtype: str, layout: str, geo: tuple) -> None:
         assert rel < tol, (splits, tps, rel)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("geo", [(16, 512, 64, 16), (16, 512, 64, 40), (3, 32, 8, 4)])
+def test_mla_kernel_equals_reference(dtype: str, geo: tuple) -> None:
+    from pd_runtime.kernels.paged_decode import (
+        mla_paged_decode,
+        mla_paged_decode_reference,
+        split_plan,
+    )
+
+    bs, r, rd, h = geo
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device="cuda").manual_seed(hash((dtype, geo)) % 1000)
+    nb, b = 300, 4
+    lat = torch.randn(nb, bs, 1, r + rd, device="cuda", generator=g).to(dt)[:, :, 0]
+    lens = torch.tensor([1, 40, 333, 900], dtype=torch.int32, device="cuda")
+    table = torch.randint(0, nb, (b, (900 + bs - 1) // bs), device="cuda", generator=g,
+                          dtype=torch.int32)
+    ql = torch.randn(b, h, r, device="cuda", generator=g).to(dt)
+    qp = torch.randn(b, h, rd, device="cuda", generator=g).to(dt)
+    scale = (128 + rd) ** -0.5
+    ref = mla_paged_decode_reference(ql, qp, lat, table, lens, scale=scale).float()
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for splits, tps in {split_plan(b, -(-h // 16), 900), (1, 1024), (15, 64)}:
+        out = mla_paged_decode(ql, qp, lat, table, lens, scale=scale, num_splits=splits,
+                               tokens_per_split=tps).float()
+        assert torch.isfinite(out).all()
+        rel = float((out - ref).norm() / ref.norm())
+        assert rel < tol, (splits, tps, rel)
+
+
 def _generate(monkeypatch, mode: str, ck, **kw) -> list[int]:
     from pd_runtime.engine.generate import generate
 
@@ -62,7 +93,8 @@ def _generate(monkeypatch, mode: str, ck, **kw) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "fam", ["dense", "dense-qk-norm", "dense-llama3-rope", "sliding", "moe", "hybrid", "mla"]
+    "fam",
+    ["dense", "dense-qk-norm", "dense-llama3-rope", "sliding", "moe", "hybrid", "mla", "mla-qlora"],
 )
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_families_decode_paths_equal(tmp_path: Path, monkeypatch, fam: str, dtype: str) -> None:

@@ -109,7 +109,7 @@ class DecodeGraphs:
         gr = _Graph(bb, width, self.keys, dev_buf, host, {})
         at = 2 * bb
         sel = torch.arange(bb, device=dev)
-        heads = len(self.r.model.kv_heads)
+        heads = self.r._kv_heads()
         splits, tps = split_plan(bb, heads, width * self.r.kv.block_size)
         empty = torch.zeros((0, 0), dtype=torch.long, device=dev)
         for _g, w in self.keys:

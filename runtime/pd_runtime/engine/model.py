@@ -352,14 +352,57 @@ class Layer:
         ckv = F.linear(x, self.wkv_a, self.bkv_a)
         c = rms_norm(ckv[:, :r], self.kv_a_norm, cfg.rms_norm_eps)
         k_pe = apply_rope(ckv[:, None, r:], cos, sin, True)
-        lat = self._cache_rows(
-            torch.cat((c[:, None, :], k_pe), -1), meta, cache
-        )  # [B, Lk, 1, r+rd]
+        rows = torch.cat((c[:, None, :], k_pe), -1)
+        if meta.paged is not None:
+            return self.m.row_parallel(self._mla_split(q, rows, meta, cache), self.wo, self.bo)
+        lat = self._cache_rows(rows, meta, cache)  # [B, Lk, 1, r+rd]
+        return self.m.row_parallel(self._mla_sdpa(q[meta.q_index], lat, meta), self.wo, self.bo)
+
+    def _mla_sdpa(self, qp: torch.Tensor, lat: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        """Latent rows expanded to per-head keys / values, then SDPA (prefill, legacy decode)."""
+        cfg, h = self.m.cfg, len(self.m.q_heads)
+        nope, rd, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
         kv = F.linear(lat[:, :, 0, :r], self.wkv_b).view(*lat.shape[:2], h, nope + cfg.v_head_dim)
         k = torch.cat((kv[..., :nope], lat[:, :, :, r:].expand(-1, -1, h, -1)), -1)
-        qp = q[meta.q_index]
-        o = attend(qp, k, kv[..., nope:], meta, scale=(nope + rd) ** -0.5)
-        return self.m.row_parallel(o, self.wo, self.bo)
+        return attend(qp, k, kv[..., nope:], meta, scale=(nope + rd) ** -0.5)
+
+    def _mla_split(
+        self, q: torch.Tensor, rows: torch.Tensor, meta: AttnMeta, cache: LayerCache
+    ) -> torch.Tensor:
+        """Decode tokens attend in the latent space (W_UK absorbed into the query, W_UV applied
+        to the latent output: kernels.mla_paged_decode reads one cache row per key for every
+        head); the step's other chunks as in the legacy path. Rows are stored first."""
+        from ..kernels.paged_decode import mla_paged_decode
+
+        cfg, h = self.m.cfg, len(self.m.q_heads)
+        nope, rd, r, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+        p = meta.paged
+        assert p is not None
+        cache.put(meta.write_blk, meta.write_off, rows[meta.write_sel])
+        qd = q if p.rows is None else q[p.rows]
+        w = self.wkv_b.view(h, nope + dv, r)
+        q_lat = torch.einsum("thn,hnr->thr", qd[..., :nope], w[:, :nope])
+        o_lat = mla_paged_decode(
+            q_lat.contiguous(),
+            qd[..., nope:].contiguous(),
+            cache.data[:, :, 0],
+            p.table,
+            p.seq_lens,
+            scale=(nope + rd) ** -0.5,
+            num_splits=p.num_splits,
+            tokens_per_split=p.tokens_per_split,
+        )
+        od = torch.einsum("thr,hvr->thv", o_lat, w[:, nope:]).reshape(qd.shape[0], h * dv)
+        if meta.sdpa_rows is None:
+            return od
+        o = od.new_empty((q.shape[0], od.shape[1]))
+        o[p.rows] = od
+        rs = rows[meta.sdpa_rows]
+        lat = cache.round_trip(rs)[meta.q_index]
+        if meta.cache_blk.shape[1]:
+            lat = torch.cat((cache.get(meta.cache_blk, meta.cache_off, rs.dtype), lat), 1)
+        o[meta.sdpa_rows] = self._mla_sdpa(q[meta.sdpa_rows][meta.q_index], lat, meta)
+        return o
 
     # --- MLP / MoE ---
     def _init_moe(self, p: str) -> None:

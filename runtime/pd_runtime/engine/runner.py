@@ -149,7 +149,11 @@ class ModelRunner:
         return build_meta(batch, group, window, bs, nb, self.device, key_bucket=self.key_bucket)
 
     def _kv_heads(self) -> int:
-        return len(self.model.kv_heads)
+        """Programs per sequence and split of the decode kernel (GQA: KV heads; MLA: blocks
+        of query heads), for the split plan."""
+        from ..kernels.paged_decode import MLA_HEAD_BLOCK
+
+        return len(self.model.kv_heads) or -(-len(self.model.q_heads) // MLA_HEAD_BLOCK)
 
 
 # CUDA, legacy/SDPA path: cached-key lengths rounded up to a multiple of this (masked) so that SDPA
@@ -173,13 +177,13 @@ def key_bucket_for(device: str) -> int:
 
 def decode_mode_for(device: str, kv: KVCache, family: str) -> str:
     """The decode path this runner takes: PD_RUNTIME_DECODE (legacy | paged | graph, default
-    graph) where the paged kernel applies (CUDA, Triton, unquantized GQA cache), else legacy."""
+    graph) where the paged kernels apply (CUDA, Triton, unquantized cache), else legacy."""
     from ..kernels.segcopy import triton_available
 
     want = os.environ.get("PD_RUNTIME_DECODE", "graph")
     if want not in DECODE_MODES:
         raise RunnerError(f"PD_RUNTIME_DECODE={want!r}: expected one of {', '.join(DECODE_MODES)}")
-    if not triton_available(device) or kv.spec.model.quantized or family == "mla":
+    if not triton_available(device) or kv.spec.model.quantized:
         return "legacy"
     return want
 

@@ -105,6 +105,126 @@ if _HAVE_TRITON:
         tl.store(out + row * D + dims, (num / den).to(out.dtype.element_ty), mask=dmask)
 
 
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _mla_partial(qc, qp, lat, table, seq_lens, po, pm, pl, scale, tps, bs, t_stride,
+                     s_b, s_s, num_splits, H: tl.constexpr, HB: tl.constexpr, R: tl.constexpr,
+                     BR: tl.constexpr, RD: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                     IEEE: tl.constexpr):
+        # MLA, weights absorbed: keys are latent rows [c (R) | k_pe (RD)], values are c itself;
+        # the query is [q_nope W_UK (R) | q_pe (RD)]; one row of `lat` serves every head.
+        b = tl.program_id(0).to(tl.int64)
+        hb = tl.program_id(1)
+        s = tl.program_id(2)
+        n_keys = tl.load(seq_lens + b).to(tl.int32)
+        start = s * tps
+        end = tl.minimum((s + 1) * tps, n_keys)
+        heads = hb * HB + tl.arange(0, HB)
+        hmask = heads < H
+        rd = tl.arange(0, BR)
+        rmask = rd < R
+        pd = tl.arange(0, BP)
+        pmask = pd < RD
+        q_c = tl.load(qc + (b * H + heads)[:, None] * R + rd[None, :],
+                      mask=hmask[:, None] & rmask[None, :], other=0.0)
+        q_p = tl.load(qp + (b * H + heads)[:, None] * RD + pd[None, :],
+                      mask=hmask[:, None] & pmask[None, :], other=0.0)
+        m_i = tl.full([HB], float("-inf"), tl.float32)
+        l_i = tl.zeros([HB], tl.float32)
+        acc = tl.zeros([HB, BR], tl.float32)
+        for n0 in range(start, end, BN):
+            offs = n0 + tl.arange(0, BN)
+            valid = offs < end
+            blk = tl.load(table + b * t_stride + offs // bs, mask=valid, other=0).to(tl.int64)
+            row = lat + blk * s_b + (offs % bs).to(tl.int64) * s_s
+            c = tl.load(row[:, None] + rd[None, :], mask=valid[:, None] & rmask[None, :],
+                        other=0.0)
+            pe = tl.load(row[:, None] + R + pd[None, :], mask=valid[:, None] & pmask[None, :],
+                         other=0.0)
+            if IEEE:
+                sc = tl.dot(q_c, tl.trans(c), input_precision="ieee")
+                sc += tl.dot(q_p, tl.trans(pe), input_precision="ieee")
+            else:
+                sc = tl.dot(q_c, tl.trans(c)) + tl.dot(q_p, tl.trans(pe))
+            sc = tl.where(valid[None, :], sc * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            p = tl.exp(sc - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                pv = tl.dot(p.to(c.dtype), c, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(c.dtype), c)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        base = (b * H + heads) * num_splits + s
+        tl.store(pm + base, m_i, mask=hmask)
+        tl.store(pl + base, l_i, mask=hmask)
+        tl.store(po + base[:, None] * R + rd[None, :], acc, mask=hmask[:, None] & rmask[None, :])
+
+
+MLA_HEAD_BLOCK = 16
+
+
+def mla_paged_decode(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    latent: torch.Tensor,
+    table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    num_splits: int,
+    tokens_per_split: int,
+) -> torch.Tensor:
+    """MLA decode attention in the latent space: q_lat [B, H, R] (q_nope absorbed through
+    W_UK), q_pe [B, H, RD], latent [blocks, block_size, R + RD] cache rows (last dim
+    contiguous). Returns the latent output [B, H, R] (softmax-weighted c) in q_lat's dtype;
+    the caller applies W_UV."""
+    b, h, r = q_lat.shape
+    rdim = q_pe.shape[2]
+    if latent.stride(2) != 1 or not (q_lat.is_contiguous() and q_pe.is_contiguous()):
+        raise ValueError("mla_paged_decode needs contiguous rows")
+    s = num_splits
+    po = torch.empty((b, h, s, r), dtype=torch.float32, device=q_lat.device)
+    pm = torch.empty((b, h, s), dtype=torch.float32, device=q_lat.device)
+    pl = torch.empty((b, h, s), dtype=torch.float32, device=q_lat.device)
+    out = torch.empty((b, h, r), dtype=q_lat.dtype, device=q_lat.device)
+    br = max(16, triton.next_power_of_2(r))
+    grid = (b, triton.cdiv(h, MLA_HEAD_BLOCK), s)
+    _mla_partial[grid](
+        q_lat, q_pe, latent, table, seq_lens, po, pm, pl, scale, tokens_per_split,
+        latent.shape[1], table.stride(0), latent.stride(0), latent.stride(1), s,
+        H=h, HB=MLA_HEAD_BLOCK, R=r, BR=br, RD=rdim, BP=max(16, triton.next_power_of_2(rdim)),
+        BN=32 if br >= 256 else 64, IEEE=q_lat.dtype == torch.float32,
+        num_warps=8 if br >= 256 else 4, num_stages=1,
+    )
+    _reduce[(b * h,)](po, pm, pl, out, s, D=r, BD=br,
+                      BS_=max(2, triton.next_power_of_2(s)), num_warps=4)
+    return out
+
+
+def mla_paged_decode_reference(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    latent: torch.Tensor,
+    table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+) -> torch.Tensor:
+    """The same function in plain torch, one sequence at a time (tests)."""
+    r, bs = q_lat.shape[2], latent.shape[1]
+    outs = []
+    for i in range(q_lat.shape[0]):
+        pos = torch.arange(int(seq_lens[i]), device=q_lat.device)
+        rows = latent[table[i].long()[pos // bs], pos % bs].float()  # [n, R + RD]
+        sc = (q_lat[i].float() @ rows[:, :r].T + q_pe[i].float() @ rows[:, r:].T) * scale
+        outs.append((torch.softmax(sc, -1) @ rows[:, :r]).to(q_lat.dtype))
+    return torch.stack(outs)
+
+
 def split_plan(batch: int, kv_heads: int, max_keys: int) -> tuple[int, int]:
     """(num_splits, tokens per split) for a step whose longest sequence has `max_keys` keys:
     enough programs to fill the chip, each split a whole number of BLOCK_N tiles."""
