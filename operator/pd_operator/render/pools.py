@@ -77,6 +77,7 @@ def statefulset(owner: Owner, pool: ResolvedPool, template: PodTemplateSpec, fp:
     if secret.needed(pool):  # the side-channel token, created once by the handlers
         container["volumeMounts"].append(secret.volume_mount())
         pod_spec["volumes"].append(secret.volume(owner))
+        pod_spec["securityContext"] = secret.pod_security_context()
     if template.node_selector:
         pod_spec["nodeSelector"] = dict(template.node_selector)
     if template.tolerations:

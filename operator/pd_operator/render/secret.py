@@ -22,6 +22,10 @@ VOLUME = "pd-side-channel-token"
 # handshake.DEFAULT_TOKEN_FILE is MOUNT_DIR/TOKEN_KEY: the engines read it without a flag
 MOUNT_DIR = "/var/run/secrets/pd-runtime"
 COMPONENT = "side-channel-token"
+# The token file is owned by this group and readable by it (0440): the pod's fsGroup, which the
+# kubelet also adds to every container's supplementary groups, so the engine reads it whatever
+# user the image runs as (the runtime image runs as 65532; a 0400 root-owned file refused it).
+FS_GROUP = 65532
 
 
 def name(owner: Owner) -> str:
@@ -45,8 +49,12 @@ def secret(owner: Owner, token: str) -> dict[str, Any]:
 
 def volume(owner: Owner) -> dict[str, Any]:
     return {"name": VOLUME,
-            "secret": {"secretName": name(owner), "defaultMode": 0o400,
+            "secret": {"secretName": name(owner), "defaultMode": 0o440,
                        "items": [{"key": TOKEN_KEY, "path": TOKEN_KEY}]}}
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {"fsGroup": FS_GROUP}
 
 
 def volume_mount() -> dict[str, Any]:

@@ -36,7 +36,9 @@ def test_builtin_pools_mount_the_token_where_the_engine_reads_it():
         pod = sts["spec"]["template"]["spec"]
         (vol,) = [v for v in pod["volumes"] if v["name"] == side_channel.VOLUME]
         assert vol["secret"]["secretName"] == "demo-side-channel-token"
-        assert vol["secret"]["defaultMode"] == 0o400
+        # group-readable by the pod's fsGroup: the runtime image's user (65532) reads it
+        assert vol["secret"]["defaultMode"] == 0o440
+        assert pod["securityContext"]["fsGroup"] == side_channel.FS_GROUP == 65532
         (mount,) = [m for m in pod["containers"][0]["volumeMounts"]
                     if m["name"] == side_channel.VOLUME]
         path = f"{mount['mountPath']}/{vol['secret']['items'][0]['path']}"
