@@ -223,9 +223,17 @@ async def _apply_children(client: kube.Client, children: list[dict[str, Any]], c
         async with sem:
             return await client.apply(obj)
 
-    results = await asyncio.gather(*(one(c) for c in children), return_exceptions=True)
+    # RoleBindings last: the API server checks a binding against the Role it names (RBAC
+    # escalation check; the operator holds the Role's permissions, not `bind`), and answers 404
+    # while that Role does not exist yet (seen with the chart's ServiceAccount on the real node).
+    waves = ([c for c in children if c.get("kind") != "RoleBinding"],
+             [c for c in children if c.get("kind") == "RoleBinding"])
+    ordered, results = [], []
+    for wave in waves:
+        ordered += wave
+        results += await asyncio.gather(*(one(c) for c in wave), return_exceptions=True)
     applied = [r for r in results if not isinstance(r, BaseException)]
-    failed = [(c, r) for c, r in zip(children, results) if isinstance(r, BaseException)]
+    failed = [(c, r) for c, r in zip(ordered, results) if isinstance(r, BaseException)]
     for _, exc in failed:
         if isinstance(exc, asyncio.CancelledError):
             raise exc
