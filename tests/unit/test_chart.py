@@ -581,10 +581,26 @@ def test_helm_test_hook_objects():
     env = {e["name"]: e.get("value") for e in c["env"]}
     validating = _hooks(objects())["ValidatingWebhookConfiguration"][0]["name"]
     assert env["WEBHOOK_NAME"] == validating
+    assert env["NAMESPACE"] == NS
     data = one(hooks, "ConfigMap")["data"]
     assert data["admission-test.py"] == ADMISSION_SCRIPT.read_text()
     assert c["command"] == ["python3", "/etc/pd-operator-test/admission-test.py"]
     assert env["MANIFEST"] == "/etc/pd-operator-test/pddeployment.yaml"
+
+
+@pytest.mark.parametrize("watched, where", [
+    ("{team-a,team-b}", "team-a"),          # the release namespace is not reviewed
+    (f"{{team-a,{NS}}}", NS),
+])
+def test_helm_test_submits_where_the_webhooks_review(watched, where):
+    hooks = _test_hooks(f"operator.watchNamespaces={watched}")
+    sa, role, binding, pod = (one(hooks, k) for k in
+                              ("ServiceAccount", "Role", "RoleBinding", "Pod"))
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["NAMESPACE"] == where
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == where
+    assert sa["metadata"]["namespace"] == pod["metadata"]["namespace"] == NS
+    assert binding["subjects"][0]["namespace"] == NS
 
 
 def test_helm_test_object_is_the_rejected_example_and_fails_with_its_rule():

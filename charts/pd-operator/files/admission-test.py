@@ -1,7 +1,8 @@
 """`helm test`: the release's admission webhook rejects a known-bad PDDeployment.
 
 Runs in the operator image (its Python and Kubernetes client), as the test's ServiceAccount,
-which may only create PDDeployments in the release namespace. The object (the chart's copy of
+which may only create PDDeployments in NAMESPACE (the release's, or the first namespace it
+watches). The object (the chart's copy of
 deploy/examples/rejected/tp-not-divisible.yaml) is created with server-side dry-run
 (dryRun=All): nothing is stored, and the webhooks still review it (sideEffects: None). The test
 passes only when this release's validating webhook denies it with the rule the object's
@@ -40,7 +41,8 @@ class Verdict:
 def judge(status: int | None, body: str, rule: str, webhook: str) -> Verdict:
     """What one dry-run create's answer means. `status` None: the object was admitted."""
     if status is None:
-        return Verdict("fail", "admitted: no webhook rejected the known-bad object")
+        return Verdict("fail", "admitted: no webhook rejected the known-bad object (does "
+                       "webhook.namespaceSelector leave this namespace out?)")
     try:
         message = str(json.loads(body).get("message", body))
     except (ValueError, AttributeError):
