@@ -11,14 +11,17 @@ starts or stops one; skipped when it has no real node up, or without root.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from pd_dev.devcluster import cluster
 from pd_dev.devcluster import realnode as rn
+from pd_dev.devcluster import versions as _v
 from pd_dev.images import build, plan
 from pd_dev.images.host import ImageBuildError
 
@@ -40,8 +43,19 @@ def node() -> rn.NodeLayout:
 
 
 @pytest.fixture(scope="module")
-def built(node: rn.NodeLayout) -> list[build.Result]:
-    return build.build([], progress=_progress)
+def snapshot(tmp_path_factory) -> Path:
+    """The checkout's build inputs, copied: edits made meanwhile (other sessions share the
+    working tree) cannot change the key between the two builds of the test."""
+    root, snap = _v.repo_root(), tmp_path_factory.mktemp("checkout")
+    for rel in [*plan.context_files(root), *(s.dockerfile for s in plan.IMAGES.values())]:
+        (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, snap / rel)
+    return snap
+
+
+@pytest.fixture(scope="module")
+def built(node: rn.NodeLayout, snapshot: Path) -> list[build.Result]:
+    return build.build([], progress=_progress, root=snapshot)
 
 
 @pytest.fixture
@@ -58,7 +72,7 @@ def core(node: rn.NodeLayout):
             v1.delete_namespace(ns, grace_period_seconds=0)
 
 
-def test_images_in_the_node_and_a_rebuild_does_nothing(node: rn.NodeLayout,
+def test_images_in_the_node_and_a_rebuild_does_nothing(node: rn.NodeLayout, snapshot: Path,
                                                        built: list[build.Result]) -> None:
     assert [r.ref for r in built] == [plan.IMAGES["operator"].ref(),
                                       plan.IMAGES["runtime"].ref()]
@@ -66,7 +80,7 @@ def test_images_in_the_node_and_a_rebuild_does_nothing(node: rn.NodeLayout,
     for r in built:
         assert labels[r.ref][plan.KEY_LABEL] == r.key
     t0 = time.monotonic()
-    again = build.build([], progress=_progress)
+    again = build.build([], progress=_progress, root=snapshot)
     assert [(r.ref, r.action, r.key) for r in again] == \
         [(r.ref, "up to date", r.key) for r in built]
     assert time.monotonic() - t0 < 60  # keys and one `ctr images ls`: seconds

@@ -151,11 +151,11 @@ def test_dockerd_changes_nothing_on_the_host() -> None:
 
 def test_docker_build_argv() -> None:
     p = plan.DockerdPaths(Path("/c/docker"), Path("/run/x"))
-    argv = plan.docker_build_argv("docker", p, Path("/ctx"), "img:1", "k" * 64,
-                                  {"A": "1", "B": ""})
+    argv = plan.docker_build_argv("docker", p, Path("/ctx"), Path("/ctx/x.Dockerfile"), "img:1",
+                                  "k" * 64, {"A": "1", "B": ""})
     assert argv[:6] == ["docker", "--host", "unix:///run/x/docker.sock", "build", "--network",
                         "host"]
-    assert argv[argv.index("-f") + 1] == "/ctx/Dockerfile"
+    assert argv[argv.index("-f") + 1] == "/ctx/x.Dockerfile"
     assert argv[argv.index("-t") + 1] == "img:1"
     assert f"{plan.KEY_LABEL}={'k' * 64}" in argv
     assert "A=1" in argv and "B=" in argv

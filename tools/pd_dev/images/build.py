@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,15 +62,18 @@ def node_labels(nl: rn.NodeLayout) -> dict[str, dict[str, str]]:
     return plan.ctr_image_labels(rnh.ctr(nl, "images", "ls", timeout=60))
 
 
-def stage_context(spec: plan.ImageSpec, root: Path, files: list[str]) -> Path:
-    """A minimal build context: the files the Dockerfiles COPY (the legacy builder does not
-    read `<name>.Dockerfile.dockerignore`) and the Dockerfile as ./Dockerfile."""
-    ctx = host.cache_dir() / "context" / spec.name
-    shutil.rmtree(ctx, ignore_errors=True)
-    for rel in files:
+def stage_context(root: Path, specs: list[plan.ImageSpec]) -> Path:
+    """A minimal build context, copied once: the files the Dockerfiles COPY (the legacy builder
+    does not read `<name>.Dockerfile.dockerignore`) and the Dockerfiles themselves. The keys
+    are computed from this copy, so an edit during the build cannot slip in under an old key."""
+    base = host.cache_dir() / "context"
+    base.mkdir(parents=True, exist_ok=True)
+    ctx = Path(tempfile.mkdtemp(prefix="build-", dir=base))
+    for rel in plan.context_files(root):
         (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, ctx / rel)
-    shutil.copyfile(root / spec.dockerfile, ctx / "Dockerfile")
+    for spec in specs:
+        shutil.copyfile(root / spec.dockerfile, ctx / Path(spec.dockerfile).name)
     return ctx
 
 
@@ -87,7 +91,8 @@ def docker_build(p: plan.DockerdPaths, spec: plan.ImageSpec, ctx: Path, key: str
     log = host.cache_dir() / "logs" / f"{spec.name}.log"
     progress(f"{spec.name}: docker build {spec.ref()} (output: {log})")
     t0 = time.monotonic()
-    argv = plan.docker_build_argv(host.docker_cli(), p, ctx, spec.ref(), key, args)
+    argv = plan.docker_build_argv(host.docker_cli(), p, ctx, ctx / Path(spec.dockerfile).name,
+                                  spec.ref(), key, args)
     env = {**_env_without_docker(), "DOCKER_BUILDKIT": "0"}
     before = host.docker_image_id(p, spec.ref())
     host.run_logged(argv, log, f"{spec.name}: docker build", progress,
@@ -133,33 +138,36 @@ def _label_kept(nl: rn.NodeLayout, ref: str, key: str, tries: int = 10) -> None:
 
 def build(names: list[str], cluster_dir: Path | None = None, do_import: bool = True,
           force: bool = False, overrides: dict[str, str] | None = None,
-          progress: Progress = print) -> list[Result]:
-    """Build the named images (all when empty) and import them into the real node."""
+          progress: Progress = print, root: Path | None = None) -> list[Result]:
+    """Build the named images (all when empty) from the checkout at `root` (default: this
+    one) and import them into the real node."""
     t_all = time.monotonic()
     specs = plan.select(names)
     nl = find_node(cluster_dir) if do_import else None
-    root = _v.repo_root()
     recipe = plan.BaseRecipe(ca_certs=host.host_ca_certs())
-    files = plan.context_files(root)
-    digest = plan.digest_files(root, files)
-    wanted: dict[str, tuple[str, dict[str, str]]] = {}
-    for spec in specs:
-        args = plan.build_args(spec, recipe.ref(), overrides)
-        dockerfile = (root / spec.dockerfile).read_bytes()
-        wanted[spec.name] = (plan.build_key(spec, dockerfile, digest, recipe.key(), args), args)
-    results: list[Result] = []
-    todo = _not_current(specs, wanted, nl, force, results, progress)
-    if todo:
-        if os.geteuid() != 0:
-            raise ImageBuildError("building images needs root (debootstrap, dockerd)")
-        with host.locked():
-            tar = host.base_rootfs(recipe, progress)
-            with host.dockerd(progress) as p:
-                base_ref = host.ensure_base_image(p, recipe, tar, progress)
-                assert base_ref == recipe.ref()
-                for spec in todo:
-                    key, args = wanted[spec.name]
-                    results.append(_one(p, spec, root, files, key, args, nl, force, progress))
+    ctx = stage_context(root or _v.repo_root(), specs)
+    try:
+        digest = plan.digest_files(ctx, plan.context_files(ctx))
+        wanted: dict[str, tuple[str, dict[str, str]]] = {}
+        for spec in specs:
+            args = plan.build_args(spec, recipe.ref(), overrides)
+            dockerfile = (ctx / Path(spec.dockerfile).name).read_bytes()
+            key = plan.build_key(spec, dockerfile, digest, recipe.key(), args)
+            wanted[spec.name] = (key, args)
+        results: list[Result] = []
+        todo = _not_current(specs, wanted, nl, force, results, progress)
+        if todo:
+            if os.geteuid() != 0:
+                raise ImageBuildError("building images needs root (debootstrap, dockerd)")
+            with host.locked():
+                tar = host.base_rootfs(recipe, progress)
+                with host.dockerd(progress) as p:
+                    host.ensure_base_image(p, recipe, tar, progress)
+                    for spec in todo:
+                        key, args = wanted[spec.name]
+                        results.append(_one(p, spec, ctx, key, args, nl, force, progress))
+    finally:
+        shutil.rmtree(ctx, ignore_errors=True)
     progress(f"images: done in {time.monotonic() - t_all:.1f}s")
     return results
 
@@ -190,13 +198,12 @@ def _tar_path(spec: plan.ImageSpec, key: str) -> Path:
     return host.cache_dir() / "tars" / f"{spec.name}-{key[:16]}.tar"
 
 
-def _one(p: plan.DockerdPaths, spec: plan.ImageSpec, root: Path, files: list[str], key: str,
+def _one(p: plan.DockerdPaths, spec: plan.ImageSpec, ctx: Path, key: str,
          args: dict[str, str], nl: rn.NodeLayout | None, force: bool,
          progress: Progress) -> Result:
     t0 = time.monotonic()
     action = "imported"
     if force or host.docker_label(p, spec.ref()) != key:
-        ctx = stage_context(spec, root, files)
         docker_build(p, spec, ctx, key, args, progress)
         action = "built"
     size = host.docker_size_mib(p, spec.ref())

@@ -184,10 +184,10 @@ def dockerd_argv(p: DockerdPaths) -> list[str]:
             "--exec-opt=native.cgroupdriver=cgroupfs", "--storage-driver=overlay2"]
 
 
-def docker_build_argv(docker: str, p: DockerdPaths, context: Path, ref: str, key: str,
-                      args: Mapping[str, str]) -> list[str]:
+def docker_build_argv(docker: str, p: DockerdPaths, context: Path, dockerfile: Path, ref: str,
+                      key: str, args: Mapping[str, str]) -> list[str]:
     argv = [docker, "--host", p.host, "build", "--network", "host", "--force-rm",
-            "-f", str(context / "Dockerfile"), "-t", ref, "--label", f"{KEY_LABEL}={key}"]
+            "-f", str(dockerfile), "-t", ref, "--label", f"{KEY_LABEL}={key}"]
     for k, v in args.items():
         argv += ["--build-arg", f"{k}={v}"]
     return [*argv, str(context)]
