@@ -242,9 +242,23 @@ def _stop_stale(p: plan.DockerdPaths) -> None:
         _stop_pid(pid)
 
 
+# What dockerd 20.10 writes outside its data and exec roots whatever its flags: its trust key
+# and the plugin socket directory. Removed after the build when they were not there before.
+DOCKERD_LEFTOVERS = (Path("/etc/docker/key.json"), Path("/run/docker/plugins"),
+                     Path("/run/docker"))
+
+
+def _remove_leftovers(existed: dict[Path, bool]) -> None:
+    for path in DOCKERD_LEFTOVERS:
+        if existed.get(path, True) or not path.exists():
+            continue
+        with contextlib.suppress(OSError):
+            path.rmdir() if path.is_dir() else path.unlink()  # a directory only when empty
+
+
 @contextlib.contextmanager
 def dockerd(progress: Progress, timeout: float = 60.0) -> Iterator[plan.DockerdPaths]:
-    """A private dockerd for the length of the block."""
+    """A private dockerd for the length of the block; the host as it was after it."""
     if shutil.which("dockerd") is None:
         raise ImageBuildError("no dockerd: apt-get install docker.io (it is not started as a "
                               "service here; builds start their own)")
@@ -253,6 +267,7 @@ def dockerd(progress: Progress, timeout: float = 60.0) -> Iterator[plan.DockerdP
     p.exec_root.chmod(0o700)
     p.data_root.mkdir(parents=True, exist_ok=True)
     _stop_stale(p)
+    existed = {path: path.exists() for path in DOCKERD_LEFTOVERS}
     log = cache_dir() / "logs" / "dockerd.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as lf:
@@ -273,8 +288,10 @@ def dockerd(progress: Progress, timeout: float = 60.0) -> Iterator[plan.DockerdP
         yield p
     finally:
         _stop_pid(proc.pid)
-        with contextlib.suppress(ChildProcessError):
+        with contextlib.suppress(ChildProcessError, subprocess.TimeoutExpired):
             proc.wait(timeout=5)
+        _remove_leftovers(existed)
+        _remove_tree(p.exec_root)  # its runtime state (and the socket and pidfile) only
 
 
 def docker(p: plan.DockerdPaths, *args: str, timeout: float = 600.0) -> str:
