@@ -19,13 +19,16 @@ CUDA only (Triton); `paged_decode_reference` is the same arithmetic in torch (te
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from .segcopy import _HAVE_TRITON
 
 BLOCK_N = 64  # keys per inner iteration
-TARGET_PROGRAMS = 264  # about two waves of an H100/H200's 132 SMs
+
+# programs per launch the split plan aims at: about two waves of an H100/H200's 132 SMs
+TARGET_PROGRAMS = int(os.environ.get("PD_RUNTIME_DECODE_PROGRAMS", "264"))
 
 if _HAVE_TRITON:
     import triton
