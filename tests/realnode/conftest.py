@@ -10,6 +10,9 @@ Fixtures:
   tier owns it for the session. ``PD_REALNODE_REUSE=1`` reuses a running real-node cluster in that
   directory and leaves it running (development).
 * ``real_kubectl`` (session) - ``kubectl(*args, input=None, check=True, timeout=60)``.
+* ``real_images`` (session) - `pdctl dev images build` for that cluster: the operator and
+  runtime images from deploy/images, imported into the node (seconds when nothing changed; the
+  first build on a machine downloads torch: minutes, with progress on stderr).
 
 Needs root (containers, a bridge, iptables); skipped without it.
 """
@@ -121,3 +124,14 @@ def real_kubectl(real_cluster: RealCluster) -> Kubectl:
         return out
 
     return run
+
+
+@pytest.fixture(scope="session")
+def real_images(real_cluster: RealCluster) -> None:
+    from tests.helpers import pdctl
+
+    _progress("pdctl dev images build (cached by content)")
+    proc = subprocess.run([pdctl(), "dev", "images", "build", "--dir", str(real_cluster.dir)],
+                          stdout=sys.__stderr__, stderr=subprocess.STDOUT, timeout=3600,
+                          check=False)
+    assert proc.returncode == 0, "pdctl dev images build failed (its output is above)"

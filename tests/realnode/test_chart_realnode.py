@@ -4,38 +4,33 @@ election), `helm test` passes (this release's webhook denies a known-bad PDDeplo
 with server-side dry-run, with its rule), kubectl sees the same rejection, the operator in the
 pod reconciles an accepted PDDeployment, and `helm uninstall` removes what the chart made.
 
-Needs the operator image on the node (`pdctl dev images build` imports
-ghcr.io/pd-operator/pd-operator:<version> into its containerd); skipped without it. The release
-is confined to this test's namespace (operator.watchNamespaces: reconciliation and both webhook
-configurations), so other operators and releases on the same cluster are not disturbed, and the
-shared CRD is installed only when absent (crds.enabled=false). With PD_REALNODE_REUSE=1 the
-tier's fixture reuses a running real-node cluster (tests/realnode/conftest.py).
+The operator image comes from the tier's `real_images` fixture (`pdctl dev images build`).
+The release (tests/realnode/release.py) is confined to this test's namespace
+(operator.watchNamespaces: reconciliation and both webhook configurations), so other operators
+and releases on the same cluster are not disturbed; the chart installs no CRD
+(crds.enabled=false): the tier applies crds/. With PD_REALNODE_REUSE=1 the tier's fixture
+reuses a running real-node cluster (tests/realnode/conftest.py).
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pd_dev.devcluster import build
 from pd_dev.devcluster import realnode as rn
 from pd_operator import __version__
 from tests.helpers import wait_for
+from tests.realnode.release import Release, ensure_crd
 
 pytestmark = [pytest.mark.realnode, pytest.mark.cluster, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "pd-operator"
-REALNODE_VALUES = CHART / "ci" / "realnode-values.yaml"
 EXAMPLES = ROOT / "deploy" / "examples"
 IMAGE = f"ghcr.io/pd-operator/pd-operator:{__version__}"
-GROUP = "serving.pd-operator.dev"
-CRD_NAME = f"pddeployments.{GROUP}"
 ACCEPTED = "llama-3.1-8b-basic"
 
 
@@ -46,12 +41,10 @@ def _example(kind: str, name: str, namespace: str) -> tuple[str, str]:
 
 
 @pytest.fixture
-def operator_image(real_kubectl) -> str:
+def operator_image(real_kubectl, real_images) -> str:
     node = json.loads(real_kubectl("get", "node", rn.NODE_NAME, "-o", "json").stdout)
     names = {n for img in node["status"].get("images") or [] for n in img.get("names") or []}
-    if IMAGE not in names:
-        pytest.skip(f"{IMAGE} is not on {rn.NODE_NAME} (build and import it: "
-                    ".venv/bin/pdctl dev images build)")
+    assert IMAGE in names, f"{IMAGE} is not on {rn.NODE_NAME} after pdctl dev images build"
     return IMAGE
 
 
@@ -65,60 +58,12 @@ def chart_namespace(real_kubectl):
         real_kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
-class _Release:
-    def __init__(self, kubeconfig: Path, kubectl, namespace: str):
-        self.kubeconfig, self.kubectl, self.ns = kubeconfig, kubectl, namespace
-        self.name = f"pdo-{secrets.token_hex(3)}"
-        self.fullname = f"{self.name}-pd-operator"
-        self.webhook = f"validate.{self.fullname}.{GROUP}"
-        self.installed = False
-
-    def helm(self, *args: str, check: bool = True,
-             timeout: float = 300) -> subprocess.CompletedProcess:
-        out = subprocess.run([str(build.binary_path("helm")), f"--kubeconfig={self.kubeconfig}",
-                              "-n", self.ns, *args], capture_output=True, text=True,
-                             timeout=timeout)
-        if check and out.returncode != 0:
-            raise AssertionError(f"helm {' '.join(args)} failed ({out.returncode}):\n"
-                                 f"{out.stderr}{out.stdout}\n{self.diagnose()}")
-        return out
-
-    def diagnose(self) -> str:
-        pods = self.kubectl("get", "pods", "-n", self.ns, "-o", "wide", check=False).stdout
-        events = self.kubectl("get", "events", "-n", self.ns, "--sort-by=.lastTimestamp",
-                              check=False).stdout[-3000:]
-        logs = self.kubectl("logs", "-n", self.ns, f"deployment/{self.fullname}",
-                            "--tail=60", check=False)
-        return f"--- pods\n{pods}\n--- events\n{events}\n--- operator log\n" \
-               f"{logs.stdout}{logs.stderr}"
-
-    def install(self) -> None:
-        self.installed = True
-        self.helm("install", self.name, str(CHART), "-f", str(REALNODE_VALUES),
-                  "--set", f"operator.watchNamespaces={{{self.ns}}}",
-                  "--set", "crds.enabled=false", "--wait", "--timeout", "180s")
-
-    def uninstall(self) -> None:
-        if self.installed:
-            self.helm("uninstall", self.name, "--wait", "--timeout", "120s", check=False)
-            self.installed = False
-
-
-def _ensure_crd(kubectl) -> None:
-    """The cluster's shared CRD: installed from crds/ only when absent (never taken over)."""
-    if kubectl("get", "crd", CRD_NAME, check=False).returncode != 0:
-        kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "pddeployment.yaml"))
-    wait_for("the CRD Established", lambda: kubectl(
-        "wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=20s",
-        check=False).returncode == 0, timeout=90)
-
-
 @pytest.mark.timeout(900)
 def test_chart_installs_on_the_real_node_and_helm_test_passes(
         real_cluster, real_kubectl, operator_image, chart_namespace):
     kubectl, ns = real_kubectl, chart_namespace
-    _ensure_crd(kubectl)
-    release = _Release(real_cluster.kubeconfig, kubectl, ns)
+    ensure_crd(kubectl)
+    release = Release(real_cluster.kubeconfig, kubectl, ns)
     try:
         release.install()
         manifest = [d for d in yaml.safe_load_all(release.helm("get", "manifest",
