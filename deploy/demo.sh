@@ -1,50 +1,109 @@
 #!/usr/bin/env bash
-# The main job (`make demo`): validate the examples offline, start the local control plane with
-# fake GPU nodes, run the operator with its webhook on this host, deploy one PDDeployment until it
-# is Ready, and show a bad pair rejected at kubectl. Leaves the cluster running; stop it with
-#   .venv/bin/pdctl dev cluster down
+# The main job (`make demo`): on the local cluster with its real node, from nothing to an answer.
+#   1. offline validation of the examples (pdctl check)
+#   2. the local control plane, fake GPU nodes and one real node (kubelet + containerd)
+#   3. the operator and runtime images, built here from deploy/images/*.Dockerfile
+#   4. `helm install` of charts/pd-operator (the operator runs in a pod) and `helm test`
+#   5. a bad pair rejected at kubectl, naming the rule
+#   6. SmolLM2 as P/D (builtin engine): pods really run, KVPathVerified, Ready
+#   7. a chat completion through the router, and D's KV pull counter
+# Everything is cached in ~/.cache/pd-operator; a second run takes a few minutes at most. The
+# cluster keeps running; stop it (and undo its host changes) with
+#   PD_DEV_CLUSTER_DIR=<printed dir> .venv/bin/pdctl dev cluster down
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PDCTL=.venv/bin/pdctl
-GOOD=deploy/examples/accepted/llama-3.1-8b-basic.yaml
+export PD_DEV_CLUSTER_DIR=${PD_DEV_CLUSTER_DIR:-$HOME/.cache/pd-operator/clusters/demo}
+NS=${PD_DEMO_NAMESPACE:-pd-demo}
+RELEASE=demo  # not "pd-operator": that name is the local dev operator's webhook configuration
+GOOD=deploy/examples/local/smollm2-realnode.yaml
 BAD=deploy/examples/rejected/tp-not-divisible.yaml
-step() { printf '\n== %s\n' "$*"; }
+START=$SECONDS
+step() { printf '\n== [%3ds] %s\n' "$((SECONDS - START))" "$*"; }
+tool() { .venv/bin/python -c "from pd_dev.devcluster.build import binary_path; print(binary_path('$1'))"; }
 
 step "offline validation of every example (pdctl check)"
-$PDCTL check deploy/examples/accepted/*.yaml >/dev/null && echo "all accepted examples pass"
-if $PDCTL check "$BAD"; then echo "expected $BAD to be rejected" >&2; exit 1; fi
+$PDCTL check deploy/examples/accepted/*.yaml deploy/examples/local/*.yaml >/dev/null \
+  && echo "all accepted and local examples pass"
+if $PDCTL check "$BAD" >/dev/null; then echo "expected $BAD to be rejected" >&2; exit 1; fi
 
-step "local control plane (builds on first use; minutes)"
-$PDCTL dev cluster up
+step "local cluster with a real node in $PD_DEV_CLUSTER_DIR (builds on first use: minutes)"
+$PDCTL dev cluster up --real-node
 KUBECONFIG=$($PDCTL dev cluster kubeconfig); export KUBECONFIG
-KUBECTL=$(.venv/bin/python -c 'from pd_dev.devcluster.build import binary_path; print(binary_path("kubectl"))')
-$KUBECTL get nodes -L nvidia.com/gpu.product
+KUBECTL=$(tool kubectl); HELM=$(tool helm)
+$KUBECTL get nodes -L pd-operator.dev/real-node -L nvidia.com/gpu.product
 
-step "CRD"
-$KUBECTL apply --server-side -f crds/pddeployment.yaml
-$KUBECTL wait --for=condition=Established crd/pddeployments.serving.pd-operator.dev --timeout=60s
+step "images from deploy/images (cached by content; first build downloads torch: minutes)"
+$PDCTL dev images build
 
-step "operator with its webhook on 127.0.0.1"
-NS=pd-demo
-$KUBECTL create namespace "$NS" --dry-run=client -o yaml | $KUBECTL apply -f -
-LOG=$(mktemp /tmp/pd-operator-demo.XXXX.log)
-$PDCTL operator run --local-webhook --no-leader-election --metrics-port 0 -n "$NS" >"$LOG" 2>&1 &
-OPERATOR=$!
-trap 'kill $OPERATOR 2>/dev/null; wait $OPERATOR 2>/dev/null || true' EXIT
-for _ in $(seq 60); do
-  $KUBECTL get validatingwebhookconfigurations -o name 2>/dev/null | grep -q pd-operator && break
-  sleep 1
-done
-echo "operator log: $LOG"
+step "helm install $RELEASE (the operator and its webhook run in a pod on the real node)"
+CRD=pddeployments.serving.pd-operator.dev
+CRD_VALUES=()
+if $KUBECTL get crd "$CRD" >/dev/null 2>&1 && [ "$($KUBECTL get crd "$CRD" \
+     -o jsonpath='{.metadata.annotations.meta\.helm\.sh/release-name}')" != "$RELEASE" ]; then
+  # made outside this release (tests, kubectl): keep it, at this tree's version
+  echo "the CRD exists outside the release: applying crds/ and installing with crds.enabled=false"
+  $KUBECTL apply --server-side --force-conflicts -f crds/pddeployment.yaml >/dev/null
+  CRD_VALUES=(--set crds.enabled=false)
+fi
+$HELM upgrade --install "$RELEASE" charts/pd-operator -n pd-operator --create-namespace \
+  -f charts/pd-operator/ci/realnode-values.yaml "${CRD_VALUES[@]}" --wait --timeout 5m
+$KUBECTL get pods -n pd-operator -o wide
+step "helm test (a known-bad PDDeployment must be refused by the webhook, by rule id)"
+$HELM test "$RELEASE" -n pd-operator --timeout 3m
 
 step "a bad pair is rejected at admission"
+$KUBECTL create namespace "$NS" --dry-run=client -o yaml | $KUBECTL apply -f - >/dev/null
 if $KUBECTL apply -n "$NS" -f "$BAD"; then echo "expected a rejection" >&2; exit 1; fi
 
-step "a good pair is admitted and launched"
+step "SmolLM2 as P/D: admitted, pods run, the KV path is proven"
 $KUBECTL apply -n "$NS" -f "$GOOD"
-NAME=$($KUBECTL get -n "$NS" -f "$GOOD" -o jsonpath='{.metadata.name}')
-$KUBECTL wait -n "$NS" "pdd/$NAME" --for=jsonpath='{.status.phase}'=Ready --timeout=180s
-$KUBECTL get -n "$NS" pdd -o wide
-$KUBECTL get -n "$NS" pods -o wide
-echo
-echo "done: the cluster keeps running (KUBECONFIG=$KUBECONFIG); stop it with: $PDCTL dev cluster down"
+NAME=$($KUBECTL create --dry-run=client -f "$GOOD" -o jsonpath='{.metadata.name}')
+for _ in $(seq 120); do
+  PHASE=$($KUBECTL get -n "$NS" "pdd/$NAME" -o jsonpath='{.status.phase}' 2>/dev/null || true)
+  [ "$PHASE" = Ready ] && break
+  printf '  [%3ds] phase=%s  %s\n' "$((SECONDS - START))" "${PHASE:-?}" \
+    "$($KUBECTL get pods -n "$NS" -l app.kubernetes.io/instance="$NAME" --no-headers \
+       -o custom-columns=POD:.metadata.name,STATUS:.status.phase 2>/dev/null | tr '\n' ' ')"
+  sleep 5
+done
+if [ "$PHASE" != Ready ]; then
+  $KUBECTL describe -n "$NS" "pdd/$NAME" >&2; exit 1
+fi
+$KUBECTL get -n "$NS" pdd,pods -o wide
+echo "KVPathVerified: $($KUBECTL get -n "$NS" "pdd/$NAME" \
+  -o jsonpath='{.status.conditions[?(@.type=="KVPathVerified")].message}')"
+
+step "a chat completion through the router Service"
+ROUTER=$($KUBECTL get -n "$NS" "svc/$NAME-router" -o jsonpath='{.spec.clusterIP}')
+MODEL=$($KUBECTL get -n "$NS" "pdd/$NAME" -o jsonpath='{.spec.model.name}')
+BODY='{"model":"'$MODEL'","messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":24,"temperature":0}'
+ANSWER=""
+for _ in $(seq 30); do  # the router discovers the pods a few seconds after they are Ready
+  ANSWER=$(curl -s -m 120 -H 'content-type: application/json' -d "$BODY" \
+    "http://$ROUTER:8000/v1/chat/completions" || true)
+  case "$ANSWER" in *'"content"'*) break ;; esac
+  sleep 2
+done
+.venv/bin/python - "$ANSWER" <<'EOF'
+import json, sys
+reply = json.loads(sys.argv[1])
+print("Q: What is the capital of France?")
+print("A:", reply["choices"][0]["message"]["content"])
+EOF
+DECODE_IP=$($KUBECTL get pods -n "$NS" -l "app.kubernetes.io/instance=$NAME,serving.pd-operator.dev/role=decode" \
+  -o jsonpath='{.items[0].status.podIP}')
+curl -s "http://$DECODE_IP:8000/metrics" | grep '^pd_runtime_kv_pulls_total' || true
+
+step "done in $((SECONDS - START)) s; where to look next"
+cat <<EOF
+  export PD_DEV_CLUSTER_DIR=$PD_DEV_CLUSTER_DIR KUBECONFIG=$KUBECONFIG
+  $KUBECTL get pdd -n $NS -o wide              # phase, conditions (KVPathVerified)
+  $KUBECTL describe pdd/$NAME -n $NS           # Events: created children, the KV path check
+  $KUBECTL logs -n $NS $NAME-decode-0          # the decode engine (pulls, TTFT)
+  $KUBECTL logs -n pd-operator deploy/$RELEASE-pd-operator # the operator
+  curl http://$ROUTER:8000/v1/models           # the router (OpenAI API)
+  $KUBECTL apply -n $NS -f deploy/examples/local/smollm2-realnode-p1-d3.yaml   # P TP 1 -> D TP 3
+  docs/real-node.md, docs/images.md, docs/operator.md
+  stop it all: $PDCTL dev cluster down
+EOF
