@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,12 +45,30 @@ def cmd_up(args: argparse.Namespace) -> int:
             gpus_per_node=args.gpus_per_node,
             build_missing=not args.no_build,
             timeout=args.timeout,
-            real_node=args.real_node,
+            real_node=_want_real_node(args),
         )
     except RuntimeError as exc:
         _err(f"up failed: {exc}")
         return 1
     return 0
+
+
+def _want_real_node(args: argparse.Namespace) -> bool:
+    """--real-node / --no-real-node as given; without either: the running cluster's mode, else
+    a real node when this process may make one (root), else the fake nodes alone, said."""
+    from pd_dev.devcluster import cluster, processes
+
+    if args.real_node is not None:
+        return bool(args.real_node)
+    state = cluster.State.load(cluster.layout_for(_dir(args)))
+    api = state.proc("kube-apiserver")
+    if api is not None and processes.alive(api):
+        return bool(state.real_node.get("enabled"))
+    if os.geteuid() != 0:
+        _err("note: no real node (kubelet, containerd and a bridge need root): pods will stay "
+             "on the fake nodes and never run; run as root, or pass --no-real-node to say so")
+        return False
+    return True
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -134,9 +153,11 @@ def register(sub) -> None:
     p.add_argument("--gpus-per-node", type=int, default=8, help="nvidia.com/gpu per node")
     p.add_argument("--no-build", action="store_true", help="fail instead of building")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per component")
-    p.add_argument("--real-node", action="store_true",
-                   help="also one real node (kubelet, containerd + runc, CNI) where pods run; "
-                   "root; label/taint pd-operator.dev/real-node=true; kept until `down`")
+    p.add_argument("--real-node", action=argparse.BooleanOptionalAction, default=None,
+                   help="one real node (kubelet, containerd + runc, CNI) where pods run, beside "
+                   "the fake ones; label/taint pd-operator.dev/real-node=true; kept until "
+                   "`down`. Default: on when root (a running cluster keeps its mode); "
+                   "--no-real-node: the fake GPU nodes only")
     p.set_defaults(func=cmd_up)
 
     p = with_dir(cl_sub.add_parser("down", help="stop the processes `up` started"))
