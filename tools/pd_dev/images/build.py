@@ -11,20 +11,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from pd_dev.devcluster import cluster
 from pd_dev.devcluster import realnode as rn
 from pd_dev.devcluster import realnode_host as rnh
 from pd_dev.devcluster import versions as _v
 
-from . import host, plan
+from . import host, plan, transfer
 from .host import ImageBuildError, Progress
 
 
@@ -108,20 +111,60 @@ def _env_without_docker() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
 
 
-def import_to_node(p: plan.DockerdPaths, nl: rn.NodeLayout, ref: str, key: str) -> None:
-    """`docker save | ctr images import -` (no tar on disk), then the key on the image."""
+def import_to_node(p: plan.DockerdPaths, nl: rn.NodeLayout, ref: str, key: str,
+                   progress: Progress) -> None:
+    """`docker save` -> the node's containerd (namespace k8s.io), sending only the layers it
+    lacks when the record of earlier imports says which those are (pd_dev.images.transfer);
+    then the key on the image."""
+    record_path = host.cache_dir() / "layers.json"
+    record = transfer.load_record(record_path)
+    layers = json.loads(host.docker(p, "image", "inspect", "--format",
+                                    "{{json .RootFS.Layers}}", ref))
+    content = set(rnh.ctr(nl, "content", "ls", "-q", timeout=120).split())
+    node_has = content & set(layers)
+    done: transfer.Transfer | None = None
+    if node_has and any(lay.digest in node_has for lay in record.values()):
+        spill = host.cache_dir() / f"spill-{os.getpid()}"
+        try:
+            done = _save_into_ctr(p, nl, ref, lambda src, dst: transfer.delta(
+                src, dst, ref, record, node_has, spill))
+        except transfer.DeltaMiss as exc:
+            progress(f"{ref}: importing every layer ({exc})")
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
+    if done is None:
+        done = _save_into_ctr(p, nl, ref, transfer.passthrough)
+    progress(f"{ref}: {done.sent / 2**20:.0f} MiB of layers sent, {done.skipped / 2**20:.0f} "
+             f"MiB already in the node")
+    kept = {k: v for k, v in record.items() if v.digest in content}
+    transfer.save_record(record_path, {**kept, **done.layers})
+    _label_kept(nl, ref, key)
+
+
+def _save_into_ctr(p: plan.DockerdPaths, nl: rn.NodeLayout, ref: str,
+                   convert: Callable[[IO[bytes], IO[bytes]], transfer.Transfer]
+                   ) -> transfer.Transfer:
+    """docker save REF | convert | ctr images import -"""
     save = subprocess.Popen([host.docker_cli(), "--host", p.host, "save", ref],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    imp = subprocess.run(["ctr", "--address", str(nl.containerd_sock), "--namespace", "k8s.io",
-                          "images", "import", "-"], stdin=save.stdout, capture_output=True,
-                         text=True, timeout=3600, check=False)
-    assert save.stdout is not None  # PIPE was asked for
-    save.stdout.close()
+    imp = subprocess.Popen(["ctr", "--address", str(nl.containerd_sock), "--namespace",
+                            "k8s.io", "images", "import", "-"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert save.stdout is not None and imp.stdin is not None  # PIPEs were asked for
+    try:
+        done = convert(save.stdout, imp.stdin)  # communicate() below closes ctr's stdin
+    except BaseException:
+        save.kill()
+        imp.kill()
+        save.wait()
+        imp.wait()
+        raise
+    imp_out, imp_err = imp.communicate(timeout=3600)
     save_err = save.stderr.read().decode(errors="replace") if save.stderr else ""
     if save.wait() != 0 or imp.returncode != 0:
         raise ImageBuildError(f"import of {ref} into {nl.containerd_sock} failed: "
-                              f"{(save_err + imp.stderr).strip()[-2000:]}")
-    _label_kept(nl, ref, key)
+                              f"{(save_err + imp_err.decode(errors='replace')).strip()[-2000:]}")
+    return done
 
 
 def _label_kept(nl: rn.NodeLayout, ref: str, key: str, tries: int = 10) -> None:
@@ -159,7 +202,7 @@ def build(names: list[str], cluster_dir: Path | None = None, do_import: bool = T
         if todo:
             if os.geteuid() != 0:
                 raise ImageBuildError("building images needs root (debootstrap, dockerd)")
-            with host.locked():
+            with host.locked(progress):
                 tar = host.base_rootfs(recipe, progress)
                 with host.dockerd(progress) as p:
                     host.ensure_base_image(p, recipe, tar, progress)
@@ -218,7 +261,7 @@ def _one(p: plan.DockerdPaths, spec: plan.ImageSpec, ctx: Path, key: str,
         progress(f"{spec.name}: saved {tar}")
         return Result(spec.name, spec.ref(), key, "saved", time.monotonic() - t0, size, tar)
     t1 = time.monotonic()
-    import_to_node(p, nl, spec.ref(), key)
+    import_to_node(p, nl, spec.ref(), key, progress)
     progress(f"{spec.name}: imported into the real node's containerd (k8s.io) in "
              f"{time.monotonic() - t1:.0f}s")
     return Result(spec.name, spec.ref(), key, action, time.monotonic() - t0, size)

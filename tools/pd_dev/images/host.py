@@ -58,11 +58,15 @@ def host_ca_certs() -> tuple[tuple[str, bytes], ...]:
 
 
 @contextlib.contextmanager
-def locked() -> Iterator[None]:
+def locked(progress: Progress) -> Iterator[None]:
     """One build at a time on this host (they share the dockerd and its data root)."""
     cache_dir().mkdir(parents=True, exist_ok=True)
     with open(cache_dir() / "lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"images: waiting for another build on this host ({cache_dir() / 'lock'})")
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
