@@ -1,8 +1,9 @@
 # pd-operator: the two commands of the README, and their parts.
-#   make demo   - the main job: validate the examples, start the local control plane, run the
-#                 operator, deploy an example and show it Ready
+#   make demo   - the main job: the local cluster with its real node, the images, helm install of
+#                 the chart, a rejected pair, SmolLM2 served as P/D, a completion via the router
 #   make test   - lint (ruff, mypy, import contracts), then every test tier that runs without a
-#                 GPU (unit, runtime over NIXL on CPU, the real control plane); GPU tests skip
+#                 GPU (unit, runtime over NIXL on CPU, the real control plane, the builtin engine
+#                 behind vllm-router, live vLLM, the real node: root); GPU tests skip
 # Both do their own setup on a fresh machine (Python venv, Go-built control plane, cached).
 
 PYTHON ?= python3
@@ -45,7 +46,7 @@ lint: venv
 	$(BIN)/lint-imports
 
 test: lint check-generated venv cluster-binaries live-vllm
-	$(BIN)/python -m pytest tests -q -m "not realnode"
+	$(BIN)/python -m pytest tests -q
 
 demo: venv cluster-binaries
 	bash deploy/demo.sh
