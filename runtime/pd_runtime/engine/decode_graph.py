@@ -166,7 +166,9 @@ class DecodeGraphs:
             warm = self._forward(gr)
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
+        # thread_local: D's pull thread may launch its scatter and synchronize while the engine
+        # thread captures (its work goes to other streams and is not part of the graph)
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
             gr.out = self._forward(gr)
         gr.graph = g
         gr.out.copy_(warm)
