@@ -189,7 +189,8 @@ def test_tables_that_do_not_fit_the_prefill_geometry_are_400(ckpt):
 
 
 def test_heartbeats_keep_a_queued_request_past_its_lease(ckpt):
-    p, d = make_pair(ckpt, lease_s=1.0)
+    lease_s = 2.0  # 1 s left too little slack for a beat's round trip on 2 loaded cores
+    p, d = make_pair(ckpt, lease_s=lease_s)
     try:
         a, b = prompts(2, seed=6)
         kv = prefill_all(p, [a, b])
@@ -197,7 +198,7 @@ def test_heartbeats_keep_a_queued_request_past_its_lease(ckpt):
         drain(d)  # connects D to P
         assert d.decode is not None
         params = parse_kv_transfer_params(kv["q1"], len(b))
-        end = time.monotonic() + 2.5  # q1 waits 2.5 leases, beating every 0.3 s
+        end = time.monotonic() + 2.5 * lease_s  # q1 waits 2.5 leases, beating every 0.3 s
         while time.monotonic() < end:
             assert d.decode.heartbeat([params]) == 1  # type: ignore[list-item]
             time.sleep(0.3)
