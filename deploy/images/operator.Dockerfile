@@ -19,11 +19,13 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/pd-operator
 ENV PATH=/opt/pd-operator/bin:$PATH
 WORKDIR /src
-# The dependencies first, from pyproject.toml and the version file only: a change in the
-# sources then reuses this layer (the package itself is reinstalled below).
-COPY pyproject.toml README.md ./
+# The dependencies first, from pyproject.toml and the version file only (README.md, which
+# pyproject.toml names, is an empty stand-in here): a change in the sources or the README then
+# reuses this layer; the package itself is installed below.
+COPY pyproject.toml ./
 COPY runtime/pd_runtime/__init__.py runtime/pd_runtime/__init__.py
-RUN pip install ".[router]" && pip uninstall -y pd-operator
+RUN touch README.md && pip install ".[router]" && pip uninstall -y pd-operator
+COPY README.md ./
 COPY operator/ operator/
 COPY runtime/ runtime/
 RUN pip install ".[router]" \

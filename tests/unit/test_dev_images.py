@@ -178,3 +178,12 @@ def test_ctr_image_labels() -> None:
     got = plan.ctr_image_labels(out)
     assert got["ghcr.io/pd-operator/pd-operator:0.1.0"][plan.KEY_LABEL] == "abc"
     assert got["registry.k8s.io/pause:3.10"] == {}
+
+
+def test_no_real_node_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    from pd_dev.images import build
+    from pd_dev.images.host import ImageBuildError
+
+    with pytest.raises(ImageBuildError, match="--real-node.*--no-import"):
+        build.find_node(tmp_path)
+    assert not any(tmp_path.iterdir())  # looked, touched nothing
