@@ -245,12 +245,13 @@ def _one(p: plan.DockerdPaths, spec: plan.ImageSpec, ctx: Path, key: str,
          args: dict[str, str], nl: rn.NodeLayout | None, force: bool,
          progress: Progress) -> Result:
     t0 = time.monotonic()
-    action = "imported"
+    action = "imported"  # built earlier with this key (docker has it), not in the node yet
     if force or host.docker_label(p, spec.ref()) != key:
         docker_build(p, spec, ctx, key, args, progress)
         action = "built"
     size = host.docker_size_mib(p, spec.ref())
-    progress(f"{spec.name}: {spec.ref()} {action} ({size:.0f} MiB) in "
+    done = "built" if action == "built" else "found built with this key"
+    progress(f"{spec.name}: {spec.ref()} {done} ({size:.0f} MiB) in "
              f"{time.monotonic() - t0:.0f}s")
     if nl is None:
         tar = _tar_path(spec, key)

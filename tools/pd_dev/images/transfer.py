@@ -89,7 +89,7 @@ def passthrough(src: IO[bytes], dst: IO[bytes]) -> Transfer:
     out = Transfer()
     with tarfile.open(fileobj=src, mode="r|", bufsize=CHUNK) as tin, \
             tarfile.open(fileobj=dst, mode="w|", bufsize=CHUNK) as tout:
-        tout.copybufsize = CHUNK
+        tout.copybufsize = CHUNK  # type: ignore[attr-defined]  # real, not in typeshed
         for m in tin:
             name = _norm(m.name)
             if not m.isfile():
@@ -201,7 +201,7 @@ def delta(src: IO[bytes], dst: IO[bytes], ref: str, record: Mapping[str, Layer],
         out.layers[name] = lay
     man, index = oci_documents(ref, config, layers)
     with tarfile.open(fileobj=dst, mode="w|", bufsize=CHUNK) as tout:
-        tout.copybufsize = CHUNK
+        tout.copybufsize = CHUNK  # type: ignore[attr-defined]  # real, not in typeshed
         _add(tout, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
         _add(tout, "blobs/sha256/" + hashlib.sha256(config).hexdigest(), config)
         _add(tout, "blobs/sha256/" + hashlib.sha256(man).hexdigest(), man)
