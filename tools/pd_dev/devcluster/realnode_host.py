@@ -57,20 +57,43 @@ def ensure_host_packages(progress: Progress) -> None:
         raise RealNodeError("the real node needs root (containers, a bridge, iptables)")
     if not missing_host_parts():
         return
-    if shutil.which("apt-get") is None:
-        raise RealNodeError(f"missing {missing_host_parts()} and no apt-get: install "
-                            f"{' '.join(rn.APT_PACKAGES)}")
-    t0 = time.monotonic()
-    progress(f"real node: apt-get install {' '.join(rn.APT_PACKAGES)} ...")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    out = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends",
-                          *rn.APT_PACKAGES], capture_output=True, text=True, env=env,
-                         timeout=900, check=False)
-    if out.returncode != 0:
-        raise RealNodeError(f"apt-get install failed: {out.stderr.strip()[-2000:]}")
+    apt_install(rn.APT_PACKAGES, "real node", progress)
     if missing_host_parts():
         raise RealNodeError(f"still missing after apt-get: {missing_host_parts()}")
-    progress(f"real node: packages installed in {time.monotonic() - t0:.0f}s")
+
+
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+
+
+def apt_install(packages: tuple[str, ...], who: str, progress: Progress) -> None:
+    """`apt-get install` with no daemon started by the packages' scripts (a policy-rc.d that
+    denies every start, unless one exists): containerd or dockerd started as services would
+    change the host (iptables, a bridge) behind `up`/`down`'s back."""
+    if shutil.which("apt-get") is None:
+        raise RealNodeError(f"{who}: no apt-get: install {' '.join(packages)}")
+    t0 = time.monotonic()
+    progress(f"{who}: apt-get install {' '.join(packages)} ...")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    made_policy = not POLICY_RC_D.exists()
+    if made_policy:
+        POLICY_RC_D.write_text("#!/bin/sh\n# pd-operator: no service starts during apt-get\n"
+                               "exit 101\n")
+        POLICY_RC_D.chmod(0o755)
+    try:
+        out = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *packages],
+                             capture_output=True, text=True, env=env, timeout=900, check=False)
+        if out.returncode != 0 and "Unable to locate package" in out.stderr:
+            subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600,
+                           check=False)
+            out = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends",
+                                  *packages], capture_output=True, text=True, env=env,
+                                 timeout=900, check=False)
+    finally:
+        if made_policy:
+            POLICY_RC_D.unlink(missing_ok=True)
+    if out.returncode != 0:
+        raise RealNodeError(f"{who}: apt-get install failed: {out.stderr.strip()[-2000:]}")
+    progress(f"{who}: packages installed in {time.monotonic() - t0:.0f}s")
 
 
 # ---- host state: record before, restore after ---------------------------------------------

@@ -203,6 +203,7 @@ def build(names: list[str], cluster_dir: Path | None = None, do_import: bool = T
             if os.geteuid() != 0:
                 raise ImageBuildError("building images needs root (debootstrap, dockerd)")
             with host.locked(progress):
+                host.ensure_build_tools(progress)
                 tar = host.base_rootfs(recipe, progress)
                 with host.dockerd(progress) as p:
                     host.ensure_base_image(p, recipe, tar, progress)

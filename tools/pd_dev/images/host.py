@@ -37,6 +37,23 @@ def cache_dir() -> Path:
     return _v.cache_root() / "images"
 
 
+BUILD_PACKAGES = ("docker.io", "debootstrap")
+
+
+def ensure_build_tools(progress: Progress) -> None:
+    """dockerd, the docker CLI and debootstrap from Debian's apt when missing (no service is
+    started by the install: builds start their own private dockerd)."""
+    from pd_dev.devcluster import realnode_host as rnh
+
+    have = (shutil.which("dockerd"), shutil.which("debootstrap"), Path("/usr/bin/docker").is_file())
+    if all(have):
+        return
+    try:
+        rnh.apt_install(BUILD_PACKAGES, "images", progress)
+    except rnh.RealNodeError as exc:
+        raise ImageBuildError(str(exc)) from exc
+
+
 def dockerd_paths() -> plan.DockerdPaths:
     return plan.DockerdPaths(cache_dir() / "docker", Path(f"/run/pd-operator-images-{os.getuid()}"))
 

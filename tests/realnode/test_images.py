@@ -4,13 +4,11 @@ render, a second build with nothing changed does nothing, and pods on the real n
 (`pd-runtime --help`, `pdctl --help`, the SmolLM2 model and NIXL import in the runtime image).
 
 Markers ``realnode`` and ``slow``: the first build is long (torch; see docs/images.md), later
-ones take seconds. Uses the cluster at ``PD_DEV_CLUSTER_DIR`` (or the default one) and never
-starts or stops one; skipped when it has no real node up, or without root.
+ones take seconds. Runs on the tier's real-node cluster (tests/realnode/conftest.py).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -23,7 +21,6 @@ from pd_dev.devcluster import cluster
 from pd_dev.devcluster import realnode as rn
 from pd_dev.devcluster import versions as _v
 from pd_dev.images import build, plan
-from pd_dev.images.host import ImageBuildError
 
 pytestmark = [pytest.mark.realnode, pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -33,13 +30,8 @@ def _progress(msg: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def node() -> rn.NodeLayout:
-    if os.geteuid() != 0:
-        pytest.skip("building images and the real node need root")
-    try:
-        return build.find_node(None)
-    except ImageBuildError as exc:
-        pytest.skip(str(exc))
+def node(real_cluster) -> rn.NodeLayout:
+    return build.find_node(real_cluster.dir)
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +46,15 @@ def snapshot(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(node: rn.NodeLayout, snapshot: Path) -> list[build.Result]:
-    return build.build([], progress=_progress, root=snapshot)
+def built(real_cluster, node: rn.NodeLayout, snapshot: Path) -> list[build.Result]:
+    return build.build([], cluster_dir=real_cluster.dir, progress=_progress, root=snapshot)
 
 
 @pytest.fixture
-def core(node: rn.NodeLayout):
+def core(real_cluster, node: rn.NodeLayout):
     from kubernetes import client
 
-    with cluster.api_client(cluster.layout_for()) as api:
+    with cluster.api_client(cluster.layout_for(real_cluster.dir)) as api:
         v1 = client.CoreV1Api(api)
         ns = f"images-{uuid.uuid4().hex[:8]}"
         v1.create_namespace({"metadata": {"name": ns}})
@@ -72,7 +64,8 @@ def core(node: rn.NodeLayout):
             v1.delete_namespace(ns, grace_period_seconds=0)
 
 
-def test_images_in_the_node_and_a_rebuild_does_nothing(node: rn.NodeLayout, snapshot: Path,
+def test_images_in_the_node_and_a_rebuild_does_nothing(real_cluster, node: rn.NodeLayout,
+                                                       snapshot: Path,
                                                        built: list[build.Result]) -> None:
     assert [r.ref for r in built] == [plan.IMAGES["operator"].ref(),
                                       plan.IMAGES["runtime"].ref()]
@@ -80,7 +73,7 @@ def test_images_in_the_node_and_a_rebuild_does_nothing(node: rn.NodeLayout, snap
     for r in built:
         assert labels[r.ref][plan.KEY_LABEL] == r.key
     t0 = time.monotonic()
-    again = build.build([], progress=_progress, root=snapshot)
+    again = build.build([], cluster_dir=real_cluster.dir, progress=_progress, root=snapshot)
     assert [(r.ref, r.action, r.key) for r in again] == \
         [(r.ref, "up to date", r.key) for r in built]
     assert time.monotonic() - t0 < 60  # keys and one `ctr images ls`: seconds
