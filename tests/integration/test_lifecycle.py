@@ -52,7 +52,7 @@ def _wait_dead(d: Path, name: str) -> dict:
 
 def test_status_reports_dead_component_and_up_restores(dev_cluster, tmp_path):
     d = tmp_path / "second-cluster"
-    up = dev_cluster_cmd("up", "--dir", str(d), "--nodes", "1", "--no-build")
+    up = dev_cluster_cmd("up", "--dir", str(d), "--nodes", "1", "--no-build", "--no-real-node")
     assert up.returncode == 0, up.stderr
     pids: dict[str, int] = {}
     recorded: dict[str, dict] = {}
@@ -88,7 +88,7 @@ def test_status_reports_dead_component_and_up_restores(dev_cluster, tmp_path):
         assert node == ""
 
         # 2. `up` again restores exactly the dead one
-        up2 = dev_cluster_cmd("up", "--dir", str(d), "--nodes", "1", "--no-build")
+        up2 = dev_cluster_cmd("up", "--dir", str(d), "--nodes", "1", "--no-build", "--no-real-node")
         assert up2.returncode == 0, up2.stderr
         assert "kube-scheduler: started" in up2.stderr
         rc, st = _status(d)
@@ -105,7 +105,7 @@ def test_status_reports_dead_component_and_up_restores(dev_cluster, tmp_path):
         os.kill(pids["etcd"], signal.SIGKILL)
         st = _wait_dead(d, "etcd")
         assert st["rc"] == 1
-        up3 = dev_cluster_cmd("up", "--dir", str(d), "--nodes", "1", "--no-build")
+        up3 = dev_cluster_cmd("up", "--dir", str(d), "--nodes", "1", "--no-build", "--no-real-node")
         assert up3.returncode == 0, up3.stderr
         rc, st = _status(d)
         assert rc == 0 and st["ok"]

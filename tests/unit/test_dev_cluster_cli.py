@@ -38,3 +38,14 @@ def test_flags_parse(tmp_path):
     for argv, want in (([], None), (["--real-node"], True), (["--no-real-node"], False)):
         ns = parser.parse_args(["dev", "cluster", "up", *argv])
         assert ns.real_node is want
+
+
+def test_a_running_cluster_keeps_its_mode(tmp_path, monkeypatch):
+    from pd_dev.devcluster import cluster
+
+    class Running:
+        any_running = True
+
+    monkeypatch.setattr(dev_cli.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(cluster, "status", lambda d, with_nodes=True: Running())
+    assert dev_cli._want_real_node(args(tmp_path, None)) is False  # no real node recorded

@@ -56,14 +56,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _want_real_node(args: argparse.Namespace) -> bool:
     """--real-node / --no-real-node as given; without either: the running cluster's mode, else
     a real node when this process may make one (root), else the fake nodes alone, said."""
-    from pd_dev.devcluster import cluster, processes
+    from pd_dev.devcluster import cluster
 
     if args.real_node is not None:
         return bool(args.real_node)
-    state = cluster.State.load(cluster.layout_for(_dir(args)))
-    api = state.proc("kube-apiserver")
-    if api is not None and processes.alive(api):
-        return bool(state.real_node.get("enabled"))
+    if cluster.status(_dir(args), with_nodes=False).any_running:  # `up` after a crash too
+        return bool(cluster.State.load(cluster.layout_for(_dir(args))).real_node.get("enabled"))
     if os.geteuid() != 0:
         _err("note: no real node (kubelet, containerd and a bridge need root): pods will stay "
              "on the fake nodes and never run; run as root, or pass --no-real-node to say so")

@@ -92,7 +92,7 @@ def test_operator_recovers_from_apiserver_restart(dev_cluster, tmp_path):  # noq
         st = json.loads(dev("status", "-o", "json").stdout)
         return next(c["pid"] for c in st["components"] if c["name"] == "kube-apiserver")
 
-    up = dev("up", "--nodes", "1", "--no-build")
+    up = dev("up", "--nodes", "1", "--no-build", "--no-real-node")
     assert up.returncode == 0, up.stderr
     op = None
     timings: dict[str, float] = {}
@@ -108,7 +108,7 @@ def test_operator_recovers_from_apiserver_restart(dev_cluster, tmp_path):  # noq
         os.kill(pid, signal.SIGKILL)
         time.sleep(3)  # the operator sees connection errors meanwhile
         assert op.alive()
-        up2 = dev("up", "--nodes", "1", "--no-build")
+        up2 = dev("up", "--nodes", "1", "--no-build", "--no-real-node")
         assert up2.returncode == 0, up2.stderr
         back = time.monotonic()
         assert op.alive(), op.output()[-3000:]
