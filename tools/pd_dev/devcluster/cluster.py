@@ -100,8 +100,13 @@ def _ports(state: State) -> dict[str, int]:
     ports = dict(state.ports)
     if not any(processes.alive(p) for n in ORDER if (p := state.proc(n)) is not None):
         ports = {n: p for n, p in ports.items() if processes.port_free(p)}
-    taken = set(ports.values())
-    for name in PORT_NAMES:
+    return _with_free_ports(ports, PORT_NAMES, set(ports.values()))
+
+
+def _with_free_ports(ports: dict[str, int], names, taken: set[int]) -> dict[str, int]:
+    """`ports` plus a free port, distinct from `taken` and from each other, for each name it
+    lacks."""
+    for name in names:
         if name not in ports:
             while (p := processes.free_port()) in taken:
                 pass
@@ -276,14 +281,8 @@ def _check_mode(state: State, real_node: bool) -> None:
 
 def _real_ports(state: State) -> dict[str, int]:
     ports = dict(state.real_node.get("ports", {}))
-    taken = set(state.ports.values()) | set(ports.values())
-    for name in rn.REAL_PORT_NAMES:
-        if name not in ports:
-            while (p := processes.free_port()) in taken:
-                pass
-            ports[name] = p
-            taken.add(p)
-    return ports
+    return _with_free_ports(ports, rn.REAL_PORT_NAMES,
+                            set(state.ports.values()) | set(ports.values()))
 
 
 def _ensure_running(layout: Layout, state: State, name: str, started: list[str],
