@@ -13,10 +13,11 @@ PDDeployment gets a Warning Event for each new failure, and kopf retries after `
 (doubling from 5 s to 5 min). Log lines name the object as namespace/name.
 
 KVPathVerified (builtin pools): once both pools are ready, a task per PDDeployment picks a ready
-prefill and decode pod and asks the decode pod to pull a pattern from the prefill pod
-(kvpath_check.py; off the reconcile path, bounded in time); a failure is retried with backoff
-(5 s doubling to 5 min) while the pools stay ready. Pools that stop being ready forget the
-result, so a replaced pod is checked again. `--kv-path-verification=off` skips it (fake nodes).
+prefill and decode pod and asks the decode pod to pull a pattern from each prefill rank's side
+channel in turn (kvpath_check.py; off the reconcile path, bounded in time); True only when
+every rank passed. A failure is retried with backoff (5 s doubling to 5 min) while the pools
+stay ready. Pools that stop being ready forget the result, so a replaced pod is checked again.
+`--kv-path-verification=off` skips it (fake nodes).
 
 State kept in memory (`RUNTIME.owned`) is a cache: after a restart the resume handlers rebuild it.
 
@@ -577,9 +578,8 @@ async def _check_once(client: kube.Client, owner: labels.Owner, state: Owned,
         if known.pair is None or known.pair.key != pair.key:
             state.kv = kvpath.KVPathState(pair=pair)  # Verifying
             await _write_status(client, namespace, name, state, None)
-        side_channel_port = state.rendered.prefill.side_channel_port
-    outcome = await kvpath_check.check_pair(client, owner, pair, ENGINE_HTTP_PORT,
-                                            side_channel_port)
+        ports = kvpath_check.prefill_ports(state.rendered.prefill)
+    outcome = await kvpath_check.check_pair(client, owner, pair, ENGINE_HTTP_PORT, ports)
     async with state.lock:
         if not _current(namespace, name, state) or state.kv.pair != pair:
             return None

@@ -3,21 +3,28 @@ condition says. The shell (kvpath_check.py) lists the pods, reads the token and 
 decode server; handlers.py runs it and writes the status.
 
 The check itself runs in the decode pod: `POST /pd/v1/kv-path-check` (pd_runtime.serve.kvcheck)
-pulls a fresh pattern from the prefill pod's side channel over NIXL into a scratch buffer and
-compares it. The operator needs no exec rights, only the pool's side-channel token (the Secret
-it created) as a bearer token.
+pulls a fresh pattern from one prefill side channel over NIXL into a scratch buffer and
+compares it. A prefill pod runs one side channel per TP rank (rank r on the base port + r), so
+the operator plans one check per prefill rank, all from the same decode pod (`plan`), runs them
+one after the other and folds the answers into one Outcome (`combine`): the path is verified
+only when every rank passed. The operator needs no exec rights, only the pool's side-channel
+token (the Secret it created) as a bearer token.
 
 Condition (builtin pools, verification on):
     pools not ready         False  WaitingForPools
     ready, not checked yet  False  Verifying
-    the check passed        True   Verified   "pulled 4.0 MiB from <p-pod> to <d-pod> in 3.1 ms"
-    the check failed        False  <its code> (Unreachable, PullFailed, PatternMismatch, ...)
+    every rank passed       True   Verified   "pulled 4.0 MiB from <p-pod> to <d-pod> in 3.1 ms"
+                                   (TP > 1: "pulled 4.0 MiB from each of 2 ranks of <p-pod> to
+                                   <d-pod> in 3.1 ms max")
+    a rank failed           False  <its code> (Unreachable, PullFailed, PatternMismatch, ...);
+                                   TP > 1: the message names the rank ("from rank 1 of <p-pod>")
 vLLM pools: Unknown NotSupportedForEngine; `--kv-path-verification=off`: Unknown
 VerificationDisabled. Neither Unknown blocks Ready.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +34,8 @@ CHECK_PATH = "/pd/v1/kv-path-check"
 WIRE_VERSION = 1
 CHECK_BYTES = 4 << 20
 CHECK_TIMEOUT_S = 20.0  # the decode server's bound on each step of the check
-CALL_TIMEOUT_S = 60.0  # the operator's bound on the whole HTTP call
+CALL_TIMEOUT_S = 60.0  # the operator's bound on one HTTP call (one rank's check)
+TOTAL_TIMEOUT_S = 180.0  # the operator's bound on the checks of all ranks of a pair
 
 MODES = ("on", "off")
 # (status, reason) of the states that are not a check's outcome
@@ -67,7 +75,11 @@ class Pair:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One check's answer: ok, or the named reason and the decode server's own words."""
+    """One check's answer: ok, or the named reason and the decode server's own words.
+
+    Folded over a pair's ranks (`combine`): `ranks` is how many prefill ranks the check covers;
+    when ok, `bytes` is what each rank gave and the times are the slowest rank's; when not,
+    `rank` is the rank that failed (None: the failure belongs to no rank, e.g. the token)."""
 
     ok: bool
     reason: str
@@ -75,6 +87,17 @@ class Outcome:
     bytes: int = 0
     seconds: float = 0.0  # the whole check: connect, handshake, stage, READ, compare
     read_seconds: float = 0.0  # the NIXL READ alone
+    ranks: int = 1
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class RankCheck:
+    """One call of the decode server's endpoint: pull from prefill rank `rank`."""
+
+    rank: int
+    decode: str  # host:port of the decode pod's HTTP server
+    prefill: str  # host:port of the prefill rank's side channel
 
 
 @dataclass(frozen=True)
@@ -109,6 +132,35 @@ def choose(pods: list[dict[str, Any]]) -> PodRef | None:
 
 def address(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def side_channel_ports(base: int, tp: int) -> tuple[int, ...]:
+    """The side-channel ports of a builtin prefill pod: TP rank r listens on `base` + r
+    (pd_runtime.engine.pd.make_prefill_side; the builtin engine runs one DP rank per pod)."""
+    return tuple(base + r for r in range(max(tp, 1)))
+
+
+def plan(pair: Pair, decode_port: int, ports: Sequence[int]) -> tuple[RankCheck, ...]:
+    """One check per prefill rank (`ports[r]` is rank r's side channel), all from the same
+    decode pod."""
+    decode = address(pair.decode.ip, decode_port)
+    return tuple(RankCheck(r, decode, address(pair.prefill.ip, port))
+                 for r, port in enumerate(ports))
+
+
+def combine(outcomes: Sequence[Outcome], ranks: int) -> Outcome:
+    """The answers of ranks 0, 1, ... (in order; the checks stop at the first failure) as one
+    Outcome for `ranks` ranks: the first failure with its rank, else ok when every rank
+    answered ok."""
+    for r, out in enumerate(outcomes):
+        if not out.ok:
+            return Outcome(False, out.reason, out.message, ranks=ranks, rank=r)
+    if len(outcomes) < ranks or not outcomes:
+        return Outcome(False, "Incomplete", f"{len(outcomes)} of {ranks} prefill ranks "
+                                            "answered", ranks=ranks, rank=len(outcomes))
+    return Outcome(True, VERIFIED, "", min(o.bytes for o in outcomes),
+                   max(o.seconds for o in outcomes), max(o.read_seconds for o in outcomes),
+                   ranks=ranks)
 
 
 def human_bytes(n: int) -> str:
@@ -165,13 +217,18 @@ def condition(state: KVPathState, pools_ready: bool,
         if previous and previous.get("status") == "True" and previous.get("reason") == VERIFIED:
             return "True", VERIFIED, str(previous.get("message") or "")
         return "False", VERIFYING, "checking the KV path between a prefill and a decode pod"
-    route = f"from {pair.prefill.name} to {pair.decode.name}"
+    p, d = pair.prefill.name, pair.decode.name
+    many = out.ranks > 1
     if out.ok:
-        read = f" (the READ: {human_seconds(out.read_seconds)})" if out.read_seconds else ""
-        return ("True", VERIFIED, f"pulled {human_bytes(out.bytes)} {route} in "
-                                  f"{human_seconds(out.seconds)}{read}")
+        most = " max" if many else ""
+        read = f" (the READ: {human_seconds(out.read_seconds)}{most})" if out.read_seconds \
+            else ""
+        source = f"each of {out.ranks} ranks of {p}" if many else p
+        return ("True", VERIFIED, f"pulled {human_bytes(out.bytes)} from {source} to {d} in "
+                                  f"{human_seconds(out.seconds)}{most}{read}")
+    source = f"rank {out.rank} of {p} (TP {out.ranks})" if many and out.rank is not None else p
     retry = "" if state.retry_in_s is None else f"; next check in {state.retry_in_s:.0f}s"
-    return "False", out.reason, f"KV pull {route} failed: {out.message}{retry}"
+    return "False", out.reason, f"KV pull from {source} to {d} failed: {out.message}{retry}"
 
 
 def retry_delay(attempt: int) -> float:

@@ -1,8 +1,10 @@
 """The KV path check's shell: list the pools' pods, read the side-channel token, call the decode
-server's POST /pd/v1/kv-path-check (kvpath.py holds the pure parts).
+server's POST /pd/v1/kv-path-check once per prefill rank (kvpath.py holds the pure parts).
 
 `check()` is the one call a test or a person needs: a decode pod's address, a prefill side
-channel's address and the token in, a kvpath.Outcome out, never an exception.
+channel's address and the token in, a kvpath.Outcome out, never an exception. `check_ranks()`
+runs the plan of a pair (kvpath.plan: one check per prefill rank), one rank after the other,
+within kvpath.TOTAL_TIMEOUT_S, and folds the answers (kvpath.combine).
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from typing import Any
 
 import aiohttp
 
-from pd_runtime.compat import ENGINE_HTTP_PORT
+from pd_runtime.compat import ENGINE_HTTP_PORT, ResolvedPool
 
 from . import kube, kvpath
 from .api import v1alpha1 as api
@@ -55,6 +58,30 @@ async def check(decode: str, prefill: str, token: str, *, nbytes: int = kvpath.C
         return kvpath.Outcome(False, DECODE_UNREACHABLE, f"{url}: {exc}")
 
 
+async def check_ranks(checks: tuple[kvpath.RankCheck, ...], token: str, *,
+                      nbytes: int = kvpath.CHECK_BYTES,
+                      timeout_s: float = kvpath.CHECK_TIMEOUT_S,
+                      call_timeout_s: float = kvpath.CALL_TIMEOUT_S,
+                      total_timeout_s: float = kvpath.TOTAL_TIMEOUT_S) -> kvpath.Outcome:
+    """Run `checks` (kvpath.plan) one after the other, stopping at the first failure; each call
+    gets at most `call_timeout_s` and all of them `total_timeout_s` together (a rank whose turn
+    comes after that fails as DecodeTimeout)."""
+    deadline = time.monotonic() + total_timeout_s
+    outcomes: list[kvpath.Outcome] = []
+    for c in checks:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            out = kvpath.Outcome(False, DECODE_TIMEOUT, f"not checked: the checks of the "
+                                 f"ranks before it took the whole {total_timeout_s:.0f}s")
+        else:
+            out = await check(c.decode, c.prefill, token, nbytes=nbytes, timeout_s=timeout_s,
+                              call_timeout_s=min(call_timeout_s, left))
+        outcomes.append(out)
+        if not out.ok:
+            break
+    return kvpath.combine(outcomes, len(checks))
+
+
 async def read_token(client: kube.Client, owner: labels.Owner) -> str:
     """The pool's side-channel token, from the Secret the operator created (ValueError when it
     is missing or unreadable; the value itself is never logged)."""
@@ -82,21 +109,21 @@ async def pick_pair(client: kube.Client, owner: labels.Owner) -> kvpath.Pair | N
 
 
 async def check_pair(client: kube.Client, owner: labels.Owner, pair: kvpath.Pair,
-                     decode_port: int, side_channel_port: int) -> kvpath.Outcome:
-    """Check `pair` with the token of `owner` (a missing token is an Outcome too)."""
+                     decode_port: int, side_channel_ports: tuple[int, ...]) -> kvpath.Outcome:
+    """Check every prefill rank of `pair` (`side_channel_ports[r]`: rank r's side channel,
+    kvpath.side_channel_ports) with the token of `owner` (a missing token is an Outcome too)."""
+    checks = kvpath.plan(pair, decode_port, side_channel_ports)
     try:
         token = await read_token(client, owner)
     except (ValueError, kube.ApiError) as exc:
-        return kvpath.Outcome(False, TOKEN_UNAVAILABLE, str(exc))
-    return await check(kvpath.address(pair.decode.ip, decode_port),
-                       kvpath.address(pair.prefill.ip, side_channel_port), token)
-
+        return kvpath.Outcome(False, TOKEN_UNAVAILABLE, str(exc), ranks=len(checks))
+    return await check_ranks(checks, token)
 
 
 async def check_deployment(client: kube.Client, namespace: str, name: str
                            ) -> tuple[kvpath.Pair | None, kvpath.Outcome]:
     """The operator's check of one PDDeployment, run once from outside (`pdctl operator
-    check-kv-path`): its pods now, its token, its side-channel port."""
+    check-kv-path`): its pods now, its token, the side-channel port of every prefill rank."""
     obj = await client.get(f"{api.GROUP}/{api.VERSION}", api.KIND, namespace, name)
     if obj is None:
         return None, kvpath.Outcome(False, "NotFound", f"PDDeployment {namespace}/{name} "
@@ -113,4 +140,9 @@ async def check_deployment(client: kube.Client, namespace: str, name: str
     if pair is None:
         return None, kvpath.Outcome(False, "NoReadyPods", "a pool has no ready pod")
     return pair, await check_pair(client, owner, pair, ENGINE_HTTP_PORT,
-                                  rendered.prefill.side_channel_port)
+                                  prefill_ports(rendered.prefill))
+
+
+def prefill_ports(pool: ResolvedPool) -> tuple[int, ...]:
+    """The side-channel port of each rank of a builtin prefill pool (rank r: base + r)."""
+    return kvpath.side_channel_ports(pool.side_channel_port, pool.tp)

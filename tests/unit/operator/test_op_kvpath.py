@@ -98,6 +98,97 @@ def test_the_condition_table():
     assert cond(kvpath.KVPathState(pair=PAIR, outcome=ok), False)[1] == kvpath.WAITING
 
 
+def test_one_check_per_prefill_rank_from_the_same_decode_pod():
+    """Rank r of a builtin prefill pod listens on the base port + r (the runtime's
+    make_prefill_side; tests/runtime/test_kv_path_check.py checks it against a TP 2 server)."""
+    assert kvpath.side_channel_ports(5600, 1) == (5600,)
+    assert kvpath.side_channel_ports(5600, 2) == (5600, 5601)
+    (one,) = kvpath.plan(PAIR, 8000, kvpath.side_channel_ports(5600, 1))
+    assert one == kvpath.RankCheck(0, "10.0.0.2:8000", "10.0.0.1:5600")
+    two = kvpath.plan(PAIR, 8000, kvpath.side_channel_ports(5600, 2))
+    assert [(c.rank, c.decode, c.prefill) for c in two] == [
+        (0, "10.0.0.2:8000", "10.0.0.1:5600"), (1, "10.0.0.2:8000", "10.0.0.1:5601")]
+    v6 = kvpath.Pair(kvpath.PodRef("p-0", "p", "fd00::1", 0),
+                     kvpath.PodRef("d-0", "d", "fd00::2", 0))
+    assert [c.prefill for c in kvpath.plan(v6, 8000, (5600, 5601))] == [
+        "[fd00::1]:5600", "[fd00::1]:5601"]
+    # the rendered pool gives the ports: base from kvTransfer.sideChannelPort, one per TP rank
+    spec = _builtin_spec()
+    for tp, ports in ((1, (5600,)), (2, (5600, 5601)), (4, (5600, 5601, 5602, 5603))):
+        spec["prefill"]["tensorParallelSize"] = tp
+        pool = render(Owner("demo", "ns", "u"), validate_spec(parse_spec(spec))).prefill
+        assert kvpath_check.prefill_ports(pool) == ports
+
+
+def _ok(ms: float, read_ms: float = 0.0) -> kvpath.Outcome:
+    return kvpath.Outcome(True, "Verified", "", 4 << 20, ms / 1e3, read_ms / 1e3)
+
+
+def test_tp1_prefill_the_condition_says_what_it_said_before():
+    cond = kvpath.condition
+    ok = kvpath.combine([_ok(3.1)], 1)
+    assert ok.ok and ok.ranks == 1
+    assert cond(kvpath.KVPathState(pair=PAIR, outcome=ok), True) == (
+        "True", "Verified", "pulled 4.0 MiB from demo-prefill-0 to demo-decode-0 in 3.1 ms")
+    bad = kvpath.combine([kvpath.Outcome(False, "Unreachable", "connection refused")], 1)
+    assert (bad.ok, bad.reason, bad.rank) == (False, "Unreachable", 0)
+    assert cond(kvpath.KVPathState(pair=PAIR, outcome=bad, retry_in_s=5), True) == (
+        "False", "Unreachable", "KV pull from demo-prefill-0 to demo-decode-0 failed: "
+                                "connection refused; next check in 5s")
+
+
+def test_tp2_prefill_verified_only_when_every_rank_passed():
+    cond = kvpath.condition
+    ok = kvpath.combine([_ok(3.1, 1.0), _ok(2.0, 1.5)], 2)
+    assert ok.ok and ok.ranks == 2 and ok.bytes == 4 << 20
+    assert cond(kvpath.KVPathState(pair=PAIR, outcome=ok), True) == (
+        "True", "Verified", "pulled 4.0 MiB from each of 2 ranks of demo-prefill-0 to "
+                            "demo-decode-0 in 3.1 ms max (the READ: 1.5 ms max)")
+    # rank 1 fails: False, its reason code unchanged, the rank named
+    rank1 = kvpath.combine([_ok(3.1), kvpath.Outcome(False, "PullFailed", "READ failed")], 2)
+    assert (rank1.ok, rank1.reason, rank1.rank, rank1.ranks) == (False, "PullFailed", 1, 2)
+    assert cond(kvpath.KVPathState(pair=PAIR, outcome=rank1, retry_in_s=20), True) == (
+        "False", "PullFailed", "KV pull from rank 1 of demo-prefill-0 (TP 2) to demo-decode-0 "
+                               "failed: READ failed; next check in 20s")
+    rank0 = kvpath.combine([kvpath.Outcome(False, "Unreachable", "refused")], 2)
+    assert (rank0.reason, rank0.rank) == ("Unreachable", 0)
+    assert "from rank 0 of demo-prefill-0 (TP 2)" in cond(
+        kvpath.KVPathState(pair=PAIR, outcome=rank0), True)[2]
+    # a rank that never answered is not a pass
+    short = kvpath.combine([_ok(3.1)], 2)
+    assert not short.ok and short.rank == 1
+    assert not kvpath.combine([], 2).ok
+    # a failure of no rank (the token): the pod named, not a rank
+    token = kvpath.Outcome(False, kvpath_check.TOKEN_UNAVAILABLE, "Secret x does not exist",
+                           ranks=2)
+    assert cond(kvpath.KVPathState(pair=PAIR, outcome=token), True)[2].startswith(
+        "KV pull from demo-prefill-0 to demo-decode-0 failed: Secret x does not exist")
+
+
+def test_the_shell_checks_the_ranks_in_turn_stops_at_a_failure_and_is_bounded(monkeypatch):
+    checks = kvpath.plan(PAIR, 8000, (5600, 5601, 5602))
+    calls = _script(monkeypatch, [_ok(1), kvpath.Outcome(False, "PatternMismatch", "1 byte")])
+    out = asyncio.run(kvpath_check.check_ranks(checks, "t"))
+    assert (out.ok, out.reason, out.rank, out.ranks) == (False, "PatternMismatch", 1, 3)
+    assert [c[1] for c in calls] == ["10.0.0.1:5600", "10.0.0.1:5601"]  # rank 2 not tried
+    calls = _script(monkeypatch, [_ok(1)] * 3)
+    out = asyncio.run(kvpath_check.check_ranks(checks, "t"))
+    assert out.ok and out.ranks == 3 and len(calls) == 3
+
+    # the checks of all ranks share one deadline: each call gets what is left of it
+    budgets: list[float] = []
+
+    async def slow(decode, prefill, token, *, call_timeout_s, **_):
+        budgets.append(call_timeout_s)
+        await asyncio.sleep(0.3)
+        return _ok(1)
+
+    monkeypatch.setattr(kvpath_check, "check", slow)
+    out = asyncio.run(kvpath_check.check_ranks(checks, "t", total_timeout_s=0.2))
+    assert (out.ok, out.reason, out.rank) == (False, kvpath_check.DECODE_TIMEOUT, 1)
+    assert len(budgets) == 1 and budgets[0] <= 0.2
+
+
 def test_retry_delay_doubles_to_five_minutes():
     assert [kvpath.retry_delay(i) for i in range(4)] == [5, 10, 20, 40]
     assert kvpath.retry_delay(30) == 300
@@ -297,9 +388,11 @@ def _count(reason: str) -> float:
 
 
 def test_failure_is_retried_then_verified_and_a_replaced_pod_is_checked_again(api, monkeypatch):
+    """The fixture's prefill pool has TP 2: each attempt checks rank 0, then rank 1."""
     ok = kvpath.Outcome(True, "Verified", "", 4 << 20, 0.003)
     before = _count("Verified"), _count("PullFailed")
-    calls = _script(monkeypatch, [kvpath.Outcome(False, "PullFailed", "READ failed"), ok, ok])
+    calls = _script(monkeypatch, [ok, kvpath.Outcome(False, "PullFailed", "READ failed"),
+                                  ok, ok, ok, ok])
 
     async def scenario() -> handlers.Owned:
         await handlers.reconcile(_body(), logging.getLogger("t"))
@@ -327,15 +420,17 @@ def test_failure_is_retried_then_verified_and_a_replaced_pod_is_checked_again(ap
                         ("False", "PullFailed"), ("True", "Verified"),
                         ("False", "WaitingForPools"), ("False", "Verifying"),
                         ("True", "Verified")]
-    assert [c[1] for c in calls] == ["10.0.0.1:5600", "10.0.0.1:5600", "10.0.0.3:5600"]
+    assert [c[1] for c in calls] == ["10.0.0.1:5600", "10.0.0.1:5601", "10.0.0.1:5600",
+                                     "10.0.0.1:5601", "10.0.0.3:5600", "10.0.0.3:5601"]
     assert {c[0] for c in calls} == {"10.0.0.2:8000"} and {c[2] for c in calls} == {"secret"}
-    assert _cond(api.statuses[-1])["message"].startswith(
-        "pulled 4.0 MiB from demo-prefill-0 to demo-decode-0 in 3.0 ms")
+    assert _cond(api.statuses[-1])["message"] == (
+        "pulled 4.0 MiB from each of 2 ranks of demo-prefill-0 to demo-decode-0 in 3.0 ms max")
     assert api.statuses[-1]["phase"] == "Ready"
     kinds = [(t, r) for t, r, _ in api.events if r.startswith("KVPath")]
     assert kinds == [("Warning", "KVPathVerifiedFalse"), ("Normal", "KVPathVerified"),
                      ("Warning", "KVPathVerifiedFalse"), ("Normal", "KVPathVerified")]
-    assert any(m.startswith("PullFailed: KV pull from demo-prefill-0") for _, _, m in api.events)
+    assert any(m.startswith("PullFailed: KV pull from rank 1 of demo-prefill-0 (TP 2) to "
+                            "demo-decode-0 failed: READ failed") for _, _, m in api.events)
     assert state.kv_task is not None and state.kv_task.done()
     assert (_count("Verified"), _count("PullFailed")) == (before[0] + 2, before[1] + 1)
 
@@ -390,10 +485,17 @@ def test_check_deployment_runs_the_operators_check_once(monkeypatch):
         return stored.get(name)
 
     fake.get = get  # type: ignore[method-assign]
-    calls = _script(monkeypatch, [kvpath.Outcome(True, "Verified", "", 4 << 20, 0.003)])
+    ok = kvpath.Outcome(True, "Verified", "", 4 << 20, 0.003)
+    calls = _script(monkeypatch, [ok, ok])
     pair, out = asyncio.run(kvpath_check.check_deployment(fake, "ns1", "demo"))
-    assert out.ok and pair is not None and pair.prefill.name == "demo-prefill-0"
-    assert calls == [("10.0.0.2:8000", "10.0.0.1:5600", "secret")]
+    assert out.ok and out.ranks == 2 and pair is not None and pair.prefill.name == "demo-prefill-0"
+    assert calls == [("10.0.0.2:8000", "10.0.0.1:5600", "secret"),
+                     ("10.0.0.2:8000", "10.0.0.1:5601", "secret")]  # prefill TP 2
+    stored["tp1"] = copy.deepcopy(stored["demo"])
+    stored["tp1"]["spec"]["prefill"]["tensorParallelSize"] = 1
+    calls = _script(monkeypatch, [ok])
+    pair, out = asyncio.run(kvpath_check.check_deployment(fake, "ns1", "tp1"))
+    assert out.ok and out.ranks == 1 and calls == [("10.0.0.2:8000", "10.0.0.1:5600", "secret")]
     pair, out = asyncio.run(kvpath_check.check_deployment(fake, "ns1", "gone"))
     assert pair is None and out.reason == "NotFound"
     pair, out = asyncio.run(kvpath_check.check_deployment(fake, "ns1", "vllm"))
@@ -404,7 +506,7 @@ def test_an_operator_restart_keeps_the_stored_conditions_and_sends_no_events(api
     """A new process: the first reconcile finds the stored status current (a no-op write);
     the KV path check that follows compares with that status, not with nothing, so
     KVPathVerified stays True with its time, and no condition is announced again."""
-    _script(monkeypatch, [kvpath.Outcome(True, "Verified", "", 4 << 20, 0.003)] * 2)
+    _script(monkeypatch, [kvpath.Outcome(True, "Verified", "", 4 << 20, 0.003)] * 4)  # 2 ranks
 
     async def ready_and_checked(stored: dict[str, Any] | None) -> handlers.Owned:
         body = _body()
