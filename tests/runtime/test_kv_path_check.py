@@ -5,7 +5,9 @@ The decode server pulls a fresh pattern from the prefill server's side channel: 
 bytes and the time; no bearer token -> 401 Unauthorized, a wrong one -> 403 Forbidden; a
 prefill side channel that is down -> Unreachable; a prefill rank whose staged pattern is
 corrupted (tests/runtime/faults.py) -> PatternMismatch; the prefill side keeps no lease and no
-staging slot after any of them.
+staging slot after any of them. A TP 2 prefill server (rank 1 a worker process, gloo) runs a
+side channel per rank: the operator's plan (base port + rank) reaches both through the decode
+server's endpoint, and KVPathVerified covers both ranks.
 """
 
 from __future__ import annotations
@@ -43,16 +45,19 @@ class Server:
         self.proc, self.url, self.side_port, self.log = proc, url, side_port, log
 
 
-def _serve(role: str, model_dir: str, token_file: Path, tmp: Path) -> Server:
-    port, side = free_port(), free_port()
+def _serve(role: str, model_dir: str, token_file: Path, tmp: Path, tp: int = 1) -> Server:
+    from pd_operator.localrun import free_ports
+
+    # rank r listens on side + r; one port more than the ranks stays free for the tests
+    port, side = free_port(), (free_port() if tp == 1 else free_ports(tp + 1))
     argv = [sys.executable, "-m", "pd_runtime.cli", "serve", "--role", role, "--model", MODEL,
             "--model-dir", model_dir, "--family", "dense", "--dtype", "bfloat16",
             "--num-kv-heads", "8", "--head-size", "8", "--num-layers", "2",
             "--buffer-device", "cpu", "--device", "cpu", "--host", "127.0.0.1",
             "--port", str(port), "--side-channel-port", str(side),
             "--side-channel-host", "127.0.0.1", "--side-channel-token-file", str(token_file),
-            "--kv-cache-memory", "8MiB"]
-    log = tmp / f"{role}.log"
+            "--kv-cache-memory", "8MiB", "--tensor-parallel-size", str(tp)]
+    log = tmp / f"{role}-tp{tp}.log"
     with log.open("wb") as fh:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -90,6 +95,20 @@ def servers(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
     finally:
         for s in started:
             stop_group(s.proc, grace_s=20)
+
+
+@pytest.fixture(scope="module")
+def prefill_tp2(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
+    """A prefill server with TP 2: side channels on side_port (rank 0) and side_port + 1."""
+    tmp = tmp_path_factory.mktemp("kvcheck-tp2")
+    token_file = tmp / "token"
+    token_file.write_text(TOKEN)
+    s = _serve("prefill", model_dir, token_file, tmp, tp=2)
+    try:
+        wait_for(f"{s.url} (TP 2) healthy", lambda: _healthy(s), timeout=180)
+        yield s
+    finally:
+        stop_group(s.proc, grace_s=20)
 
 
 def check(d: Server, prefill: str, token: str | None = TOKEN, **body: Any
@@ -248,6 +267,31 @@ def test_operator_check_function_against_the_servers(servers):
     assert not gone.ok and gone.reason == kvpath_check.DECODE_UNREACHABLE
 
 
+def test_every_rank_of_a_tp2_prefill_server_is_checked(servers, prefill_tp2):
+    """The endpoint pulls from rank 1's side channel (a worker process of its own) as from rank
+    0's; the operator's plan finds both at base + rank and needs both; a rank the pod does
+    not run (base + 2) fails, named."""
+    from pd_operator import kvpath, kvpath_check
+
+    _, d = servers
+    p2 = prefill_tp2
+    for rank in (0, 1):
+        status, out = check(d, f"127.0.0.1:{p2.side_port + rank}", bytes=MIB)
+        assert status == 200 and out["ok"] is True, (rank, out)
+        assert out["bytes"] == MIB and 0 < out["read_seconds"] <= out["seconds"]
+    pair = kvpath.Pair(kvpath.PodRef("demo-prefill-0", "p", "127.0.0.1", 0),
+                       kvpath.PodRef("demo-decode-0", "d", "127.0.0.1", 0))
+    d_port = int(d.url.rsplit(":", 1)[1])
+    checks = kvpath.plan(pair, d_port, kvpath.side_channel_ports(p2.side_port, 2))
+    assert [c.prefill for c in checks] == [f"127.0.0.1:{p2.side_port}",
+                                           f"127.0.0.1:{p2.side_port + 1}"]
+    ok = asyncio.run(kvpath_check.check_ranks(checks, TOKEN))
+    assert ok.ok and ok.ranks == 2 and ok.bytes == kvpath.CHECK_BYTES, ok
+    three = kvpath.plan(pair, d_port, kvpath.side_channel_ports(p2.side_port, 3))
+    bad = asyncio.run(kvpath_check.check_ranks(three, TOKEN, timeout_s=5))
+    assert (bad.ok, bad.reason, bad.rank, bad.ranks) == (False, "Unreachable", 2, 3), bad
+
+
 def test_the_operator_speaks_the_servers_wire():
     from pd_operator import kvpath
     from pd_runtime.serve import kvcheck
@@ -291,12 +335,26 @@ class _FakeAPI:
 def test_the_operator_sets_kv_path_verified_against_the_servers(servers, monkeypatch):
     """The handlers' check (pods, token, status) end to end against the real servers: the
     decode port is the test server's (the operator calls the rendered engine port)."""
+    p, d = servers
+    message = _operator_check(p, d, 1, monkeypatch)
+    assert message.startswith("pulled 4.0 MiB from demo-prefill-0 to demo-decode-0 in ")
+
+
+def test_the_operator_verifies_both_ranks_of_a_tp2_prefill_pool(servers, prefill_tp2,
+                                                                monkeypatch):
+    _, d = servers
+    message = _operator_check(prefill_tp2, d, 2, monkeypatch)
+    assert message.startswith("pulled 4.0 MiB from each of 2 ranks of demo-prefill-0 to "
+                              "demo-decode-0 in "), message
+
+
+def _operator_check(p: Server, d: Server, prefill_tp: int, monkeypatch) -> str:
+    """Run the handlers' check once against `p` and `d`; the KVPathVerified message (True)."""
     import kopf
 
     from pd_operator import handlers
     from tests.helpers import sample_pdd
 
-    p, d = servers
     api = _FakeAPI()
     monkeypatch.setattr(handlers.RUNTIME, "client", api)
     monkeypatch.setattr(handlers.RUNTIME, "owned", {})
@@ -307,7 +365,8 @@ def test_the_operator_sets_kv_path_verified_against_the_servers(servers, monkeyp
                      model={"name": MODEL, "family": "dense", "dtype": "bfloat16",
                             "numKVHeads": 8, "headSize": 8, "numHiddenLayers": 2},
                      engine={"type": "builtin", "image": "ghcr.io/pd-operator/pd-runtime:0.1.0"},
-                     prefill={"replicas": 1, "attentionBackend": "auto"},
+                     prefill={"replicas": 1, "attentionBackend": "auto",
+                              "tensorParallelSize": prefill_tp},
                      decode={"replicas": 1, "attentionBackend": "auto"},
                      kvTransfer={"sideChannelPort": p.side_port, "bufferDevice": "cpu"})
     pdd["metadata"].update(uid="u1", generation=1)
@@ -330,5 +389,6 @@ def test_the_operator_sets_kv_path_verified_against_the_servers(servers, monkeyp
     last = api.statuses[-1]
     cond = next(c for c in last["conditions"] if c["type"] == "KVPathVerified")
     assert cond["status"] == "True" and cond["reason"] == "Verified"
-    assert cond["message"].startswith("pulled 4.0 MiB from demo-prefill-0 to demo-decode-0 in ")
     assert last["phase"] == "Ready"
+    assert outcome.ranks == prefill_tp
+    return str(cond["message"])
