@@ -1,6 +1,7 @@
-"""POST /pd/v1/kv-path-check on a decode server: prove the KV path from one prefill engine.
+"""POST /pd/v1/kv-path-check on a decode server: prove the KV path from one prefill rank.
 
-The operator's KVPathVerified condition calls it (no exec into pods needed). The decode server
+The operator's KVPathVerified condition calls it (no exec into pods needed), once per rank of a
+TP prefill pod (rank r's side channel listens on the base port + r). The decode server
 connects to the named prefill side channel exactly as a real pull does (token, hash, NIXL
 metadata), asks P to stage a fresh pseudo-random pattern (selftest.PatternProbe), READs it over
 NIXL into a scratch buffer of its own (never the KV cache of live requests) and compares it.
@@ -53,7 +54,7 @@ MAX_TIMEOUT_S = 60.0
 
 class CheckRequest(msgspec.Struct, forbid_unknown_fields=True):
     version: int
-    prefill: Annotated[str, msgspec.Meta(min_length=3, max_length=270)]  # host:port, P rank 0
+    prefill: Annotated[str, msgspec.Meta(min_length=3, max_length=270)]  # host:port, a P rank
     bytes: Annotated[int, msgspec.Meta(ge=1, le=MAX_CHECK_BYTES)] = DEFAULT_PATTERN_BYTES
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT_S)] = 20.0
 
