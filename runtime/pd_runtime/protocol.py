@@ -24,14 +24,14 @@ import msgspec
 
 from .kvcache import RankSpec
 
-# 1 was the untyped dict protocol (no version on the wire, server-chosen nonce only)
-PROTOCOL_VERSION = 2
+# 1 was the untyped dict protocol (no version on the wire, server-chosen nonce only); 2 sent
+# PREPARE's block tables as lists of ints (one Python int per block on each side, each pull)
+PROTOCOL_VERSION = 3
 NONCE_BYTES = 16
 
 Nonce = Annotated[bytes, msgspec.Meta(min_length=NONCE_BYTES, max_length=NONCE_BYTES)]
 ReqId = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^:,]+$")]
 Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
-BlockId = Annotated[int, msgspec.Meta(ge=-1, le=1 << 40)]  # -1: a null block (sliding window)
 Address = Annotated[int, msgspec.Meta(ge=0)]  # a host or device address (unsigned 64-bit)
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
 MAX_PATTERN_BYTES = 64 << 20  # the most a KV path check may ask a prefill engine to stage
@@ -89,11 +89,17 @@ class MetaReply(_Msg, tag="meta-reply", frozen=True):
     lease_s: Seconds
 
 
+# a block table as little-endian int64 bytes: packed and compared in C, not one Python int per
+# block; the prefill side only compares them with its own (it never reads a peer's block ids)
+PackedTable = Annotated[bytes, msgspec.Meta(max_length=8 << 20)]
+Group = Annotated[int, msgspec.Meta(ge=0, le=255)]
+
+
 class WireRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A request's token count and block table per KV-cache group, as the prefill side holds it."""
 
     num_tokens: Count
-    block_tables: dict[int, list[BlockId]]
+    block_tables: dict[Group, PackedTable]
 
 
 class PrepareRequest(_Msg, tag="prepare", frozen=True):

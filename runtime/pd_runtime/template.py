@@ -19,6 +19,7 @@ planner's gather segments produce; the unit tests check that.
 
 from __future__ import annotations
 
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -59,12 +60,25 @@ class Dyn:
         return self.n_sliding if kind == KIND_SLIDING else nconst
 
 
+def as_table(bt: Any, what: str = "block table") -> np.ndarray:
+    """A block table as int64. A list goes through struct (about 3x faster than np.asarray on a
+    list of Python ints); an int64 array is used as is."""
+    if isinstance(bt, np.ndarray):
+        return bt if bt.dtype == np.int64 else bt.astype(np.int64)
+    if isinstance(bt, list | tuple):
+        try:
+            return np.frombuffer(struct.pack(f"={len(bt)}q", *bt), np.int64)
+        except (struct.error, TypeError):
+            raise PlanError(f"{what}: not a list of 64-bit integers") from None
+    return np.asarray(bt, dtype=np.int64)
+
+
 def _table(side: str, spec: RankSpec, req: Request, group: int, lo: int, hi: int) -> np.ndarray:
     """The group's block table as int64, its live part checked (same rules as the planner)."""
     bt = req.block_tables.get(group)
     if bt is None:
         raise PlanError(f"{side}: request has no block table for KV-cache group {group}")
-    a = np.asarray(bt, dtype=np.int64)
+    a = as_table(bt, f"{side}: block table of group {group}")
     n_slots = spec.num_state_slots if group == GROUP_STATE else spec.num_blocks
     if group == GROUP_STATE:
         if a.size != 1 or not (0 <= a[0] < n_slots):
@@ -76,9 +90,9 @@ def _table(side: str, spec: RankSpec, req: Request, group: int, lo: int, hi: int
             raise PlanError(f"{side}: block table of group {group} has {a.size} blocks, "
                             f"{need} needed for {hi} tokens")
         live = a[lo // spec.block_size : need]
-        # small tables: Python min/max beat numpy's per-call overhead
-        src = bt[lo // spec.block_size : need] if (isinstance(bt, list) and len(bt) < 512) else live
-        if len(src) and (min(src) < 0 or max(src) >= n_slots):
+        # numpy's min/max: Python's builtin ones iterate an array element by element (0.5 ms
+        # at 2048 blocks, most of the per-pull growth with the table)
+        if live.size and (int(live.min()) < 0 or int(live.max()) >= n_slots):
             b = int(live[(live < 0) | (live >= n_slots)][0])
             raise PlanError(f"{side}: block id {b} outside [0, {n_slots}) in group {group}")
     return a

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .compat.hashing import differing_factors, hash_factors
@@ -26,7 +27,7 @@ from .handshake import (
     compare_hash,
     require_token,
 )
-from .kernels.kvcopy import program_for
+from .kernels.kvcopy import program_for, upload_all, wait_device
 from .kvcache import GeometryError, RankSpec, arena_layout
 from .lease import LeaseError, LeaseTable, StagingFull, consumer_id
 from .planner import PlanError, Request, expected_consumers
@@ -45,7 +46,7 @@ from .protocol import (
     UnexpectedMessage,
     WireRequest,
 )
-from .template import TemplateCache
+from .template import TemplateCache, as_table
 from .transport import TransferError, Transport
 
 __all__ = ["PrefillRank", "DecodeRank", "PullStats", "TransferError", "HandshakeError",
@@ -55,23 +56,47 @@ log = logging.getLogger(__name__)
 OnRelease = Callable[[str, str], None]
 
 
+def _packed(bts: dict) -> dict[int, bytes]:
+    """Block tables as little-endian int64 bytes (the wire form: one C-level copy, not a Python
+    int per block; the receiver compares bytes)."""
+    return {int(g): as_table(bt, f"block table of group {g}").astype("<i8", copy=False).tobytes()
+            for g, bt in bts.items()}
+
+
 def req_to_wire(r: Request) -> WireRequest:
-    return WireRequest(r.num_tokens, {int(k): [int(x) for x in v] for k, v in r.block_tables.items()})
+    return WireRequest(r.num_tokens, _packed(r.block_tables))
 
 
 def req_from_wire(w: WireRequest) -> Request:
-    return Request(w.num_tokens, {k: list(v) for k, v in w.block_tables.items()})
+    tabs = {}
+    for g, b in w.block_tables.items():
+        if len(b) % 8:
+            raise ProtocolError(f"block table of group {g}: {len(b)} bytes, not whole int64s")
+        tabs[g] = np.frombuffer(b, "<i8").tolist()
+    return Request(w.num_tokens, tabs)
 
 
-def _same_request(mine: Request, wire: WireRequest) -> bool:
-    """D's copy of the prefill block tables (as sent) equals the one this rank holds."""
-    if wire.num_tokens != mine.num_tokens or len(wire.block_tables) != len(mine.block_tables):
-        return False
-    for k, v in wire.block_tables.items():
-        bt = mine.block_tables.get(k)
-        if bt is None or list(bt) != v:
-            return False
-    return True
+@dataclass(frozen=True)
+class _Held:
+    """A held request as the gather uses it: int64 tables, and their wire form (None when they
+    are not integers: refused at PREPARE, as before)."""
+
+    req: Request
+    packed: dict[int, bytes] | None
+
+
+def _held(req: Request) -> _Held:
+    try:
+        arrays = {g: as_table(bt) for g, bt in req.block_tables.items()}
+        return _Held(Request(req.num_tokens, arrays), _packed(arrays))  # type: ignore[arg-type]
+    except PlanError:
+        return _Held(req, None)
+
+
+def _arrays(req: Request) -> Request:
+    """`req` with int64 tables (converted once per pull, not once per peer)."""
+    return Request(req.num_tokens, {g: as_table(bt, f"decode: block table of group {g}")  # type: ignore[misc]
+                                    for g, bt in req.block_tables.items()})
 
 
 def _check_req_id(req_id: str) -> None:
@@ -84,11 +109,6 @@ def _check_in_staging(p_rank: int, rep: PrepareReply, staging: StagingRegion) ->
     if (rep.dev != staging.dev or rep.addr < staging.addr
             or rep.addr + rep.nbytes > staging.addr + staging.nbytes):
         raise ProtocolError(f"prefill rank {p_rank} named a slot outside its staging region")
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 @dataclass(frozen=True)
@@ -121,6 +141,7 @@ class PrefillRank:
         self.on_release = on_release
         self.leases = LeaseTable(staging_bytes, lease_s, on_release=self._released)
         self.requests: dict[str, Request] = {}
+        self._held: dict[str, _Held] = {}  # the same requests, ready for the gather
         self.templates = TemplateCache()  # per D geometry: built once, reused for every request
         self.own_transport = transport is None
         self.transport = transport or Transport(name or f"prefill-{spec.tp_rank}-{id(self):x}", device)
@@ -143,14 +164,17 @@ class PrefillRank:
         if req_id in self.requests:
             raise LeaseError(f"request {req_id!r} is already held")
         self.requests[req_id] = req
+        self._held[req_id] = _held(req)  # tables packed once here, not once per PREPARE
         try:
             self.leases.hold(req_id)
         except LeaseError:
             self.requests.pop(req_id, None)
+            self._held.pop(req_id, None)
             raise
 
     def _released(self, req_id: str, reason: str) -> None:
         self.requests.pop(req_id, None)
+        self._held.pop(req_id, None)
         if self.on_release is not None:
             self.on_release(req_id, reason)
 
@@ -219,9 +243,11 @@ class PrefillRank:
     def _gather(self, msg: PrepareRequest, peer: _Consumer) -> PrepareReply:
         rid = msg.req_id
         self.leases.get(rid)  # raises LeaseError when expired / consumed / unknown
-        mine = self.requests.get(rid)
-        if mine is None or not _same_request(mine, msg.p_req):
+        held = self._held.get(rid)
+        if held is None or held.packed is None or msg.p_req.num_tokens != held.req.num_tokens \
+                or msg.p_req.block_tables != held.packed:  # D's copy, as sent, is what P holds
             raise LeaseError(f"request {rid!r}: block table differs from the one this rank holds")
+        mine = held.req
         t0 = time.perf_counter()
         T = mine.num_tokens
         if msg.num_tokens != T:
@@ -236,7 +262,7 @@ class PrefillRank:
         prog = program_for(tm.gather, self.device, gather=True)
         t1 = time.perf_counter()
         prog.run(self.arena, self.staging, dyn, off)  # uploads the tables + scalars, launches
-        _sync(self.device)
+        wait_device(self.device)
         t2 = time.perf_counter()
         return PrepareReply(self.staging.data_ptr() + off, nbytes, Transport.dev_id(self.staging),
                             self.leases.lease_s, tm.rows(T), t1 - t0, t2 - t1)
@@ -370,10 +396,11 @@ class DecodeRank:
         for nb in sizes:
             recv_offs.append(recv_off)
             recv_off += (nb + 255) // 256 * 256
-        dyns = [tm.dyn("decode", d_req, T) for _, tm in pairs]
+        d_arr = _arrays(d_req)
+        dyns = [tm.dyn("decode", d_arr, T) for _, tm in pairs]
         progs = [program_for(tm.scatter, self.device, gather=False) for _, tm in pairs]
-        # tables + scalars go up now: the copy overlaps the PREPARE round trip
-        bts = [pg.upload(dy, ro) for pg, dy, ro in zip(progs, dyns, recv_offs)]
+        # tables + scalars of every peer go up now, in one copy that overlaps the PREPARE
+        bts = upload_all(self.arena.device, list(zip(dyns, recv_offs)))
         st = PullStats(bytes=sum(sizes), peers=len(pairs))
         st.plan_seconds = time.perf_counter() - t0
         lease = min((self.peers[pr].lease_s for pr, _ in pairs), default=30.0)
@@ -404,7 +431,7 @@ class DecodeRank:
         for (pr, tm), pg, dy, bt, ro in zip(pairs, progs, dyns, bts, recv_offs):
             pg.run(self.recv, self.arena, dy, ro, bt)
             st.scatter_segments += tm.rows(T)
-        _sync(self.device)
+        wait_device(self.device)
         st.scatter_seconds = time.perf_counter() - ts
         for pr in self._release:
             exp = expected_consumers(p_pool.with_rank(pr), self.spec, pr)

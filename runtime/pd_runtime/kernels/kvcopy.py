@@ -14,6 +14,7 @@ with an index copy.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,14 +158,7 @@ class KVProgram:
 
     def upload(self, dyn: Dyn, lin_add: int = 0) -> torch.Tensor:
         """Request scalars + block tables as one int64 tensor on the device (one small copy)."""
-        t = np.empty(HDR + dyn.tables.size, np.int64)
-        t[:HDR] = (dyn.n_full, dyn.n_sliding, dyn.lo_sliding, dyn.off_sliding, dyn.off_state,
-                   lin_add, 0, 0)
-        t[HDR:] = dyn.tables
-        tt = torch.from_numpy(t)
-        if self.device.type == "cuda":
-            return tt.to(self.device, non_blocking=True)
-        return tt
+        return upload_all(self.device, [(dyn, lin_add)])[0]
 
     def run(self, src: torch.Tensor, dst: torch.Tensor, dyn: Dyn, lin_add: int = 0,
             bt: torch.Tensor | None = None) -> None:
@@ -222,3 +216,66 @@ def program_for(side: SideTables, device: torch.device | str, gather: bool,
         p = KVProgram(side, device, gather, use_triton)
         side.classes[key] = p
     return p
+
+
+class _Pinned(threading.local):
+    """This thread's page-locked staging for table uploads, and the event of its last copy.
+    Pinned: a copy from pageable memory first waits for the stream's queued work (the engine's
+    kernels) and goes through a driver bounce buffer; from pinned memory it is queued and
+    returns. Per thread: P serves several decode ranks on side-channel threads at once."""
+
+    buf: torch.Tensor | None = None
+    done: torch.cuda.Event | None = None
+
+
+_PINNED = _Pinned()
+
+
+def _headed(dyn: Dyn, lin_add: int, out: np.ndarray) -> None:
+    out[:HDR] = (dyn.n_full, dyn.n_sliding, dyn.lo_sliding, dyn.off_sliding, dyn.off_state,
+                 lin_add, 0, 0)
+    out[HDR:] = dyn.tables
+
+
+def upload_all(device: torch.device, items: list[tuple[Dyn, int]]) -> list[torch.Tensor]:
+    """One int64 tensor per (dyn, lin_add) on `device` (header + tables, see _kv_kernel); on
+    CUDA all of them travel in one copy from a pinned buffer (one launch for every peer)."""
+    sizes = [HDR + dyn.tables.size for dyn, _ in items]
+    total = sum(sizes)
+    if device.type != "cuda":
+        host = np.empty(total, np.int64)
+    else:
+        st = _PINNED
+        if st.done is not None:
+            st.done.synchronize()  # the buffer's last copy has left it (long since, as a rule)
+        if st.buf is None or st.buf.numel() < total:
+            st.buf = torch.empty(max(total, 2 * (0 if st.buf is None else st.buf.numel()), 4096),
+                                 dtype=torch.int64, pin_memory=True)
+        host = st.buf.numpy()[:total]
+    off = 0
+    for (dyn, lin_add), n in zip(items, sizes, strict=True):
+        _headed(dyn, lin_add, host[off : off + n])
+        off += n
+    if device.type != "cuda":
+        flat = torch.from_numpy(host)
+    else:
+        assert _PINNED.buf is not None
+        flat = torch.empty(total, dtype=torch.int64, device=device)
+        flat.copy_(_PINNED.buf[:total], non_blocking=True)
+        _PINNED.done = torch.cuda.Event()
+        _PINNED.done.record(torch.cuda.current_stream(device))
+    out, off = [], 0
+    for n in sizes:
+        out.append(flat[off : off + n])
+        off += n
+    return out
+
+
+def wait_device(device: torch.device | str) -> None:
+    """Wait for the work this thread queued (its current stream), not the whole device: a
+    device-wide synchronize also waits for the engine's own kernels on other streams."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(dev))
+        ev.synchronize()

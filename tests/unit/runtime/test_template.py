@@ -74,3 +74,29 @@ def test_template_errors_name_the_problem():
         tm.dyn("decode", Request(10, {0: [0, 9, 1]}), 10)
     with pytest.raises(PlanError, match="no block table"):
         tm.dyn("decode", Request(10, {}), 10)
+    with pytest.raises(PlanError, match="not a list of 64-bit integers"):
+        tm.dyn("decode", Request(10, {0: [0, 1.5, 2]}), 10)
+    # the same checks on int64 arrays (what the worker passes) and on long tables
+    with pytest.raises(PlanError, match="block id 9"):
+        tm.dyn("decode", Request(10, {0: np.array([0, 9, 1])}), 10)
+    big = RankSpec(m, 1, 0, 4, "HND", 700)
+    tb = TemplateCache().get(big, big)
+    with pytest.raises(PlanError, match="block id -1"):
+        tb.dyn("prefill", Request(2400, {0: list(range(599)) + [-1]}), 2400)
+    ok = list(range(699, 99, -1))
+    a, b = tb.dyn("decode", Request(2400, {0: ok}), 2400), tb.dyn(
+        "decode", Request(2400, {0: np.array(ok)}), 2400)
+    assert a.tables.dtype == np.int64 and np.array_equal(a.tables, b.tables)
+
+
+def test_block_tables_travel_packed():
+    """PREPARE carries P's block tables as int64 bytes; they come back as the same ids."""
+    from pd_runtime.protocol import ProtocolError, WireRequest
+    from pd_runtime.worker import req_from_wire, req_to_wire
+
+    req = Request(40, {0: [5, 0, 7, 1 << 40], 2: [3], 1: [-1, -1, 4]})
+    w = req_to_wire(req)
+    assert w.block_tables[0] == np.array([5, 0, 7, 1 << 40], "<i8").tobytes()
+    assert req_from_wire(w) == req
+    with pytest.raises(ProtocolError, match="not whole int64s"):
+        req_from_wire(WireRequest(1, {0: b"\x01" * 9}))

@@ -1,0 +1,346 @@
+"""Per-pull host overhead of the KV transfer, the previous path and the current one in one run.
+
+P (one process) and D (this process) each run two ranks: the *baseline* package (the transfer
+engine as of a baseline commit, imported under the name `pd_runtime_base`) and the current
+`pd_runtime`. Pulls alternate between the two (the order flips every round), so both see the
+same machine load. Per pull it records the wall time and its parts:
+
+    d_plan        D before PREPARE: table checks, packing, upload (plan_seconds - P's plan)
+    rpc           PREPARE round trip minus P's plan and gather (frames, HMAC, TCP, wake-ups,
+                  P's lease and table check)
+    p_plan        P's template lookup, table check and slot (as P reports it)
+    gather        P's gather kernel + its wait (as P reports it)
+    read_post     posting the READ(s); read_wait: waiting for them (bytes included)
+    scatter_run   D's scatter call (launch on CUDA; the copy itself on CPU); scatter_wait
+    notif         release notifications; other: the rest of the wall time
+    host          the issue's definition: wall - (gather + READ + scatter)
+
+The baseline source comes from `git archive <commit>` here, or from a tarball made with
+`--pack-baseline` (for a machine without the repository's history). Raw JSON goes to --out.
+
+    python bench/transfer/bench_host_path.py --device cpu --out bench/transfer/results/x.json
+    python bench/transfer/bench_host_path.py --pack-baseline COMMIT   # .device-wheels/...tar.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(ROOT, "runtime"))
+BASE_PKG = "pd_runtime_base"
+BASE_TAR = os.path.join(ROOT, ".device-wheels", "pd_runtime_host_path_baseline.tar.gz")
+# what the transfer engine imports (the engine, serving and selftest stay out of the baseline)
+BASE_FILES = ["__init__.py", "worker.py", "handshake.py", "protocol.py", "transport.py",
+              "template.py", "lease.py", "planner.py", "kvcache.py", "capabilities.py", "kernels",
+              "compat"]
+GEOMETRIES = {
+    "llama8b": dict(num_layers=32, num_kv_heads=8, head_size=128),  # 128 KiB per token (bf16)
+    "tiny": dict(num_layers=1, num_kv_heads=1, head_size=8),  # 32 B per token: host work only
+}
+PARTS = ["wall", "host", "d_plan", "rpc", "p_plan", "gather", "read_post", "read_wait",
+         "scatter_run", "scatter_wait", "notif", "other"]
+
+
+def pack_baseline(commit: str, path: str = BASE_TAR) -> str:
+    """The baseline package (as `pd_runtime_base/`) from `commit`, as a tarball."""
+    raw = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", commit,
+                          "runtime/pd_runtime"], check=True, capture_output=True).stdout
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as src, \
+            tarfile.open(fileobj=buf, mode="w:gz") as dst:
+        for m in src.getmembers():
+            rel = m.name.removeprefix("runtime/pd_runtime/")
+            if not m.isfile() or rel.split("/")[0] not in BASE_FILES:
+                continue
+            data = src.extractfile(m)
+            m.name = f"{BASE_PKG}/{rel}"
+            dst.addfile(m, data)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    with open(path + ".commit", "w") as f:
+        f.write(subprocess.run(["git", "-C", ROOT, "rev-parse", commit], check=True,
+                               capture_output=True, text=True).stdout)
+    return path
+
+
+def unpack_baseline(tar: str, dest: str) -> None:
+    with tarfile.open(tar) as t:
+        t.extractall(dest, filter="data")
+    sys.path.insert(0, dest)
+
+
+def packages(base_dir: str | None) -> dict[str, str]:
+    """mode -> package name; the baseline only when its source was found."""
+    return {"base": BASE_PKG, "new": "pd_runtime"} if base_dir else {"new": "pd_runtime"}
+
+
+def mods(pkg: str):
+    g = lambda m: importlib.import_module(f"{pkg}.{m}")  # noqa: E731
+    return g("worker"), g("kvcache"), g("planner"), g("compat.hashing"), g("kernels.kvcopy")
+
+
+def specs(pkg: str, geo: str, max_blocks: int):
+    _, kv, _, hashing, _ = mods(pkg)
+    m = kv.ModelSpec(**GEOMETRIES[geo])
+    nb = max_blocks + max_blocks // 4 + 1
+    p = kv.RankSpec(m, 1, 0, 16, "HND", nb)
+    d = kv.RankSpec(m, 1, 0, 16, "HND", nb)
+    f = hashing.builtin_factors(runtime_version="bench", model="bench", dtype="bfloat16",
+                                num_kv_heads=m.num_kv_heads, head_size=m.head_size,
+                                num_hidden_layers=m.num_layers, cache_dtype="auto", family="dense")
+    return p, d, f
+
+
+def tables(n_blocks: int, total: int, seed: int) -> tuple[list[int], list[int]]:
+    rng = np.random.default_rng(seed)
+    return ([int(x) for x in rng.permutation(total)[:n_blocks]],
+            [int(x) for x in rng.permutation(total)[:n_blocks]])
+
+
+# ------------------------------------------------------------------------------------------------
+# P
+
+
+def _prefill_proc(base_dir, geo, device, max_blocks, conn):
+    if base_dir:
+        sys.path.insert(0, base_dir)
+    pkgs = packages(base_dir)
+    ranks = {}
+    arena = None
+    for mode, pkg in pkgs.items():
+        worker, kv = mods(pkg)[:2]
+        p, _, f = specs(pkg, geo, max_blocks)
+        nb = kv.arena_layout(p).nbytes
+        if arena is None:  # one arena for both ranks: the same bytes behind both paths
+            g = torch.Generator().manual_seed(7)
+            arena = torch.randint(0, 256, (nb,), dtype=torch.uint8, generator=g).to(device)
+        ranks[mode] = worker.PrefillRank(p, f, b"bench", device, staging_bytes=3 * nb + (8 << 20),
+                                         lease_s=600, arena=arena)
+    conn.send({m: list(r.address) for m, r in ranks.items()})
+    while True:
+        msg = conn.recv()
+        if msg == "stop":
+            break
+        mode, rid, nbk = msg
+        pkg = pkgs[mode]
+        planner = mods(pkg)[2]
+        p, _, _ = specs(pkg, geo, max_blocks)
+        pt, _ = tables(nbk, p.num_blocks, nbk)
+        ranks[mode].hold(rid, planner.Request(nbk * 16, {0: pt}))
+        conn.send("held")
+    for r in ranks.values():
+        r.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# D
+
+
+class _Timer:
+    """Seconds spent in wrapped calls since the last reset (same wrappers on both paths)."""
+
+    def __init__(self):
+        self.t: dict[str, float] = {}
+        self.replies: list = []
+
+    def wrap(self, key: str, fn, capture: bool = False):
+        def w(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                r = fn(*a, **k)
+            finally:
+                self.t[key] = self.t.get(key, 0.0) + time.perf_counter() - t0
+            if capture:
+                self.replies.extend(r.values())
+            return r
+        return w
+
+    def reset(self) -> None:
+        self.t.clear()
+        self.replies.clear()
+
+
+def _instrument(dr, kvcopy, timer: _Timer) -> None:
+    tr = dr.transport
+    tr.read = timer.wrap("read_post", tr.read)
+    tr.wait = timer.wrap("read_wait", tr.wait)
+    tr.send_notif = timer.wrap("notif", tr.send_notif)
+    dr._prepare_all = timer.wrap("prepare_all", dr._prepare_all, capture=True)
+    if not getattr(kvcopy.KVProgram.run, "_timed", False):  # D only runs scatters here
+        run = timer.wrap("scatter_run", kvcopy.KVProgram.run)
+        run._timed = True  # type: ignore[attr-defined]
+        kvcopy.KVProgram.run = run
+
+
+def parts(st, timer: _Timer) -> dict:
+    t = timer.t
+    p_plan = max((r.plan_s for r in timer.replies), default=0.0)
+    gather = max((r.gather_s for r in timer.replies), default=0.0)
+    out = dict(wall=st.seconds, host=st.seconds - st.gather_seconds - st.read_seconds
+               - st.scatter_seconds, d_plan=st.plan_seconds - sum(r.plan_s for r in timer.replies),
+               rpc=st.prepare_seconds - p_plan - gather, p_plan=p_plan, gather=gather,
+               read_post=t.get("read_post", 0.0), read_wait=t.get("read_wait", 0.0),
+               scatter_run=t.get("scatter_run", 0.0),
+               scatter_wait=st.scatter_seconds - t.get("scatter_run", 0.0),
+               notif=t.get("notif", 0.0))
+    out["other"] = out["wall"] - sum(out[k] for k in PARTS[2:11])
+    return out
+
+
+def run(args, base_dir: str | None) -> dict:
+    pkgs = packages(base_dir)
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    sizes = [int(x) for x in args.blocks.split(",")]
+    proc = ctx.Process(target=_prefill_proc,
+                       args=(base_dir, args.geometry, args.device, max(sizes), child))
+    proc.start()
+
+    def reply():
+        if not conn.poll(300):  # a P that died says nothing: do not wait forever
+            raise RuntimeError(f"the prefill process is silent (exit code {proc.exitcode})")
+        return conn.recv()
+
+    addrs = reply()
+    ranks, timers, arena = {}, {}, None
+    for mode, pkg in pkgs.items():
+        worker, kv, _, _, kvcopy = mods(pkg)
+        _, d, f = specs(pkg, args.geometry, max(sizes))
+        if arena is None:
+            arena = torch.zeros(kv.arena_layout(d).nbytes, dtype=torch.uint8, device=args.device)
+        dr = worker.DecodeRank(d, f, b"bench", args.device, arena=arena, timeout=120)
+        dr.connect([tuple(addrs[mode])])
+        timers[mode] = _Timer()
+        _instrument(dr, kvcopy, timers[mode])
+        ranks[mode] = dr
+    rows, n = [], 0
+    for nbk in sizes:
+        res: dict[str, list[dict]] = {m: [] for m in pkgs}
+        snap: dict[str, torch.Tensor] = {}
+        for i in range(args.warm + args.reps):
+            order = list(pkgs) if i % 2 == 0 else list(reversed(pkgs))
+            for mode in order:
+                pkg = pkgs[mode]
+                planner = mods(pkg)[2]
+                _, d, _ = specs(pkg, args.geometry, max(sizes))
+                pt, dt = tables(nbk, d.num_blocks, nbk)
+                rid = f"{mode}{n}"
+                n += 1
+                conn.send((mode, rid, nbk))
+                reply()
+                preq, dreq = planner.Request(nbk * 16, {0: pt}), planner.Request(nbk * 16, {0: dt})
+                if i == 0:
+                    arena.zero_()
+                time.sleep(args.gap_ms / 1e3)  # lets P's poller free the last slot, untimed
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                timers[mode].reset()
+                st = ranks[mode].pull(rid, preq, dreq)
+                if i == 0:
+                    snap[mode] = arena.clone()
+                if i >= args.warm:
+                    res[mode].append(parts(st, timers[mode]))
+        same = all(torch.equal(snap[m], snap["new"]) for m in snap) and bool(snap["new"].any())
+        row = dict(blocks=nbk, tokens=nbk * 16, bytes=int(st.bytes), same_bytes=same)
+        for mode, lst in res.items():
+            row[mode] = {k: float(np.median([r[k] for r in lst])) for k in PARTS}
+            row[mode]["host_p90"] = float(np.percentile([r["host"] for r in lst], 90))
+            row[mode]["raw"] = lst
+        rows.append(row)
+        line = " ".join(f"{m}: wall {row[m]['wall'] * 1e6:.0f} host {row[m]['host'] * 1e6:.0f} us"
+                        for m in res)
+        print(f"{nbk:5d} blocks ({row['bytes'] / 2**20:.1f} MiB): {line} same={same}", flush=True)
+    conn.send("stop")
+    proc.join(timeout=30)
+    for dr in ranks.values():
+        dr.close()
+    return dict(rows=rows)
+
+
+def machine(device: str) -> dict:
+    info = dict(host=platform.node(), cpu=platform.processor() or platform.machine(),
+                cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
+                loadavg_before=os.getloadavg())
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, check=False).stdout.strip()
+        except OSError:
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in f
+                               if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default=None,
+                    help="default: llama8b on CUDA, tiny on CPU")
+    ap.add_argument("--blocks", default="64,512,2048")
+    ap.add_argument("--reps", type=int, default=60)
+    ap.add_argument("--warm", type=int, default=5)
+    ap.add_argument("--gap-ms", type=float, default=3.0)
+    ap.add_argument("--baseline", default=None,
+                    help="commit (git archive) or tarball; default: the packed tarball if present")
+    ap.add_argument("--pack-baseline", metavar="COMMIT", help="write the baseline tarball, exit")
+    ap.add_argument("--out", required=False)
+    args = ap.parse_args()
+    if args.pack_baseline:
+        print(pack_baseline(args.pack_baseline))
+        return 0
+    args.geometry = args.geometry or ("llama8b" if args.device == "cuda" else "tiny")
+    base = args.baseline or (BASE_TAR if os.path.exists(BASE_TAR) else None)
+    base_dir, base_commit = None, None
+    if base:
+        base_dir = tempfile.mkdtemp(prefix="pd-host-path-")
+        tar = base if os.path.exists(base) else pack_baseline(base, os.path.join(base_dir, "b.tgz"))
+        unpack_baseline(tar, base_dir)
+        if os.path.exists(tar + ".commit"):
+            base_commit = open(tar + ".commit").read().strip()
+    else:
+        print("no baseline source: measuring the current path only", flush=True)
+    t0 = time.time()
+    info = machine(args.device)
+    res = run(args, base_dir)
+    info["loadavg_after"] = os.getloadavg()
+    out = dict(bench="host_path", date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               machine=info, device=args.device, geometry=args.geometry,
+               geometry_spec=GEOMETRIES[args.geometry], reps=args.reps, warm=args.warm,
+               baseline=base_commit or base, seconds=time.time() - t0, **res)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    for row in res["rows"]:
+        for mode in ("base", "new"):
+            if mode in row:
+                print(f"  {row['blocks']:5d} {mode:4s} " + " ".join(
+                    f"{k}={row[mode][k] * 1e6:.0f}" for k in PARTS), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
