@@ -10,7 +10,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,26 +113,86 @@ def complete(base: str, model: str, prompt: str, max_tokens: int = 12) -> tuple[
     return code, body["choices"][0]["text"] if code == 200 else body
 
 
-# vLLM 0.32 gives D's first NIXL handshake with a P a hard-coded 5 s receive timeout
-# (nixl/base_worker.py L1044, zmq RCVTIMEO 5000). On this 2-core machine, with P, D and the
-# router starting at once, that first contact can time out ("handshake_failed"), and vLLM fails
-# the request (kv_load_failure_policy fail): seen once in a fresh-clone CI run. It is first-contact
-# only (D caches the remote agent afterwards), so the tests open the P/D path with one warm-up
-# request, retried a bounded number of times, and assert on the requests after it.
-HANDSHAKE_WARMUP_TRIES = 4
+# vLLM 0.32 gives every NIXL handshake of D with a P a hard-coded 5 s receive timeout
+# (nixl/base_worker.py L1043-1044: zmq RCVTIMEO 5000; no variable or kv_connector_extra_config
+# key changes it). A P whose EngineCore does not answer its side channel in 5 s (CPU-starved on a
+# loaded 2-core machine; seen twice in CI) fails the handshake with zmq's EAGAIN: D logs
+# "handshake_setup_failed" (L1318) with the traceback ending in zmq.error.Again, and the request
+# that needed the handshake fails (L1354 "handshake_failed"). vLLM does not retry it: the next
+# request that needs that P starts a new handshake (L1287-1303, a failed one is not cached), and
+# a successful one is reused. So the tests send a bounded number of requests until D finishes a
+# handshake that did not time out, and judge that one.
+HANDSHAKE_TRIES = 4
+HANDSHAKE_WAIT_S = 120.0
+HANDSHAKE_PASSED = "NIXL compatibility check passed"
+HANDSHAKE_FAILED = "NIXL transfer failure: handshake_setup_failed"  # once per failed handshake
+HASH_MISMATCH = "NIXL compatibility hash mismatch"
+HANDSHAKE_TIMED_OUT = "zmq.error.Again"  # RCVTIMEO expired: no reply from P's side channel
+
+
+def handshake_outcomes(log: str) -> list[str]:
+    """What each handshake D finished ended in, in order: "passed", "mismatch" (the
+    compatibility hashes differ), "timeout" (no reply from P in 5 s), "failed" (anything else)
+    or "pending" (its traceback is not all in the log yet)."""
+    lines = log.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if HANDSHAKE_PASSED in line:
+            out.append("passed")
+        elif HANDSHAKE_FAILED in line:
+            out.append(_failure(lines[i + 1:]))
+    return out
+
+
+def _failure(after: list[str]) -> str:
+    """The kind of the failed handshake whose traceback starts at after[0]."""
+    for line in after:
+        if HASH_MISMATCH in line:
+            return "mismatch"
+        if HANDSHAKE_TIMED_OUT in line:
+            return "timeout"
+        if HANDSHAKE_FAILED in line or "NIXL transfer failure: handshake_failed" in line:
+            return "failed"  # the next record began: this traceback named neither
+    return "pending"
+
+
+def request_until_handshake(run: Running, send: Callable[[], Any],
+                            tries: int = HANDSHAKE_TRIES,
+                            wait_s: float = HANDSHAKE_WAIT_S) -> str:
+    """Call `send` (one request that makes D handshake with P) until D finishes a handshake
+    that did not time out, at most `tries` times; its outcome ("passed", "mismatch", "failed").
+    Each try waits up to `wait_s` for D to finish the handshake it started."""
+    seen: list[str] = []
+    for _ in range(tries):
+        before = len(handshake_outcomes(run.log("decode-0")))
+        send()
+        deadline = time.monotonic() + wait_s
+        while True:
+            seen = handshake_outcomes(run.log("decode-0"))
+            new = seen[before:]
+            if new and "pending" not in new:
+                break
+            assert time.monotonic() < deadline, \
+                f"decode-0: no handshake finished in {wait_s:.0f}s (outcomes so far: {seen})"
+            time.sleep(0.5)
+        done = [o for o in new if o != "timeout"]
+        if done:
+            return done[0]
+    raise AssertionError(f"decode-0: every handshake with P timed out ({tries} tries): {seen}")
 
 
 def warm_up_pd(run: Running, model: str) -> None:
-    """One P/D request through the router until it succeeds; only a D-side handshake timeout
-    may be retried (anything else fails the test at once)."""
-    for attempt in range(HANDSHAKE_WARMUP_TRIES):
-        code, body = complete(run.url, model, "warm-up", max_tokens=2)
-        if code == 200:
-            return
-        if "handshake_failed" not in run.log("decode-0") or \
-                attempt == HANDSHAKE_WARMUP_TRIES - 1:
-            raise AssertionError(f"P/D warm-up failed ({code}): {body}")
-        time.sleep(2)
+    """One P/D request through the router that succeeds; only a request that failed because
+    D's handshake with P timed out is sent again (anything else fails the test at once)."""
+    answers: list[tuple[int, Any]] = []
+
+    def send() -> None:
+        answers.append(complete(run.url, model, "warm-up", max_tokens=2))
+
+    outcome = request_until_handshake(run, send)
+    code, body = answers[-1]
+    assert outcome == "passed" and code == 200, f"P/D warm-up: handshake {outcome}, " \
+        f"answer {code}: {body}"
 
 
 def metric_sum(base: str, name: str) -> float:

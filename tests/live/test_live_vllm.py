@@ -17,7 +17,6 @@ import copy
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -270,22 +269,19 @@ def test_hash_factor_rejected_by_rules_fails_in_vllm_at_the_handshake(
                                                     predicted["decodeHash"])
     with live.pdctl_run(spec, tmp_path / "run") as run:
         d_url = run.replica("decode-0")["url"]
-        code, body = live.complete(run.url, live_checkpoint, PROMPTS[0])
-        assert code != 200 or "error" in json.dumps(body), (code, body)
-        log = _wait_for(lambda: "NIXL compatibility hash mismatch" in run.log("decode-0"),
-                        run, "decode-0")
-        mismatch = [line for line in log.splitlines() if "hash mismatch" in line][0]
+
+        def send() -> None:  # every request through the router fails (no KV pulled)
+            code, body = live.complete(run.url, live_checkpoint, PROMPTS[0])
+            assert code != 200 or "error" in json.dumps(body), (code, body)
+
+        # sent again only when D's handshake with P timed out (live.request_until_handshake)
+        assert live.request_until_handshake(run, send) == "mismatch", \
+            live.handshake_outcomes(run.log("decode-0"))
+        log = run.log("decode-0")
+        mismatch = [line for line in log.splitlines() if live.HASH_MISMATCH in line][0]
         # vLLM's message: "Local: <D's hash>, Remote: <P's hash>": exactly the predictions,
         # which differ in the one factor the rule names
         assert f"Local: {predicted['decodeHash']}" in mismatch, mismatch
         assert f"Remote: {predicted['prefillHash']}" in mismatch, mismatch
         assert not _handshake_hashes(log)
         assert live.metric_sum(d_url, live.XFER_COUNT) == 0
-
-
-def _wait_for(cond: Any, run: live.Running, name: str, timeout_s: float = 120.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"{name}: not seen in {timeout_s:.0f}s"
-        time.sleep(1.0)
-    return run.log(name)
