@@ -91,13 +91,28 @@ class Plan:
 # ----------------------------------------------------------------------- planning (pure-ish)
 def free_ports(count: int, start: int = 20000, stop: int = 60000) -> int:
     """The first of `count` consecutive ports nobody listens on (a TP pool's side channel needs
-    base + rank for every rank)."""
+    base + rank for every rank), outside the kernel's ephemeral range: a port is picked here
+    well before its process binds it (the router binds its port after the engines are ready,
+    a minute or more later), and a port in the ephemeral range can meanwhile become the local
+    end of any outgoing connection or bind(0) on the machine ("Address already in use")."""
     rng = secrets.SystemRandom()
+    lo, hi = ephemeral_ports()
+    bases = [b for b in range(start, stop - count) if b + count <= lo or b > hi]
     for _ in range(200):
-        base = rng.randrange(start, stop - count)
+        base = rng.choice(bases) if bases else rng.randrange(start, stop - count)
         if all(_port_free(base + i) for i in range(count)):
             return base
     raise RunError(f"no {count} consecutive free ports between {start} and {stop}")
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The first and last port the kernel hands out for outgoing connections and bind(0)
+    (net.ipv4.ip_local_port_range; Linux's default when it cannot be read)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def _port_free(port: int) -> bool:

@@ -108,6 +108,17 @@ def _alive(pid: int) -> bool:
     return pid in group_members(pid)
 
 
+def test_free_ports_stay_out_of_the_ephemeral_range():
+    # a port handed out now is bound a minute later (the router's after the engines): one in the
+    # kernel's ephemeral range may by then be the local end of some outgoing connection
+    lo, hi = localrun.ephemeral_ports()
+    assert 1024 <= lo < hi <= 65535
+    for count in (1, 1, 1, 4, 8) * 10:
+        base = localrun.free_ports(count)
+        assert base + count <= lo or base > hi, (base, count, lo, hi)
+        assert 20000 <= base and base + count <= 60000
+
+
 def test_local_run_starts_waits_and_stops_process_groups(tmp_path):
     ports = [localrun.free_ports(1) for _ in range(3)]
 
