@@ -14,6 +14,7 @@ same machine load. Per pull it records the wall time and its parts:
     scatter_run   D's scatter call (launch on CUDA; the copy itself on CPU); scatter_wait
     notif         release notifications; other: the rest of the wall time
     host          the issue's definition: wall - (gather + READ + scatter)
+    p_hold        P's hold() of the request (outside the pull; the new path packs tables there)
 
 The baseline source comes from `git archive <commit>` here, or from a tarball made with
 `--pack-baseline` (for a machine without the repository's history). Raw JSON goes to --out.
@@ -120,6 +121,8 @@ def tables(n_blocks: int, total: int, seed: int) -> tuple[list[int], list[int]]:
 def _prefill_proc(base_dir, geo, device, max_blocks, conn):
     if base_dir:
         sys.path.insert(0, base_dir)
+    if device == "cpu":
+        torch.set_num_threads(1)  # two cores, shared: no intra-op thread pool fighting for them
     pkgs = packages(base_dir)
     ranks = {}
     arena = None
@@ -128,9 +131,10 @@ def _prefill_proc(base_dir, geo, device, max_blocks, conn):
         p, _, f = specs(pkg, geo, max_blocks)
         nb = kv.arena_layout(p).nbytes
         if arena is None:  # one arena for both ranks: the same bytes behind both paths
-            g = torch.Generator().manual_seed(7)
-            arena = torch.randint(0, 256, (nb,), dtype=torch.uint8, generator=g).to(device)
-        ranks[mode] = worker.PrefillRank(p, f, b"bench", device, staging_bytes=3 * nb + (8 << 20),
+            torch.manual_seed(7)
+            arena = torch.randint(0, 256, (nb,), dtype=torch.uint8, device=device)
+        # two slots of the largest pull: the poller frees one while the next pull uses the other
+        ranks[mode] = worker.PrefillRank(p, f, b"bench", device, staging_bytes=2 * nb + (8 << 20),
                                          lease_s=600, arena=arena)
     conn.send({m: list(r.address) for m, r in ranks.items()})
     while True:
@@ -142,8 +146,10 @@ def _prefill_proc(base_dir, geo, device, max_blocks, conn):
         planner = mods(pkg)[2]
         p, _, _ = specs(pkg, geo, max_blocks)
         pt, _ = tables(nbk, p.num_blocks, nbk)
-        ranks[mode].hold(rid, planner.Request(nbk * 16, {0: pt}))
-        conn.send("held")
+        req = planner.Request(nbk * 16, {0: pt})
+        t0 = time.perf_counter()
+        ranks[mode].hold(rid, req)  # P's own per-request cost (the new path packs here)
+        conn.send(time.perf_counter() - t0)
     for r in ranks.values():
         r.close()
 
@@ -243,7 +249,7 @@ def run(args, base_dir: str | None) -> dict:
                 rid = f"{mode}{n}"
                 n += 1
                 conn.send((mode, rid, nbk))
-                reply()
+                hold_s = reply()
                 preq, dreq = planner.Request(nbk * 16, {0: pt}), planner.Request(nbk * 16, {0: dt})
                 if i == 0:
                     arena.zero_()
@@ -255,11 +261,11 @@ def run(args, base_dir: str | None) -> dict:
                 if i == 0:
                     snap[mode] = arena.clone()
                 if i >= args.warm:
-                    res[mode].append(parts(st, timers[mode]))
+                    res[mode].append(dict(parts(st, timers[mode]), p_hold=hold_s))
         same = all(torch.equal(snap[m], snap["new"]) for m in snap) and bool(snap["new"].any())
         row = dict(blocks=nbk, tokens=nbk * 16, bytes=int(st.bytes), same_bytes=same)
         for mode, lst in res.items():
-            row[mode] = {k: float(np.median([r[k] for r in lst])) for k in PARTS}
+            row[mode] = {k: float(np.median([r[k] for r in lst])) for k in PARTS + ["p_hold"]}
             row[mode]["host_p90"] = float(np.percentile([r["host"] for r in lst], 90))
             row[mode]["raw"] = lst
         rows.append(row)
@@ -271,6 +277,82 @@ def run(args, base_dir: str | None) -> dict:
     for dr in ranks.values():
         dr.close()
     return dict(rows=rows)
+
+
+def micro(pkgs: dict[str, str], geo: str, device: str, sizes: list[int], reps: int) -> list[dict]:
+    """CPU time (this thread's, so waiting for a core under load does not count) of the per-pull
+    work that grows with the table, each path's own functions called as its pull calls them:
+    D's plan + PREPARE encoding, the HMACs of both sides, P's decode + table check + dyn."""
+    out = []
+    for nbk in sizes:
+        row: dict = dict(blocks=nbk)
+        for mode, pkg in pkgs.items():
+            row[mode] = _micro_one(pkg, geo, device, nbk, max(sizes), reps)
+        out.append(row)
+        print(f"micro {nbk:5d} blocks: " + "; ".join(
+            f"{m}: " + " ".join(f"{k}={v * 1e6:.1f}" if k != "prepare_bytes" else f"{k}={v}"
+                                for k, v in row[m].items()) for m in pkgs), flush=True)
+    return out
+
+
+def _micro_one(pkg: str, geo: str, device: str, nbk: int, max_blocks: int, reps: int) -> dict:
+    import hashlib
+    import hmac
+
+    import msgspec
+
+    worker, _, planner, _, kvcopy = mods(pkg)
+    proto = importlib.import_module(f"{pkg}.protocol")
+    tmpl = importlib.import_module(f"{pkg}.template")
+    p, d, _ = specs(pkg, geo, max_blocks)
+    tm = tmpl.PairTemplate(p, d)
+    pt, dt = tables(nbk, d.num_blocks, nbk)
+    T = nbk * 16
+    preq, dreq = planner.Request(T, {0: pt}), planner.Request(T, {0: dt})
+    pg = kvcopy.program_for(tm.scatter, device, gather=False)
+    enc, dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(proto.ClientMessage)
+    new = hasattr(worker, "_held")
+    held = worker._held(preq) if new else preq
+    dev = torch.device(device)
+
+    def d_plan():
+        if new:
+            dyn = tm.dyn("decode", worker._arrays(dreq), T)
+            kvcopy.upload_all(dev, [(dyn, 0)])
+        else:
+            pg.upload(tm.dyn("decode", dreq, T), 0)
+        return enc.encode(proto.PrepareRequest("r", T, worker.req_to_wire(preq)))
+
+    payload = d_plan()
+
+    def macs():
+        for _ in range(2):  # D signs, P verifies
+            hmac.new(b"k" * 32, b"C" + bytes(8) + payload, hashlib.sha256).digest()
+
+    def p_side():
+        msg = dec.decode(payload)
+        if new:
+            assert msg.p_req.block_tables == held.packed
+            tm.dyn("prefill", held.req, T)
+        else:
+            assert worker._same_request(held, msg.p_req)
+            tm.dyn("prefill", held, T)
+
+    def p_hold():
+        if new:
+            worker._held(preq)
+
+    res: dict = {}
+    for name, fn in (("d_plan", d_plan), ("hmac", macs), ("p_prepare", p_side),
+                     ("p_hold", p_hold)):
+        ts = []
+        for _ in range(reps):
+            t0 = time.thread_time_ns()
+            fn()
+            ts.append(time.thread_time_ns() - t0)
+        res[name] = float(np.median(ts)) / 1e9
+    res["prepare_bytes"] = len(payload)
+    return res
 
 
 def machine(device: str) -> dict:
@@ -311,6 +393,8 @@ def main() -> int:
     if args.pack_baseline:
         print(pack_baseline(args.pack_baseline))
         return 0
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     args.geometry = args.geometry or ("llama8b" if args.device == "cuda" else "tiny")
     base = args.baseline or (BASE_TAR if os.path.exists(BASE_TAR) else None)
     base_dir, base_commit = None, None
@@ -324,7 +408,9 @@ def main() -> int:
         print("no baseline source: measuring the current path only", flush=True)
     t0 = time.time()
     info = machine(args.device)
-    res = run(args, base_dir)
+    sizes = [int(x) for x in args.blocks.split(",")]
+    res = dict(micro=micro(packages(base_dir), args.geometry, args.device, sizes, 200))
+    res.update(run(args, base_dir))
     info["loadavg_after"] = os.getloadavg()
     out = dict(bench="host_path", date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                machine=info, device=args.device, geometry=args.geometry,
@@ -338,7 +424,7 @@ def main() -> int:
         for mode in ("base", "new"):
             if mode in row:
                 print(f"  {row['blocks']:5d} {mode:4s} " + " ".join(
-                    f"{k}={row[mode][k] * 1e6:.0f}" for k in PARTS), flush=True)
+                    f"{k}={row[mode][k] * 1e6:.0f}" for k in PARTS + ["p_hold"]), flush=True)
     return 0
 
 

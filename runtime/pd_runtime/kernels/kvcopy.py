@@ -264,6 +264,8 @@ def upload_all(device: torch.device, items: list[tuple[Dyn, int]]) -> list[torch
         flat.copy_(_PINNED.buf[:total], non_blocking=True)
         _PINNED.done = torch.cuda.Event()
         _PINNED.done.record(torch.cuda.current_stream(device))
+    if len(sizes) == 1:
+        return [flat]
     out, off = [], 0
     for n in sizes:
         out.append(flat[off : off + n])
@@ -274,8 +276,8 @@ def upload_all(device: torch.device, items: list[tuple[Dyn, int]]) -> list[torch
 def wait_device(device: torch.device | str) -> None:
     """Wait for the work this thread queued (its current stream), not the whole device: a
     device-wide synchronize also waits for the engine's own kernels on other streams."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(dev))
-        ev.synchronize()
+    if not str(device).startswith("cuda"):
+        return
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(torch.device(device)))
+    ev.synchronize()
