@@ -13,7 +13,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD/runtime:$PWD PYTHONUNBUFFERED=1
 export UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y UCX_TLS=cuda_ipc,cuda_copy,tcp
 python3 -c "import nixl_cu13, torch, triton; print(torch.__version__, triton.__version__)"
-timeout ${TEST_S:-70} python3 -m pytest -q -p no:cacheprovider --noconftest -rfEs \
+timeout ${TEST_S:-60} python3 -m pytest -q -p no:cacheprovider --noconftest -rfEs \
   tests/gpu/test_runtime_transfer_gpu.py 2>&1 | grep -v "NIXL INFO" | tee $OUT/gpu_tests.log | tail -15
 timeout ${BENCH_S:-60} python3 bench/transfer/bench_host_path.py --device cuda \
   --out $OUT/host_path.json ${BENCH_ARGS:-} 2>&1 | grep -v "NIXL INFO" | tee $OUT/host_path.log | tail -25

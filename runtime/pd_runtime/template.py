@@ -70,7 +70,10 @@ def as_table(bt: Any, what: str = "block table") -> np.ndarray:
             return np.frombuffer(struct.pack(f"={len(bt)}q", *bt), np.int64)
         except (struct.error, TypeError):
             raise PlanError(f"{what}: not a list of 64-bit integers") from None
-    return np.asarray(bt, dtype=np.int64)
+    try:
+        return np.asarray(bt, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise PlanError(f"{what}: not a sequence of 64-bit integers") from None
 
 
 def _table(side: str, spec: RankSpec, req: Request, group: int, lo: int, hi: int) -> np.ndarray:

@@ -244,7 +244,9 @@ class PrefillRank:
         rid = msg.req_id
         self.leases.get(rid)  # raises LeaseError when expired / consumed / unknown
         held = self._held.get(rid)
-        if held is None or held.packed is None or msg.p_req.num_tokens != held.req.num_tokens \
+        if held is not None and held.packed is None:
+            raise PlanError(f"request {rid!r}: its block tables are not lists of integers")
+        if held is None or msg.p_req.num_tokens != held.req.num_tokens \
                 or msg.p_req.block_tables != held.packed:  # D's copy, as sent, is what P holds
             raise LeaseError(f"request {rid!r}: block table differs from the one this rank holds")
         mine = held.req

@@ -238,6 +238,32 @@ def test_unknown_request_is_a_typed_refusal(pair):
     assert e.value.code == "lease" and "unknown request" in str(e.value)
 
 
+def test_prepare_compares_the_packed_block_tables(pair):
+    """PREPARE carries D's copy of P's block tables as packed bytes: one block off is refused
+    (lease), the tables P holds pull the expected bytes, and a held request whose tables are not
+    integers is a plan refusal."""
+    import numpy as np
+
+    from pd_runtime.planner import Request
+    from pd_runtime.protocol import PeerError
+    from pd_runtime.selftest import cell_requests
+
+    cell = _base(p_tp=1, d_tp=1, requests=1)
+    pr, [(dr, want)] = pair(cell)
+    rid, preq, dreq, _ = cell_requests(cell)[0]
+    g, bt = next(iter(preq.block_tables.items()))
+    off = Request(preq.num_tokens, {**preq.block_tables, g: [*bt[:-1], bt[-1] + 1]})
+    with pytest.raises(PeerError) as e:
+        dr.pull(rid, off, dreq)
+    assert e.value.code == "lease" and "block table differs" in str(e.value)
+    dr.pull(rid, preq, dreq)
+    assert np.array_equal(dr.arena.numpy(), want)
+    pr.hold("odd", Request(preq.num_tokens, {g: ["x"] * len(bt)}))
+    with pytest.raises(PeerError) as e:
+        dr.pull("odd", preq, dreq)
+    assert e.value.code == "plan" and "not lists of integers" in str(e.value)
+
+
 def test_empty_token_refused_before_anything_starts():
     from pd_runtime.protocol import TokenError
     from pd_runtime.selftest import Cell, build_decode, build_prefill
