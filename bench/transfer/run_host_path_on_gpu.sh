@@ -16,7 +16,7 @@ python3 -c "import nixl_cu13, torch, triton; print(torch.__version__, triton.__v
 timeout ${TEST_S:-60} python3 -m pytest -q -p no:cacheprovider --noconftest -rfEs \
   tests/gpu/test_runtime_transfer_gpu.py 2>&1 | grep -v "NIXL INFO" | tee $OUT/gpu_tests.log | tail -15
 timeout ${BENCH_S:-60} python3 bench/transfer/bench_host_path.py --device cuda \
-  --out $OUT/host_path.json ${BENCH_ARGS:-} 2>&1 | grep -v "NIXL INFO" | tee $OUT/host_path.log | tail -25
+  --out $OUT/host_path.json ${BENCH_ARGS:---reps 40} 2>&1 | grep -v "NIXL INFO" | tee $OUT/host_path.log | tail -25
 LEFT=$((135 - $(date +%s) + START))
 if [ $LEFT -gt 30 ]; then
   timeout $LEFT python3 -m pytest -q -p no:cacheprovider --noconftest -rfEs \
