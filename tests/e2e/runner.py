@@ -14,7 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import PdctlRun, free_port, pdctl, post_json, read_state_path, stop_pdctl_run
+from tests.helpers import (  # free_port: re-exported (test_e2e_tiny)
+    PdctlRun,
+    free_port,  # noqa: F401
+    pdctl,
+    post_json,
+    read_state_path,
+    stop_pdctl_run,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = Path(__file__).parent / "deployments"
@@ -47,8 +54,10 @@ class Running(PdctlRun):
 def pdctl_run(deployment: Path, model_dirs: dict[str, str], workdir: Path,
               extra: list[str] | None = None) -> Iterator[Running]:
     """`pdctl run FILE` until it prints its state file; SIGTERM (and a bounded wait) after."""
+    from pd_operator.localrun import free_ports  # the router binds it after the engines start
+
     argv = [pdctl(), "run", str(deployment),
-            "--port", str(free_port()), "--workdir", str(workdir), *(extra or [])]
+            "--port", str(free_ports(1)), "--workdir", str(workdir), *(extra or [])]
     for name, path in model_dirs.items():
         argv += ["--model-dir", f"{name}={path}"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
