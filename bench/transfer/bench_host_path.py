@@ -26,6 +26,7 @@ The baseline source comes from `git archive <commit>` here, or from a tarball ma
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import io
 import json
@@ -118,12 +119,12 @@ def tables(n_blocks: int, total: int, seed: int) -> tuple[list[int], list[int]]:
 # P
 
 
-def _prefill_proc(base_dir, geo, device, max_blocks, conn):
+def _prefill_proc(base_dir, geo, device, max_blocks, conn, modes):
     if base_dir:
         sys.path.insert(0, base_dir)
     if device == "cpu":
         torch.set_num_threads(1)  # two cores, shared: no intra-op thread pool fighting for them
-    pkgs = packages(base_dir)
+    pkgs = {m: pkg for m, pkg in packages(base_dir).items() if m in modes}
     ranks = {}
     arena = None
     for mode, pkg in pkgs.items():
@@ -223,13 +224,13 @@ def _pull(dr, timer: _Timer, rid: str, preq, dreq):
     raise AssertionError("unreachable")
 
 
-def run(args, base_dir: str | None) -> dict:
-    pkgs = packages(base_dir)
+def run(args, base_dir: str | None, modes: list[str]) -> dict:
+    pkgs = {m: pkg for m, pkg in packages(base_dir).items() if m in modes}
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     sizes = [int(x) for x in args.blocks.split(",")]
     proc = ctx.Process(target=_prefill_proc,
-                       args=(base_dir, args.geometry, args.device, max(sizes), child))
+                       args=(base_dir, args.geometry, args.device, max(sizes), child, modes))
     proc.start()
 
     def reply():
@@ -275,8 +276,9 @@ def run(args, base_dir: str | None) -> dict:
                     snap[mode] = arena.clone()
                 if i >= args.warm:
                     res[mode].append(dict(parts(st, timers[mode]), p_hold=hold_s))
-        same = all(torch.equal(snap[m], snap["new"]) for m in snap) and bool(snap["new"].any())
-        row = dict(blocks=nbk, tokens=nbk * 16, bytes=int(st.bytes), same_bytes=same)
+        same = all(torch.equal(snap[m], snap[mode]) for m in snap) and bool(snap[mode].any())
+        row = dict(blocks=nbk, tokens=nbk * 16, bytes=int(st.bytes), same_bytes=same,
+                   digest=hashlib.sha256(snap[mode].cpu().numpy().tobytes()).hexdigest())
         for mode, lst in res.items():
             row[mode] = {k: float(np.median([r[k] for r in lst])) for k in PARTS + ["p_hold"]}
             row[mode]["host_p90"] = float(np.percentile([r["host"] for r in lst], 90))
@@ -330,7 +332,7 @@ def _micro_one(pkg: str, geo: str, device: str, nbk: int, max_blocks: int, reps:
 
     def d_plan():
         if new:
-            dyn = tm.dyn("decode", worker._arrays(dreq), T)
+            dyn = tm.dyn("decode", dreq, T)  # one peer: pull() converts inside dyn
             kvcopy.upload_all(dev, [(dyn, 0)])
         else:
             pg.upload(tm.dyn("decode", dreq, T), 0)
@@ -398,6 +400,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--warm", type=int, default=5)
     ap.add_argument("--gap-ms", type=float, default=3.0)
+    ap.add_argument("--separate", action="store_true",
+                    help="the paths one after the other, each in its own P/D processes (on 2 "
+                         "cores: NIXL's progress threads spin; two agents a process starve P)")
     ap.add_argument("--baseline", default=None,
                     help="commit (git archive) or tarball; default: the packed tarball if present")
     ap.add_argument("--pack-baseline", metavar="COMMIT", help="write the baseline tarball, exit")
@@ -423,7 +428,19 @@ def main() -> int:
     info = machine(args.device)
     sizes = [int(x) for x in args.blocks.split(",")]
     res = dict(micro=micro(packages(base_dir), args.geometry, args.device, sizes, 200))
-    res.update(run(args, base_dir))
+    modes = list(packages(base_dir))
+    if not args.separate:
+        res.update(run(args, base_dir, modes))
+    else:  # one path at a time, each with its own P/D processes (fewer busy threads per core)
+        parts_ = [run(args, base_dir, [m]) for m in modes]
+        rows = [dict(r) for r in parts_[-1]["rows"]]
+        for row, *others in zip(rows, *(p["rows"] for p in parts_[:-1]), strict=True):
+            for o in others:
+                row.update({m: o[m] for m in modes if m in o})
+                row["same_bytes"] = row["same_bytes"] and o["same_bytes"] \
+                    and o["digest"] == row["digest"]
+        res["rows"] = rows
+        res["separate"] = True
     info["loadavg_after"] = os.getloadavg()
     out = dict(bench="host_path", date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                machine=info, device=args.device, geometry=args.geometry,

@@ -398,7 +398,7 @@ class DecodeRank:
         for nb in sizes:
             recv_offs.append(recv_off)
             recv_off += (nb + 255) // 256 * 256
-        d_arr = _arrays(d_req)
+        d_arr = _arrays(d_req) if len(pairs) > 1 else d_req  # several peers: convert once
         dyns = [tm.dyn("decode", d_arr, T) for _, tm in pairs]
         progs = [program_for(tm.scatter, self.device, gather=False) for _, tm in pairs]
         # tables + scalars of every peer go up now, in one copy that overlaps the PREPARE

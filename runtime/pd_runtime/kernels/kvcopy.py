@@ -240,6 +240,10 @@ def _headed(dyn: Dyn, lin_add: int, out: np.ndarray) -> None:
 def upload_all(device: torch.device, items: list[tuple[Dyn, int]]) -> list[torch.Tensor]:
     """One int64 tensor per (dyn, lin_add) on `device` (header + tables, see _kv_kernel); on
     CUDA all of them travel in one copy from a pinned buffer (one launch for every peer)."""
+    if device.type != "cuda" and len(items) == 1:  # the common CPU case, without the loop
+        host = np.empty(HDR + items[0][0].tables.size, np.int64)
+        _headed(*items[0], host)
+        return [torch.from_numpy(host)]
     sizes = [HDR + dyn.tables.size for dyn, _ in items]
     total = sum(sizes)
     if device.type != "cuda":
