@@ -134,12 +134,6 @@ def address(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-def side_channel_ports(base: int, tp: int) -> tuple[int, ...]:
-    """The side-channel ports of a builtin prefill pod: TP rank r listens on `base` + r
-    (pd_runtime.engine.pd.make_prefill_side; the builtin engine runs one DP rank per pod)."""
-    return tuple(base + r for r in range(max(tp, 1)))
-
-
 def plan(pair: Pair, decode_port: int, ports: Sequence[int]) -> tuple[RankCheck, ...]:
     """One check per prefill rank (`ports[r]` is rank r's side channel), all from the same
     decode pod."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from pd_runtime.compat import ENGINE_HTTP_PORT, ResolvedPool
+from pd_runtime.compat import ENGINE_HTTP_PORT, ResolvedPool, side_channel_ports
 
 from . import kube, kvpath
 from .api import v1alpha1 as api
@@ -145,4 +145,4 @@ async def check_deployment(client: kube.Client, namespace: str, name: str
 
 def prefill_ports(pool: ResolvedPool) -> tuple[int, ...]:
     """The side-channel port of each rank of a builtin prefill pool (rank r: base + r)."""
-    return kvpath.side_channel_ports(pool.side_channel_port, pool.tp)
+    return side_channel_ports(pool)

@@ -282,12 +282,12 @@ def test_every_rank_of_a_tp2_prefill_server_is_checked(servers, prefill_tp2):
     pair = kvpath.Pair(kvpath.PodRef("demo-prefill-0", "p", "127.0.0.1", 0),
                        kvpath.PodRef("demo-decode-0", "d", "127.0.0.1", 0))
     d_port = int(d.url.rsplit(":", 1)[1])
-    checks = kvpath.plan(pair, d_port, kvpath.side_channel_ports(p2.side_port, 2))
+    checks = kvpath.plan(pair, d_port, (p2.side_port, p2.side_port + 1))
     assert [c.prefill for c in checks] == [f"127.0.0.1:{p2.side_port}",
                                            f"127.0.0.1:{p2.side_port + 1}"]
     ok = asyncio.run(kvpath_check.check_ranks(checks, TOKEN))
     assert ok.ok and ok.ranks == 2 and ok.bytes == kvpath.CHECK_BYTES, ok
-    three = kvpath.plan(pair, d_port, kvpath.side_channel_ports(p2.side_port, 3))
+    three = kvpath.plan(pair, d_port, tuple(p2.side_port + r for r in range(3)))
     bad = asyncio.run(kvpath_check.check_ranks(three, TOKEN, timeout_s=5))
     assert (bad.ok, bad.reason, bad.rank, bad.ranks) == (False, "Unreachable", 2, 3), bad
 

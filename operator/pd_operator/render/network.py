@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pd_runtime.compat import ENGINE_HTTP_PORT, ResolvedPool
+from pd_runtime.compat import ENGINE_HTTP_PORT, ResolvedPool, side_channel_ports
 
-from . import labels, pools
+from . import labels
 from .labels import Owner
 
 DATA_PORT_RANGE = (1024, 65535)
@@ -31,7 +31,7 @@ def _from(owner: Owner, component: str) -> dict[str, Any]:
 
 
 def _peer_rule(owner: Owner, src: str, target: ResolvedPool) -> dict[str, Any]:
-    ports = [{"protocol": "TCP", "port": p} for p in pools.side_channel_ports(target)]
+    ports = [{"protocol": "TCP", "port": p} for p in side_channel_ports(target)]
     ports.append({"protocol": "TCP", "port": DATA_PORT_RANGE[0], "endPort": DATA_PORT_RANGE[1]})
     return {"from": [_from(owner, src)], "ports": ports}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from pd_runtime.compat import ENGINE_HTTP_PORT, ResolvedPool
+from pd_runtime.compat import ENGINE_HTTP_PORT, ResolvedPool, side_channel_ports
 
 from ..api.v1alpha1 import PodTemplateSpec
 from . import engine, labels, secret
@@ -20,11 +20,6 @@ def gpus_per_pod(pool: ResolvedPool) -> int:
     """TP x PP GPUs per engine instance; with DP > 1 every DP rank runs in the same pod
     (`vllm serve --data-parallel-size`), so the pod needs TP x PP x DP."""
     return pool.tp * pool.pp * pool.dp
-
-
-def side_channel_ports(pool: ResolvedPool) -> list[int]:
-    """One listener per DP rank: base + rank (vllm-nixl-rules.md §2.2)."""
-    return [pool.side_channel_port + i for i in range(pool.dp)]
 
 
 def _resources(pool: ResolvedPool, template: PodTemplateSpec) -> dict[str, Any]:

@@ -148,6 +148,15 @@ _POOL_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+def side_channel_ports(pool: ResolvedPool) -> tuple[int, ...]:
+    """The side-channel listeners of one pod of `pool`. The builtin runtime opens one per TP rank
+    (base + TP rank: engine/pd.py make_prefill_side; it runs one DP rank per pod); vLLM's
+    NixlConnector one per DP rank (base + DP rank: vllm-nixl-rules.md §2.2). The operator renders
+    the container ports and NetworkPolicies from this and checks each listener (KVPathVerified)."""
+    count = pool.tp if pool.engine_type == "builtin" else pool.dp
+    return tuple(pool.side_channel_port + i for i in range(max(count, 1)))
+
+
 def make_pool(role: str, **values: Any) -> ResolvedPool:
     """A ResolvedPool from keyword values, the rest defaulted: for callers that describe a pool
     by its geometry only (the runtime's transfer-test and handshake)."""

@@ -101,11 +101,9 @@ def test_the_condition_table():
 def test_one_check_per_prefill_rank_from_the_same_decode_pod():
     """Rank r of a builtin prefill pod listens on the base port + r (the runtime's
     make_prefill_side; tests/runtime/test_kv_path_check.py checks it against a TP 2 server)."""
-    assert kvpath.side_channel_ports(5600, 1) == (5600,)
-    assert kvpath.side_channel_ports(5600, 2) == (5600, 5601)
-    (one,) = kvpath.plan(PAIR, 8000, kvpath.side_channel_ports(5600, 1))
+    (one,) = kvpath.plan(PAIR, 8000, (5600,))
     assert one == kvpath.RankCheck(0, "10.0.0.2:8000", "10.0.0.1:5600")
-    two = kvpath.plan(PAIR, 8000, kvpath.side_channel_ports(5600, 2))
+    two = kvpath.plan(PAIR, 8000, (5600, 5601))
     assert [(c.rank, c.decode, c.prefill) for c in two] == [
         (0, "10.0.0.2:8000", "10.0.0.1:5600"), (1, "10.0.0.2:8000", "10.0.0.1:5601")]
     v6 = kvpath.Pair(kvpath.PodRef("p-0", "p", "fd00::1", 0),
@@ -118,6 +116,13 @@ def test_one_check_per_prefill_rank_from_the_same_decode_pod():
         spec["prefill"]["tensorParallelSize"] = tp
         pool = render(Owner("demo", "ns", "u"), validate_spec(parse_spec(spec))).prefill
         assert kvpath_check.prefill_ports(pool) == ports
+        # the pod declares the same listeners (side-r), and its NetworkPolicy admits them
+        rendered = render(Owner("demo", "ns", "u"), validate_spec(parse_spec(spec)))
+        sts = next(o for o in rendered.children if o["kind"] == "StatefulSet"
+                   and o["metadata"]["name"].endswith("prefill"))
+        declared = {p["name"]: p["containerPort"]
+                    for p in sts["spec"]["template"]["spec"]["containers"][0]["ports"]}
+        assert [declared[f"side-{r}"] for r in range(tp)] == list(ports), declared
 
 
 def _ok(ms: float, read_ms: float = 0.0) -> kvpath.Outcome:
