@@ -73,6 +73,9 @@ def _workload(obj: dict[str, Any] | None, desired: int,
         return "False", "Progressing", "the controller has not seen the latest spec yet", pool
     if spec_replicas != desired:
         return "False", "Scaling", f"{spec_replicas} replicas, {desired} wanted", pool
+    current = int(st.get("replicas") or 0)
+    if current > spec_replicas:  # a scale-down is not over while its extra pods still exist
+        return "False", "Scaling", f"{current} pods, {spec_replicas} wanted", pool
     if updated < spec_replicas:
         return "False", "RollingUpdate", f"{updated}/{spec_replicas} pods updated", pool
     if ready < spec_replicas:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.e2e.runner import DEPLOYMENTS, MAX_TOKENS, PROMPTS, pdctl_run, post
 from tests.e2e.runner import TINY_MODEL as MODEL
-from tests.helpers import group_members
+from tests.helpers import group_members, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -68,6 +68,12 @@ def _kv_from_prefill(deployment, prompt: list[int]) -> dict:
     return out["kv_transfer_params"]
 
 
+def _idle_free_blocks(deployment, target: str) -> float | None:
+    m = deployment.metrics(target)
+    busy = sum(m.get(f"pd_runtime_engine_{k}", 0) for k in ("held_blocks", "running", "waiting"))
+    return None if busy else m["pd_runtime_engine_free_blocks"]
+
+
 @pytest.mark.parametrize("target,kv,param", [
     ("prefill-0", {"do_remote_decode": True, "remote_host": "10.1.2.3"},
      "kv_transfer_params.remote_host"),
@@ -76,7 +82,10 @@ def _kv_from_prefill(deployment, prompt: list[int]) -> dict:
     ("decode-0", "garbage", "kv_transfer_params"),
 ])
 def test_malformed_kv_transfer_params_are_400_and_leak_nothing(deployment, target, kv, param):
-    before = deployment.metrics(target).get("pd_runtime_engine_free_blocks")
+    # an earlier test's held KV is freed when D pulls it or its lease (8 s) runs out: start
+    # from a server that holds and runs nothing, so the free count moves only by this request
+    before = wait_for(f"{target} idle", lambda: _idle_free_blocks(deployment, target),
+                      timeout=30)
     status, out = post(deployment.replica(target)["url"] + "/v1/completions",
                        {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 2,
                         "kv_transfer_params": kv})

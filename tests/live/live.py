@@ -140,7 +140,13 @@ def handshake_outcomes(log: str) -> list[str]:
         if HANDSHAKE_PASSED in line:
             out.append("passed")
         elif HANDSHAKE_FAILED in line:
-            out.append(_failure(lines[i + 1:]))
+            kind = _failure(lines[i + 1:])
+            # vLLM logs the compatibility check before it loads P's agent metadata: a failure
+            # after a "passed" with nothing between ends that same handshake (one per P at a time)
+            if out and out[-1] == "passed" and kind not in ("mismatch", "timeout"):
+                out[-1] = kind
+            else:
+                out.append(kind)
     return out
 
 
@@ -151,7 +157,8 @@ def _failure(after: list[str]) -> str:
             return "mismatch"
         if HANDSHAKE_TIMED_OUT in line:
             return "timeout"
-        if HANDSHAKE_FAILED in line or "NIXL transfer failure: handshake_failed" in line:
+        if HANDSHAKE_FAILED in line or HANDSHAKE_PASSED in line \
+                or "NIXL transfer failure: handshake_failed" in line:
             return "failed"  # the next record began: this traceback named neither
     return "pending"
 
@@ -192,7 +199,21 @@ def warm_up_pd(run: Running, model: str) -> None:
     outcome = request_until_handshake(run, send)
     code, body = answers[-1]
     assert outcome == "passed" and code == 200, f"P/D warm-up: handshake {outcome}, " \
-        f"answer {code}: {body}"
+        f"answers {[c for c, _ in answers]}, last: {body}; {failure_lines(run)}"
+
+
+def failure_lines(run: Running, n: int = 6) -> str:
+    """The last error records of P and D (for a failure message: CI shows only its tail)."""
+    out = []
+    for name in ("prefill-0", "decode-0"):
+        try:
+            lines = run.log(name).splitlines()
+        except OSError:
+            continue
+        bad = [ln.strip()[:300] for ln in lines
+               if "NIXL transfer failure" in ln or " ERROR " in ln or "Error:" in ln]
+        out.append(f"{name}: {bad[-n:] or 'no error lines'}")
+    return " | ".join(out)
 
 
 def metric_sum(base: str, name: str) -> float:

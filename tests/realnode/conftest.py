@@ -76,6 +76,9 @@ def real_cluster() -> Iterator[RealCluster]:
     if not reuse:
         if cluster.status(d, with_nodes=False).any_running:
             cluster.down(d, progress=_progress)
+        # the footprint lists iptables rules, so the node's packages (iptables among them) go
+        # in first, as `up` would install them; packages are not part of what `down` undoes
+        rnh.ensure_host_packages(_progress)
         before = rnh.host_footprint(nl)
         try:
             cluster.up(d, node_count=1, gpus_per_node=8, real_node=True, timeout=300,

@@ -15,9 +15,10 @@ def _decision(o=BASE):
     return render(Owner("demo", "ns", "u"), validate_spec(parse_spec(o["spec"]))).decision
 
 
-def _sts(replicas, ready, gen=1, observed=1, updated=None):
+def _sts(replicas, ready, gen=1, observed=1, updated=None, current=None):
     return {"metadata": {"generation": gen}, "spec": {"replicas": replicas},
             "status": {"observedGeneration": observed, "readyReplicas": ready,
+                       "replicas": replicas if current is None else current,
                        "updatedReplicas": replicas if updated is None else updated}}
 
 
@@ -70,6 +71,16 @@ def test_scaling_and_rollout_are_progressing():
     assert _conds(st)["DecodeReady"]["reason"] == "RollingUpdate"
     st, _ = _compute(status.Observed(_sts(1, 1, gen=2, observed=1), _sts(2, 2), _sts(1, 1)))
     assert _conds(st)["PrefillReady"]["reason"] == "Progressing"
+
+
+def test_scale_down_is_not_ready_while_the_extra_pods_exist():
+    # the StatefulSet has seen the new spec (2 -> 1) but a second ready pod still exists
+    st, _ = _compute(status.Observed(_sts(1, 2, current=2), _sts(2, 2), _sts(1, 1)))
+    c = _conds(st)["PrefillReady"]
+    assert (c["status"], c["reason"], c["message"]) == ("False", "Scaling", "2 pods, 1 wanted")
+    assert st["phase"] == "Progressing" and st["prefill"] == {"replicas": 1, "readyReplicas": 2}
+    st, _ = _compute(status.Observed(_sts(1, 1), _sts(2, 2), _sts(1, 1)))
+    assert st["phase"] == "Ready"
 
 
 def test_rejected_decision_is_degraded_and_lists_verdicts():

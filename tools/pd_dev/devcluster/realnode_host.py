@@ -34,6 +34,10 @@ class RealNodeError(RuntimeError):
 
 
 def _run(argv: list[str], timeout: float = 120.0, check: bool = True) -> str:
+    if shutil.which(argv[0]) is None:
+        package = rn.HOST_BINARIES.get(argv[0], argv[0])
+        raise RealNodeError(f"`{argv[0]}` is not installed here: apt-get install {package} "
+                            "(`pdctl dev cluster up` installs the real node's packages)")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if check and out.returncode != 0:
         raise RealNodeError(f"{' '.join(argv[:4])} failed (rc={out.returncode}): "
