@@ -10,7 +10,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,10 +26,12 @@ EXAMPLES = REPO / "deploy" / "examples"
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, below the kernel's ephemeral
+    range (pdctl run's rule: a bind(0) port is in that range, and before the process that was
+    given it binds it, any outgoing connection can take it: "Address already in use")."""
+    from pd_operator.localrun import free_ports
+
+    return free_ports(1)
 
 
 def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60, every: float = 0.5,
