@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml deploy/install-python-deps.sh
 
 venv: $(STAMP)
 
-## Build (or reuse from ~/.cache/pd-operator) etcd, kube-*, kubectl, kwok and helm.
+## Build (or reuse from ~/.cache/pd-operator) etcd, kube-*, kubectl, kwok and helm; as root also
+## the real node's kubelet, kube-proxy and CoreDNS.
 cluster-binaries: venv
 	$(BIN)/pdctl dev cluster build
 
@@ -45,7 +46,10 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint check-generated venv cluster-binaries live-vllm
+## The setup steps run side by side (-j3): on a cold machine the Go builds are CPU-bound and
+## the live-vLLM install mostly waits on downloads. -Oline keeps each output line whole.
+test: venv
+	$(MAKE) --no-print-directory -j3 -Oline lint check-generated cluster-binaries live-vllm
 	$(BIN)/python -m pytest tests -q
 
 demo: venv cluster-binaries

@@ -26,7 +26,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     only = tuple(x for x in (args.only or "").split(",") if x)
     try:
-        paths = build.ensure_built(force=args.force, only=only)
+        real_node = os.geteuid() == 0 if args.real_node is None else args.real_node
+        paths = build.ensure_built(force=args.force, only=only, real_node=real_node)
     except RuntimeError as exc:
         _err(f"build failed: {exc}")
         return 1
@@ -144,6 +145,9 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if present and right")
     p.add_argument("--only", help="comma-separated subset of k8s,etcd,kwok,helm,k8s-node "
                    "(k8s-node: the real node's kubelet and kube-proxy)")
+    p.add_argument("--real-node", action=argparse.BooleanOptionalAction, default=None,
+                   help="also the real node's kubelet, kube-proxy and CoreDNS (default: when "
+                   "root, as `up` makes a real node then)")
     p.set_defaults(func=cmd_build)
 
     p = with_dir(cl_sub.add_parser("up", help="build if needed, start, create fake GPU nodes"))
