@@ -22,8 +22,9 @@ from tests.e2e.runner import reference
 from tests.helpers import post_json, wait_for
 from tests.realnode.release import Release, ensure_crd
 
+# func_only: see test_chart_realnode.py (the cold session setup is not this test's time)
 pytestmark = [pytest.mark.realnode, pytest.mark.cluster, pytest.mark.slow,
-              pytest.mark.timeout(1500)]
+              pytest.mark.timeout(1500, func_only=True)]
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "deploy" / "examples" / "local"
