@@ -217,8 +217,10 @@ def failure_lines(run: Running, n: int = 6) -> str:
 
 
 def metric_sum(base: str, name: str) -> float:
-    """The sum over label sets of one Prometheus sample name at base/metrics."""
-    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:  # noqa: S310
+    """The sum over label sets of one Prometheus sample name at base/metrics. The same bound as
+    any request to these servers: on two busy cores a vLLM API server answered nothing for over
+    30 s right after failing a request (CI, 2026-12-02; its engine took 19 s to fail it)."""
+    with urllib.request.urlopen(base + "/metrics", timeout=REQUEST_TIMEOUT_S) as r:  # noqa: S310
         text = r.read().decode()
     total = 0.0
     for line in text.splitlines():
