@@ -4,9 +4,12 @@ several tests, or a development operator, do not meet; and the cluster's shared 
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 from pathlib import Path
+
+import yaml
 
 from pd_dev.devcluster import build
 from tests.helpers import wait_for
@@ -14,6 +17,7 @@ from tests.helpers import wait_for
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "pd-operator"
 REALNODE_VALUES = CHART / "ci" / "realnode-values.yaml"
+KNOWN_BAD = ROOT / "deploy" / "examples" / "rejected" / "tp-not-divisible.yaml"
 GROUP = "serving.pd-operator.dev"
 CRD_NAME = f"pddeployments.{GROUP}"
 
@@ -57,6 +61,24 @@ class Release:
         self.helm("install", self.name, str(CHART), "-f", str(REALNODE_VALUES),
                   "--set", f"operator.watchNamespaces={{{self.ns}}}",
                   "--set", "crds.enabled=false", "--wait", "--timeout", "180s")
+        self.wait_webhook_serving()
+
+    def wait_webhook_serving(self, timeout: float = 120) -> None:
+        """`helm install --wait` returns once the operator pod is Ready; the webhook Service's
+        endpoints and kube-proxy's rules follow a moment later, and until then the API server
+        answers "failed calling webhook ... connection refused". The release serves once a
+        known-bad PDDeployment (server-side dry run) is denied by this release's webhook."""
+        bad = yaml.safe_load(KNOWN_BAD.read_text())
+        bad["metadata"]["namespace"] = self.ns
+        body = json.dumps(bad)
+
+        def denied_here() -> bool:
+            out = self.kubectl("apply", "--dry-run=server", "-f", "-", input=body, check=False)
+            return out.returncode != 0 and self.webhook in out.stderr \
+                and "[TP-DIVISIBLE]" in out.stderr
+
+        wait_for(f"{self.webhook} to answer through its Service", denied_here, timeout=timeout,
+                 diagnose=self.diagnose)
 
     def uninstall(self) -> None:
         if self.installed:
