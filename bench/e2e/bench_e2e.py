@@ -14,11 +14,18 @@ bf16), built on the device in each process from one seed. In one run:
 3. Prefill tokens/s of the engine's ModelRunner against Hugging Face transformers on the same
    weights (prefill_bench.py), with model FLOPs utilisation.
 
+With --d-tp 2 the decode pool has two TP ranks (two processes on the same card, a gloo group:
+PD_RUNTIME_TP_BACKEND=gloo, since NCCL refuses two ranks on one GPU) against P's single rank:
+each D rank pulls its half of the KV heads from P (the planner's head split, VRAM -> VRAM) and
+the pull times are reported per rank; the decode steps' all_reduces go through host copies
+(gloo), so the P/D ITL of this mode is not a TP 2 deployment's ITL.
+
 No HTTP: the servers' own overhead is not in these figures (the driver's pipe hop is, and is
 reported). Prints a table and writes JSON.
 
     python bench/e2e/bench_e2e.py --out e2e.json                       # GPU, Llama-3-8B
     python bench/e2e/bench_e2e.py --geometry tiny --device cpu --out x  # the logic, on a CPU
+    python bench/e2e/bench_e2e.py --d-tp 2 --prompts 1024,8192 --concurrency 1 ...  # P TP1 -> D TP2
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="BxL decode steps timed against transformers ('' to skip)")
     ap.add_argument("--decode-profile", default="1x8192,8x1024")
     ap.add_argument("--modes", default="aggregated,pd")
+    ap.add_argument("--d-tp", type=int, default=1,
+                    help="TP ranks of the decode pool (processes on the one device; >1: gloo)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=16)
@@ -81,11 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Worker:
     """An engine process; `ready()` waits for its model and engine to be built."""
 
-    def __init__(self, ctx: Any, role: str, opts: dict[str, Any]):
-        self.role = role
+    def __init__(self, ctx: Any, role: str, opts: dict[str, Any], name: str | None = None):
+        self.role = name or role
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=worker_main, args=(child, role, opts), daemon=True,
-                                name=f"e2e-{role}")
+                                name=f"e2e-{self.role}")
         self.proc.start()
         child.close()
         self.info: dict[str, Any] = {}
@@ -162,9 +171,10 @@ def wave_aggregated(agg: Worker, rids: list[str], seeds: list[int], length: int,
 
 
 def wave_pd(p: Worker, d: Worker, rids: list[str], seeds: list[int], length: int, gen: int,
-            timeout: float) -> list[dict[str, Any]]:
+            timeout: float, d_ranks: list[Worker] | None = None) -> list[dict[str, Any]]:
     """vllm-router's part: the request to P (max_tokens 1, do_remote_decode), P's
-    kv_transfer_params to D, D's tokens are the client's."""
+    kv_transfer_params to D, D's tokens are the client's. `d_ranks`: D's ranks 1.. (TP), asked
+    for their own pulls after the wave."""
     _prep([p, d], rids, seeds, length)
     t0: dict[str, float] = {}
     for rid in rids:
@@ -172,6 +182,7 @@ def wave_pd(p: Worker, d: Worker, rids: list[str], seeds: list[int], length: int
         p.conn.send(("add", rid, 1, dict(ROUTER_P_PARAMS)))
     p_done: dict[str, float] = {}
     forwarded: dict[str, float] = {}
+    tids: dict[str, str] = {}
     times: dict[str, list[float]] = {r: [] for r in rids}
     done: set[str] = set()
     end = time.perf_counter() + timeout
@@ -189,6 +200,7 @@ def wave_pd(p: Worker, d: Worker, rids: list[str], seeds: list[int], length: int
                         if kv is None:
                             raise RuntimeError(f"P: request {rid} ended without kv_transfer_params")
                         p_done[rid] = msg[1]
+                        tids[rid] = kv.get("remote_request_id", "")
                         d.conn.send(("add", rid, gen, kv))
                         forwarded[rid] = time.perf_counter()
         if d.conn in ready:
@@ -196,10 +208,15 @@ def wave_pd(p: Worker, d: Worker, rids: list[str], seeds: list[int], length: int
             if msg[0] == "outs":
                 _token_times(times, msg[1], msg[2], done)
     log = d.call("log")
+    rank_logs = [log.get("rank_pulls", {})] + [w.call("log")["rank_pulls"]
+                                                for w in d_ranks or []]
     res = []
     for r in rids:
         row = _request_result(t0[r], times[r])
         pl = log["pulls"].get(r, {})
+        if d_ranks:  # each D rank's own pull of its KV heads: wall time, bytes, PullStats
+            row["pull_ranks"] = [_rank_pull(k, rl.get(tids[r], {}), t0[r])
+                                 for k, rl in enumerate(rank_logs)]
         row.update({"p_done_s": p_done[r] - t0[r], "forwarded_s": forwarded[r] - t0[r],
                     "d_added_s": log["added"][r] - t0[r]})
         if pl:
@@ -217,6 +234,18 @@ def wave_pd(p: Worker, d: Worker, rids: list[str], seeds: list[int], length: int
         res.append(row)
     _wait_released(p)
     return res
+
+
+def _rank_pull(rank: int, pl: dict[str, Any], t0: float) -> dict[str, Any]:
+    if not pl:
+        raise RuntimeError(f"D rank {rank} has no record of the pull")
+    out = {"rank": rank, "start_s": pl["t_start"] - t0, "end_s": pl["t_end"] - t0,
+           "wall_s": pl["wall_s"], "bytes": pl.get("bytes", 0)}
+    for k in ("seconds", "read_seconds", "prepare_seconds", "gather_seconds", "scatter_seconds",
+              "plan_seconds", "descriptors"):
+        if k in pl:
+            out[k] = pl[k]
+    return out
 
 
 def _wait_released(p: Worker, timeout: float = 30.0) -> None:
@@ -274,6 +303,18 @@ def summarize(reqs: list[dict[str, Any]]) -> dict[str, Any]:
                   "pull_plan_s", "pull_rank_s", "pull_host_overhead_s"):
             if k in reqs[0]:
                 s[k[:-2] + "_ms_median"] = 1e3 * statistics.median(r[k] for r in reqs)
+    if "pull_ranks" in reqs[0]:  # per D rank: its own pull (wall), READ, bytes, GB/s over wall
+        for k in range(len(reqs[0]["pull_ranks"])):
+            rows = [r["pull_ranks"][k] for r in reqs]
+            wall = statistics.median(x["wall_s"] for x in rows)
+            s[f"rank{k}_pull_ms_median"] = 1e3 * wall
+            s[f"rank{k}_pull_bytes"] = rows[0]["bytes"]
+            s[f"rank{k}_pull_gbps_median"] = rows[0]["bytes"] / wall / 1e9
+            for f in ("seconds", "read_seconds", "prepare_seconds", "gather_seconds",
+                      "scatter_seconds"):
+                if f in rows[0]:
+                    name = "transfer" if f == "seconds" else f.replace("_seconds", "")
+                    s[f"rank{k}_{name}_ms_median"] = 1e3 * statistics.median(x[f] for x in rows)
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}
 
 
@@ -291,11 +332,22 @@ def worker_opts(args: argparse.Namespace) -> dict[str, Any]:
     bs = args.block_size
     per_cell = [c * kvcache.blocks_needed(length + args.gen + 1, bs) for length, c in cells]
     need = max(per_cell + [kvcache.blocks_needed(max(args.prefill_lengths, default=1), bs)])
-    return {"geometry": args.geometry, "device": args.device, "seed": args.seed,
+    opts = {"geometry": args.geometry, "device": args.device, "seed": args.seed,
             "block_size": bs, "layout": args.layout, "num_blocks": need + 16,
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "token": secrets.token_hex(16), "lease_s": 120.0, "pull_timeout_s": 60.0}
+    if args.d_tp > 1:
+        opts.update({"d_tp": args.d_tp, "tp_init": f"tcp://127.0.0.1:{_free_port()}"})
+    return opts
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def run_cells(mode: str, workers: dict[str, Worker], args: argparse.Namespace,
@@ -321,10 +373,18 @@ def run_cells(mode: str, workers: dict[str, Worker], args: argparse.Namespace,
                  if "pull_ms_median" in s else ""), flush=True)
         out.append({"mode": mode, "prompt_tokens": length, "concurrency": c, "reps": reps,
                     "gen_tokens": args.gen, "summary": s,
-                    "requests": [{k: (round(v, 6) if isinstance(v, float) else
-                                      [round(x, 6) for x in v] if isinstance(v, list) else v)
-                                  for k, v in r.items()} for r in reqs]})
+                    "requests": [_rounded(r) for r in reqs]})
     return out
+
+
+def _rounded(v: Any) -> Any:
+    if isinstance(v, float):
+        return round(v, 6)
+    if isinstance(v, list):
+        return [_rounded(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    return v
 
 
 _wave_no = [0]
@@ -337,8 +397,9 @@ def _wave(mode: str, workers: dict[str, Worker], rids: list[str], seeds: list[in
     if mode == "aggregated":
         return wave_aggregated(workers["aggregated"], rids, seeds, length, gen,
                                args.wave_timeout_s)
+    d_ranks = [w for k, w in workers.items() if k.startswith("decode-rank")]
     return wave_pd(workers["prefill"], workers["decode"], rids, seeds, length, gen,
-                   args.wave_timeout_s)
+                   args.wave_timeout_s, d_ranks)
 
 
 def _decode_req(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -382,7 +443,9 @@ def machine_info(device: str) -> dict[str, Any]:
 def print_tables(result: dict[str, Any]) -> None:
     by = {(c["mode"], c["prompt_tokens"], c["concurrency"]): c["summary"] for c in result["cells"]}
     keys = sorted({(k[1], k[2]) for k in by})
-    print("\nServing: P/D (two processes, one GPU) against aggregated; medians over requests")
+    d_tp = result["args"].get("d_tp", 1)
+    print(f"\nServing: P/D (P TP 1, D TP {d_tp}; {1 + d_tp} processes, one device) against "
+          "aggregated; medians over requests")
     print(f"{'prompt':>7} {'conc':>4} | {'TTFT agg':>9} {'TTFT P/D':>9} {'P/D/agg':>7} | "
           f"{'ITL agg':>8} {'ITL P/D':>8} | {'pull ms':>8} {'GB/s':>6} {'pull/TTFT':>9} "
           f"{'hop ms':>6}")
@@ -397,6 +460,12 @@ def print_tables(result: dict[str, Any]) -> None:
               f"{ratio} | {f(a, 'itl_ms_median', 8, '.2f')} {f(p, 'itl_ms_median', 8, '.2f')} | "
               f"{f(p, 'pull_ms_median', 8, '.2f')} {f(p, 'pull_gbps_median', 6)} "
               f"{f(p, 'pull_share_of_ttft_median', 9, '.2%')} {f(p, 'hop_ms_median', 6, '.2f')}")
+        for k in range(d_tp if p and "rank0_pull_ms_median" in p else 0):
+            print(f"{'':>12} D rank {k}: pull {f(p, f'rank{k}_pull_ms_median', 7, '.2f')} ms "
+                  f"({p[f'rank{k}_pull_bytes'] / 2**20:.1f} MiB, "
+                  f"{f(p, f'rank{k}_pull_gbps_median', 5)} GB/s), transfer engine "
+                  f"{f(p, f'rank{k}_transfer_ms_median', 6, '.2f')} ms, READ "
+                  f"{f(p, f'rank{k}_read_ms_median', 6, '.2f')} ms")
     pf = result.get("prefill")
     if pf:
         print(f"\nPrefill, one sequence, ModelRunner vs transformers (SDPA), same weights; "
@@ -452,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         from pd_runtime.transport import default_env
 
         default_env("cuda")  # UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y, UCX_TLS (children inherit)
+        if args.d_tp > 1:  # D's ranks share the one card: NCCL refuses that, gloo does not
+            os.environ.setdefault("PD_RUNTIME_TP_BACKEND", "gloo")
     t_start = time.perf_counter()
     ctx = mp.get_context("spawn")
     opts = worker_opts(args)
@@ -478,8 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     if "pd" in modes:
         workers: dict[str, Worker] = {}
         try:
-            workers["prefill"] = Worker(ctx, "prefill", opts)  # both build at once
+            workers["prefill"] = Worker(ctx, "prefill", opts)  # all build at once
             workers["decode"] = Worker(ctx, "decode", opts)
+            for r in range(1, args.d_tp):
+                workers[f"decode-rank{r}"] = Worker(ctx, "decode", {**opts, "tp_rank": r},
+                                                    name=f"decode-rank{r}")
             for k, w in workers.items():
                 result["workers"][k] = w.ready().info
             result["cells"] += run_cells("pd", workers, args, t_start, result["skipped"])

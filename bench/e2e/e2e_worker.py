@@ -17,12 +17,19 @@ The engine runs exactly as `pd-runtime serve` builds it (engine_from_checkpoint,
 engine/pd.py), on random weights. Two instruments are added in this process only: D's
 `DecodeSide.pull` and `worker.DecodeRank.pull` are wrapped to record each pull's wall time and
 PullStats (PREPARE round trip, P's gather, READ, scatter).
+
+D with tensor parallelism (opts d_tp > 1, tp_init, tp_rank): every D rank is a process of this
+module, started by the driver. Rank 0 is the engine the driver talks to, wrapped as
+engine/tp_worker.py's rank 0 wraps it (TPRunner, TPDecodeSide: every order broadcast over the
+group); ranks 1.. run tp_worker.serve_orders, and answer ("log",) from a thread with their own
+pulls (keyed by transfer id). Each rank pulls its KV heads from P (the planner's head split).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 import uuid
 from multiprocessing.connection import Connection
@@ -55,10 +62,17 @@ def _build(role: str, opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     if dev == "cuda":
         torch.cuda.set_device(0)
     t0 = time.perf_counter()
+    tp_size, tp_rank = tp_of(role, opts)
+    group = None
+    if tp_size > 1:  # every D rank on this one device: gloo (PD_RUNTIME_TP_BACKEND, see driver)
+        from pd_runtime.engine.dist import backend_for, init_tp
+        from pd_runtime.engine.tp_worker import GROUP_TIMEOUT_S
+
+        group = init_tp(tp_rank, tp_size, opts["tp_init"], dev, timeout_s=GROUP_TIMEOUT_S)
     ckpt = random_checkpoint(opts["geometry"], dev, opts["seed"])
     spec = rank_spec_for(ckpt.config, block_size=opts["block_size"], layout=opts["layout"],
-                         num_blocks=opts["num_blocks"])
-    eng = engine_from_checkpoint(ckpt, spec, device=dev, seed=0,
+                         num_blocks=opts["num_blocks"], tp_size=tp_size, tp_rank=tp_rank)
+    eng = engine_from_checkpoint(ckpt, spec, device=dev, seed=0, group=group,
                                  max_num_seqs=opts["max_num_seqs"],
                                  max_num_batched_tokens=opts["max_num_batched_tokens"])
     assert eng.arena is not None  # engine_from_checkpoint always builds one
@@ -80,15 +94,51 @@ def _build(role: str, opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     info = {"role": role, "pid": os.getpid(), "build_s": round(time.perf_counter() - t0, 2),
             "arena_bytes": arena_bytes, "num_blocks": spec.num_blocks,
             "kv_bytes_per_token": kvcache.kv_bytes_per_token(spec)}
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank built its runner
+        info.update({"tp_rank": tp_rank, "tp_size": tp_size, "tp_backend": backend_for(dev),
+                     "kv_heads": list(eng.runner.model.kv_heads)})
     if dev == "cuda":
         info["gpu_mem_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     return eng, ckpt, info
 
 
+def tp_of(role: str, opts: dict[str, Any]) -> tuple[int, int]:
+    """(TP size, TP rank) of this process: D may have several ranks, P and aggregated one."""
+    if role != "decode":
+        return 1, 0
+    return int(opts.get("d_tp", 1)), int(opts.get("tp_rank", 0))
+
+
+def _record_rank_pulls(side: Any, stats: dict[str, dict[str, Any]],
+                       log: dict[str, dict[str, Any]]) -> None:
+    """This rank's own pulls (its DecodeSide, inside TPDecodeSide on rank 0): wall time, bytes
+    and PullStats, keyed by transfer id."""
+    orig = side.pull
+
+    def pull(p: Any, d_req: Any) -> int:
+        t0 = time.perf_counter()
+        n = 0
+        try:
+            n = int(orig(p, d_req))
+            return n
+        finally:
+            t1 = time.perf_counter()
+            log[p.remote_request_id] = {"t_start": t0, "t_end": t1, "wall_s": t1 - t0,
+                                        "bytes": n, **stats.pop(p.remote_request_id, {})}
+
+    side.pull = pull
+
+
 def _instrument_decode(eng: Any, pulls: dict[str, dict[str, Any]],
-                       by_transfer: dict[str, str]) -> None:
+                       by_transfer: dict[str, str],
+                       rank_log: dict[str, dict[str, Any]] | None = None) -> None:
     """Record D's pulls: wall time around DecodeSide.pull (what the engine waits for) and the
-    transfer engine's own PullStats (worker.DecodeRank.pull)."""
+    transfer engine's own PullStats (worker.DecodeRank.pull). With TP (`rank_log`), eng.decode
+    is a TPDecodeSide: its wall time is the whole pull (every rank's); this rank's own pull
+    and PullStats go to `rank_log`."""
     from pd_runtime import worker
 
     stats: dict[str, dict[str, Any]] = {}
@@ -101,16 +151,21 @@ def _instrument_decode(eng: Any, pulls: dict[str, dict[str, Any]],
 
     worker.DecodeRank.pull = rank_pull  # type: ignore[method-assign]
     side = eng.decode
+    if rank_log is not None:
+        _record_rank_pulls(side.local, stats, rank_log)
     orig_pull = side.pull
 
     def pull(p: Any, d_req: Any) -> int:
         t0 = time.perf_counter()
+        n = 0
         try:
-            return int(orig_pull(p, d_req))
+            n = int(orig_pull(p, d_req))
+            return n
         finally:
             t1 = time.perf_counter()
             rid = by_transfer.get(p.remote_request_id, p.remote_request_id)
-            pulls[rid] = {"t_start": t0, "t_end": t1, "wall_s": t1 - t0,
+            # bytes: what the side returns (with TP, every rank's); PullStats' own (TP 1) wins
+            pulls[rid] = {"t_start": t0, "t_end": t1, "wall_s": t1 - t0, "bytes": n,
                           **stats.pop(p.remote_request_id, {})}
 
     side.pull = pull
@@ -122,12 +177,24 @@ def _serve(conn: Connection, role: str, opts: dict[str, Any]) -> None:
     from pd_runtime.engine.sampling import SamplingParams
 
     eng, ckpt, info = _build(role, opts)
+    tp_size, tp_rank = tp_of(role, opts)
+    if tp_rank > 0:
+        _serve_rank(conn, eng, info)
+        return
     prompts: dict[str, list[int]] = {}
     pulls: dict[str, dict[str, Any]] = {}
     added: dict[str, float] = {}
     by_transfer: dict[str, str] = {}
+    rank_log: dict[str, dict[str, Any]] | None = None
+    if tp_size > 1:  # rank 0 of D: orders to every rank, as tp_worker.build_tp_engine wraps it
+        from pd_runtime.engine.tp_worker import TPDecodeSide, TPGroup, TPRunner
+
+        group = TPGroup([])  # the other ranks are the driver's processes, not this one's
+        eng.runner = TPRunner(eng.runner, group)
+        eng.decode = TPDecodeSide(eng.decode, group)
+        rank_log = {}
     if role == "decode":
-        _instrument_decode(eng, pulls, by_transfer)
+        _instrument_decode(eng, pulls, by_transfer, rank_log)
     vocab = ckpt.config.vocab_size
     conn.send(("ready", info))
     while True:
@@ -138,6 +205,7 @@ def _serve(conn: Connection, role: str, opts: dict[str, Any]) -> None:
             if not conn.poll(0.002 if eng.held else 0.05):
                 if eng.held:
                     eng.step()
+                eng.tick()  # TP: a no-op order now and then keeps the other ranks in the group
                 continue
         while conn.poll():
             msg = conn.recv()
@@ -159,9 +227,12 @@ def _serve(conn: Connection, role: str, opts: dict[str, Any]) -> None:
                     conn.send(("outs", time.perf_counter(),
                                [(rid, 0, True, None, f"{type(e).__name__}: {e}")]))
             elif op == "log":
-                conn.send(("log", {"pulls": dict(pulls), "added": dict(added)}))
+                conn.send(("log", {"pulls": dict(pulls), "added": dict(added),
+                                   "rank_pulls": dict(rank_log or {})}))
                 pulls.clear()
                 added.clear()
+                if rank_log is not None:
+                    rank_log.clear()
             elif op == "stats":
                 conn.send(("stats", eng.snapshot()))
             elif op == "prefill_bench":
@@ -173,6 +244,9 @@ def _serve(conn: Connection, role: str, opts: dict[str, Any]) -> None:
                     if side is not None:
                         side.close()
                 eng.close()
+                close = getattr(eng.runner, "close", None)
+                if close is not None:  # TP: the stop order to the other ranks, the group's end
+                    close()
                 conn.send(("stopped", None))
                 return
         if eng.has_unfinished() or eng.held:
@@ -183,3 +257,45 @@ def _serve(conn: Connection, role: str, opts: dict[str, Any]) -> None:
                                         o.kv_transfer_params,
                                         None if o.error is None else repr(o.error))
                                        for o in outs]))
+
+
+def _serve_rank(conn: Connection, eng: Any, info: dict[str, Any]) -> None:
+    """D rank 1..N-1: rank 0's orders on this thread (tp_worker.serve_orders, until rank 0's stop
+    order); the driver's ("log",) answered from another, with this rank's pulls so far."""
+    from pd_runtime import worker
+    from pd_runtime.engine.dist import shutdown_tp
+    from pd_runtime.engine.tp_worker import serve_orders
+
+    stats: dict[str, dict[str, Any]] = {}
+    log: dict[str, dict[str, Any]] = {}
+    orig_rank_pull = worker.DecodeRank.pull
+
+    def rank_pull(self: Any, req_id: str, p_req: Any, d_req: Any) -> Any:
+        st = orig_rank_pull(self, req_id, p_req, d_req)
+        stats[req_id] = dataclasses.asdict(st)
+        return st
+
+    worker.DecodeRank.pull = rank_pull  # type: ignore[method-assign]
+    _record_rank_pulls(eng.decode, stats, log)
+    send_lock = threading.Lock()
+
+    def answer() -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return
+            if msg[0] == "log":
+                snap = dict(log)
+                with send_lock:
+                    conn.send(("log", {"rank_pulls": snap}))
+                for k in snap:
+                    log.pop(k, None)
+            # ("stop",): answered below, once rank 0's stop order has ended the order loop
+
+    conn.send(("ready", info))
+    threading.Thread(target=answer, daemon=True, name="e2e-rank-log").start()
+    serve_orders(eng)
+    shutdown_tp()
+    with send_lock:
+        conn.send(("stopped", None))

@@ -21,8 +21,13 @@ class TransferError(RuntimeError):
     pass
 
 
+def is_cuda(device: str) -> bool:
+    """"cuda" and "cuda:N" alike (TP ranks name their device with its index)."""
+    return torch.device(device).type == "cuda"
+
+
 def default_env(device: str) -> None:
-    if device == "cuda":
+    if is_cuda(device):
         os.environ.setdefault("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")
         os.environ.setdefault("UCX_TLS", "cuda_ipc,cuda_copy,tcp")
 
@@ -45,7 +50,8 @@ class Transport:
         agent_cls, cfg_cls = import_nixl()
         self.name = name
         self.device = device
-        self.mem_type = "VRAM" if device == "cuda" else "DRAM"
+        # "cuda:N" is VRAM too: registered as DRAM, no NIXL backend would move it to a peer's VRAM
+        self.mem_type = "VRAM" if is_cuda(device) else "DRAM"
         self.agent = agent_cls(name, cfg_cls(enable_prog_thread=True, backends=["UCX"], num_threads=num_threads))
         self.regs: list[Any] = []
         self.peers: set[str] = set()

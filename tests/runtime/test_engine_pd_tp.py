@@ -99,10 +99,14 @@ def test_tp_pd_equals_offline(model_dir, p_tp, d_tp):
     assert stats["p"]["kv_held"] == 0 and stats["d"]["free_blocks"] == 96
 
 
-async def prefill_then_decode_elsewhere(model_dir: str, d_args: dict) -> tuple[list, dict, dict]:
-    p = await AsyncEngine.start(EngineArgs(role="prefill", tensor_parallel_size=2, block_size=16,
-                                           model=model_dir, served_model_name="tiny",
-                                           token=TOKEN, num_blocks=96, seed=0,
+async def prefill_then_decode_elsewhere(model_dir: str, d_args: dict, p_tp: int = 2,
+                                        device: str = "cpu") -> tuple[list, dict, dict]:
+    """P (TP `p_tp`) here prefills PROMPTS; D (`d_args`) in a process of its own decodes them
+    (tests/gpu runs this on CUDA: P and D in one process would share one CUDA context)."""
+    p = await AsyncEngine.start(EngineArgs(role="prefill", tensor_parallel_size=p_tp,
+                                           block_size=16, model=model_dir,
+                                           served_model_name="tiny", token=TOKEN, num_blocks=96,
+                                           seed=0, device=device,
                                            side_channel_port=two_free_ports()))
     try:
         jobs = []

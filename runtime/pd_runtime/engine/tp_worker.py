@@ -2,7 +2,8 @@
 
 Rank 0 runs the scheduler (LLMEngine) and starts ranks 1..N-1 as processes of this module.
 Every rank holds its own KV arena (its heads, kvcache.heads_of_rank), its own ModelRunner over
-the TP group (torch.distributed: gloo on CPU, NCCL on CUDA) and, with P/D, its own PrefillRank
+the TP group (torch.distributed: gloo on CPU, NCCL on CUDA; PD_RUNTIME_TP_BACKEND=gloo for
+several ranks on one GPU, engine/dist.py) and, with P/D, its own PrefillRank
 (side channel on base port + rank) or DecodeRank connections. Rank 0 broadcasts each order over
 the group, in the one order every rank then executes it:
 
@@ -266,6 +267,12 @@ def worker_main(rank: int, size: int, init: str, args: Any) -> int:
     group = init_tp(rank, size, init, args.device, timeout_s=GROUP_TIMEOUT_S)
     eng = _build_rank(args, load_checkpoint(args.model, dtype=args.dtype), rank, group)
     dist.barrier()
+    return serve_orders(eng)
+
+
+def serve_orders(eng: Any) -> int:
+    """Ranks 1..N-1: execute rank 0's orders until "stop" (0), closing this rank's P/D sides
+    on the way out. `eng` is this rank's engine, built over the group (its scheduler unused)."""
     try:
         while True:
             msg = _bcast()
