@@ -1,11 +1,16 @@
 """Prefill throughput: the engine's ModelRunner against transformers on the same weights.
 
-Runs inside the aggregated worker (it owns the engine and the weights). Per prompt length: one
-causal pass over the whole prompt, the engine's `ModelRunner.execute` (paged KV writes included,
-logits at the last token) and `LlamaForCausalLM(..., use_cache=True, logits_to_keep=1)` (SDPA,
-its KV cache filled), turns alternating, median of `reps` after a warm-up of each. Also: the last
-token's logits of both (relative L2 difference), a bf16 matrix-product ceiling measured in the
-same process, and optionally a torch.profiler table of one pass of each (where the time goes).
+Runs inside the aggregated worker of bench_e2e.py (it owns the engine and the weights), or alone
+(`main`, below). Per prompt length: one causal pass over the whole prompt, the engine's
+`ModelRunner.execute` (paged KV writes included, logits at the last token) with its elementwise
+glue fused (kernels.fused, PD_RUNTIME_FUSED=1: "engine") and, in the same process, with the torch
+ops (`model.fused = False`: "engine_old"), and `LlamaForCausalLM(..., use_cache=True,
+logits_to_keep=1)` (SDPA, its KV cache filled), turns alternating, median of `reps` after a
+warm-up of each. Also: the last token's logits (relative L2 differences), a bf16 matrix-product
+ceiling measured in the same process, and optionally a torch.profiler table of one pass of each.
+
+    python bench/e2e/prefill_bench.py [--lengths 1024,8192,32768] [--reps 5]
+        [--profile-len 8192] [--out FILE]
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,6 +97,8 @@ def prefill_bench(eng: Any, ckpt: Any, opts: dict[str, Any], req: dict[str, Any]
                            "peak_tflops_datasheet": H200_BF16_DENSE_TFLOPS,
                            "peak_note": "MFU against the H200 SXM datasheet dense bf16 rate",
                            "rows": [], "profile": {}}
+    fused0 = bool(getattr(runner.model, "fused", False))
+    out["fused"] = fused0
     g = torch.Generator().manual_seed(1234)
     for length in req["lengths"]:
         need = kvcache.blocks_needed(length, bs)
@@ -110,35 +118,64 @@ def prefill_bench(eng: Any, ckpt: Any, opts: dict[str, Any], req: dict[str, Any]
                 out = model(input_ids=t_ids, use_cache=True, logits_to_keep=1)
                 return out.logits[0, -1].float()
 
-        te, th = [], []
-        le = _timed(run_engine, dev)[1]  # warm-up (and the logits to compare)
+        # engine variants: (name, model.fused); the old path only where the new one is fused
+        variants = [("engine", fused0)]
+        if fused0 and req.get("old", True):
+            variants.insert(0, ("engine_old", False))
+
+        def turn(fused: bool) -> Callable[[], torch.Tensor]:
+            def go() -> torch.Tensor:
+                runner.model.fused = fused
+                return run_engine()
+            return go
+
+        times: dict[str, list[float]] = {name: [] for name, _ in variants}
+        last: dict[str, torch.Tensor] = {}
+        for name, fused in variants:  # warm-up (and the logits to compare)
+            last[name] = _timed(turn(fused), dev)[1]
         lh = _timed(run_hf, dev)[1] if hf is not None else None
+        th = []
         for _ in range(reps):
-            te.append(_timed(run_engine, dev)[0])
+            for name, fused in variants:
+                times[name].append(_timed(turn(fused), dev)[0])
             if hf is not None:
                 th.append(_timed(run_hf, dev)[0])
+        runner.model.fused = fused0
         flops = prefill_flops(cfg, length)
-        row: dict[str, Any] = {"tokens": length, "engine_s": [round(t, 5) for t in te],
-                               "model_tflop": round(flops / 1e12, 2)}
-        me = statistics.median(te)
-        row["engine_median_s"] = round(me, 5)
-        row["engine_tokens_per_s"] = round(length / me, 1)
-        row["engine_tflops"] = round(flops / me / 1e12, 1)
-        row["engine_mfu"] = round(flops / me / 1e12 / H200_BF16_DENSE_TFLOPS, 4)
+        row: dict[str, Any] = {"tokens": length, "model_tflop": round(flops / 1e12, 2)}
+        for name, _ in variants:
+            te = times[name]
+            me = statistics.median(te)
+            row[f"{name}_s"] = [round(t, 5) for t in te]
+            row[f"{name}_median_s"] = round(me, 5)
+            row[f"{name}_tokens_per_s"] = round(length / me, 1)
+            row[f"{name}_tflops"] = round(flops / me / 1e12, 1)
+            row[f"{name}_mfu"] = round(flops / me / 1e12 / H200_BF16_DENSE_TFLOPS, 4)
+        le = last["engine"]
+        if "engine_old" in last:
+            lo = last["engine_old"]
+            row["ratio_engine_over_engine_old"] = round(row["engine_old_median_s"]
+                                                        / row["engine_median_s"], 3)
+            row["engine_vs_old_logits_rel_l2"] = float((le - lo).norm() / lo.norm())
+            row["engine_vs_old_same_argmax"] = bool(int(le.argmax()) == int(lo.argmax()))
         if hf is not None and lh is not None:
             mh = statistics.median(th)
             row.update({"hf_s": [round(t, 5) for t in th], "hf_median_s": round(mh, 5),
                         "hf_tokens_per_s": round(length / mh, 1),
                         "hf_tflops": round(flops / mh / 1e12, 1),
                         "hf_mfu": round(flops / mh / 1e12 / H200_BF16_DENSE_TFLOPS, 4),
-                        "ratio_engine_over_hf": round(mh / me, 3),
+                        "ratio_engine_over_hf": round(mh / row["engine_median_s"], 3),
                         "last_logits_rel_l2": float((le - lh).norm() / lh.norm()),
                         "same_argmax": bool(int(le.argmax()) == int(lh.argmax()))})
+            if "engine_old" in last:
+                row["ratio_engine_old_over_hf"] = round(mh / row["engine_old_median_s"], 3)
         out["rows"].append(row)
         if req.get("profile_len") == length:
-            out["profile"]["engine"] = _profile(run_engine, dev)
+            for name, fused in variants:
+                out["profile"][name] = _profile(turn(fused), dev, top=int(req.get("top", 15)))
+            runner.model.fused = fused0
             if hf is not None:
-                out["profile"]["hf"] = _profile(run_hf, dev)
+                out["profile"]["hf"] = _profile(run_hf, dev, top=int(req.get("top", 15)))
     if req.get("decode"):
         out["decode"] = decode_bench(eng, hf, cfg, dev, req["decode"])
     hf = None  # free its activations' cache before the serving cells go on
@@ -276,3 +313,100 @@ def decode_bench(eng: Any, hf: Any, cfg: dict[str, Any], dev: str,
             row["profile_runner"] = _profile(one_step, dev, top=20)
         rows.append(row)
     return {"rows": rows}
+
+
+def _machine(dev: str) -> dict[str, Any]:
+    import os
+    import platform
+    import subprocess
+
+    info: dict[str, Any] = {"host": platform.node(), "torch": torch.__version__,
+                            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "env": {k: v for k, v in os.environ.items()
+                                    if k.startswith("PD_RUNTIME_")}}
+    for mod in ("transformers", "triton"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    if dev == "cuda":
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,"
+                            "clocks.max.sm", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=30)
+        info["gpu"], info["cuda"] = q.stdout.strip(), torch.version.cuda
+    return info
+
+
+def print_table(pf: dict[str, Any]) -> None:
+    print(f"\nPrefill, one sequence, same weights; bf16 matmul ceiling here {pf['matmul_tflops']}"
+          f" TFLOP/s; MFU vs {pf['peak_tflops_datasheet']} TFLOP/s")
+    print(f"{'tokens':>7} | {'old ms':>8} {'MFU':>6} | {'new ms':>8} {'MFU':>6} | {'HF ms':>8} "
+          f"{'MFU':>6} | {'new/old':>7} {'old/HF':>6} {'new/HF':>6} | new-old logits")
+    for r in pf["rows"]:
+        if "skipped" in r:
+            print(f"{r['tokens']:>7} | skipped: {r['skipped']}")
+            continue
+
+        def ms(k: str, r: dict[str, Any] = r) -> str:
+            return f"{1e3 * r[k + '_median_s']:8.1f} {r[k + '_mfu']:6.1%}" if k + "_mfu" in r \
+                else f"{'-':>8} {'-':>6}"
+
+        def ratio(k: str, r: dict[str, Any] = r) -> str:
+            return f"{r[k]:.3f}" if k in r else "-"
+
+        print(f"{r['tokens']:>7} | {ms('engine_old')} | {ms('engine')} | {ms('hf')} | "
+              f"{ratio('ratio_engine_over_engine_old'):>7} {ratio('ratio_engine_old_over_hf'):>6} "
+              f"{ratio('ratio_engine_over_hf'):>6} | "
+              f"{r.get('engine_vs_old_logits_rel_l2', float('nan')):.2e}")
+    for who, prof in pf.get("profile", {}).items():
+        print(f"\nprofile, {who}: wall {prof['wall_ms_profiled']} ms (profiled), device "
+              f"{prof['device_ms_total']} ms")
+        for row in prof["top"]:
+            print(f"  {row['self_device_ms']:9.2f} ms dev {row['self_cpu_ms']:9.2f} ms cpu "
+                  f"{row['calls']:6}x  {row['name']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    ap.add_argument("--geometry", default="llama3-8b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--lengths", default="1024,8192,32768")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--profile-len", type=int, default=0)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-ceiling", action="store_true")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from random_model import random_checkpoint
+
+    from pd_runtime import kvcache
+    from pd_runtime.engine.core import engine_from_checkpoint, rank_spec_for
+
+    dev = args.device
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    t0 = time.perf_counter()
+    ck = random_checkpoint(args.geometry, dev, 0)
+    spec = rank_spec_for(ck.config, num_blocks=kvcache.blocks_needed(max(lengths), 16) + 4)
+    eng = engine_from_checkpoint(ck, spec, device=dev)
+    print(f"{args.geometry} on {dev}: engine ready in {time.perf_counter() - t0:.1f} s, "
+          f"fused={eng.runner.model.fused}", flush=True)
+    res: dict[str, Any] = {"bench": "prefill", "machine": _machine(dev), "args": vars(args)}
+    res["prefill"] = prefill_bench(eng, ck, {"device": dev, "geometry": args.geometry},
+                                   {"lengths": lengths, "reps": args.reps, "hf": not args.no_hf,
+                                    "profile_len": args.profile_len, "top": args.top,
+                                    "ceiling": not args.no_ceiling})
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    print_table(res["prefill"])
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,6 +10,7 @@ masks of a batch) is given by `AttnMeta` from the runner.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -118,6 +119,18 @@ class Sharder:
         return t[:, self.rank * per : (self.rank + 1) * per].to(self.partial_dtype).contiguous()
 
 
+def fused_for(device: str) -> bool:
+    """Whether the layers' elementwise glue runs as fused Triton kernels (kernels.fused):
+    PD_RUNTIME_FUSED (1, the default, or 0: the torch ops) where Triton runs (CUDA); the CPU
+    always takes the torch ops (the reference)."""
+    from ..kernels.segcopy import triton_available
+
+    raw = os.environ.get("PD_RUNTIME_FUSED", "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"PD_RUNTIME_FUSED={raw!r}: expected 0 or 1")
+    return raw == "1" and triton_available(device)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -163,9 +176,15 @@ def apply_rope(
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttnMeta,
+    scale: float | None = None,
+    one: bool = False,
 ) -> torch.Tensor:
-    """q [B, Lq, Hq, d], k/v [B, Lk, Hkv, d] -> [T, Hq * dv] in flat token order."""
+    """q [B, Lq, Hq, d], k/v [B, Lk, Hkv, d] -> [T, Hq * dv] in flat token order (`one`: B is 1
+    and Lq is T, the flat order itself: no gather)."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = qt.shape[1] != kt.shape[1]
     if meta.mask is None:
@@ -175,7 +194,8 @@ def attend(
             qt, kt, vt, attn_mask=meta.mask, scale=scale, enable_gqa=gqa
         )
     b, h, lq, dv = o.shape
-    return o.transpose(1, 2).reshape(b * lq, h * dv)[meta.out_index]
+    o = o.transpose(1, 2).reshape(b * lq, h * dv)
+    return o if one else o[meta.out_index]
 
 
 class Layer:
@@ -242,7 +262,10 @@ class Layer:
     ) -> torch.Tensor:
         cfg, m = self.m.cfg, self.m
         d, t = cfg.head_size, x.shape[0]
-        qf, kf, vf = F.linear(x, self.wqkv, self.bqkv).split(self.qkv_split, -1)
+        qkv = F.linear(x, self.wqkv, self.bqkv)
+        if m.fused:
+            return self._attn_gqa_fused(qkv, cos, sin, meta, cache)
+        qf, kf, vf = qkv.split(self.qkv_split, -1)
         q = qf.reshape(t, len(m.q_heads), d)
         k, v = kf.reshape(t, len(m.kv_heads), d), vf.reshape(t, len(m.kv_heads), d)
         if self.q_norm is not None and self.k_norm is not None:
@@ -265,17 +288,74 @@ class Layer:
         o = attend(qp, kv_all[..., :d], kv_all[..., d:], meta)
         return self.m.row_parallel(o, self.wo, self.bo)
 
+    def _attn_gqa_fused(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttnMeta,
+        cache: LayerCache,
+    ) -> torch.Tensor:
+        """_attn_gqa through kernels.fused: rope on q and k in place in the projection's output,
+        K/V written to the cache straight from it, and a single sequence without cached keys
+        (a whole prompt) attended without the padded gathers (its padded order is the flat one).
+        """
+        from ..kernels.fused import kv_write, rope_
+
+        cfg, m = self.m.cfg, self.m
+        d, t = cfg.head_size, qkv.shape[0]
+        hq, hkv = len(m.q_heads), len(m.kv_heads)
+        heads = qkv.view(t, hq + 2 * hkv, d)
+        q, k, v = heads[:, :hq], heads[:, hq : hq + hkv], heads[:, hq + hkv :]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = (
+                rms_norm(q, self.q_norm, cfg.rms_norm_eps),
+                rms_norm(k, self.k_norm, cfg.rms_norm_eps),
+            )
+            rope_(q, cos, sin, False)
+            rope_(k, cos, sin, False)
+        else:
+            rope_(heads[:, : hq + hkv], cos, sin, False)  # q and k: one launch
+        direct = cache.scale is None and cache.data.dtype == k.dtype
+        if direct:  # round_trip is the identity: attention may read k / v themselves
+            kv_write(k, v, cache.data, meta.write_sel, meta.write_blk, meta.write_off)
+        if meta.paged is not None:
+            rows = None if direct and meta.sdpa_rows is None else torch.cat((k, v), -1)
+            o = self._attend_split(q, rows, meta, cache, written=direct)
+            return self.m.row_parallel(o, self.wo, self.bo)
+        if direct and meta.q_index.shape[0] == 1 and meta.cache_blk.shape[1] == 0:
+            o = attend(q[None], k[None], v[None], meta, one=True)
+            return self.m.row_parallel(o, self.wo, self.bo)
+        rows = torch.cat((k, v), -1)
+        if direct:
+            kv_all = rows[meta.q_index]
+            if meta.cache_blk.shape[1]:
+                cached = cache.get(meta.cache_blk, meta.cache_off, rows.dtype)
+                kv_all = torch.cat((cached, kv_all), 1)
+        else:
+            kv_all = self._cache_rows(rows, meta, cache)
+        o = attend(q[meta.q_index], kv_all[..., :d], kv_all[..., d:], meta)
+        return self.m.row_parallel(o, self.wo, self.bo)
+
     def _attend_split(
-        self, q: torch.Tensor, rows: torch.Tensor, meta: AttnMeta, cache: LayerCache
+        self,
+        q: torch.Tensor,
+        rows: torch.Tensor | None,
+        meta: AttnMeta,
+        cache: LayerCache,
+        written: bool = False,
     ) -> torch.Tensor:
         """A step's decode tokens through the paged kernel, its other chunks through SDPA (each
-        padded only to the longest of those chunks). Every row is stored first: the kernel reads
-        the decode tokens' own keys from the cache."""
+        padded only to the longest of those chunks). Every row is stored first (`written`: the
+        caller has): the kernel reads the decode tokens' own keys from the cache. `rows` may be
+        None when the step has no other chunks."""
         from ..kernels.paged_decode import paged_decode
 
         p, d = meta.paged, self.m.cfg.head_size
         assert p is not None
-        cache.put(meta.write_blk, meta.write_off, rows[meta.write_sel])
+        if not written:
+            assert rows is not None
+            cache.put(meta.write_blk, meta.write_off, rows[meta.write_sel])
         qd = q if p.rows is None else q[p.rows]
         od = paged_decode(
             qd.contiguous(),
@@ -292,6 +372,7 @@ class Layer:
             return od
         o = od.new_empty((q.shape[0], od.shape[1]))
         o[p.rows] = od
+        assert rows is not None
         rs = rows[meta.sdpa_rows]
         kv = cache.round_trip(rs)[meta.q_index]
         if meta.cache_blk.shape[1]:
@@ -342,16 +423,24 @@ class Layer:
     ) -> torch.Tensor:
         cfg, t, h = self.m.cfg, x.shape[0], len(self.m.q_heads)
         nope, rd, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        norm = self.m.norm_fn
         if cfg.q_lora_rank:
-            qa = rms_norm(F.linear(x, self.wq_a, self.bq_a), self.q_a_norm, cfg.rms_norm_eps)
+            qa = norm(F.linear(x, self.wq_a, self.bq_a), self.q_a_norm, cfg.rms_norm_eps)
             q = F.linear(qa, self.wq)
         else:
             q = F.linear(x, self.wq)
         q = q.view(t, h, nope + rd)
-        q = torch.cat((q[..., :nope], apply_rope(q[..., nope:], cos, sin, True)), -1)
         ckv = F.linear(x, self.wkv_a, self.bkv_a)
-        c = rms_norm(ckv[:, :r], self.kv_a_norm, cfg.rms_norm_eps)
-        k_pe = apply_rope(ckv[:, None, r:], cos, sin, True)
+        c = norm(ckv[:, :r], self.kv_a_norm, cfg.rms_norm_eps)
+        if self.m.fused:  # in place, in the projections' outputs
+            from ..kernels.fused import rope_
+
+            rope_(q[..., nope:], cos, sin, True)
+            k_pe = ckv[:, None, r:]
+            rope_(k_pe, cos, sin, True)
+        else:
+            q = torch.cat((q[..., :nope], apply_rope(q[..., nope:], cos, sin, True)), -1)
+            k_pe = apply_rope(ckv[:, None, r:], cos, sin, True)
         rows = torch.cat((c[:, None, :], k_pe), -1)
         if meta.paged is not None:
             return self.m.row_parallel(self._mla_split(q, rows, meta, cache), self.wo, self.bo)
@@ -412,7 +501,7 @@ class Layer:
         gate_up, down = expert_weights(s, mp, cfg.num_experts)
         self.experts_gate_up = torch.stack([s.rows(w, parts=2) for w in gate_up])  # [E, 2I/tp, H]
         self.experts_down = torch.stack([s.cols(w) for w in down])  # [E, H, I/tp]
-        self.shared: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.shared: Mlp | None = None
         self.shared_gate = None
         sp = mp + ("shared_expert." if cfg.shared_expert_gated else "shared_experts.")
         if cfg.shared_expert_intermediate_size and s.has(sp + "down_proj.weight"):
@@ -420,7 +509,7 @@ class Layer:
             self.shared_gate = s.opt(mp + "shared_expert_gate.weight")
         self.mlp = self._moe
 
-    def _moe(self, x: torch.Tensor) -> torch.Tensor:
+    def _moe(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         cfg = self.m.cfg
         if cfg.model_type == "deepseek_v2":
             logits = F.linear(x.float(), self.router.float())
@@ -439,7 +528,7 @@ class Layer:
             y = F.linear(act, self.experts_down[e]) * topw[tok, slot, None].to(out.dtype)
             out.index_add_(0, tok, y)
         if self.shared is not None:
-            sh = self.shared(x)
+            sh = self.shared(x, fused)
             if self.shared_gate is not None:
                 sh = torch.sigmoid(F.linear(x, self.shared_gate)) * sh
             out = out + sh.to(out.dtype)
@@ -462,7 +551,33 @@ class Layer:
             attn = self._attn_mla if self.m.cfg.family == "mla" else self._attn_gqa
             x = x + attn(h, cos, sin, meta, kv.layers[self.i])
         h = rms_norm(x, self.post_norm, self.m.cfg.rms_norm_eps)
-        return x + self.m.all_reduce(self.mlp(h)).to(x.dtype)
+        return x + self.m.all_reduce(self.mlp(h, False)).to(x.dtype)
+
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttnMeta | list[StateChunk],
+        kv: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with each residual add fused into the RMSNorm that reads it: x + delta is
+        the layer's input (delta: the previous layer's MLP output, None before the first);
+        x is updated in place; returns (x, this layer's MLP output), whose sum is forward's."""
+        from ..kernels.fused import add_rms_norm
+
+        eps = self.m.cfg.rms_norm_eps
+        h = add_rms_norm(x, delta, self.in_norm, eps)
+        if self.mixer is not None:
+            assert isinstance(meta, list)
+            a = self.mixer.forward(h, meta, kv.states[self.i])
+        else:
+            assert isinstance(meta, AttnMeta)
+            attn = self._attn_mla if self.m.cfg.family == "mla" else self._attn_gqa
+            a = attn(h, cos, sin, meta, kv.layers[self.i])
+        h = add_rms_norm(x, a.to(x.dtype), self.post_norm, eps)
+        return x, self.m.all_reduce(self.mlp(h, True)).to(x.dtype)
 
 
 def expert_weights(s: Sharder, mp: str, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -486,14 +601,22 @@ def expert_weights(s: Sharder, mp: str, n: int) -> tuple[list[torch.Tensor], lis
     return gate_up, down
 
 
-def dense_mlp(s: Sharder, p: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """SwiGLU MLP, column-parallel gate/up and row-parallel down (partial sum; caller reduces)."""
+Mlp = Callable[[torch.Tensor, bool], torch.Tensor]  # (x, fused) -> output (a partial sum)
+
+
+def dense_mlp(s: Sharder, p: str) -> Mlp:
+    """SwiGLU MLP, column-parallel gate/up and row-parallel down (partial sum; caller reduces).
+    fused: silu(gate) * up in one kernel (kernels.fused.silu_mul)."""
     gate_up = s.rows(
         torch.cat((s.full(p + "gate_proj.weight"), s.full(p + "up_proj.weight"))), parts=2
     )
     down = s.cols(s.full(p + "down_proj.weight"))
 
-    def mlp(x: torch.Tensor) -> torch.Tensor:
+    def mlp(x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:
+            from ..kernels.fused import silu_mul
+
+            return F.linear(silu_mul(F.linear(x, gate_up)).to(down.dtype), down)
         g, u = F.linear(x, gate_up).chunk(2, -1)
         return F.linear((F.silu(g) * u).to(down.dtype), down)
 
@@ -540,6 +663,8 @@ class Model:
         self.lm_head = self.embed if head == "model.embed_tokens.weight" else s.full(head)
         rd = cfg.rope_dim
         self.inv_freq = rope_inv_freq(cfg, rd).to(device)
+        # the layers' elementwise glue as fused kernels (CUDA); may be switched per call
+        self.fused = fused_for(device)
         self.layers = [Layer(self, i) for i in range(cfg.num_layers)]
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -566,9 +691,24 @@ class Model:
         x = self.embed[ids]
         freqs = pos.float()[:, None] * self.inv_freq[None, :]
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        if self.fused:
+            from ..kernels.fused import add_rms_norm
+
+            delta: torch.Tensor | None = None
+            for layer, meta in zip(self.layers, metas, strict=True):
+                x, delta = layer.forward_fused(x, delta, cos, sin, meta, kv)
+            return add_rms_norm(x, delta, self.norm, self.cfg.rms_norm_eps)
         for layer, meta in zip(self.layers, metas, strict=True):
             x = layer.forward(x, cos, sin, meta, kv)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    def norm_fn(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """rms_norm of [T, N] rows, by kernels.fused where the model runs fused."""
+        if self.fused and x.stride(-1) == 1:
+            from ..kernels.fused import add_rms_norm
+
+            return add_rms_norm(x, None, w, eps)
+        return rms_norm(x, w, eps)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.lm_head).float()
