@@ -13,6 +13,7 @@ table and write slot): they write row 0's own values to row 0's own slot, and ar
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -167,9 +168,18 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
         # thread_local: D's pull thread may launch its scatter and synchronize while the engine
-        # thread captures (its work goes to other streams and is not part of the graph)
-        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
-            gr.out = self._forward(gr)
+        # thread captures (its work goes to other streams and is not part of the graph).
+        # No garbage collection inside the capture (torch.cuda.graph collects just before it):
+        # a finalizer run on this thread mid-capture may make a CUDA call that capture forbids,
+        # which aborts the process (seen on an H200 in a long GPU test session).
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
+                gr.out = self._forward(gr)
+        finally:
+            if gc_was_on:
+                gc.enable()
         gr.graph = g
         gr.out.copy_(warm)
         self.captures += 1
