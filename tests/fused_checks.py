@@ -126,7 +126,7 @@ def check_kernels(device: str) -> None:
 
 
 def forced_logits(ck: object, device: str, fused: bool, tokens: list[int] | None, n: int,
-                  chunk: int = 0) -> tuple[list[int], torch.Tensor]:
+                  chunk: int = 0, cache_dtype: str = "auto") -> tuple[list[int], torch.Tensor]:
     """Greedy decoding of PROMPT (prefill in chunks of `chunk`, 0: one) with the glue fused or
     not; `tokens`: feed these instead of the argmax (teacher-forced). (tokens, float32 logits)."""
     from pd_runtime import kvcache
@@ -135,7 +135,8 @@ def forced_logits(ck: object, device: str, fused: bool, tokens: list[int] | None
     from pd_runtime.engine.runner import ModelRunner, SeqChunk
 
     bs = 4
-    spec = rank_spec_for(ck.config, block_size=bs, num_blocks=64)  # type: ignore[attr-defined]
+    spec = rank_spec_for(ck.config, block_size=bs, num_blocks=64,  # type: ignore[attr-defined]
+                         cache_dtype=cache_dtype)
     runner = ModelRunner(ck, KVCache.allocate(spec, device), device)  # type: ignore[arg-type]
     runner.model.fused = fused
     groups = [g for g in kvcache.groups_of(spec.model) if g != kvcache.GROUP_STATE]
@@ -159,7 +160,9 @@ def forced_logits(ck: object, device: str, fused: bool, tokens: list[int] | None
 
 def check_model(root: Path, families: list[str], device: str) -> None:
     """Fused against unfused, same weights: float32 greedy tokens equal (logits within 1e-4);
-    bfloat16 logits along the unfused tokens within bf16 rounding (one-shot and chunked)."""
+    bfloat16 logits along the unfused tokens within bf16 rounding (one-shot and chunked); for the
+    dense family also with an fp8 cache (chunked, so that cached rows are read back), logits
+    along the unfused tokens (an fp8 rounding flipped by a last-bit difference moves them)."""
     from pd_runtime.engine.checkpoint import load_checkpoint
     from tests.engine_fixtures import write_family
 
@@ -176,6 +179,12 @@ def check_model(root: Path, families: list[str], device: str) -> None:
             _, b16 = forced_logits(ck16, device, True, ref16, 6, chunk)
             rel = float(((a16 - b16).norm(dim=-1) / a16.norm(dim=-1)).max())
             assert rel < 2e-2, (fam, chunk, rel)
+        if fam == "dense":  # an fp8 cache: quantized rows through the cache, not kv_write
+            ref8, a8 = forced_logits(ck, device, False, None, 6, 5, cache_dtype="fp8")
+            _, b8 = forced_logits(ck, device, True, ref8, 6, 5, cache_dtype="fp8")
+            rel = float(((a8 - b8).norm(dim=-1) / a8.norm(dim=-1)).max())
+            assert rel < 2e-2, (fam, "fp8", rel)
+            print(f"{fam} fp8 cache: largest relative logit difference {rel:.1e}", flush=True)
         print(f"{fam}: fused == unfused", flush=True)
 
 

@@ -13,13 +13,9 @@ import random
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.gpu_marks import gpu_marks, torch
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.timeout(300),
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-]
+pytestmark = gpu_marks(timeout_s=300)
 
 TOKEN = "gpu-test-side-channel-token"
 ROUTER_P_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False}
@@ -37,9 +33,17 @@ def llama_dir(tmp_path_factory):
     return write_tiny_llama(tmp_path_factory.mktemp("llama"), seed=5, kv_heads=4)
 
 
-def test_fp8_kv_cuda_equal_cpu(llama_dir):
+def test_fp8_kv_cuda_equal_cpu(llama_dir, monkeypatch):
+    """fp8 quantization of the KV cache on CUDA gives the CPU's tokens, through the same torch ops
+    on both devices. The fused glue (kernels.fused, CUDA's default) is held off here: its float32
+    sums and rsqrt round differently from torch's, and a last-bit difference can flip an fp8
+    rounding and then a near-tie token of this random model (H200 run 10). The fused path is
+    checked against the torch ops by tests/gpu/test_fused_gpu.py, and with an fp8 cache by the
+    interpreter test in tests/unit/engine/test_fused_kernels.py."""
     from pd_runtime.engine.checkpoint import load_checkpoint
     from pd_runtime.engine.generate import generate
+
+    monkeypatch.setenv("PD_RUNTIME_FUSED", "0")
 
     ck = load_checkpoint(llama_dir)
     for pr in _prompts(3, seed=12):
