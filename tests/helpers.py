@@ -1,6 +1,7 @@
 """What every test tier (and the operator benchmarks) share: a free port, a deadline poll, how to
-start pdctl (and read, stop and post to a `pdctl run`), and a small valid PDDeployment. Import
-as `from tests.helpers import ...`."""
+start pdctl (and read, stop and post to a `pdctl run`), a small valid PDDeployment, and the
+bytes a KV transfer should move (the CPU and GPU kernel tests). Import as
+`from tests.helpers import ...`."""
 
 from __future__ import annotations
 
@@ -16,10 +17,17 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from pd_runtime.kvcache import RankSpec
+    from pd_runtime.planner import Request
+    from pd_runtime.template import PairTemplate
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "deploy" / "examples"
@@ -219,3 +227,58 @@ def sample_pdd(version: str = "0.33.0", *, name: str = "t", namespace: str | Non
             **copy.deepcopy(spec),
         },
     }
+
+
+def kv_requests(p: RankSpec, d: RankSpec, tokens: int,
+                rng: np.random.Generator) -> tuple[Request, Request]:
+    """A P request and a D request of `tokens` tokens: every cache group of the model gets a
+    block table over a random permutation of its pool (blocks, or state slots)."""
+    from pd_runtime.kvcache import GROUP_STATE, groups_of, make_block_table
+    from pd_runtime.planner import Request
+
+    def req(spec: RankSpec) -> Request:
+        tabs = {}
+        for g in groups_of(spec.model):
+            pool = spec.num_state_slots if g == GROUP_STATE else spec.num_blocks
+            tabs[g] = make_block_table(spec.model, g, tokens, spec.block_size,
+                                       [int(x) for x in rng.permutation(pool)])
+        return Request(tokens, tabs)
+
+    preq = req(p)
+    return preq, req(d)
+
+
+@dataclass
+class KVPair:
+    """One (P rank, D rank) pair of a planned transfer and what the planner's segments make of
+    it (numpy): `want_slot`, the staging slot after the gather (the pair's bytes at offset `pad`,
+    0x5A around them), and `want`, the D arena after the scatter from that slot."""
+
+    template: PairTemplate
+    nbytes: int
+    p_arena: np.ndarray
+    want_slot: np.ndarray
+    d_arena: np.ndarray
+    want: np.ndarray
+
+
+def kv_pairs(p: RankSpec, d: RankSpec, preq: Request, dreq: Request,
+             pad: int = 256) -> Iterator[KVPair]:
+    """Every (P rank, D rank) pair of the plan, D rank by D rank, with random arenas (P rank r:
+    seed 3 + r, D rank r: seed 9 + r) and the bytes expected after its gather and scatter."""
+    import numpy as np
+
+    from pd_runtime.planner import plan_d_rank
+    from pd_runtime.reference import apply_segments, random_arena
+    from pd_runtime.template import PairTemplate
+
+    for dr in range(d.tp_size):
+        dd = d.with_rank(dr)
+        for pr, pp in plan_d_rank(p, dd, preq, dreq).peers.items():
+            pa = random_arena(p.with_rank(pr), 3 + pr)
+            want_slot = np.full(pp.nbytes + 2 * pad, 0x5A, np.uint8)
+            apply_segments(pa, want_slot, pp.gather.shifted(dst_by=pad))
+            da = random_arena(dd, 9 + dr)
+            want = da.copy()
+            apply_segments(want_slot[pad : pad + pp.nbytes], want, pp.scatter)
+            yield KVPair(PairTemplate(p.with_rank(pr), dd), pp.nbytes, pa, want_slot, da, want)

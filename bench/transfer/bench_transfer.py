@@ -176,96 +176,6 @@ def kernel_rows(sizes_mib: list[int], cases=KCASES) -> list[dict]:
     return rows
 
 
-# template-kernel variants measured side by side (--variants-mib): the previous kernel (v1) and
-# v2 with its defaults and one setting changed each
-VARIANTS = {
-    "v1": dict(kernel="v1"),
-    "v2": dict(kernel="v2"),
-    "v2 no merge": dict(kernel="v2", merge=False),
-    "v2 tile-fast grid": dict(kernel="v2", ent_fast=False),
-    "v2 8 warps": dict(kernel="v2", num_warps=8),
-    "v2 16K tile": dict(kernel="v2", tile_bytes=16384),
-    "v2 64K tile": dict(kernel="v2", tile_bytes=65536),
-    "v2 maxnreg 32": dict(kernel="v2", maxnreg=32),
-}
-
-
-def _variant(side_tables, gather: bool, cfg: dict, dev: str = "cuda") -> kvcopy.KVProgram:
-    kp = kvcopy.KVProgram(side_tables, dev, gather, use_triton=True, kernel=cfg["kernel"],
-                          merge=cfg.get("merge"))
-    for k in ("tile_bytes", "num_warps", "ent_fast", "maxnreg"):
-        if k in cfg:
-            setattr(kp, k, cfg[k])
-    kp.fallback = False  # a v2 failure is reported, not measured as v1
-    return kp
-
-
-def variant_rows(payloads_mib: list[int], variants: dict, rounds: int = 3,
-                 cases=KCASES, dev: str = "cuda") -> list[dict]:
-    """Each case at each payload: b.copy_(a) of the payload's bytes, then every variant, in
-    `rounds` interleaved rounds (each a back-to-back time: 20 launches between two events, median
-    of 5); medians over the rounds. Every variant's output is compared byte for byte with the
-    planner's segments run through the torch path."""
-    rows = []
-    for mib in payloads_mib:
-        for name, geo, side in cases:
-            p0, d0, _, _ = make_case(16, *geo)
-            per_tok = PairTemplate(p0, d0).nbytes(16) // 16
-            tokens = mib * 2**20 // per_tok
-            p, d, preq, dreq = make_case(tokens, *geo)
-            pp = plan_d_rank(p, d, preq, dreq).peers[0]
-            seg = pp.gather if side == "gather" else pp.scatter
-            src_n = arena_layout(p).nbytes if side == "gather" else pp.nbytes + 256
-            dst_n = pp.nbytes + 256 if side == "gather" else arena_layout(d).nbytes
-            src = torch.randint(0, 256, (src_n,), dtype=torch.uint8, device=dev)
-            dst = torch.zeros(dst_n, dtype=torch.uint8, device=dev)
-            ref = torch.zeros_like(dst)
-            ref_prog = SegmentProgram.prepare(seg, dev, use_triton=False)
-            ref_prog.run(src, ref)
-            del ref_prog
-            tm = PairTemplate(p, d)
-            st = tm.gather if side == "gather" else tm.scatter
-            req = preq if side == "gather" else dreq
-            dyn = tm.dyn("prefill" if side == "gather" else "decode", req, tokens)
-            fns, exact, info = {}, {}, {}
-            for vn, cfg in variants.items():
-                try:
-                    kp = _variant(st, side == "gather", cfg, dev)
-                    bt = kp.upload(dyn)
-                    dst.zero_()
-                    kp.run(src, dst, dyn, 0, bt)
-                    torch.cuda.synchronize()
-                    exact[vn] = bool(torch.equal(dst, ref))
-                    fns[vn] = functools.partial(kp.run, src, dst, dyn, 0, bt)
-                    info[vn] = [dict(row_bytes=c.unit * c.word, entities=c.n, bs=c.bs,
-                                     kind=c.kind) for c in kp.classes]
-                except Exception as e:  # noqa: BLE001 - report, keep the other variants
-                    info[vn] = f"{type(e).__name__}: {e}"
-                    print(f"    {vn}: {info[vn]}", flush=True)
-            del ref
-            a = torch.randint(0, 256, (pp.nbytes,), dtype=torch.uint8, device=dev)
-            b = torch.empty_like(a)
-            fns["copy"] = functools.partial(b.copy_, a)
-            times: dict[str, list[float]] = {k: [] for k in fns}
-            for _ in range(rounds):
-                for k, fn in fns.items():
-                    times[k].append(bench_b2b_ms(fn) * 1e3)
-            med = {k: float(np.median(v)) for k, v in times.items()}
-            c_us = med["copy"]
-            row = dict(kind="variants", case=name, payload_mib=pp.nbytes / 2**20, tokens=tokens,
-                       copy_us=c_us, us=med, rounds_us=times,
-                       pct_of_copy={k: 100 * c_us / v for k, v in med.items()},
-                       byte_exact=exact, classes=info)
-            rows.append(row)
-            cells = [f"{k} {med[k]:7.1f} ({100 * c_us / med[k]:5.1f}%)"
-                     + ("" if exact.get(k) else " NOT EXACT") for k in fns if k != "copy"]
-            print(f"  {name:45s} {pp.nbytes / 2**20:5.0f} MiB copy {c_us:7.1f} us | "
-                  + " | ".join(cells), flush=True)
-            del src, dst, a, b, fns
-            torch.cuda.empty_cache()
-    return rows
-
-
 def sweep_rows(sizes_mib: list[int]) -> list[dict]:
     out = []
     for tb, nw in [(16384, 4), (32768, 4), (32768, 8), (32768, 16), (65536, 16)]:
@@ -478,11 +388,6 @@ def main() -> int:
     ap.add_argument("--skip-nixl", action="store_true")
     ap.add_argument("--sweep-mib", default="",
                     help="tile/warp sweep of the template kernel at these sizes")
-    ap.add_argument("--variants-mib", default="",
-                    help="only the template-kernel variants (v1 vs v2 settings) at these payloads")
-    ap.add_argument("--variants", default="",
-                    help="comma-separated names from VARIANTS (default: all)")
-    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_transfer: CUDA not available, nothing to measure")
@@ -493,29 +398,6 @@ def main() -> int:
                "host": platform.node(), "cpus": os.cpu_count()}
     print(f"machine: {machine}")
     out = {"machine": machine, "kernels": [], "nixl": []}
-    if args.variants_mib:
-        import subprocess
-
-        import triton
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,"
-                              "clocks.max.sm", "--format=csv,noheader"],
-                             capture_output=True, text=True).stdout.strip()
-        machine.update(triton=triton.__version__, nvidia_smi=smi,
-                       date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-        names = args.variants.split(",") if args.variants else list(VARIANTS)
-        vs = {k: VARIANTS[k] for k in names}
-        print(f"machine: {machine}\ntemplate-kernel variants vs b.copy_(a), back to back (us):")
-        out["variants"] = []
-        for mib in [int(x) for x in args.variants_mib.split(",")]:  # saved as it goes
-            out["variants"] += variant_rows([mib], vs, args.rounds)
-            json.dump(out, open(args.out, "w"), indent=2)
-        print("\n| case | payload | copy us | " + " | ".join(f"{k} us (%)" for k in vs) + " |")
-        for r in out["variants"]:
-            cells = [f"{r['us'][k]:.1f} ({r['pct_of_copy'][k]:.1f}%)" if k in r["us"] else "error"
-                     for k in vs]
-            print(f"| {r['case']} | {r['payload_mib']:.0f} MiB | {r['copy_us']:.1f} | "
-                  + " | ".join(cells) + " |")
-        return 0
     print("kernels (Triton segment copy) vs b.copy_(a) of the same bytes:")
     if args.sweep_mib:
         out["sweep"] = sweep_rows([int(x) for x in args.sweep_mib.split(",")])

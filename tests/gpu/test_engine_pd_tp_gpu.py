@@ -10,13 +10,9 @@ import asyncio
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.gpu_marks import gpu_marks, torch
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.timeout(300),
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-]
+pytestmark = gpu_marks(timeout_s=300)
 
 
 def _sum_worker(rank: int, init: str, out: str) -> None:

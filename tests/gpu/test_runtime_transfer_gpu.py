@@ -6,12 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.gpu_marks import gpu_marks, torch
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-]
+pytestmark = gpu_marks()
 
 
 @pytest.mark.parametrize("geo", [
@@ -83,10 +80,8 @@ def test_template_kernels_byte_exact(family, geo, cache):
     """The Triton template kernels (addresses computed on the device from the block tables) give
     the planner's bytes: slot after the gather, decode arena after the scatter."""
     from pd_runtime.kernels.kvcopy import program_for
-    from pd_runtime.kvcache import GROUP_STATE, ModelSpec, RankSpec, groups_of, make_block_table
-    from pd_runtime.planner import Request, plan_d_rank
-    from pd_runtime.reference import apply_segments, random_arena
-    from pd_runtime.template import PairTemplate
+    from pd_runtime.kvcache import ModelSpec, RankSpec
+    from tests.helpers import kv_pairs, kv_requests
 
     p_tp, d_tp, pb, db, pl, dl = geo
     m = ModelSpec(family=family, num_layers=3, num_kv_heads=4, head_size=64, cache_dtype=cache,
@@ -94,35 +89,17 @@ def test_template_kernels_byte_exact(family, geo, cache):
     T = 333
     p = RankSpec(m, p_tp, 0, pb, pl, (T + pb - 1) // pb + 3)
     d = RankSpec(m, d_tp, 0, db, dl, (T + db - 1) // db + 3)
-    rng = np.random.default_rng(7)
-
-    def req(spec):
-        tabs = {}
-        for g in groups_of(m):
-            pool = spec.num_state_slots if g == GROUP_STATE else spec.num_blocks
-            tabs[g] = make_block_table(m, g, T, spec.block_size, [int(x) for x in rng.permutation(pool)])
-        return Request(T, tabs)
-
-    preq, dreq = req(p), req(d)
-    for dr in range(d_tp):
-        dd = d.with_rank(dr)
-        plan = plan_d_rank(p, dd, preq, dreq)
-        for pr, pp in plan.peers.items():
-            pa = random_arena(p.with_rank(pr), 3 + pr)
-            want_slot = np.full(pp.nbytes + 512, 0x5A, np.uint8)
-            apply_segments(pa, want_slot, pp.gather.shifted(dst_by=256))
-            tm = PairTemplate(p.with_rank(pr), dd)
-            assert tm.nbytes(T) == pp.nbytes
-            slot = torch.full((pp.nbytes + 512,), 0x5A, dtype=torch.uint8, device="cuda")
-            g = program_for(tm.gather, "cuda", True)
-            assert g.use_triton
-            g.run(torch.from_numpy(pa).cuda(), slot, tm.dyn("prefill", preq, T), 256)
-            torch.cuda.synchronize()
-            assert np.array_equal(slot.cpu().numpy(), want_slot)
-            da = random_arena(dd, 9 + dr)
-            want = da.copy()
-            apply_segments(want_slot[256 : 256 + pp.nbytes], want, pp.scatter)
-            got = torch.from_numpy(da).cuda()
-            program_for(tm.scatter, "cuda", False).run(slot, got, tm.dyn("decode", dreq, T), 256)
-            torch.cuda.synchronize()
-            assert np.array_equal(got.cpu().numpy(), want)
+    preq, dreq = kv_requests(p, d, T, np.random.default_rng(7))
+    for c in kv_pairs(p, d, preq, dreq):
+        tm = c.template
+        assert tm.nbytes(T) == c.nbytes
+        slot = torch.full(c.want_slot.shape, 0x5A, dtype=torch.uint8, device="cuda")
+        g = program_for(tm.gather, "cuda", True)
+        assert g.use_triton
+        g.run(torch.from_numpy(c.p_arena).cuda(), slot, tm.dyn("prefill", preq, T), 256)
+        torch.cuda.synchronize()
+        assert np.array_equal(slot.cpu().numpy(), c.want_slot)
+        got = torch.from_numpy(c.d_arena).cuda()
+        program_for(tm.scatter, "cuda", False).run(slot, got, tm.dyn("decode", dreq, T), 256)
+        torch.cuda.synchronize()
+        assert np.array_equal(got.cpu().numpy(), c.want)

@@ -7,17 +7,6 @@ a class each). Each program copies TT rows of one entity; a row's paged address 
 base + table[t // block] * block_stride + (t % block) * pos_stride, its staging address is affine
 in the request's token counts. No per-request offset tables exist.
 
-Two Triton kernels, chosen per program (`kernel=`) or by PD_RUNTIME_KV_KERNEL:
-
-* "v1" (default): the template kernel measured in docs/performance.md.
-* "v2" (opt-in, PD_RUNTIME_KV_KERNEL=v2): token arithmetic in int32, the block size and the
-  entity kind as compile-time constants where a class has one value, entities whose rows sit side
-  by side on both sides (NHD heads) merged into one wider row, about 64 bytes per thread (16 warps
-  for a 32 KiB tile): 32-40 registers a thread on sm_90 against v1's 112. Measured on an H200
-  side by side (bench/transfer/results/h200_run5_kernels.json) it did not beat v1: better for the
-  equal-TP gather at 64-128 MiB, worse for the head split at 64 MiB and the scatter at 512 MiB,
-  so v1 stays the default. A v2 build failure warns and falls back to v1 (KVProgram.fallback).
-
 Elsewhere (CPU, or CUDA without Triton) the same addresses are built with torch ops and copied
 with an index copy.
 """
@@ -26,7 +15,6 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +34,6 @@ from ..template import (
     C_SIZE,
     KIND_FULL,
     KIND_SLIDING,
-    MAX_PIECE,
     NCOL,
     Dyn,
     SideTables,
@@ -54,16 +41,7 @@ from ..template import (
 from .segcopy import _HAVE_TRITON, triton_available
 
 KV_TILE_BYTES = int(os.environ.get("PD_RUNTIME_KV_TILE_BYTES", "32768"))
-KV_NUM_WARPS = int(os.environ.get("PD_RUNTIME_KV_NUM_WARPS", "8"))  # v1
-KV_KERNEL = os.environ.get("PD_RUNTIME_KV_KERNEL", "v1")  # "v1" (default) or "v2"
-# v2: warps per program (0: one warp per 2 KiB of tile, so about 64 bytes per thread, at most 16)
-KV2_NUM_WARPS = int(os.environ.get("PD_RUNTIME_KV2_NUM_WARPS", "0"))
-# v2: programs ordered entity-fastest (neighbouring heads of one token range run together)
-KV2_ENT_FAST = os.environ.get("PD_RUNTIME_KV2_ENT_FAST", "1") != "0"
-KV2_MERGE = os.environ.get("PD_RUNTIME_KV2_MERGE", "1") != "0"  # v2: merge side-by-side rows
-KERNELS = ("v1", "v2")
-KV2_FALLBACK = os.environ.get("PD_RUNTIME_KV2_FALLBACK", "1") != "0"
-FALLBACKS: list[str] = []  # v2 build failures that fell back to v1 (the GPU tests assert none)
+KV_NUM_WARPS = int(os.environ.get("PD_RUNTIME_KV_NUM_WARPS", "8"))
 _WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _ADDR_COLS = [C_CF, C_CS, C_CK, C_LTS, C_PBASE, C_PBS, C_PPS, C_SIZE]
 HDR = 8  # int64 header in front of the block tables (see _kv_kernel)
@@ -119,99 +97,6 @@ if _HAVE_TRITON:
         v = tl.load(src + (so[:, None] + cols[None, :]), mask=mm, cache_modifier=".cg")
         tl.store(dst + (do[:, None] + cols[None, :]), v, mask=mm, cache_modifier=".cs")
 
-    @triton.jit
-    def _kv_kernel2(src, dst, ent, bt, NC: tl.constexpr, RB: tl.constexpr, TT: tl.constexpr,
-                    VEC: tl.constexpr, WORD: tl.constexpr, GATHER: tl.constexpr,
-                    BS: tl.constexpr, KIND: tl.constexpr, EFAST: tl.constexpr):
-        # Same addresses as _kv_kernel, fewer registers: BS > 0 is the class's one block size
-        # (0: read per entity), KIND 0: every entity of the class is a full-attention one (-1:
-        # read per entity); token indices are int32.
-        if EFAST:
-            e = tl.program_id(0).to(tl.int64)
-            tile = tl.program_id(1)
-        else:
-            tile = tl.program_id(0)
-            e = tl.program_id(1).to(tl.int64)
-        row = ent + e * NC
-        nF = tl.load(bt + 0)
-        nS = tl.load(bt + 1)
-        lin_add = tl.load(bt + 5) // WORD
-        cf = tl.load(row + 1)
-        cs = tl.load(row + 2)
-        ck = tl.load(row + 3)
-        lts = tl.load(row + 4)
-        pbase = tl.load(row + 5)
-        pbs = tl.load(row + 6)
-        pps = tl.load(row + 7)
-        if KIND == 0:
-            n = nF.to(tl.int32)
-            lo = 0
-            boff = 8  # HDR
-        else:
-            kind = tl.load(row + 0)
-            n = tl.where(kind == 0, nF, tl.where(kind == 1, nS, tl.load(row + 9))).to(tl.int32)
-            lo = tl.where(kind == 1, tl.load(bt + 2), 0).to(tl.int32)
-            boff = 8 + tl.where(kind == 0, 0, tl.where(kind == 1, tl.load(bt + 3),
-                                                        tl.load(bt + 4)))
-        tt = tile * TT + tl.arange(0, TT)
-        m = tt < n
-        t = lo + tt
-        if BS > 0:
-            bi = t // BS
-            r = t - bi * BS
-        else:
-            bs = tl.load(row + 8).to(tl.int32)
-            bi = t // bs
-            r = t - bi * bs
-        blk = tl.load(bt + boff + bi, mask=m, other=0)
-        pg = pbase + blk * pbs + r.to(tl.int64) * pps
-        lin = (lin_add + cf * nF + cs * nS + ck) + tt.to(tl.int64) * lts
-        if GATHER:
-            so = pg
-            do = lin
-        else:
-            so = lin
-            do = pg
-        so = tl.multiple_of(so, VEC)
-        do = tl.multiple_of(do, VEC)
-        cols = tl.arange(0, RB)
-        mm = m[:, None]
-        v = tl.load(src + (so[:, None] + cols[None, :]), mask=mm, cache_modifier=".cg")
-        tl.store(dst + (do[:, None] + cols[None, :]), v, mask=mm, cache_modifier=".cs")
-
-
-def merge_rows(ent: np.ndarray, cap: int = MAX_PIECE) -> np.ndarray:
-    """Entities whose rows sit side by side on both sides (the next one's arena and staging
-    addresses are this one's plus its row width; every other column equal) become one entity
-    with a wider row: the same byte moves, fewer and longer rows (NHD heads: 512 B rows at a
-    2 KiB stride become contiguous 2 KiB rows). Runs are cut into power-of-two counts of at
-    most `cap` bytes, so each row width stays a power of two."""
-    if ent.shape[0] < 2:
-        return ent
-    same = [C_KIND, C_CF, C_CS, C_LTS, C_PBS, C_PPS, C_BS, C_NC, C_SIZE]
-    a, b = ent[:-1], ent[1:]
-    adj = ((a[:, same] == b[:, same]).all(axis=1) & (b[:, C_CK] == a[:, C_CK] + a[:, C_SIZE])
-           & (b[:, C_PBASE] == a[:, C_PBASE] + a[:, C_SIZE]))
-    if not adj.any():
-        return ent
-    out = []
-    i, n = 0, ent.shape[0]
-    while i < n:
-        j = i
-        while j < n - 1 and adj[j]:
-            j += 1
-        run, size = j - i + 1, int(ent[i, C_SIZE])
-        while run:
-            k = 1
-            while 2 * k <= run and 2 * k * size <= cap:
-                k *= 2
-            r = ent[i].copy()
-            r[C_SIZE] = k * size
-            out.append(r)
-            i += k
-            run -= k
-    return np.asarray(out, np.int64).reshape(-1, ent.shape[1])
-
 
 def _pow2_div(vals: np.ndarray, cap: int) -> int:
     v = int(np.bitwise_or.reduce(np.abs(vals))) if vals.size else cap
@@ -230,8 +115,6 @@ class _KClass:
     ent: torch.Tensor  # [E, NCOL] int64 on device (address columns in words)
     ent_np: np.ndarray
     nconst: int = 0
-    bs: int = 0  # the class's one block size (0: several)
-    kind: int = -1  # 0: every entity is full attention (-1: read per entity)
 
     @property
     def n(self) -> int:
@@ -242,10 +125,6 @@ class _KClass:
         t = max(1, min(1024, KV_TILE_BYTES // (self.unit * self.word)))
         return 1 << (t.bit_length() - 1)
 
-    def tile_rows(self, tile_bytes: int) -> int:
-        t = max(1, min(1024, tile_bytes // (self.unit * self.word)))
-        return 1 << (t.bit_length() - 1)
-
     def nmax(self, dyn: Dyn) -> int:
         return max(dyn.counts(k, self.nconst) for k in self.kinds)
 
@@ -254,26 +133,12 @@ class KVProgram:
     """One side's entity tables on one device; `run` moves one request's rows."""
 
     def __init__(self, side: SideTables, device: torch.device | str, gather: bool,
-                 use_triton: bool | None = None, kernel: str | None = None,
-                 merge: bool | None = None):
+                 use_triton: bool | None = None):
         self.device = torch.device(device)
         self.gather = gather
         self.use_triton = triton_available(self.device) if use_triton is None else use_triton
-        self.kernel = kernel or KV_KERNEL
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel {self.kernel!r}: one of {KERNELS}")
-        # v2 launch settings (the module's defaults; the bench sets them per program)
-        self.tile_bytes = KV_TILE_BYTES
-        self.num_warps = KV2_NUM_WARPS
-        self.ent_fast = KV2_ENT_FAST
-        self.maxnreg: int | None = None
-        # a v2 build failure falls back to v1 with a warning (recorded in FALLBACKS); the bench
-        # and the GPU tests turn this off so that a failure shows
-        self.fallback = KV2_FALLBACK
         self.classes: list[_KClass] = []
         ent = side.ent
-        if self.kernel == "v2" and (KV2_MERGE if merge is None else merge):
-            ent = merge_rows(ent)
         for size in sorted({int(x) for x in ent[:, C_SIZE]}, reverse=True):
             e = ent[ent[:, C_SIZE] == size].copy()
             word = min(8, _pow2_div(np.concatenate([e[:, _ADDR_COLS].ravel(), [256]]), 8))
@@ -284,11 +149,8 @@ class KVProgram:
             vec = min(_pow2_div(np.concatenate([addr, [256 // word]]), max(1, 16 // word)), unit)
             kinds = tuple(sorted({int(k) for k in ew[:, C_KIND]}))
             ent_dev = torch.from_numpy(ew).to(self.device)
-            bss = {int(x) for x in ew[:, C_BS]}
             self.classes.append(_KClass(word, unit, vec, kinds, ent_dev, ew,
-                                        int(ew[:, C_NC].max()),
-                                        bs=bss.pop() if len(bss) == 1 else 0,
-                                        kind=KIND_FULL if kinds == (KIND_FULL,) else -1))
+                                        int(ew[:, C_NC].max())))
 
     @property
     def launches(self) -> int:
@@ -314,17 +176,6 @@ class KVProgram:
             nmax = c.nmax(dyn)
             if nmax <= 0:
                 continue
-            if self.use_triton and self.kernel == "v2":
-                try:
-                    self._launch2(c, sw, dw, bt, nmax)
-                    continue
-                except Exception as e:  # a compile failure (raised here, before any launch)
-                    if not self.fallback:
-                        raise
-                    FALLBACKS.append(f"{type(e).__name__}: {e}")
-                    warnings.warn(f"kvcopy: the v2 kernel failed to build ({type(e).__name__}: "
-                                  f"{e}); this program uses v1 from now on", stacklevel=2)
-                    self.kernel = "v1"  # v1 takes the same (merged) class tables
             if self.use_triton:
                 tt = c.tt if nmax >= c.tt else max(1, triton.next_power_of_2(nmax))
                 grid = (triton.cdiv(nmax, tt), c.n)
@@ -332,18 +183,6 @@ class KVProgram:
                                  GATHER=self.gather, num_warps=KV_NUM_WARPS)
             else:
                 self._torch(c, sw, dw, bt[HDR:], dyn, lin_add // c.word, nmax)
-
-    def _launch2(self, c: _KClass, sw, dw, bt, nmax: int) -> None:
-        ct = c.tile_rows(self.tile_bytes)
-        tt = ct if nmax >= ct else max(1, triton.next_power_of_2(nmax))
-        nw = self.num_warps or max(1, min(16, tt * c.unit * c.word // 2048))
-        ntile = triton.cdiv(nmax, tt)
-        efast = self.ent_fast and ntile < 65536
-        grid = (c.n, ntile) if efast else (ntile, c.n)
-        extra = {} if self.maxnreg is None else {"maxnreg": self.maxnreg}
-        _kv_kernel2[grid](sw, dw, c.ent, bt, NC=NCOL, RB=c.unit, TT=tt, VEC=c.vec, WORD=c.word,
-                          GATHER=self.gather, BS=c.bs, KIND=c.kind, EFAST=efast, num_warps=nw,
-                          **extra)
 
     def _torch(self, c: _KClass, sw, dw, bt, dyn: Dyn, lin_add: int, nmax: int) -> None:
         e = c.ent
@@ -369,13 +208,12 @@ class KVProgram:
 
 
 def program_for(side: SideTables, device: torch.device | str, gather: bool,
-                use_triton: bool | None = None, kernel: str | None = None) -> KVProgram:
-    """Cached per (side table, device, path, kernel)."""
-    kernel = kernel or KV_KERNEL
-    key = (str(torch.device(device)), gather, use_triton, kernel)
+                use_triton: bool | None = None) -> KVProgram:
+    """Cached per (side table, device, path)."""
+    key = (str(torch.device(device)), gather, use_triton)
     p = side.classes.get(key)
     if p is None:
-        p = KVProgram(side, device, gather, use_triton, kernel)
+        p = KVProgram(side, device, gather, use_triton)
         side.classes[key] = p
     return p
 
