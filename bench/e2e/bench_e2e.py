@@ -34,7 +34,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import secrets
 import statistics
 import sys
@@ -46,6 +45,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from e2e_report import machine_info, print_prefill, print_profile  # noqa: E402
 from e2e_worker import ROUTER_P_PARAMS, worker_main  # noqa: E402
 from random_model import GEOMETRIES  # noqa: E402
 
@@ -410,36 +410,6 @@ def _decode_req(args: argparse.Namespace) -> dict[str, Any] | None:
     return {"cases": cases, "profile": pairs(args.decode_profile), "steps": 8} if cases else None
 
 
-def machine_info(device: str) -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {"host": platform.node(), "cpu_count": os.cpu_count(),
-                            "python": platform.python_version(), "torch": torch.__version__,
-                            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if device == "cuda":
-        import subprocess
-
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,"
-                            "clocks.max.sm", "--format=csv,noheader"], capture_output=True,
-                           text=True, timeout=30)
-        info["gpu"] = q.stdout.strip()
-        info["cuda"] = torch.version.cuda
-        try:
-            import triton
-
-            info["triton"] = triton.__version__
-        except ImportError:
-            pass
-    info["ucx_env"] = {k: v for k, v in os.environ.items() if k.startswith("UCX_")}
-    return info
-
-
 def print_tables(result: dict[str, Any]) -> None:
     by = {(c["mode"], c["prompt_tokens"], c["concurrency"]): c["summary"] for c in result["cells"]}
     keys = sorted({(k[1], k[2]) for k in by})
@@ -468,27 +438,7 @@ def print_tables(result: dict[str, Any]) -> None:
                   f"{f(p, f'rank{k}_read_ms_median', 6, '.2f')} ms")
     pf = result.get("prefill")
     if pf:
-        print(f"\nPrefill, one sequence, ModelRunner vs transformers (SDPA), same weights; "
-              f"bf16 matmul ceiling here {pf.get('matmul_tflops')} TFLOP/s, "
-              f"MFU vs {pf['peak_tflops_datasheet']} TFLOP/s")
-        print(f"{'tokens':>7} | {'engine ms':>9} {'tok/s':>9} {'MFU':>6} | {'HF ms':>9} "
-              f"{'tok/s':>9} {'MFU':>6} | {'eng/HF':>6} | {'logits rel diff':>15}")
-        for r in pf["rows"]:
-            if "skipped" in r:
-                print(f"{r['tokens']:>7} | skipped: {r['skipped']}")
-                continue
-            hf = "hf_median_s" in r
-            print(f"{r['tokens']:>7} | {1e3 * r['engine_median_s']:9.1f} "
-                  f"{r['engine_tokens_per_s']:9.0f} {r['engine_mfu']:6.1%} | "
-                  + (f"{1e3 * r['hf_median_s']:9.1f} {r['hf_tokens_per_s']:9.0f} "
-                     f"{r['hf_mfu']:6.1%} | {r['ratio_engine_over_hf']:6.3f} | "
-                     f"{r['last_logits_rel_l2']:15.2e}" if hf else "-"))
-        for who, prof in pf.get("profile", {}).items():
-            print(f"\nprofile, {who}, one {result['args']['profile_len']}-token prefill: wall "
-                  f"{prof['wall_ms_profiled']} ms (profiled), device {prof['device_ms_total']} ms")
-            for row in prof["top"][:10]:
-                print(f"  {row['self_device_ms']:9.2f} ms dev {row['self_cpu_ms']:9.2f} ms cpu "
-                      f"{row['calls']:6}x  {row['name']}")
+        print_prefill(pf, top=10)
     dec = (pf or {}).get("decode")
     if dec:
         print("\nDecode step, B sequences at context L (ms): ModelRunner alone, a whole "
@@ -503,14 +453,9 @@ def print_tables(result: dict[str, Any]) -> None:
             print(f"       runner steps {r['runner_step_ms']}")
             print(f"       engine steps {r['engine_step_ms']}")
         for r in dec["rows"]:
-            prof = r.get("profile_runner")
-            if prof:
-                print(f"\nprofile, runner decode step B={r['batch']} L={r['context']}: wall "
-                      f"{prof['wall_ms_profiled']} ms (profiled), "
-                      f"device {prof['device_ms_total']} ms")
-                for row in prof["top"][:14]:
-                    print(f"  {row['self_device_ms']:9.2f} ms dev {row['self_cpu_ms']:9.2f} ms cpu "
-                          f"{row['calls']:6}x  {row['name']}")
+            if r.get("profile_runner"):
+                print_profile(f"runner decode step B={r['batch']} L={r['context']}",
+                              r["profile_runner"], top=14)
     if result.get("skipped"):
         print("\nskipped: " + "; ".join(result["skipped"]))
 

@@ -112,11 +112,30 @@ def tp_of(role: str, opts: dict[str, Any]) -> tuple[int, int]:
     return int(opts.get("d_tp", 1)), int(opts.get("tp_rank", 0))
 
 
-def _record_rank_pulls(side: Any, stats: dict[str, dict[str, Any]],
-                       log: dict[str, dict[str, Any]]) -> None:
-    """This rank's own pulls (its DecodeSide, inside TPDecodeSide on rank 0): wall time, bytes
-    and PullStats, keyed by transfer id."""
+def _pull_stats() -> dict[str, dict[str, Any]]:
+    """Wrap worker.DecodeRank.pull in this process: each pull's PullStats (PREPARE round trip,
+    P's gather, READ, scatter) lands in the returned dict, keyed by transfer id."""
+    from pd_runtime import worker
+
+    stats: dict[str, dict[str, Any]] = {}
+    orig = worker.DecodeRank.pull
+
+    def rank_pull(self: Any, req_id: str, p_req: Any, d_req: Any) -> Any:
+        st = orig(self, req_id, p_req, d_req)
+        stats[req_id] = dataclasses.asdict(st)
+        return st
+
+    worker.DecodeRank.pull = rank_pull  # type: ignore[method-assign]
+    return stats
+
+
+def _time_pulls(side: Any, stats: dict[str, dict[str, Any]], log: dict[str, dict[str, Any]],
+                by_transfer: dict[str, str] | None = None) -> None:
+    """Wrap `side.pull`: each pull's wall time, bytes (what the side returns) and the PullStats
+    `stats` holds for its transfer id (popped: with TP the inner, per-rank wrapper takes them)
+    go to `log`, keyed by the request id `by_transfer` maps the transfer id to (else by it)."""
     orig = side.pull
+    names = by_transfer if by_transfer is not None else {}
 
     def pull(p: Any, d_req: Any) -> int:
         t0 = time.perf_counter()
@@ -126,8 +145,9 @@ def _record_rank_pulls(side: Any, stats: dict[str, dict[str, Any]],
             return n
         finally:
             t1 = time.perf_counter()
-            log[p.remote_request_id] = {"t_start": t0, "t_end": t1, "wall_s": t1 - t0,
-                                        "bytes": n, **stats.pop(p.remote_request_id, {})}
+            tid = p.remote_request_id
+            log[names.get(tid, tid)] = {"t_start": t0, "t_end": t1, "wall_s": t1 - t0,
+                                        "bytes": n, **stats.pop(tid, {})}
 
     side.pull = pull
 
@@ -139,36 +159,12 @@ def _instrument_decode(eng: Any, pulls: dict[str, dict[str, Any]],
     transfer engine's own PullStats (worker.DecodeRank.pull). With TP (`rank_log`), eng.decode
     is a TPDecodeSide: its wall time is the whole pull (every rank's); this rank's own pull
     and PullStats go to `rank_log`."""
-    from pd_runtime import worker
-
-    stats: dict[str, dict[str, Any]] = {}
-    orig_rank_pull = worker.DecodeRank.pull
-
-    def rank_pull(self: Any, req_id: str, p_req: Any, d_req: Any) -> Any:
-        st = orig_rank_pull(self, req_id, p_req, d_req)
-        stats[req_id] = dataclasses.asdict(st)
-        return st
-
-    worker.DecodeRank.pull = rank_pull  # type: ignore[method-assign]
+    stats = _pull_stats()
     side = eng.decode
-    if rank_log is not None:
-        _record_rank_pulls(side.local, stats, rank_log)
-    orig_pull = side.pull
-
-    def pull(p: Any, d_req: Any) -> int:
-        t0 = time.perf_counter()
-        n = 0
-        try:
-            n = int(orig_pull(p, d_req))
-            return n
-        finally:
-            t1 = time.perf_counter()
-            rid = by_transfer.get(p.remote_request_id, p.remote_request_id)
-            # bytes: what the side returns (with TP, every rank's); PullStats' own (TP 1) wins
-            pulls[rid] = {"t_start": t0, "t_end": t1, "wall_s": t1 - t0, "bytes": n,
-                          **stats.pop(p.remote_request_id, {})}
-
-    side.pull = pull
+    if rank_log is not None:  # this rank's own pulls (its DecodeSide inside TPDecodeSide)
+        _time_pulls(side.local, stats, rank_log)
+    # bytes: what the side returns (with TP, every rank's); PullStats' own (TP 1) wins
+    _time_pulls(side, stats, pulls, by_transfer)
 
 
 def _serve(conn: Connection, role: str, opts: dict[str, Any]) -> None:
@@ -262,21 +258,11 @@ def _serve(conn: Connection, role: str, opts: dict[str, Any]) -> None:
 def _serve_rank(conn: Connection, eng: Any, info: dict[str, Any]) -> None:
     """D rank 1..N-1: rank 0's orders on this thread (tp_worker.serve_orders, until rank 0's stop
     order); the driver's ("log",) answered from another, with this rank's pulls so far."""
-    from pd_runtime import worker
     from pd_runtime.engine.dist import shutdown_tp
     from pd_runtime.engine.tp_worker import serve_orders
 
-    stats: dict[str, dict[str, Any]] = {}
     log: dict[str, dict[str, Any]] = {}
-    orig_rank_pull = worker.DecodeRank.pull
-
-    def rank_pull(self: Any, req_id: str, p_req: Any, d_req: Any) -> Any:
-        st = orig_rank_pull(self, req_id, p_req, d_req)
-        stats[req_id] = dataclasses.asdict(st)
-        return st
-
-    worker.DecodeRank.pull = rank_pull  # type: ignore[method-assign]
-    _record_rank_pulls(eng.decode, stats, log)
+    _time_pulls(eng.decode, _pull_stats(), log)
     send_lock = threading.Lock()
 
     def answer() -> None:

@@ -315,57 +315,6 @@ def decode_bench(eng: Any, hf: Any, cfg: dict[str, Any], dev: str,
     return {"rows": rows}
 
 
-def _machine(dev: str) -> dict[str, Any]:
-    import os
-    import platform
-    import subprocess
-
-    info: dict[str, Any] = {"host": platform.node(), "torch": torch.__version__,
-                            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                            "env": {k: v for k, v in os.environ.items()
-                                    if k.startswith("PD_RUNTIME_")}}
-    for mod in ("transformers", "triton"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
-    if dev == "cuda":
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,"
-                            "clocks.max.sm", "--format=csv,noheader"], capture_output=True,
-                           text=True, timeout=30)
-        info["gpu"], info["cuda"] = q.stdout.strip(), torch.version.cuda
-    return info
-
-
-def print_table(pf: dict[str, Any]) -> None:
-    print(f"\nPrefill, one sequence, same weights; bf16 matmul ceiling here {pf['matmul_tflops']}"
-          f" TFLOP/s; MFU vs {pf['peak_tflops_datasheet']} TFLOP/s")
-    print(f"{'tokens':>7} | {'old ms':>8} {'MFU':>6} | {'new ms':>8} {'MFU':>6} | {'HF ms':>8} "
-          f"{'MFU':>6} | {'new/old':>7} {'old/HF':>6} {'new/HF':>6} | new-old logits")
-    for r in pf["rows"]:
-        if "skipped" in r:
-            print(f"{r['tokens']:>7} | skipped: {r['skipped']}")
-            continue
-
-        def ms(k: str, r: dict[str, Any] = r) -> str:
-            return f"{1e3 * r[k + '_median_s']:8.1f} {r[k + '_mfu']:6.1%}" if k + "_mfu" in r \
-                else f"{'-':>8} {'-':>6}"
-
-        def ratio(k: str, r: dict[str, Any] = r) -> str:
-            return f"{r[k]:.3f}" if k in r else "-"
-
-        print(f"{r['tokens']:>7} | {ms('engine_old')} | {ms('engine')} | {ms('hf')} | "
-              f"{ratio('ratio_engine_over_engine_old'):>7} {ratio('ratio_engine_old_over_hf'):>6} "
-              f"{ratio('ratio_engine_over_hf'):>6} | "
-              f"{r.get('engine_vs_old_logits_rel_l2', float('nan')):.2e}")
-    for who, prof in pf.get("profile", {}).items():
-        print(f"\nprofile, {who}: wall {prof['wall_ms_profiled']} ms (profiled), device "
-              f"{prof['device_ms_total']} ms")
-        for row in prof["top"]:
-            print(f"  {row['self_device_ms']:9.2f} ms dev {row['self_cpu_ms']:9.2f} ms cpu "
-                  f"{row['calls']:6}x  {row['name']}")
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
@@ -383,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from e2e_report import machine_info, print_prefill
     from random_model import random_checkpoint
 
     from pd_runtime import kvcache
@@ -396,13 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     eng = engine_from_checkpoint(ck, spec, device=dev)
     print(f"{args.geometry} on {dev}: engine ready in {time.perf_counter() - t0:.1f} s, "
           f"fused={eng.runner.model.fused}", flush=True)
-    res: dict[str, Any] = {"bench": "prefill", "machine": _machine(dev), "args": vars(args)}
+    res: dict[str, Any] = {"bench": "prefill", "machine": machine_info(dev), "args": vars(args)}
     res["prefill"] = prefill_bench(eng, ck, {"device": dev, "geometry": args.geometry},
                                    {"lengths": lengths, "reps": args.reps, "hf": not args.no_hf,
                                     "profile_len": args.profile_len, "top": args.top,
                                     "ceiling": not args.no_ceiling})
     res["wall_s"] = round(time.perf_counter() - t0, 1)
-    print_table(res["prefill"])
+    print_prefill(res["prefill"])
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     return 0
