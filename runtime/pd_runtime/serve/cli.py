@@ -8,7 +8,8 @@ command of every builtin example with this parser):
     --kv-cache-dtype --kv-cache-layout --connector --backends --buffer-device --port
     --side-channel-port --config
 Local profile and tuning (never rendered): --role aggregated, --host, --model-dir, --device,
---side-channel-host, --side-channel-token-file, --num-blocks, --kv-cache-memory, --max-model-len.
+--side-channel-host, --side-channel-token-file, --num-blocks, --kv-cache-memory, --max-model-len,
+--kv-lease-seconds, --gil-switch-interval-us, --log-level.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ ROLES = ("prefill", "decode", "aggregated")
 LAYOUTS = ("HND", "NHD")
 MODEL_DIR_ENV = "PD_RUNTIME_MODEL_DIR"
 SHUTDOWN_TIMEOUT_S = 20.0
+# Python's 5 ms switch interval made a pull wait up to 5 ms per GIL hand-over behind a thread
+# running pure Python; 500 us cut such pulls 1.7-1.9x on a 2-core CPU (docs/performance.md)
+GIL_SWITCH_US = 500
 log = logging.getLogger("pd_runtime.serve")
 
 
@@ -111,6 +115,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     loc.add_argument("--kv-lease-seconds", type=_seconds, default=None,
                      help="how long a prefill server holds a request's KV for its decode "
                           "server (default: the engine's); set it with spec.prefill.args")
+    loc.add_argument("--gil-switch-interval-us", type=_positive, default=GIL_SWITCH_US,
+                     help="the longest a Python thread keeps the GIL while another waits for "
+                          f"it (default {GIL_SWITCH_US}; Python's own is 5000): the transfer "
+                          "threads (P's side channel, D's pulls) wait at most this long behind "
+                          "a Python-busy engine or HTTP thread (bench/transfer/bench_gil.py)")
     loc.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"])
 
@@ -313,6 +322,7 @@ def main(a: argparse.Namespace) -> int:
     import prometheus_client
 
     prometheus_client.disable_created_metrics()  # no *_created series: counters say enough
+    sys.setswitchinterval(a.gil_switch_interval_us / 1e6)
     try:
         resolved = run_preflight(a)
     except pf.PreflightError as exc:

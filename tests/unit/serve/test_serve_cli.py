@@ -216,3 +216,21 @@ def test_a_bundled_model_needs_no_model_dir(token):
               num_layers="30")
     assert serve_cli.run_preflight(a).checkpoint == path
     assert serve_cli.bundled_model_path("HuggingFaceTB/SmolLM2-360M-Instruct") is None
+
+
+def test_gil_switch_interval_is_set_before_anything_runs(monkeypatch, capsys):
+    """Python's 5 ms switch interval becomes --gil-switch-interval-us (500 us by default) at the
+    start of serve, before preflight; 0 is refused by the parser."""
+    assert parse().gil_switch_interval_us == serve_cli.GIL_SWITCH_US == 500
+    with pytest.raises(SystemExit):
+        parse("--gil-switch-interval-us", "0")
+    assert "--gil-switch-interval-us" in capsys.readouterr().err
+    seen: list[float] = []
+    monkeypatch.setattr(serve_cli.sys, "setswitchinterval", seen.append)
+
+    def refuse(a: object) -> None:
+        raise pf.PreflightError(["stop here"])
+
+    monkeypatch.setattr(serve_cli, "run_preflight", refuse)
+    assert serve_cli.main(parse("--gil-switch-interval-us", "200")) == 2
+    assert seen == [0.0002]
