@@ -61,7 +61,8 @@ def check(results: list, jobs: list[dict]) -> None:
         for rank_results in results:
             got = rank_results[j]
             assert got["tokens"][:n] == ref_tokens[:n], job["path"]
-            torch.testing.assert_close(got["logits"][:n], ref_logits[:n], rtol=tol, atol=tol)
+            torch.testing.assert_close(got["logits"][:n], ref_logits[:n], rtol=tol, atol=tol,
+                                       msg=lambda m, job=job: f"job {job}: {m}")
 
 
 def test_tp2_equals_tp1_for_every_family(tmp_path: Path) -> None:
@@ -77,7 +78,11 @@ def test_tp2_equals_tp1_for_every_family(tmp_path: Path) -> None:
                 "prefill_chunk": 5 if fam == "sliding" else 0,
             }
         )
-    jobs.append({"path": jobs[0]["path"], "prompt": PROMPT, "n": N, "cache_dtype": "fp8"})
+    # fp8: each rank's projection is narrower, so the CPU's float32 matmul may round a K/V
+    # element differently from TP 1's, and one flipped fp8 rounding moves the logits ~1e-2
+    # (0.011 on an AVX2-only CPU); the tokens stay TP 1's
+    jobs.append({"path": jobs[0]["path"], "prompt": PROMPT, "n": N, "cache_dtype": "fp8",
+                 "tol": 0.05})
     # bfloat16: row-parallel partials are summed in float32, so the tokens stay TP 1's
     bf16 = write_tiny_llama(tmp_path / "bf16", seed=3, dtype="bfloat16")
     jobs.append({"path": bf16, "prompt": [1, 2, 3], "n": 12, "tol": 0.1, "margin": 0.0})
