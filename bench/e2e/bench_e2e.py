@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="start no new cell after this many seconds (the rest: listed as skipped)")
     ap.add_argument("--wave-timeout-s", type=float, default=240.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gil-switch-interval-us", type=int, default=500,
+                    help="every engine process's sys.setswitchinterval, as pd-runtime serve "
+                         "sets it (its default; Python's own is 5000)")
     ap.add_argument("--out", default=str(HERE / "results" / "e2e.json"))
     return ap.parse_args(argv)
 
@@ -336,7 +339,8 @@ def worker_opts(args: argparse.Namespace) -> dict[str, Any]:
             "block_size": bs, "layout": args.layout, "num_blocks": need + 16,
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
-            "token": secrets.token_hex(16), "lease_s": 120.0, "pull_timeout_s": 60.0}
+            "token": secrets.token_hex(16), "lease_s": 120.0, "pull_timeout_s": 60.0,
+            "switch_interval_us": args.gil_switch_interval_us}
     if args.d_tp > 1:
         opts.update({"d_tp": args.d_tp, "tp_init": f"tcp://127.0.0.1:{_free_port()}"})
     return opts

@@ -27,7 +27,7 @@ from .handshake import (
     compare_hash,
     require_token,
 )
-from .kernels.kvcopy import program_for, upload_all, wait_device
+from .kernels.kvcopy import gather_stream, on_stream, program_for, queued_work, upload_all, wait_device
 from .kvcache import GeometryError, RankSpec, arena_layout
 from .lease import LeaseError, LeaseTable, StagingFull, consumer_id
 from .planner import PlanError, Request, expected_consumers
@@ -78,19 +78,21 @@ def req_from_wire(w: WireRequest) -> Request:
 
 @dataclass(frozen=True)
 class _Held:
-    """A held request as the gather uses it: int64 tables, and their wire form (None when they
-    are not integers: refused at PREPARE, as before)."""
+    """A held request as the gather uses it: int64 tables, their wire form (None when they are
+    not integers: refused at PREPARE, as before), and on CUDA the event after the kernels that
+    wrote its KV (a gather on P's own stream waits for that, not for what came after)."""
 
     req: Request
     packed: dict[int, bytes] | None
+    written: torch.cuda.Event | None = None
 
 
-def _held(req: Request) -> _Held:
+def _held(req: Request, written: torch.cuda.Event | None) -> _Held:
     try:
         arrays = {g: as_table(bt) for g, bt in req.block_tables.items()}
-        return _Held(Request(req.num_tokens, arrays), _packed(arrays))  # type: ignore[arg-type]
+        return _Held(Request(req.num_tokens, arrays), _packed(arrays), written)  # type: ignore[arg-type]
     except PlanError:
-        return _Held(req, None)
+        return _Held(req, None, written)
 
 
 def _arrays(req: Request) -> Request:
@@ -143,6 +145,7 @@ class PrefillRank:
         self.requests: dict[str, Request] = {}
         self._held: dict[str, _Held] = {}  # the same requests, ready for the gather
         self.templates = TemplateCache()  # per D geometry: built once, reused for every request
+        self.gather_stream = gather_stream(device)
         self.own_transport = transport is None
         self.transport = transport or Transport(name or f"prefill-{spec.tp_rank}-{id(self):x}", device)
         self.name = self.transport.name
@@ -159,12 +162,14 @@ class PrefillRank:
         return self.server.host, self.server.port
 
     def hold(self, req_id: str, req: Request) -> None:
-        """A finished prefill: its blocks stay until consumed or the lease expires."""
+        """A finished prefill: its blocks stay until consumed or the lease expires. Called by
+        the thread that launched the prefill (its KV writes may still be queued)."""
         _check_req_id(req_id)
         if req_id in self.requests:
             raise LeaseError(f"request {req_id!r} is already held")
         self.requests[req_id] = req
-        self._held[req_id] = _held(req)  # tables packed once here, not once per PREPARE
+        written = queued_work(self.device) if self.gather_stream is not None else None
+        self._held[req_id] = _held(req, written)  # tables packed once here, not once per PREPARE
         try:
             self.leases.hold(req_id)
         except LeaseError:
@@ -263,8 +268,9 @@ class PrefillRank:
         off = self.leases.slot(rid, consumer_id(peer.agent, peer.spec.tp_rank), nbytes, tm.expected)
         prog = program_for(tm.gather, self.device, gather=True)
         t1 = time.perf_counter()
-        prog.run(self.arena, self.staging, dyn, off)  # uploads the tables + scalars, launches
-        wait_device(self.device)
+        with on_stream(self.gather_stream, held.written):
+            prog.run(self.arena, self.staging, dyn, off)  # uploads the tables + scalars, launches
+            wait_device(self.device)  # this stream's work: the gather
         t2 = time.perf_counter()
         return PrepareReply(self.staging.data_ptr() + off, nbytes, Transport.dev_id(self.staging),
                             self.leases.lease_s, tm.rows(T), t1 - t0, t2 - t1)

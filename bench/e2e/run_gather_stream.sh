@@ -1,0 +1,38 @@
+# Issue 13, P's gather on its own stream: the GPU tests file by file, the table-upload bench,
+# then bench_e2e (P/D only) with the gather on the engine's stream (the previous path) and on
+# its own high-priority stream, D at TP 1 and TP 2, and the GIL switch interval at 5000 / 500 us.
+# Repository root, on the GPU machine: OUT=dir [STAGES="tests upload e2e gil"] [E2E_ARGS=...]
+#   sh bench/e2e/run_gather_stream.sh        (results also in $OUT/results.tgz)
+# Wheels the machine lacks (nixl-cu13, msgspec; cp312) are expected in .device-wheels/.
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee $OUT/gpu.txt
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device-wheels/*.whl
+export PYTHONPATH=/tmp/site:$PWD/runtime:$PWD PYTHONUNBUFFERED=1
+export UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y UCX_TLS=cuda_ipc,cuda_copy,tcp
+R=/tmp/results; mkdir -p $R
+STAGES=${STAGES:-tests upload e2e gil}
+E2E_ARGS=${E2E_ARGS:---prompts 1024,8192 --concurrency 1,8 --reps 2 --reps-concurrent 2}
+e2e() {  # name, extra args...
+  n=$1; shift
+  timeout ${E2E_S:-150} python3 bench/e2e/bench_e2e.py --modes pd --prefill-lengths "" \
+    --decode-cases "" $E2E_ARGS --out $R/e2e_$n.json "$@" 2>&1 | grep -v "NIXL INFO" > $R/e2e_$n.log
+  echo "== e2e $n"; tail -6 $R/e2e_$n.log
+}
+case " $STAGES " in *" tests "*)
+  for f in tests/gpu/test_*.py tests/unit/engine/test_model_gpu.py; do
+    echo "== $f"
+    timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider --noconftest -rfEs $f 2>&1 \
+      | grep -v "NIXL INFO" | tail -4
+  done 2>&1 | tee $R/gpu_tests.txt ;; esac
+case " $STAGES " in *" upload "*)
+  timeout 120 python3 bench/transfer/bench_upload.py --out $R/upload.json 2>&1 | tail -12
+  timeout 60 python3 bench/transfer/bench_upload.py --peers 2 --reps 100 --blocks 64,512 \
+    --out $R/upload_2peers.json 2>&1 | tail -8 ;; esac
+case " $STAGES " in *" e2e "*)
+  for tp in 1 2; do
+    PD_RUNTIME_GATHER_STREAM=engine e2e tp${tp}_engine --d-tp $tp
+    PD_RUNTIME_GATHER_STREAM=priority e2e tp${tp}_priority --d-tp $tp
+  done ;; esac
+case " $STAGES " in *" gil "*)
+  e2e gil5000 --gil-switch-interval-us 5000
+  e2e gil500 --gil-switch-interval-us 500 ;; esac
+tar czf $OUT/results.tgz -C $R .

@@ -1,0 +1,90 @@
+"""GPU: P's gather on its own high-priority stream waits for the kernels that wrote the held
+request's KV (the event recorded at `hold()`), and no longer for what the engine queued after
+them. Skips cleanly without CUDA."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from tests.gpu_marks import gpu_marks, torch
+
+pytestmark = gpu_marks(timeout_s=120)
+
+SLEEP_CYCLES = 400_000_000  # about 0.2 s of one SM's clock: far longer than a gather
+
+
+def _rank_and_pair(monkeypatch, stream: str):
+    pytest.importorskip("nixl_cu13", reason="PrefillRank registers its memory with NIXL")
+    from pd_runtime.compat.hashing import builtin_factors
+    from pd_runtime.kvcache import ModelSpec, RankSpec
+    from pd_runtime.worker import PrefillRank
+    from tests.helpers import kv_pairs, kv_requests
+
+    monkeypatch.setenv("PD_RUNTIME_GATHER_STREAM", stream)
+    m = ModelSpec(num_layers=4, num_kv_heads=8, head_size=64)
+    p = RankSpec(m, 1, 0, 16, "HND", 40)
+    d = RankSpec(m, 2, 0, 32, "NHD", 24)
+    preq, dreq = kv_requests(p, d, 500, np.random.default_rng(5))
+    pair = next(iter(kv_pairs(p, d, preq, dreq)))
+    f = builtin_factors(runtime_version="test", model="test", dtype="bfloat16", num_kv_heads=8,
+                        head_size=64, num_hidden_layers=4, cache_dtype="auto", family="dense")
+    rank = PrefillRank(p, f, b"gather-stream-test", "cuda", lease_s=60)
+    return rank, d, preq, pair
+
+
+def _gather_after_slow_write(rank, d, preq, pair):
+    """The arena's bytes arrive behind a long kernel on the engine's (current) stream; P holds
+    the request at once and gathers: the staging slot must hold the new bytes."""
+    from pd_runtime.protocol import PrepareRequest
+    from pd_runtime.worker import _Consumer, req_to_wire
+
+    src = torch.from_numpy(pair.p_arena).cuda()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    rank.arena.copy_(src)  # queued behind the sleep, as a prefill's KV writes are
+    rank.hold("r1", preq)
+    t0 = time.perf_counter()
+    rep = rank._gather(PrepareRequest("r1", preq.num_tokens, req_to_wire(preq)),
+                       _Consumer("decode-agent", d.with_rank(0)))
+    took = time.perf_counter() - t0
+    off = rep.addr - rank.staging.data_ptr()
+    got = rank.staging[off : off + rep.nbytes].cpu().numpy()
+    return got, took
+
+
+@pytest.mark.parametrize("stream", ["priority", "engine"])
+def test_gather_waits_for_the_held_requests_kv(monkeypatch, stream):
+    rank, d, preq, pair = _rank_and_pair(monkeypatch, stream)
+    try:
+        assert (rank.gather_stream is not None) == (stream == "priority")
+        got, _ = _gather_after_slow_write(rank, d, preq, pair)
+        assert np.array_equal(got, pair.want_slot[256 : 256 + pair.nbytes])
+    finally:
+        rank.close()
+
+
+def test_gather_does_not_wait_for_work_queued_after_hold(monkeypatch):
+    rank, d, preq, pair = _rank_and_pair(monkeypatch, "priority")
+    try:
+        from pd_runtime.protocol import PrepareRequest
+        from pd_runtime.worker import _Consumer, req_to_wire
+
+        rank.arena.copy_(torch.from_numpy(pair.p_arena).cuda())
+        rank.hold("r2", preq)
+        torch.cuda._sleep(SLEEP_CYCLES)  # the engine's next prefill, launched after hold()
+        t0 = time.perf_counter()
+        rep = rank._gather(PrepareRequest("r2", preq.num_tokens, req_to_wire(preq)),
+                           _Consumer("decode-agent", d.with_rank(0)))
+        took = time.perf_counter() - t0
+        pending = not torch.cuda.current_stream().query()
+        off = rep.addr - rank.staging.data_ptr()
+        got = rank.staging[off : off + rep.nbytes].cpu().numpy()
+        assert np.array_equal(got, pair.want_slot[256 : 256 + pair.nbytes])
+        assert pending, "the engine's stream finished before the gather: the sleep was too short"
+        assert took < 0.05, f"the gather took {took * 1e3:.1f} ms: it waited for the engine"
+    finally:
+        torch.cuda.synchronize()
+        rank.close()
