@@ -340,7 +340,8 @@ def worker_opts(args: argparse.Namespace) -> dict[str, Any]:
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "token": secrets.token_hex(16), "lease_s": 120.0, "pull_timeout_s": 60.0,
-            "switch_interval_us": args.gil_switch_interval_us}
+            "switch_interval_us": args.gil_switch_interval_us,
+            "max_request_tokens": max((length for length, _ in cells), default=1) + args.gen + 1}
     if args.d_tp > 1:
         opts.update({"d_tp": args.d_tp, "tp_init": f"tcp://127.0.0.1:{_free_port()}"})
     return opts

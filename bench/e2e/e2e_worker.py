@@ -81,16 +81,20 @@ def _build(role: str, opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     factors = engine_factors(ckpt.config, f"random-{opts['geometry']}")
     token = opts["token"]
     arena_bytes = kvcache.arena_layout(spec).nbytes
+    # P's staging and D's receive buffer: sized to the largest request, not to the arena (as
+    # make_prefill_side and DecodeRank do by default), so that 32k x 8 fits beside two arenas
+    # on one card. D pulls one request at a time; P's staging holds two (a slot is freed when
+    # D's READ notification arrives, possibly after the next PREPARE).
+    req_bytes = kvcache.kv_bytes_per_token(spec) * opts["max_request_tokens"] + (1 << 20)
     if role == "prefill":
-        # as make_prefill_side, with the staging region sized to the arena (not twice it): D
-        # pulls one request at a time and P frees a slot as soon as D has read it
         rank = PrefillRank(spec, factors, token.encode(), dev, lease_s=opts["lease_s"],
                            host="127.0.0.1", port=0, arena=eng.arena,
-                           staging_bytes=arena_bytes + (1 << 20))
+                           staging_bytes=min(2 * req_bytes, arena_bytes + (1 << 20)))
         eng.prefill = PrefillSide([rank], uuid.uuid4().hex, "127.0.0.1", rank.address[1], 1,
                                   spec.block_size)
     elif role == "decode":
-        eng.decode = DecodeSide(spec, factors, token, eng.arena, dev, opts["pull_timeout_s"])
+        eng.decode = DecodeSide(spec, factors, token, eng.arena, dev, opts["pull_timeout_s"],
+                                recv_bytes=min(req_bytes, arena_bytes + (1 << 16)))
     if dev == "cuda":
         torch.cuda.synchronize()
     info = {"role": role, "pid": os.getpid(), "build_s": round(time.perf_counter() - t0, 2),

@@ -322,13 +322,17 @@ class DecodeRank:
 
     def __init__(self, spec: RankSpec, factors: dict, token: bytes, device: str = "cpu", *,
                  name: str | None = None, arena: torch.Tensor | None = None,
-                 timeout: float = 30.0, transport: Transport | None = None):
+                 timeout: float = 30.0, transport: Transport | None = None,
+                 recv_bytes: int | None = None):
+        """`recv_bytes`: the receive buffer one pull lands in before the scatter; by default
+        the arena's size (any request fits). Smaller saves device memory: a pull that needs
+        more is refused before anything is sent."""
         self.token = require_token(token)  # before anything is allocated or registered
         self.spec, self.device, self.factors = spec, device, factors
         self.hash = hash_factors(factors)
         nb = arena_layout(spec).nbytes
         self.arena = arena if arena is not None else torch.zeros(nb, dtype=torch.uint8, device=device)
-        self.recv = torch.zeros(nb + (1 << 16), dtype=torch.uint8, device=device)
+        self.recv = torch.zeros(recv_bytes or nb + (1 << 16), dtype=torch.uint8, device=device)
         self.own_transport = transport is None
         self.transport = transport or Transport(name or f"decode-{spec.tp_rank}-{id(self):x}", device)
         self.name = self.transport.name
@@ -404,6 +408,9 @@ class DecodeRank:
         for nb in sizes:
             recv_offs.append(recv_off)
             recv_off += (nb + 255) // 256 * 256
+        if recv_off > self.recv.numel():
+            raise TransferError(f"request {req_id}: {T} tokens need {recv_off} bytes of receive "
+                                f"buffer, this decode rank has {self.recv.numel()} (recv_bytes)")
         d_arr = _arrays(d_req) if len(pairs) > 1 else d_req  # several peers: convert once
         dyns = [tm.dyn("decode", d_arr, T) for _, tm in pairs]
         progs = [program_for(tm.scatter, self.device, gather=False) for _, tm in pairs]

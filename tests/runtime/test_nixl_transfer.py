@@ -272,3 +272,29 @@ def test_empty_token_refused_before_anything_starts():
         build_prefill(_base(token=""), 0, "cpu")
     with pytest.raises(TokenError):
         build_decode(Cell(token="  "), 0, "cpu")
+
+
+def test_a_pull_larger_than_the_receive_buffer_is_refused_before_prepare(pair):
+    """DecodeRank(recv_bytes=...) below a request's bytes: the pull is refused by name before
+    anything reaches P, and the request stays pullable by a rank with room for it."""
+    import numpy as np
+    import torch
+
+    from pd_runtime.selftest import cell_requests
+    from pd_runtime.transport import TransferError
+    from pd_runtime.worker import DecodeRank
+
+    cell = _base(p_tp=1, d_tp=1, requests=1)
+    pr, [(dr, want)] = pair(cell)
+    rid, preq, dreq, _ = cell_requests(cell)[0]
+    small = DecodeRank(dr.spec, cell.factors("d"), cell.token.encode(), "cpu",
+                       arena=torch.zeros_like(dr.arena), recv_bytes=4096)
+    try:
+        small.connect([pr.address])
+        with pytest.raises(TransferError, match=r"need \d+ bytes of receive buffer.* has 4096"):
+            small.pull(rid, preq, dreq)
+        assert pr.stats()["staging_in_use"] == 0 and pr.stats()["held"] == 1
+        dr.pull(rid, preq, dreq)
+        assert np.array_equal(dr.arena.numpy(), want)
+    finally:
+        small.close()

@@ -214,9 +214,10 @@ class DecodeSide:
     asynchronous = True
 
     def __init__(self, spec: RankSpec, factors: dict, token: bytes | str, arena: torch.Tensor,
-                 device: str = "cpu", timeout: float = 30.0):
+                 device: str = "cpu", timeout: float = 30.0, recv_bytes: int | None = None):
         self.spec, self.factors, self.token = spec, factors, _factors_token(token)
         self.arena, self.device, self.timeout = arena, device, timeout
+        self.recv_bytes = recv_bytes  # each connection's receive buffer (DecodeRank)
         self.conns: dict[tuple[str, str, int, int], Any] = {}
         self.lock = threading.Lock()
         self.stats = PDStats()
@@ -228,7 +229,7 @@ class DecodeSide:
         dr = self.conns.get(key)
         if dr is None:
             dr = DecodeRank(self.spec, self.factors, self.token, self.device, arena=self.arena,
-                            timeout=self.timeout)
+                            timeout=self.timeout, recv_bytes=self.recv_bytes)
             try:
                 dr.connect([(p.remote_host, p.remote_port + r) for r in range(p.tp_size)])
             except Exception:
