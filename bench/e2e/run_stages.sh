@@ -1,15 +1,20 @@
-# Issue 13, P's gather on its own stream: the GPU tests file by file, the table-upload bench,
-# then bench_e2e (P/D only) with the gather on the engine's stream (the previous path) and on
-# its own high-priority stream, D at TP 1 and TP 2, and the GIL switch interval at 5000 / 500 us.
-# Repository root, on the GPU machine: OUT=dir [STAGES="tests upload e2e gil"] [E2E_ARGS=...]
-#   sh bench/e2e/run_gather_stream.sh        (results also in $OUT/results.tgz)
+# Issue 13 on one GPU, by stage (STAGES, default "tests upload gather gil"):
+#   tests   the GPU tests, file by file
+#   upload  bench/transfer/bench_upload.py (D's table upload, pinned against pageable)
+#   gather  bench_e2e P/D with P's gather on the engine's stream (the previous path) and on its
+#           own high-priority stream, D at TP 1 and TP 2
+#   gil     bench_e2e P/D with the GIL switch interval at 5000 (Python's) and 500 us
+#   mla     bench_e2e aggregated and P/D, the MLA geometry, 1k x 8
+#   big     bench_e2e P/D, then aggregated: 8k x 32 and 32k x 8 (8k x 8 beside them)
+# Repository root, on the GPU machine: OUT=dir [STAGES=...] [E2E_ARGS=...]
+#   sh bench/e2e/run_stages.sh        (every result and log in $OUT/results.tgz)
 # Wheels the machine lacks (nixl-cu13, msgspec; cp312) are expected in .device-wheels/.
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee $OUT/gpu.txt
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device-wheels/*.whl
 export PYTHONPATH=/tmp/site:$PWD/runtime:$PWD PYTHONUNBUFFERED=1
 export UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y UCX_TLS=cuda_ipc,cuda_copy,tcp
 R=/tmp/results; mkdir -p $R
-STAGES=${STAGES:-tests upload e2e gil}
+STAGES=${STAGES:-tests upload gather gil}
 E2E_ARGS=${E2E_ARGS:---prompts 1024,8192 --concurrency 1,8 --reps 2 --reps-concurrent 2}
 e2e() {  # name, extra args...
   n=$1; shift
@@ -27,7 +32,7 @@ case " $STAGES " in *" upload "*)
   timeout 120 python3 bench/transfer/bench_upload.py --out $R/upload.json 2>&1 | tail -12
   timeout 60 python3 bench/transfer/bench_upload.py --peers 2 --reps 100 --blocks 64,512 \
     --out $R/upload_2peers.json 2>&1 | tail -8 ;; esac
-case " $STAGES " in *" e2e "*)
+case " $STAGES " in *" gather "*)
   for tp in 1 2; do
     PD_RUNTIME_GATHER_STREAM=engine e2e tp${tp}_engine --d-tp $tp
     PD_RUNTIME_GATHER_STREAM=priority e2e tp${tp}_priority --d-tp $tp
@@ -35,4 +40,11 @@ case " $STAGES " in *" e2e "*)
 case " $STAGES " in *" gil "*)
   e2e gil5000 --gil-switch-interval-us 5000
   e2e gil500 --gil-switch-interval-us 500 ;; esac
+case " $STAGES " in *" mla "*)
+  E2E_ARGS="--prompts 1024 --concurrency 1,8 --reps 2 --reps-concurrent 2" \
+    e2e mla --geometry dsv2-lite-mla --modes aggregated,pd ;; esac
+case " $STAGES " in *" big "*)
+  BIG="--prompts 8192,32768 --concurrency 8,32 --max-cell-tokens 300000 --reps-concurrent 1"
+  E2E_ARGS="$BIG" E2E_S=${BIG_PD_S:-200} e2e big_pd
+  E2E_ARGS="$BIG" E2E_S=${BIG_AGG_S:-240} e2e big_agg --modes aggregated ;; esac
 tar czf $OUT/results.tgz -C $R .
