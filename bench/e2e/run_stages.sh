@@ -1,9 +1,10 @@
-# Issue 13 on one GPU, by stage (STAGES, default "tests upload gather gil"):
-#   tests   the GPU tests, file by file
+# Issue 13 on one GPU, by stage (STAGES, default "tests upload streams gil"):
+#   tests   the GPU tests, file by file (TESTS: which files; logs tests_<file>.log)
 #   upload  bench/transfer/bench_upload.py (D's table upload, pinned against pageable)
-#   gather  bench_e2e P/D with P's gather on the engine's stream (the previous path) and on its
-#           own high-priority stream, D at TP 1 and TP 2
-#   gil     bench_e2e P/D with the GIL switch interval at 5000 (Python's) and 500 us
+#   streams bench_e2e P/D with the transfer kernels on the engine's stream (the previous path)
+#           and on their own high-priority stream (PD_RUNTIME_TRANSFER_STREAM), D at TP 1 and 2
+#           (STREAM_TPS), once per round (ROUNDS="a b ...": the paths alternate)
+#   gil     bench_e2e P/D with the GIL switch interval at 5000 (Python's) and 500 us, per round
 #   mla     bench_e2e aggregated and P/D, the MLA geometry, 1k x 8
 #   big     bench_e2e P/D, then aggregated: 8k x 32 and 32k x 8 (8k x 8 beside them)
 # Repository root, on the GPU machine: OUT=dir [STAGES=...] [E2E_ARGS=...]
@@ -14,7 +15,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD/runtime:$PWD PYTHONUNBUFFERED=1
 export UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y UCX_TLS=cuda_ipc,cuda_copy,tcp
 R=/tmp/results; mkdir -p $R
-STAGES=${STAGES:-tests upload gather gil}
+STAGES=${STAGES:-tests upload streams gil}
 E2E_ARGS=${E2E_ARGS:---prompts 1024,8192 --concurrency 1,8 --reps 2 --reps-concurrent 2}
 e2e() {  # name, extra args...
   n=$1; shift
@@ -23,23 +24,25 @@ e2e() {  # name, extra args...
   echo "== e2e $n"; tail -6 $R/e2e_$n.log
 }
 case " $STAGES " in *" tests "*)
-  for f in tests/gpu/test_*.py tests/unit/engine/test_model_gpu.py; do
-    echo "== $f"
-    timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider --noconftest -rfEs $f 2>&1 \
-      | grep -v "NIXL INFO" | tail -4
+  for f in ${TESTS:-tests/gpu/test_*.py tests/unit/engine/test_model_gpu.py}; do
+    echo "== $f"; n=$(basename $f .py)
+    timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider --noconftest -rfEs \
+      --tb=short $f 2>&1 | grep -v "NIXL INFO" > $R/tests_$n.log; tail -4 $R/tests_$n.log
   done 2>&1 | tee $R/gpu_tests.txt ;; esac
 case " $STAGES " in *" upload "*)
   timeout 120 python3 bench/transfer/bench_upload.py --out $R/upload.json 2>&1 | tail -12
   timeout 60 python3 bench/transfer/bench_upload.py --peers 2 --reps 100 --blocks 64,512 \
     --out $R/upload_2peers.json 2>&1 | tail -8 ;; esac
-case " $STAGES " in *" gather "*)
-  for tp in 1 2; do
-    PD_RUNTIME_GATHER_STREAM=engine e2e tp${tp}_engine --d-tp $tp
-    PD_RUNTIME_GATHER_STREAM=priority e2e tp${tp}_priority --d-tp $tp
-  done ;; esac
+case " $STAGES " in *" streams "*)
+  for round in ${ROUNDS:-a}; do for tp in ${STREAM_TPS:-1 2}; do
+    PD_RUNTIME_TRANSFER_STREAM=engine e2e tp${tp}_engine_$round --d-tp $tp
+    PD_RUNTIME_TRANSFER_STREAM=priority e2e tp${tp}_priority_$round --d-tp $tp
+  done; done ;; esac
 case " $STAGES " in *" gil "*)
-  e2e gil5000 --gil-switch-interval-us 5000
-  e2e gil500 --gil-switch-interval-us 500 ;; esac
+  for round in ${ROUNDS:-a}; do
+    e2e gil5000_$round --gil-switch-interval-us 5000
+    e2e gil500_$round --gil-switch-interval-us 500
+  done ;; esac
 case " $STAGES " in *" mla "*)
   E2E_ARGS="--prompts 1024 --concurrency 1,8 --reps 2 --reps-concurrent 2" \
     e2e mla --geometry dsv2-lite-mla --modes aggregated,pd ;; esac

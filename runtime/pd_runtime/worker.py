@@ -27,7 +27,14 @@ from .handshake import (
     compare_hash,
     require_token,
 )
-from .kernels.kvcopy import gather_stream, on_stream, program_for, queued_work, upload_all, wait_device
+from .kernels.kvcopy import (
+    on_stream,
+    program_for,
+    queued_work,
+    transfer_stream,
+    upload_all,
+    wait_device,
+)
 from .kvcache import GeometryError, RankSpec, arena_layout
 from .lease import LeaseError, LeaseTable, StagingFull, consumer_id
 from .planner import PlanError, Request, expected_consumers
@@ -145,7 +152,7 @@ class PrefillRank:
         self.requests: dict[str, Request] = {}
         self._held: dict[str, _Held] = {}  # the same requests, ready for the gather
         self.templates = TemplateCache()  # per D geometry: built once, reused for every request
-        self.gather_stream = gather_stream(device)
+        self.stream = transfer_stream(device)  # the gathers' (kernels/kvcopy.py)
         self.own_transport = transport is None
         self.transport = transport or Transport(name or f"prefill-{spec.tp_rank}-{id(self):x}", device)
         self.name = self.transport.name
@@ -168,7 +175,7 @@ class PrefillRank:
         if req_id in self.requests:
             raise LeaseError(f"request {req_id!r} is already held")
         self.requests[req_id] = req
-        written = queued_work(self.device) if self.gather_stream is not None else None
+        written = queued_work(self.device) if self.stream is not None else None
         self._held[req_id] = _held(req, written)  # tables packed once here, not once per PREPARE
         try:
             self.leases.hold(req_id)
@@ -266,9 +273,9 @@ class PrefillRank:
         dyn = tm.dyn("prefill", mine, T)
         nbytes = tm.nbytes(T)
         off = self.leases.slot(rid, consumer_id(peer.agent, peer.spec.tp_rank), nbytes, tm.expected)
-        prog = program_for(tm.gather, self.device, gather=True)
-        t1 = time.perf_counter()
-        with on_stream(self.gather_stream, held.written):
+        with on_stream(self.stream, held.written):  # a new program uploads its tables here too
+            prog = program_for(tm.gather, self.device, gather=True)
+            t1 = time.perf_counter()
             prog.run(self.arena, self.staging, dyn, off)  # uploads the tables + scalars, launches
             wait_device(self.device)  # this stream's work: the gather
         t2 = time.perf_counter()
@@ -338,6 +345,7 @@ class DecodeRank:
         self.name = self.transport.name
         self.transport.register(self.arena)
         self.transport.register(self.recv)
+        self.stream = transfer_stream(device)  # table uploads and scatters (kernels/kvcopy.py)
         self.timeout = timeout
         self.peers: dict[int, _Peer] = {}
         self.p_pool: RankSpec | None = None
@@ -413,9 +421,10 @@ class DecodeRank:
                                 f"buffer, this decode rank has {self.recv.numel()} (recv_bytes)")
         d_arr = _arrays(d_req) if len(pairs) > 1 else d_req  # several peers: convert once
         dyns = [tm.dyn("decode", d_arr, T) for _, tm in pairs]
-        progs = [program_for(tm.scatter, self.device, gather=False) for _, tm in pairs]
-        # tables + scalars of every peer go up now, in one copy that overlaps the PREPARE
-        bts = upload_all(self.arena.device, list(zip(dyns, recv_offs)))
+        with on_stream(self.stream, None):
+            progs = [program_for(tm.scatter, self.device, gather=False) for _, tm in pairs]
+            # tables + scalars of every peer go up now, in one copy that overlaps the PREPARE
+            bts = upload_all(self.arena.device, list(zip(dyns, recv_offs)))
         st = PullStats(bytes=sum(sizes), peers=len(pairs))
         st.plan_seconds = time.perf_counter() - t0
         lease = min((self.peers[pr].lease_s for pr, _ in pairs), default=30.0)
@@ -443,10 +452,11 @@ class DecodeRank:
             raise LeaseError(f"request {req_id}: READ finished after the prefill lease ({lease}s); "
                              "data may be stale")
         ts = time.perf_counter()
-        for (pr, tm), pg, dy, bt, ro in zip(pairs, progs, dyns, bts, recv_offs):
-            pg.run(self.recv, self.arena, dy, ro, bt)
-            st.scatter_segments += tm.rows(T)
-        wait_device(self.device)
+        with on_stream(self.stream, None):  # after this stream's table upload
+            for (pr, tm), pg, dy, bt, ro in zip(pairs, progs, dyns, bts, recv_offs):
+                pg.run(self.recv, self.arena, dy, ro, bt)
+                st.scatter_segments += tm.rows(T)
+            wait_device(self.device)
         st.scatter_seconds = time.perf_counter() - ts
         for pr in self._release:
             exp = expected_consumers(p_pool.with_rank(pr), self.spec, pr)

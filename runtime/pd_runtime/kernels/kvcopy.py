@@ -289,17 +289,24 @@ def wait_device(device: torch.device | str) -> None:
     ev.synchronize()
 
 
-GATHER_STREAMS = ("priority", "engine")
+TRANSFER_STREAMS = ("priority", "engine")
 
 
-def gather_stream(device: torch.device | str) -> torch.cuda.Stream | None:
-    """The stream P's gathers run on: on CUDA one of their own at the highest priority, unless
-    PD_RUNTIME_GATHER_STREAM=engine (the previous path, kept to measure against). On the
-    engine's stream a gather queues behind everything the engine launched after the prefill it
-    reads, the next prefill as a rule: 103 ms of a 105 ms pull under load (H200 run 10)."""
-    raw = os.environ.get("PD_RUNTIME_GATHER_STREAM", "priority")
-    if raw not in GATHER_STREAMS:
-        raise ValueError(f"PD_RUNTIME_GATHER_STREAM={raw!r}: expected one of {GATHER_STREAMS}")
+def transfer_stream(device: torch.device | str) -> torch.cuda.Stream | None:
+    """The stream a rank's transfer kernels run on (P's gathers; D's table uploads and
+    scatters): on CUDA one of their own at the highest priority, unless
+    PD_RUNTIME_TRANSFER_STREAM=engine (the previous path, kept to measure against). On the
+    engine's stream they queue behind whatever the engine launched before them: on P the next
+    prefill (103 ms of a 105 ms pull under load, H200 run 10), on D the decode steps.
+
+    Safe without further ordering because nothing else touches what they write: P's gather
+    reads a held request's blocks (ordered after the kernels that wrote them by `queued_work`,
+    recorded at hold()) into its own staging slot; D's scatter writes blocks that no kernel
+    reads before the pull ends (the engine's step loop is synchronous, a pulling request joins
+    a step only afterwards, there is no prefix sharing, and padded graph rows repeat row 0)."""
+    raw = os.environ.get("PD_RUNTIME_TRANSFER_STREAM", "priority")
+    if raw not in TRANSFER_STREAMS:
+        raise ValueError(f"PD_RUNTIME_TRANSFER_STREAM={raw!r}: expected one of {TRANSFER_STREAMS}")
     if raw == "engine" or not str(device).startswith("cuda"):
         return None
     # (lowest, highest): the highest is the most negative; a static method that torch's stubs

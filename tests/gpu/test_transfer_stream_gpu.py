@@ -1,6 +1,7 @@
-"""GPU: P's gather on its own high-priority stream waits for the kernels that wrote the held
-request's KV (the event recorded at `hold()`), and no longer for what the engine queued after
-them. Skips cleanly without CUDA."""
+"""GPU: P's gather on its own high-priority stream (kernels/kvcopy.transfer_stream) waits for
+the kernels that wrote the held request's KV (the event recorded at `hold()`), and no longer for
+what the engine queued after them. D's side of the same stream is covered by the P/D tests on
+CUDA (test_engine_gpu.py, test_runtime_transfer_gpu.py's cell). Skips cleanly without CUDA."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _rank_and_pair(monkeypatch, stream: str):
     from pd_runtime.worker import PrefillRank
     from tests.helpers import kv_pairs, kv_requests
 
-    monkeypatch.setenv("PD_RUNTIME_GATHER_STREAM", stream)
+    monkeypatch.setenv("PD_RUNTIME_TRANSFER_STREAM", stream)
     m = ModelSpec(num_layers=4, num_kv_heads=8, head_size=64)
     p = RankSpec(m, 1, 0, 16, "HND", 40)
     d = RankSpec(m, 2, 0, 32, "NHD", 24)
@@ -59,7 +60,7 @@ def _gather_after_slow_write(rank, d, preq, pair):
 def test_gather_waits_for_the_held_requests_kv(monkeypatch, stream):
     rank, d, preq, pair = _rank_and_pair(monkeypatch, stream)
     try:
-        assert (rank.gather_stream is not None) == (stream == "priority")
+        assert (rank.stream is not None) == (stream == "priority")
         got, _ = _gather_after_slow_write(rank, d, preq, pair)
         assert np.array_equal(got, pair.want_slot[256 : 256 + pair.nbytes])
     finally:
@@ -73,6 +74,9 @@ def test_gather_does_not_wait_for_work_queued_after_hold(monkeypatch):
         from pd_runtime.worker import _Consumer, req_to_wire
 
         rank.arena.copy_(torch.from_numpy(pair.p_arena).cuda())
+        rank.hold("r1", preq)  # a first gather builds the program and compiles the kernel
+        rank._gather(PrepareRequest("r1", preq.num_tokens, req_to_wire(preq)),
+                     _Consumer("decode-agent", d.with_rank(0)))
         rank.hold("r2", preq)
         torch.cuda._sleep(SLEEP_CYCLES)  # the engine's next prefill, launched after hold()
         t0 = time.perf_counter()
