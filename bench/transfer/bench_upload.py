@@ -7,6 +7,9 @@ H200 run of 2026-12-02 (docs/performance.md, "The host path"): D's plan at 64 bl
 call by call, so the small-table cost can be split from the rest of D's plan. "busy" queues
 `--busy-us` of device work (torch.cuda._sleep) on the stream first, as the engine's decode step
 does in serving: a copy from pageable memory waits for it, a pinned one is queued behind it.
+"busy-own" queues that work on the engine's (default) stream and uploads on a stream of its own
+at the highest priority, as D does since its transfer kernels got their own stream
+(kernels/kvcopy.transfer_stream).
 
     python bench/transfer/bench_upload.py --out bench/transfer/results/h200_upload.json
 """
@@ -46,26 +49,29 @@ def main() -> int:
     dev = torch.device("cuda")
     cycles = a.busy_us * 1980  # _sleep counts SM clock cycles: the H200's 1980 MHz at most
     rng = np.random.default_rng(0)
+    own = torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[1])  # type: ignore[call-arg]
     rows = []
     for nb in [int(x) for x in a.blocks.split(",")]:
         items = [(Dyn(nb * 16, 0, 0, 0, 0, rng.permutation(4 * nb).astype(np.int64)[:nb]), 0)
                  for _ in range(a.peers)]
-        for load in ("idle", "busy"):
+        for load in ("idle", "busy", "busy-own"):
             t_call: dict[str, list[float]] = {"pinned": [], "pageable": []}
             t_done: dict[str, list[float]] = {"pinned": [], "pageable": []}
             for i in range(a.reps + 10):
                 order = ("pinned", "pageable") if i % 2 == 0 else ("pageable", "pinned")
                 for path in order:
                     torch.cuda.synchronize()
-                    if load == "busy":
+                    if load != "idle":
                         torch.cuda._sleep(cycles)
-                    t0 = time.perf_counter()
-                    bts = (upload_all if path == "pinned" else pageable)(dev, items)
-                    t1 = time.perf_counter()
-                    ev = torch.cuda.Event()
-                    ev.record()
-                    ev.synchronize()
-                    t2 = time.perf_counter()
+                    with torch.cuda.stream(own if load == "busy-own" else
+                                           torch.cuda.current_stream()):
+                        t0 = time.perf_counter()
+                        bts = (upload_all if path == "pinned" else pageable)(dev, items)
+                        t1 = time.perf_counter()
+                        ev = torch.cuda.Event()
+                        ev.record()
+                        ev.synchronize()
+                        t2 = time.perf_counter()
                     if i >= 10:
                         t_call[path].append(t1 - t0)
                         t_done[path].append(t2 - t0)
@@ -76,7 +82,7 @@ def main() -> int:
                        "call_us_p90": round(np.percentile(t_call[path], 90) * 1e6, 1),
                        "done_us_median": round(statistics.median(t_done[path]) * 1e6, 1)}
                 rows.append(row)
-                print(f"{nb:5d} blocks x{a.peers} {load:4s} {path:8s} call "
+                print(f"{nb:5d} blocks x{a.peers} {load:8s} {path:8s} call "
                       f"{row['call_us_median']:8.1f} us (p90 {row['call_us_p90']:8.1f})  "
                       f"call+copy {row['done_us_median']:8.1f} us", flush=True)
     res = {"bench": "upload", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
