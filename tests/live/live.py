@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.helpers import PdctlRun, pdctl, post_json, read_state_path, stop_pdctl_run
@@ -28,6 +29,26 @@ REQUEST_TIMEOUT_S = 120.0
 HASH_PASSED = re.compile(r"NIXL compatibility check passed \(hash: ([0-9a-f]{64})\)")
 HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
 XFER_COUNT = "vllm:nixl_xfer_time_seconds_count"
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's flags (/proc/cpuinfo), empty when unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(ln.split(":", 1)[1].split()) for ln in f
+                         if ln.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def skip_unless_cpu_fp8_kv() -> None:
+    """Skip a test whose engine uses an fp8 KV cache on a CPU that vLLM 0.32 refuses it on:
+    CPU_ATTN raises "FP8 KV cache on CPU requires x86 with AVX-512 or AMX" at start
+    (v1/attention/backends/cpu_attn.py; it asks torch for AVX-512 or AMX tiles)."""
+    flags = cpu_flags()
+    if "avx512f" not in flags and "amx_tile" not in flags:
+        pytest.skip("vLLM 0.32 refuses an fp8 KV cache on a CPU without AVX-512 or AMX "
+                    "(this one has neither)")
 
 
 def spec_doc(model: str, **changes: Any) -> dict[str, Any]:

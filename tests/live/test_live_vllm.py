@@ -196,6 +196,8 @@ POOL_VARIANTS: dict[str, dict[str, Any]] = {
 def test_pd_through_router_equals_prefill_alone_and_hash_is_predicted(
         live_python: Path, live_checkpoint: str, tmp_path: Path, variant: str) -> None:
     pool = POOL_VARIANTS[variant]
+    if str(pool.get("kvCacheDtype", "")).startswith("fp8"):
+        live.skip_unless_cpu_fp8_kv()
     spec = live.write_spec(tmp_path / "tiny-vllm.yaml",
                            live.spec_doc(live_checkpoint, prefill=pool, decode=pool))
     predicted = live.pdctl_check(spec)
@@ -255,6 +257,8 @@ def test_hash_factor_rejected_by_rules_fails_in_vllm_at_the_handshake(
     from pd_runtime.compat.hashing import differing_factors, hash_factors
 
     rule, factor = MISMATCHES[case]
+    if case == "kv-cache-dtype":  # D's KV cache is fp8_e5m2
+        live.skip_unless_cpu_fp8_kv()
     # policy Warn: the rules still say what they would reject, and pdctl run starts the pair
     doc = live.spec_doc(live_checkpoint, validation={"policy": "Warn"},
                         decode=_mismatched_decode(case, live_checkpoint, tmp_path))
