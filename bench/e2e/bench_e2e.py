@@ -55,6 +55,8 @@ def _ints(s: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from pd_runtime.serve.cli import GIL_SWITCH_US
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--geometry", default="llama3-8b", choices=sorted(GEOMETRIES))
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -83,9 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="start no new cell after this many seconds (the rest: listed as skipped)")
     ap.add_argument("--wave-timeout-s", type=float, default=240.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--gil-switch-interval-us", type=int, default=500,
+    ap.add_argument("--gil-switch-interval-us", type=int, default=GIL_SWITCH_US,
                     help="every engine process's sys.setswitchinterval, as pd-runtime serve "
-                         "sets it (its default; Python's own is 5000)")
+                         f"sets it (default {GIL_SWITCH_US}, serve's; Python's own is 5000)")
     ap.add_argument("--out", default=str(HERE / "results" / "e2e.json"))
     return ap.parse_args(argv)
 

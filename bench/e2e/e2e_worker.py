@@ -62,7 +62,7 @@ def _build(role: str, opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     dev = opts["device"]
     if dev == "cuda":
         torch.cuda.set_device(0)
-    sys.setswitchinterval(opts.get("switch_interval_us", 5000) / 1e6)  # as pd-runtime serve
+    sys.setswitchinterval(opts["switch_interval_us"] / 1e6)  # as pd-runtime serve
     t0 = time.perf_counter()
     tp_size, tp_rank = tp_of(role, opts)
     group = None

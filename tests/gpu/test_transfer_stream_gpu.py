@@ -36,24 +36,21 @@ def _rank_and_pair(monkeypatch, stream: str):
     return rank, d, preq, pair
 
 
-def _gather_after_slow_write(rank, d, preq, pair):
-    """The arena's bytes arrive behind a long kernel on the engine's (current) stream; P holds
-    the request at once and gathers: the staging slot must hold the new bytes."""
+def _gather(rank, rid: str, preq, d):
+    """PREPARE `rid` as D rank 0 would: (P's reply, seconds the gather took)."""
     from pd_runtime.protocol import PrepareRequest
     from pd_runtime.worker import _Consumer, req_to_wire
 
-    src = torch.from_numpy(pair.p_arena).cuda()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(SLEEP_CYCLES)
-    rank.arena.copy_(src)  # queued behind the sleep, as a prefill's KV writes are
-    rank.hold("r1", preq)
     t0 = time.perf_counter()
-    rep = rank._gather(PrepareRequest("r1", preq.num_tokens, req_to_wire(preq)),
+    rep = rank._gather(PrepareRequest(rid, preq.num_tokens, req_to_wire(preq)),
                        _Consumer("decode-agent", d.with_rank(0)))
-    took = time.perf_counter() - t0
+    return rep, time.perf_counter() - t0
+
+
+def _slot(rank, rep) -> np.ndarray:
+    """The staging slot's bytes (a copy on the current stream: waits for what is queued there)."""
     off = rep.addr - rank.staging.data_ptr()
-    got = rank.staging[off : off + rep.nbytes].cpu().numpy()
-    return got, took
+    return rank.staging[off : off + rep.nbytes].cpu().numpy()
 
 
 @pytest.mark.parametrize("stream", ["priority", "engine"])
@@ -61,8 +58,15 @@ def test_gather_waits_for_the_held_requests_kv(monkeypatch, stream):
     rank, d, preq, pair = _rank_and_pair(monkeypatch, stream)
     try:
         assert (rank.stream is not None) == (stream == "priority")
-        got, _ = _gather_after_slow_write(rank, d, preq, pair)
-        assert np.array_equal(got, pair.want_slot[256 : 256 + pair.nbytes])
+        # the arena's bytes arrive behind a long kernel on the engine's (current) stream; P
+        # holds the request at once and gathers: the staging slot must hold the new bytes
+        src = torch.from_numpy(pair.p_arena).cuda()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(SLEEP_CYCLES)
+        rank.arena.copy_(src)  # queued behind the sleep, as a prefill's KV writes are
+        rank.hold("r1", preq)
+        rep, _ = _gather(rank, "r1", preq, d)
+        assert np.array_equal(_slot(rank, rep), pair.want_slot[256 : 256 + pair.nbytes])
     finally:
         rank.close()
 
@@ -70,23 +74,14 @@ def test_gather_waits_for_the_held_requests_kv(monkeypatch, stream):
 def test_gather_does_not_wait_for_work_queued_after_hold(monkeypatch):
     rank, d, preq, pair = _rank_and_pair(monkeypatch, "priority")
     try:
-        from pd_runtime.protocol import PrepareRequest
-        from pd_runtime.worker import _Consumer, req_to_wire
-
         rank.arena.copy_(torch.from_numpy(pair.p_arena).cuda())
         rank.hold("r1", preq)  # a first gather builds the program and compiles the kernel
-        rank._gather(PrepareRequest("r1", preq.num_tokens, req_to_wire(preq)),
-                     _Consumer("decode-agent", d.with_rank(0)))
+        _gather(rank, "r1", preq, d)
         rank.hold("r2", preq)
         torch.cuda._sleep(SLEEP_CYCLES)  # the engine's next prefill, launched after hold()
-        t0 = time.perf_counter()
-        rep = rank._gather(PrepareRequest("r2", preq.num_tokens, req_to_wire(preq)),
-                           _Consumer("decode-agent", d.with_rank(0)))
-        took = time.perf_counter() - t0
+        rep, took = _gather(rank, "r2", preq, d)
         pending = not torch.cuda.current_stream().query()
-        off = rep.addr - rank.staging.data_ptr()
-        got = rank.staging[off : off + rep.nbytes].cpu().numpy()
-        assert np.array_equal(got, pair.want_slot[256 : 256 + pair.nbytes])
+        assert np.array_equal(_slot(rank, rep), pair.want_slot[256 : 256 + pair.nbytes])
         assert pending, "the engine's stream finished before the gather: the sleep was too short"
         assert took < 0.05, f"the gather took {took * 1e3:.1f} ms: it waited for the engine"
     finally:

@@ -282,11 +282,9 @@ def upload_all(device: torch.device, items: list[tuple[Dyn, int]]) -> list[torch
 def wait_device(device: torch.device | str) -> None:
     """Wait for the work this thread queued (its current stream), not the whole device: a
     device-wide synchronize also waits for the engine's own kernels on other streams."""
-    if not str(device).startswith("cuda"):
-        return
-    ev = torch.cuda.Event()
-    ev.record(torch.cuda.current_stream(torch.device(device)))
-    ev.synchronize()
+    ev = queued_work(device)
+    if ev is not None:
+        ev.synchronize()
 
 
 TRANSFER_STREAMS = ("priority", "engine")
