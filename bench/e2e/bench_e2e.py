@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-cell-tokens", type=int, default=65536,
                     help="skip cells whose prompts add up to more tokens than this")
     ap.add_argument("--gen", type=int, default=32, help="new tokens per request")
+    ap.add_argument("--p-staging-requests", type=int, default=2,
+                    help="P's staging region in requests of the largest size (at most twice "
+                         "the arena); P gathers at hold() only while half of it stays free")
     ap.add_argument("--reps", type=int, default=3, help="waves per cell at concurrency 1")
     ap.add_argument("--reps-concurrent", type=int, default=2, help="waves per cell above 1")
     ap.add_argument("--prefill-lengths", type=_ints, default=[1024, 8192, 32768])
@@ -343,6 +346,7 @@ def worker_opts(args: argparse.Namespace) -> dict[str, Any]:
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "token": secrets.token_hex(16), "lease_s": 120.0, "pull_timeout_s": 60.0,
             "switch_interval_us": args.gil_switch_interval_us,
+            "p_staging_requests": args.p_staging_requests,
             "max_request_tokens": max((length for length, _ in cells), default=1) + args.gen + 1}
     if args.d_tp > 1:
         opts.update({"d_tp": args.d_tp, "tp_init": f"tcp://127.0.0.1:{_free_port()}"})

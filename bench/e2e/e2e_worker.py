@@ -83,13 +83,15 @@ def _build(role: str, opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     arena_bytes = kvcache.arena_layout(spec).nbytes
     # P's staging and D's receive buffer: sized to the largest request, not to the arena (as
     # make_prefill_side and DecodeRank do by default), so that 32k x 8 fits beside two arenas
-    # on one card. D pulls one request at a time; P's staging holds two (a slot is freed when
-    # D's READ notification arrives, possibly after the next PREPARE).
+    # on one card. D pulls one request at a time; P's staging holds two by default (a slot is
+    # freed when D's READ notification arrives, possibly after the next PREPARE); more lets P
+    # gather at hold() for the requests D has not pulled yet (worker.py: stage at hold).
     req_bytes = kvcache.kv_bytes_per_token(spec) * opts["max_request_tokens"] + (1 << 20)
     if role == "prefill":
         rank = PrefillRank(spec, factors, token.encode(), dev, lease_s=opts["lease_s"],
                            host="127.0.0.1", port=0, arena=eng.arena,
-                           staging_bytes=min(2 * req_bytes, arena_bytes + (1 << 20)))
+                           staging_bytes=min(opts["p_staging_requests"] * req_bytes,
+                                             2 * arena_bytes + (1 << 20)))
         eng.prefill = PrefillSide([rank], uuid.uuid4().hex, "127.0.0.1", rank.address[1], 1,
                                   spec.block_size)
     elif role == "decode":

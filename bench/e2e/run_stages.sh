@@ -5,6 +5,12 @@
 #           and on their own high-priority stream (PD_RUNTIME_TRANSFER_STREAM), D at TP 1 and 2
 #           (STREAM_TPS), once per round (ROUNDS="a b ...": the paths alternate)
 #   gil     bench_e2e P/D with the GIL switch interval at 5000 (Python's) and 500 us, per round
+#   stage   bench_e2e P/D with P's gather at PREPARE (PD_RUNTIME_STAGE_AT_HOLD=0, the previous
+#           path) and at hold(), P's staging room for 18 requests, per round
+#   tiles   bench/transfer/bench_transfer.py --sweep-mib: the template kernel's tile and warps
+#           at 64 and 128 MiB, every case, against a copy
+#   hostpath bench/transfer/bench_host_path.py: the baseline commit's transfer engine (its
+#           tarball in .device-wheels/) against this one, pulls alternating
 #   mla     bench_e2e aggregated and P/D, the MLA geometry, 1k x 8
 #   big     bench_e2e P/D, then aggregated: 8k x 32 and 32k x 8 (8k x 8 beside them)
 # Repository root, on the GPU machine: OUT=dir [STAGES=...] [E2E_ARGS=...]
@@ -43,6 +49,19 @@ case " $STAGES " in *" gil "*)
     e2e gil5000_$round --gil-switch-interval-us 5000
     e2e gil500_$round --gil-switch-interval-us 500
   done ;; esac
+case " $STAGES " in *" stage "*)
+  for round in ${ROUNDS:-a}; do for tp in ${STAGE_TPS:-1}; do
+    PD_RUNTIME_STAGE_AT_HOLD=0 e2e tp${tp}_stage0_$round --d-tp $tp --p-staging-requests 18
+    PD_RUNTIME_STAGE_AT_HOLD=1 e2e tp${tp}_stage1_$round --d-tp $tp --p-staging-requests 18
+  done; done ;; esac
+case " $STAGES " in *" hostpath "*)
+  timeout ${HOSTPATH_S:-120} python3 bench/transfer/bench_host_path.py --device cuda \
+    --out $R/host_path.json ${HOSTPATH_ARGS:---reps 40} 2>&1 | grep -v "NIXL INFO" \
+    > $R/host_path.log; tail -8 $R/host_path.log ;; esac
+case " $STAGES " in *" tiles "*)
+  timeout ${TILES_S:-150} python3 bench/transfer/bench_transfer.py --skip-nixl --sizes-mib 64 \
+    --sweep-mib ${TILES_MIB:-64,128} --out $R/tiles.json 2>&1 | grep -E "back-to-back|sweep" \
+    > $R/tiles.log; tail -3 $R/tiles.log ;; esac
 case " $STAGES " in *" mla "*)
   E2E_ARGS="--prompts 1024 --concurrency 1,8 --reps 2 --reps-concurrent 2" \
     e2e mla --geometry dsv2-lite-mla --modes aggregated,pd ;; esac

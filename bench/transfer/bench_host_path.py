@@ -14,7 +14,11 @@ same machine load. Per pull it records the wall time and its parts:
     scatter_run   D's scatter call (launch on CUDA; the copy itself on CPU); scatter_wait
     notif         release notifications; other: the rest of the wall time
     host          the issue's definition: wall - (gather + READ + scatter)
-    p_hold        P's hold() of the request (outside the pull; the new path packs tables there)
+    p_hold        P's hold() of the request (outside the pull; tables are packed there, and a
+                  P that gathers at hold() launches the gather there)
+
+Between hold() and the pull the bench pauses --hold-gap-ms, untimed: in serving P's answer
+goes through the router to D first.
 
 The baseline source comes from `git archive <commit>` here, or from a tarball made with
 `--pack-baseline` (for a machine without the repository's history). Raw JSON goes to --out.
@@ -263,12 +267,15 @@ def run(args, base_dir: str | None, modes: list[str]) -> dict:
                 pt, dt = tables(nbk, d.num_blocks, nbk)
                 rid = f"{mode}{n}"
                 n += 1
+                time.sleep(args.gap_ms / 1e3)  # lets P's poller free the last slot, untimed
                 conn.send((mode, rid, nbk))
                 hold_s = reply()
                 preq, dreq = planner.Request(nbk * 16, {0: pt}), planner.Request(nbk * 16, {0: dt})
                 if i == 0:
                     arena.zero_()
-                time.sleep(args.gap_ms / 1e3)  # lets P's poller free the last slot, untimed
+                # P's answer on its way through the router to D's pull (a P that gathers at
+                # hold() does it meanwhile), untimed
+                time.sleep(args.hold_gap_ms / 1e3)
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 st = _pull(ranks[mode], timers[mode], rid, preq, dreq)
@@ -327,7 +334,7 @@ def _micro_one(pkg: str, geo: str, device: str, nbk: int, max_blocks: int, reps:
     pg = kvcopy.program_for(tm.scatter, device, gather=False)
     enc, dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(proto.ClientMessage)
     new = hasattr(worker, "_held")
-    held = worker._held(preq) if new else preq
+    held = worker._held(preq, None) if new else preq
     dev = torch.device(device)
 
     def d_plan():
@@ -355,7 +362,7 @@ def _micro_one(pkg: str, geo: str, device: str, nbk: int, max_blocks: int, reps:
 
     def p_hold():
         if new:
-            worker._held(preq)
+            worker._held(preq, None)
 
     res: dict = {}
     for name, fn in (("d_plan", d_plan), ("hmac", macs), ("p_prepare", p_side),
@@ -399,7 +406,9 @@ def main() -> int:
     ap.add_argument("--blocks", default="64,512,2048")
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--warm", type=int, default=5)
-    ap.add_argument("--gap-ms", type=float, default=3.0)
+    ap.add_argument("--gap-ms", type=float, default=3.0, help="untimed pause before P holds")
+    ap.add_argument("--hold-gap-ms", type=float, default=1.0,
+                    help="untimed pause between P's hold() and D's pull")
     ap.add_argument("--separate", action="store_true",
                     help="the paths one after the other, each in its own P/D processes (on 2 "
                          "cores: NIXL's progress threads spin; two agents a process starve P)")

@@ -292,12 +292,15 @@ def _frame(mac: bytes, payload: bytes) -> bytes:
 
 class SideChannelServer:
     """Prefill side. `handler(request, session) -> reply` runs per authenticated request; a
-    HandshakeError it raises is answered as a typed ErrorReply, anything else as `internal`."""
+    HandshakeError it raises is answered as a typed ErrorReply, anything else as `internal`.
+    `on_close(session)` runs once when an authenticated connection ends, however it ends."""
 
     def __init__(self, token: bytes, handler: Handler, host: str = "127.0.0.1", port: int = 0,
-                 limits: ChannelLimits | None = None):
+                 limits: ChannelLimits | None = None,
+                 on_close: Callable[[Session], None] | None = None):
         self.token = require_token(token)
         self.handler = handler
+        self.on_close = on_close
         self.limits = limits or ChannelLimits()
         self.auth_failures = 0
         self.sessions = 0  # connections authenticated
@@ -335,9 +338,11 @@ class SideChannelServer:
     def _serve(self, s: socket.socket, addr: tuple[str, int]) -> None:
         frames = _Frames(s, self.limits.frame_timeout_s)
         end_by = time.monotonic() + self.limits.lifetime_s
+        session: Session | None = None
         try:
             ch = self._authenticate(frames)
-            self._requests(ch, Session((addr[0], addr[1])), end_by)
+            session = Session((addr[0], addr[1]))
+            self._requests(ch, session, end_by)
         except (ChannelClosed, ChannelTimeout):
             pass  # the peer went away, or was too slow: nothing to answer
         except HandshakeError as e:
@@ -351,6 +356,11 @@ class SideChannelServer:
                 self._conns.discard(s)
             s.close()
             self._slots.release()
+            if session is not None and self.on_close is not None:
+                try:
+                    self.on_close(session)
+                except Exception:  # noqa: BLE001 - the handler's bug must not leak a slot
+                    log.exception("side channel %s:%s: on_close failed", addr[0], addr[1])
 
     def _authenticate(self, frames: _Frames) -> _Channel:
         by = time.monotonic() + self.limits.auth_timeout_s

@@ -7,7 +7,11 @@ when it reads nothing from this rank (the count comes from the planner on the de
 vLLM). Heartbeats `HB:<req>,<req>` extend a lease.
 
 Per consumer: a PREPARE gives its consumer a staging slot, and only that consumer's notification
-frees that slot. A lease is released when the expected number of consumers have finished and no
+frees that slot. A slot may also be staged before anyone asks (P gathers at hold() for the decode
+geometries already connected): it is keyed by that geometry, claimable once published, and the
+first PREPARE of that geometry claims it as its own; unclaimed ones go with the lease.
+
+A lease is released when the expected number of consumers have finished and no
 other consumer still holds a slot; a notification can raise the expected count, never lower it
 below what PREPARE established. Bounded: released leases leave only counters and a short
 history (for the error message a late PREPARE gets); nothing outlives its lease.
@@ -22,8 +26,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,10 @@ class LeaseError(RuntimeError):
     pass
 
 
+def _aligned(nbytes: int) -> int:
+    return max(ALIGN, (nbytes + ALIGN - 1) // ALIGN * ALIGN)
+
+
 class SlotAllocator:
     """First-fit allocator over a registered staging region (offsets in bytes)."""
 
@@ -49,7 +58,7 @@ class SlotAllocator:
         self.used: dict[int, int] = {}
 
     def alloc(self, nbytes: int) -> int:
-        n = max(ALIGN, (nbytes + ALIGN - 1) // ALIGN * ALIGN)
+        n = _aligned(nbytes)
         for i, (off, ln) in enumerate(self.free):
             if ln >= n:
                 self.free[i] = (off + n, ln - n)
@@ -77,12 +86,24 @@ class SlotAllocator:
 
 
 @dataclass
+class StagedSlot:
+    """A slot gathered before any consumer asked. `done` is the caller's marker of the queued
+    gather (a CUDA event; None on the CPU); a slot is claimable only once published."""
+
+    off: int
+    nbytes: int
+    published: bool = False
+    done: Any = None
+
+
+@dataclass
 class Lease:
     req_id: str
     deadline: float
     expected: int = 0  # consumers to wait for; 0 until a PREPARE or a notification says
     done: set[str] = field(default_factory=set)  # consumers that finished
     slots: dict[str, int] = field(default_factory=dict)  # consumer -> staging offset, unfinished
+    staged: dict[Hashable, StagedSlot] = field(default_factory=dict)  # geometry -> unclaimed
 
     def finished(self) -> bool:
         return self.expected > 0 and len(self.done) >= self.expected and not self.slots
@@ -105,6 +126,7 @@ class LeaseTable:
         self.history = history
         self.consumed = 0
         self.expired = 0
+        self.claims = 0  # PREPAREs answered with a slot staged at hold()
         self.bad_notifs = 0
         self.lock = threading.RLock()
 
@@ -152,6 +174,68 @@ class LeaseTable:
                 return off
         finally:
             self._notify(events)
+
+    # -- staged at hold(): gathered before any PREPARE
+
+    def stage(self, req_id: str, key: Hashable, nbytes: int, keep_free: int) -> int | None:
+        """A slot for a gather made before any consumer asked, for the decode geometry `key`;
+        None when the request is gone, `key` is staged already, or fewer than `keep_free` bytes
+        would stay free (PREPAREs of requests not staged need that room)."""
+        with self.lock:
+            le = self.leases.get(req_id)
+            if le is None or key in le.staged:
+                return None
+            if self.alloc.size - self.alloc.in_use() - _aligned(nbytes) < keep_free:
+                return None
+            try:
+                off = self.alloc.alloc(nbytes)
+            except StagingFull:  # free bytes, but not in one piece
+                return None
+            le.staged[key] = StagedSlot(off, nbytes)
+            return off
+
+    def publish(self, req_id: str, key: Hashable, done: Any) -> None:
+        """The staged slot's gather is queued (`done` marks its end): PREPARE may claim it."""
+        with self.lock:
+            le = self.leases.get(req_id)
+            slot = le.staged.get(key) if le is not None else None
+            if slot is not None:
+                slot.published, slot.done = True, done
+
+    def unstage(self, req_id: str, key: Hashable) -> None:
+        """Give an unclaimed staged slot back (its gather could not be queued)."""
+        with self.lock:
+            le = self.leases.get(req_id)
+            slot = le.staged.pop(key, None) if le is not None else None
+            if slot is not None:
+                self.alloc.release(slot.off)
+
+    def claim(self, req_id: str, key: Hashable, consumer: str, expected: int) -> StagedSlot | None:
+        """The published slot staged for `key`, now `consumer`'s (as `slot` would give it);
+        None when there is none, and the caller gathers as usual."""
+        events: list[tuple[str, str]] = []
+        try:
+            with self.lock:
+                events = self._expire_locked()
+                le = self._lookup(req_id)
+                staged = le.staged.get(key)
+                if staged is None or not staged.published:
+                    return None
+                del le.staged[key]
+                self.claims += 1
+                le.expected = max(le.expected, expected)
+                if consumer in le.slots:
+                    self.alloc.release(le.slots.pop(consumer))
+                le.slots[consumer] = staged.off
+                le.done.discard(consumer)
+                return staged
+        finally:
+            self._notify(events)
+
+    def staged_bytes(self) -> int:
+        with self.lock:
+            return sum(_aligned(s.nbytes) for le in self.leases.values()
+                       for s in le.staged.values())
 
     def _lookup(self, req_id: str) -> Lease:
         le = self.leases.get(req_id)
@@ -214,9 +298,10 @@ class LeaseTable:
         return [(le.req_id, EXPIRED) for le in gone]
 
     def _release(self, le: Lease, reason: str) -> None:
-        for off in le.slots.values():
+        for off in [*le.slots.values(), *(s.off for s in le.staged.values())]:
             self.alloc.release(off)
         le.slots.clear()
+        le.staged.clear()
         del self.leases[le.req_id]
         self.recent[le.req_id] = reason
         while len(self.recent) > self.history:

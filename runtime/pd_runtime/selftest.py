@@ -140,8 +140,9 @@ def _transport(state: dict, name: str, device: str):
     return state["transport"]
 
 
-def build_prefill(cell: Cell, rank: int, device: str, transport=None, **kw):
-    """P rank `rank` of `cell`: its arena filled from the cell's logical KV, every request held."""
+def build_prefill(cell: Cell, rank: int, device: str, transport=None, *, hold_requests=True, **kw):
+    """P rank `rank` of `cell`: its arena filled from the cell's logical KV, every request held
+    (unless `hold_requests` is false: then the caller holds them, e.g. after D connected)."""
     import torch
 
     from .reference import random_arena, store
@@ -155,7 +156,7 @@ def build_prefill(cell: Cell, rank: int, device: str, transport=None, **kw):
         store(spec, arena, preq, lg)
     pr = PrefillRank(spec, cell.factors("p"), cell.token.encode(), device, lease_s=cell.lease_s,
                      arena=torch.from_numpy(arena).to(device), transport=transport, **kw)
-    for rid, preq, _, _ in reqs:
+    for rid, preq, _, _ in reqs if hold_requests else []:
         pr.hold(rid, preq)
     return pr
 

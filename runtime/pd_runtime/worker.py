@@ -4,11 +4,19 @@ Per request: D checks its block tables against the cached pair templates (templa
 uploads them, sends PREPARE to every P rank it reads from (one round trip for all), P gathers
 into a staging slot with the template kernel, D posts one READ per peer and scatters. Nothing is
 planned per request; the planner (planner.py) is the reference the templates are tested against.
+
+P gathers at hold() already, for every decode geometry connected at that moment (stage at hold):
+the gather then overlaps P's answer, the router and D's queue instead of sitting inside the
+PREPARE round trip, and PREPARE only claims the slot (waiting for the gather if it has not
+ended). A geometry that connects later, or a request that does not fit the half of the staging
+region staging may use, is gathered at PREPARE as before. On by default on CUDA only
+(stage_at_hold_default); PD_RUNTIME_STAGE_AT_HOLD=0 keeps the previous path, to measure against.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -108,6 +116,16 @@ def _arrays(req: Request) -> Request:
                                     for g, bt in req.block_tables.items()})
 
 
+def stage_at_hold_default(device: str) -> bool:
+    """PD_RUNTIME_STAGE_AT_HOLD: 1 gathers at hold(), 0 only at PREPARE; unset (or `auto`): on
+    CUDA only. There hold() only queues the gather; on the CPU it would copy on the engine's
+    thread, where P's next prefill waits for it (at PREPARE it runs beside the engine)."""
+    raw = os.environ.get("PD_RUNTIME_STAGE_AT_HOLD", "auto")
+    if raw not in ("0", "1", "auto"):
+        raise ValueError(f"PD_RUNTIME_STAGE_AT_HOLD={raw!r}: expected 0, 1 or auto")
+    return str(device).startswith("cuda") if raw == "auto" else raw == "1"
+
+
 def _check_req_id(req_id: str) -> None:
     if not req_id or len(req_id) > 256 or ":" in req_id or "," in req_id:
         raise ValueError(f"request id {req_id[:40]!r}: 1-256 characters, no ':' or ','")
@@ -139,8 +157,13 @@ class PrefillRank:
                  staging_bytes: int | None = None, lease_s: float = 30.0,
                  host: str = "127.0.0.1", port: int = 0, name: str | None = None,
                  arena: torch.Tensor | None = None, transport: Transport | None = None,
-                 on_release: OnRelease | None = None, limits: ChannelLimits | None = None):
+                 on_release: OnRelease | None = None, limits: ChannelLimits | None = None,
+                 stage_at_hold: bool | None = None):
+        """`stage_at_hold`: gather at hold() for the decode geometries connected then (module
+        docstring); None reads PD_RUNTIME_STAGE_AT_HOLD."""
         token = require_token(token)  # before anything is allocated or registered
+        self.stage_at_hold = (stage_at_hold_default(device) if stage_at_hold is None
+                              else stage_at_hold)
         self.spec, self.device, self.factors = spec, device, factors
         self.hash = hash_factors(factors)
         nb = arena_layout(spec).nbytes
@@ -159,7 +182,11 @@ class PrefillRank:
         self.transport.register(self.arena)
         self.transport.register(self.staging)
         self.lock = threading.Lock()
-        self.server = SideChannelServer(token, self._handle, host, port, limits)
+        self._consumers: dict[RankSpec, int] = {}  # connected decode geometries: open sessions
+        self._consumers_lock = threading.Lock()
+        self._stage_failures = 0
+        self.server = SideChannelServer(token, self._handle, host, port, limits,
+                                        on_close=self._session_closed)
         self._stop = False
         self._poller = threading.Thread(target=self._poll, daemon=True)
         self._poller.start()
@@ -183,6 +210,51 @@ class PrefillRank:
             self.requests.pop(req_id, None)
             self._held.pop(req_id, None)
             raise
+        if self.stage_at_hold and self._held[req_id].packed is not None:
+            with self._consumers_lock:
+                geometries = list(self._consumers)
+            for d_spec in geometries:
+                self._stage(req_id, self._held[req_id], d_spec)
+
+    def _stage(self, rid: str, held: _Held, d_spec: RankSpec) -> None:
+        """Gather `rid` for decode rank geometry `d_spec` now, into a slot PREPARE can claim.
+        Best effort: whatever stops it here leaves the gather to PREPARE, which names errors."""
+        T = held.req.num_tokens
+        try:
+            tm = self.templates.get(self.spec, d_spec)
+            if tm is None or tm.nbytes(T) == 0:
+                return
+            dyn = tm.dyn("prefill", held.req, T)
+        except (PlanError, GeometryError):
+            return
+        off = self.leases.stage(rid, d_spec, tm.nbytes(T), keep_free=self.staging.numel() // 2)
+        if off is None:
+            return
+        try:
+            with on_stream(self.stream, held.written):
+                prog = program_for(tm.gather, self.device, gather=True)
+                prog.run(self.arena, self.staging, dyn, off)
+                done = queued_work(self.device)  # on this stream: after the gather
+        except Exception:  # noqa: BLE001 - PREPARE gathers instead, and names what fails
+            self.leases.unstage(rid, d_spec)
+            self._stage_failures += 1
+            if self._stage_failures == 1:
+                log.exception("prefill rank %s: gather at hold() failed; gathering at PREPARE",
+                              self.name)
+            return
+        self.leases.publish(rid, d_spec, done)
+
+    def _session_closed(self, session: Session) -> None:
+        if isinstance(session.context, _Consumer):
+            self._forget_consumer(session.context.spec)
+
+    def _forget_consumer(self, d_spec: RankSpec) -> None:
+        with self._consumers_lock:
+            n = self._consumers.get(d_spec, 0) - 1
+            if n > 0:
+                self._consumers[d_spec] = n
+            else:
+                self._consumers.pop(d_spec, None)
 
     def _released(self, req_id: str, reason: str) -> None:
         self.requests.pop(req_id, None)
@@ -233,7 +305,11 @@ class PrefillRank:
             raise Refusal("plan", str(e)) from None
         except TransferError as e:
             raise Refusal("nixl", str(e)) from None
+        if isinstance(session.context, _Consumer):  # a second meta on the same connection
+            self._forget_consumer(session.context.spec)
         session.context = _Consumer(agent, msg.spec)
+        with self._consumers_lock:
+            self._consumers[msg.spec] = self._consumers.get(msg.spec, 0) + 1
         return MetaReply(self.hash, self.factors, self.spec, self.name, self.transport.metadata(),
                          StagingRegion(self.staging.data_ptr(), self.staging.numel(),
                                        Transport.dev_id(self.staging)),
@@ -270,9 +346,18 @@ class PrefillRank:
         if tm is None or tm.nbytes(T) == 0:
             raise PlanError(f"decode rank {peer.spec.tp_rank} reads nothing from prefill rank "
                             f"{self.spec.tp_rank}")
-        dyn = tm.dyn("prefill", mine, T)
         nbytes = tm.nbytes(T)
-        off = self.leases.slot(rid, consumer_id(peer.agent, peer.spec.tp_rank), nbytes, tm.expected)
+        consumer = consumer_id(peer.agent, peer.spec.tp_rank)
+        staged = self.leases.claim(rid, peer.spec, consumer, tm.expected)
+        if staged is not None and staged.nbytes == nbytes:  # gathered at hold()
+            t1 = time.perf_counter()
+            if staged.done is not None:
+                staged.done.synchronize()
+            return PrepareReply(self.staging.data_ptr() + staged.off, nbytes,
+                                Transport.dev_id(self.staging), self.leases.lease_s, tm.rows(T),
+                                t1 - t0, time.perf_counter() - t1)
+        dyn = tm.dyn("prefill", mine, T)
+        off = self.leases.slot(rid, consumer, nbytes, tm.expected)
         with on_stream(self.stream, held.written):  # a new program uploads its tables here too
             prog = program_for(tm.gather, self.device, gather=True)
             t1 = time.perf_counter()
@@ -284,6 +369,8 @@ class PrefillRank:
 
     def stats(self) -> dict:
         return {"held": self.leases.held(), "staging_in_use": self.leases.alloc.in_use(),
+                "staged_bytes": self.leases.staged_bytes(), "staged_claims": self.leases.claims,
+                "stage_failures": self._stage_failures,
                 "completed": self.leases.consumed, "expired": self.leases.expired,
                 "auth_failures": self.server.auth_failures, "refused": self.server.refused}
 

@@ -1,7 +1,9 @@
 """GPU: P's gather on its own high-priority stream (kernels/kvcopy.transfer_stream) waits for
 the kernels that wrote the held request's KV (the event recorded at `hold()`), and no longer for
-what the engine queued after them. D's side of the same stream is covered by the P/D tests on
-CUDA (test_engine_gpu.py, test_runtime_transfer_gpu.py's cell). Skips cleanly without CUDA."""
+what the engine queued after them; the same for a gather made at hold() (staged: the decode
+geometry is known then) and claimed by PREPARE. D's side of the same stream is covered by the P/D
+tests on CUDA (test_engine_gpu.py, test_runtime_transfer_gpu.py's cell). Skips cleanly without
+CUDA."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ pytestmark = gpu_marks(timeout_s=120)
 SLEEP_CYCLES = 400_000_000  # about 0.2 s of one SM's clock: far longer than a gather
 
 
-def _rank_and_pair(monkeypatch, stream: str):
+def _rank_and_pair(monkeypatch, stream: str, staged: bool = False):
     pytest.importorskip("nixl_cu13", reason="PrefillRank registers its memory with NIXL")
     from pd_runtime.compat.hashing import builtin_factors
     from pd_runtime.kvcache import ModelSpec, RankSpec
@@ -32,7 +34,9 @@ def _rank_and_pair(monkeypatch, stream: str):
     pair = next(iter(kv_pairs(p, d, preq, dreq)))
     f = builtin_factors(runtime_version="test", model="test", dtype="bfloat16", num_kv_heads=8,
                         head_size=64, num_hidden_layers=4, cache_dtype="auto", family="dense")
-    rank = PrefillRank(p, f, b"gather-stream-test", "cuda", lease_s=60)
+    rank = PrefillRank(p, f, b"gather-stream-test", "cuda", lease_s=60, stage_at_hold=staged)
+    if staged:  # as if D rank 0 had connected: hold() gathers for it
+        rank._consumers[d.with_rank(0)] = 1
     return rank, d, preq, pair
 
 
@@ -53,9 +57,10 @@ def _slot(rank, rep) -> np.ndarray:
     return rank.staging[off : off + rep.nbytes].cpu().numpy()
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["at-prepare", "at-hold"])
 @pytest.mark.parametrize("stream", ["priority", "engine"])
-def test_gather_waits_for_the_held_requests_kv(monkeypatch, stream):
-    rank, d, preq, pair = _rank_and_pair(monkeypatch, stream)
+def test_gather_waits_for_the_held_requests_kv(monkeypatch, stream, staged):
+    rank, d, preq, pair = _rank_and_pair(monkeypatch, stream, staged)
     try:
         assert (rank.stream is not None) == (stream == "priority")
         # the arena's bytes arrive behind a long kernel on the engine's (current) stream; P
@@ -67,12 +72,14 @@ def test_gather_waits_for_the_held_requests_kv(monkeypatch, stream):
         rank.hold("r1", preq)
         rep, _ = _gather(rank, "r1", preq, d)
         assert np.array_equal(_slot(rank, rep), pair.want_slot[256 : 256 + pair.nbytes])
+        assert rank.stats()["staged_claims"] == int(staged)
     finally:
         rank.close()
 
 
-def test_gather_does_not_wait_for_work_queued_after_hold(monkeypatch):
-    rank, d, preq, pair = _rank_and_pair(monkeypatch, "priority")
+@pytest.mark.parametrize("staged", [False, True], ids=["at-prepare", "at-hold"])
+def test_gather_does_not_wait_for_work_queued_after_hold(monkeypatch, staged):
+    rank, d, preq, pair = _rank_and_pair(monkeypatch, "priority", staged)
     try:
         rank.arena.copy_(torch.from_numpy(pair.p_arena).cuda())
         rank.hold("r1", preq)  # a first gather builds the program and compiles the kernel
@@ -84,6 +91,7 @@ def test_gather_does_not_wait_for_work_queued_after_hold(monkeypatch):
         assert np.array_equal(_slot(rank, rep), pair.want_slot[256 : 256 + pair.nbytes])
         assert pending, "the engine's stream finished before the gather: the sleep was too short"
         assert took < 0.05, f"the gather took {took * 1e3:.1f} ms: it waited for the engine"
+        assert rank.stats()["staged_claims"] == 2 * int(staged)
     finally:
         torch.cuda.synchronize()
         rank.close()

@@ -298,3 +298,119 @@ def test_a_pull_larger_than_the_receive_buffer_is_refused_before_prepare(pair):
         assert np.array_equal(dr.arena.numpy(), want)
     finally:
         small.close()
+
+
+# -- gathered at hold(): P stages for the decode geometries connected when it holds a request
+
+
+def _staged_cells():
+    from pd_runtime.selftest import Cell
+
+    shapes = [  # family, P TP, D TP, P block, D block, layouts
+        ("dense", 1, 2, 16, 16, ("HND", "NHD")),
+        ("mla", 2, 1, 8, 32, ("NHD", "HND")),
+        ("sliding", 2, 2, 16, 12, ("HND", "HND")),
+        ("hybrid-ssm", 1, 2, 16, 12, ("NHD", "NHD")),
+    ]
+    return [Cell(family=f, num_kv_heads=4, head_size=8, layers=2, p_tp=pt, d_tp=dt, p_block=pb,
+                 d_block=db, p_layout=lay[0], d_layout=lay[1], dtype="bfloat16", tokens=45,
+                 requests=2, seed=300 + i, sliding_window=19, timeout_s=20)
+            for i, (f, pt, dt, pb, db, lay) in enumerate(shapes)]
+
+
+@pytest.fixture
+def connected():
+    """(make(cell, **prefill_kw) -> (P ranks, [(D rank, want)])): every D rank connected to every
+    P rank before any request is held."""
+    from pd_runtime.selftest import build_decode, build_prefill
+
+    made: list = []
+
+    def make(cell, **kw):
+        kw.setdefault("stage_at_hold", True)  # on CUDA by default; here the CPU
+        prs = [build_prefill(cell, r, "cpu", hold_requests=False, **kw) for r in range(cell.p_tp)]
+        made.extend(prs)
+        drs = []
+        for r in range(cell.d_tp):
+            dr, want = build_decode(cell, r, "cpu")
+            made.append(dr)
+            dr.connect([p.address for p in prs])
+            drs.append((dr, want))
+        return prs, drs
+
+    yield make
+    for obj in reversed(made):
+        obj.close()
+
+
+def _hold_all(prs, cell):
+    from pd_runtime.selftest import cell_requests
+
+    for rid, preq, _, _ in cell_requests(cell):
+        for p in prs:
+            p.hold(rid, preq)
+
+
+def _pull_all(drs, cell, settle=()) -> None:
+    """Every D rank pulls every request; with `settle` (P ranks), each pull waits until P freed
+    the slot the last one read (a READ notification frees it, asynchronously)."""
+    import numpy as np
+
+    from pd_runtime.selftest import cell_requests
+
+    for dr, want in drs:
+        for rid, preq, dreq, _ in cell_requests(cell):
+            dr.pull(rid, preq, dreq)
+            assert eventually(lambda: all(p.stats()["staging_in_use"] == p.stats()["staged_bytes"]
+                                          for p in settle)), [p.stats() for p in settle]
+        assert np.array_equal(dr.arena.numpy(), want)
+
+
+@pytest.mark.parametrize("cell", _staged_cells(), ids=lambda c: f"{c.family}-p{c.p_tp}-d{c.d_tp}")
+def test_gathered_at_hold_pulls_the_same_bytes(connected, cell):
+    """Every PREPARE claims the slot P gathered at hold(), D's arena is byte-exact, and P holds
+    nothing once every consumer finished."""
+    prs, drs = connected(cell)
+    _hold_all(prs, cell)
+    assert sum(p.stats()["staged_bytes"] for p in prs) > 0  # MLA: D reads one P rank of two
+    _pull_all(drs, cell)
+    prepares = cell.requests * sum(len(dr._pairs(dr.p_pool)) for dr, _ in drs)
+    assert sum(p.stats()["staged_claims"] for p in prs) == prepares
+    assert eventually(lambda: all(p.stats()["held"] == 0 and p.stats()["staging_in_use"] == 0
+                                  for p in prs)), [p.stats() for p in prs]
+    assert all(p.stats()["stage_failures"] == 0 for p in prs)
+
+
+def test_gather_at_hold_off_and_when_staging_is_short(connected, monkeypatch):
+    """PD_RUNTIME_STAGE_AT_HOLD=0 (the CPU's default), or a staging region where a staged slot
+    would leave less than half free: nothing is staged, PREPARE gathers, the bytes are the same."""
+    cell = _staged_cells()[0]
+    monkeypatch.delenv("PD_RUNTIME_STAGE_AT_HOLD", raising=False)
+    prs, drs = connected(cell, stage_at_hold=None)
+    _hold_all(prs, cell)
+    assert prs[0].stats()["staged_bytes"] == 0
+    _pull_all(drs, cell)
+    assert prs[0].stats()["staged_claims"] == 0
+    from pd_runtime.lease import ALIGN
+    from pd_runtime.selftest import cell_requests
+    from pd_runtime.template import PairTemplate
+
+    p, d = cell.pools()
+    T = cell_requests(cell)[0][1].num_tokens
+    slot = -(-PairTemplate(p.with_rank(0), d.with_rank(0)).nbytes(T) // ALIGN) * ALIGN
+    # three slots: the first staged one leaves two free, more would leave less than half
+    prs, drs = connected(cell, staging_bytes=3 * slot)
+    _hold_all(prs, cell)
+    assert prs[0].stats()["staged_bytes"] == slot
+    _pull_all(drs, cell, settle=prs)
+    assert prs[0].stats()["staged_claims"] == 1
+
+
+def test_a_decode_that_went_away_is_not_staged_for(connected):
+    cell = _staged_cells()[0]
+    prs, drs = connected(cell)
+    for dr, _ in drs:
+        dr.close()
+    assert eventually(lambda: not prs[0]._consumers), prs[0]._consumers
+    _hold_all(prs, cell)
+    assert prs[0].stats()["staged_bytes"] == 0

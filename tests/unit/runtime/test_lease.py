@@ -132,3 +132,67 @@ def test_a_failing_callback_does_not_stop_lease_keeping():
     t.slot("r", A0, 10, expected=1)
     assert t.ack("r", A0) is True
     assert t.held() == 0
+
+
+# -- slots staged at hold(): gathered before any PREPARE, claimed by the first of their geometry
+
+
+def test_a_staged_slot_is_claimable_only_once_published(table):
+    t, _, _ = table
+    t.hold("r")
+    off = t.stage("r", "geom-0", 1000, keep_free=0)
+    assert off is not None and t.staged_bytes() == 1024
+    assert t.claim("r", "geom-0", A0, expected=1) is None  # its gather is not queued yet
+    t.publish("r", "geom-0", "gather-done")
+    got = t.claim("r", "geom-0", A0, expected=1)
+    assert got is not None and (got.off, got.nbytes, got.done) == (off, 1000, "gather-done")
+    assert t.staged_bytes() == 0 and t.claims == 1
+    assert t.claim("r", "geom-0", A1, expected=1) is None  # claimed once; A1 gathers itself
+    assert t.ack("r", A0, expected=1) is True and t.alloc.in_use() == 0
+
+
+def test_staging_keeps_the_room_asked_for(table):
+    t, _, _ = table
+    t.hold("r")
+    size = t.alloc.size
+    assert t.stage("r", "g", size // 2 + 1, keep_free=size // 2) is None
+    assert t.alloc.in_use() == 0
+    assert t.stage("r", "g", size // 4, keep_free=size // 2) is not None
+    assert t.stage("r", "g", 256, keep_free=0) is None  # one per geometry
+    assert t.stage("gone", "g", 256, keep_free=0) is None  # not held
+
+
+def test_unclaimed_staged_slots_go_with_the_lease(table):
+    t, clock, events = table
+    t.hold("r")
+    t.stage("r", "g0", 500, keep_free=0)
+    t.stage("r", "g1", 500, keep_free=0)
+    t.publish("r", "g0", None)
+    t.slot("r", A0, 100, expected=1)  # a consumer of another geometry gathered at PREPARE
+    assert t.ack("r", A0, expected=1) is True  # the staged slots do not keep the lease
+    assert t.alloc.in_use() == 0 and events == [("r", CONSUMED)]
+    t.hold("s")
+    t.stage("s", "g0", 500, keep_free=0)
+    clock.t = 11.0
+    assert t.expire() == ["s"] and t.alloc.in_use() == 0
+
+
+def test_unstage_gives_the_slot_back(table):
+    t, _, _ = table
+    t.hold("r")
+    t.stage("r", "g", 500, keep_free=0)
+    t.unstage("r", "g")
+    assert t.alloc.in_use() == 0 and t.claim("r", "g", A0, expected=1) is None
+    t.unstage("r", "g")  # nothing left: a no-op
+
+
+def test_claiming_replaces_the_consumers_earlier_slot(table):
+    """A consumer that PREPAREd before (its first attempt gathered at PREPARE) and claims a
+    staged slot on retry holds one slot, not two."""
+    t, _, _ = table
+    t.hold("r")
+    first = t.slot("r", A0, 300, expected=1)
+    t.stage("r", "g", 300, keep_free=0)
+    t.publish("r", "g", None)
+    got = t.claim("r", "g", A0, expected=1)
+    assert got is not None and got.off != first and list(t.alloc.used) == [got.off]

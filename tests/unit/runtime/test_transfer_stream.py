@@ -38,3 +38,17 @@ def test_without_a_stream_the_block_runs_as_it_is():
     with on_stream(None, None):
         ran.append(1)
     assert ran == [1]
+
+
+def test_stage_at_hold_switch_names_a_wrong_value(monkeypatch):
+    from pd_runtime.worker import stage_at_hold_default
+
+    monkeypatch.delenv("PD_RUNTIME_STAGE_AT_HOLD", raising=False)
+    assert stage_at_hold_default("cuda:0") is True and stage_at_hold_default("cpu") is False
+    monkeypatch.setenv("PD_RUNTIME_STAGE_AT_HOLD", "0")
+    assert stage_at_hold_default("cuda") is False
+    monkeypatch.setenv("PD_RUNTIME_STAGE_AT_HOLD", "1")
+    assert stage_at_hold_default("cpu") is True
+    monkeypatch.setenv("PD_RUNTIME_STAGE_AT_HOLD", "yes")
+    with pytest.raises(ValueError, match="PD_RUNTIME_STAGE_AT_HOLD='yes': expected 0, 1 or auto"):
+        stage_at_hold_default("cuda")
