@@ -60,7 +60,7 @@ case " $STAGES " in *" hostpath "*)
     > $R/host_path.log; tail -8 $R/host_path.log ;; esac
 case " $STAGES " in *" tiles "*)
   timeout ${TILES_S:-150} python3 bench/transfer/bench_transfer.py --skip-nixl --sizes-mib 64 \
-    --sweep-mib ${TILES_MIB:-64,128} --out $R/tiles.json 2>&1 | grep -E "back-to-back|sweep" \
+    --sweep-mib ${TILES_MIB:-64,128} ${TILES_ARGS:-} --out $R/tiles.json 2>&1 | grep -E "back-to-back|sweep" \
     > $R/tiles.log; tail -3 $R/tiles.log ;; esac
 case " $STAGES " in *" mla "*)
   E2E_ARGS="--prompts 1024 --concurrency 1,8 --reps 2 --reps-concurrent 2" \

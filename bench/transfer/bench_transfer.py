@@ -176,13 +176,20 @@ def kernel_rows(sizes_mib: list[int], cases=KCASES) -> list[dict]:
     return rows
 
 
-def sweep_rows(sizes_mib: list[int]) -> list[dict]:
+SWEEP_CONFIGS = "8192x4,16384x4,16384x8,32768x8,65536x8"  # tile bytes x warps
+
+
+def sweep_rows(sizes_mib: list[int], configs: str = SWEEP_CONFIGS, rounds: int = 1) -> list[dict]:
+    """Every case at every (tile, warps); `rounds` > 1 repeats the configurations in turn, so
+    that a clock or neighbour change between two of them shows as a spread, not a winner."""
     out = []
-    for tb, nw in [(8192, 4), (16384, 4), (16384, 8), (32768, 8), (65536, 8)]:
-        kvcopy.KV_TILE_BYTES, kvcopy.KV_NUM_WARPS = tb, nw
-        for r in kernel_rows(sizes_mib):  # every case: the scatter and merge are the slow ones
-            r["kind"] = "sweep"
-            out.append(r)
+    for rnd in range(rounds):
+        for cfg in configs.split(","):
+            tb, nw = (int(x) for x in cfg.split("x"))
+            kvcopy.KV_TILE_BYTES, kvcopy.KV_NUM_WARPS = tb, nw
+            for r in kernel_rows(sizes_mib):  # every case: the scatter and merge are the slow ones
+                r.update(kind="sweep", round=rnd)
+                out.append(r)
     return out
 
 
@@ -388,6 +395,8 @@ def main() -> int:
     ap.add_argument("--skip-nixl", action="store_true")
     ap.add_argument("--sweep-mib", default="",
                     help="tile/warp sweep of the template kernel at these sizes")
+    ap.add_argument("--sweep-configs", default=SWEEP_CONFIGS, help="TILEBYTESxWARPS,...")
+    ap.add_argument("--sweep-rounds", type=int, default=1)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_transfer: CUDA not available, nothing to measure")
@@ -400,9 +409,11 @@ def main() -> int:
     out = {"machine": machine, "kernels": [], "nixl": []}
     print("kernels (Triton segment copy) vs b.copy_(a) of the same bytes:")
     if args.sweep_mib:
-        out["sweep"] = sweep_rows([int(x) for x in args.sweep_mib.split(",")])
+        default = kvcopy.KV_TILE_BYTES, kvcopy.KV_NUM_WARPS
+        out["sweep"] = sweep_rows([int(x) for x in args.sweep_mib.split(",")],
+                                  args.sweep_configs, args.sweep_rounds)
         best = max(out["sweep"], key=lambda r: r["ratio_b2b"] if r["payload_mib"] >= 32 else 0)
-        kvcopy.KV_TILE_BYTES, kvcopy.KV_NUM_WARPS = 32768, 8
+        kvcopy.KV_TILE_BYTES, kvcopy.KV_NUM_WARPS = default
         json.dump(out, open(args.out, "w"), indent=2)
         print(f"sweep: best single row {best['case']} tile {best['tile_bytes']} "
               f"warps {best['num_warps']}")

@@ -95,3 +95,36 @@ def test_gather_does_not_wait_for_work_queued_after_hold(monkeypatch, staged):
     finally:
         torch.cuda.synchronize()
         rank.close()
+
+
+def test_table_upload_on_the_own_stream_does_not_wait_for_the_engine(monkeypatch):
+    """D's table upload (from the pinned buffer, on its own stream) lands the same int64 words
+    as the CPU path and does not wait for work queued on the engine's stream."""
+    from pd_runtime.kernels.kvcopy import queued_work, transfer_stream, upload_all
+    from pd_runtime.kvcache import ModelSpec, RankSpec
+    from pd_runtime.template import PairTemplate
+    from tests.helpers import kv_requests
+
+    monkeypatch.delenv("PD_RUNTIME_TRANSFER_STREAM", raising=False)
+    m = ModelSpec(num_layers=4, num_kv_heads=8, head_size=64)
+    p, d = RankSpec(m, 1, 0, 16, "HND", 40), RankSpec(m, 2, 0, 32, "NHD", 24)
+    preq, dreq = kv_requests(p, d, 500, np.random.default_rng(7))
+    dyn = PairTemplate(p, d.with_rank(0)).dyn("decode", dreq, preq.num_tokens)
+    want = upload_all(torch.device("cpu"), [(dyn, 256), (dyn, 512)])
+    own = transfer_stream("cuda")
+    with torch.cuda.stream(own):  # warm: the first CUDA copy pays for its setup
+        upload_all(torch.device("cuda"), [(dyn, 256)])
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)  # the engine's work, on its stream
+    t0 = time.perf_counter()
+    with torch.cuda.stream(own):
+        got = upload_all(torch.device("cuda"), [(dyn, 256), (dyn, 512)])
+        done = queued_work("cuda")
+    assert done is not None
+    done.synchronize()
+    took = time.perf_counter() - t0
+    pending = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want, strict=True))
+    assert pending, "the engine's stream finished first: the sleep was too short"
+    assert took < 0.05, f"the upload took {took * 1e3:.1f} ms: it waited for the engine"

@@ -42,7 +42,10 @@ from ..template import (
 )
 from .segcopy import _HAVE_TRITON, triton_available
 
-KV_TILE_BYTES = int(os.environ.get("PD_RUNTIME_KV_TILE_BYTES", "32768"))
+# 16 KiB tiles, 8 warps: on an H200 89-91% of a copy at 64 MiB in every case against 82-89% for
+# 32 KiB, 93-94% against 91-94% at 512 MiB-1 GiB, equal at 32 MiB (three interleaved rounds,
+# bench/transfer/results/h200_run1{6,7}_tiles.json; docs/performance.md)
+KV_TILE_BYTES = int(os.environ.get("PD_RUNTIME_KV_TILE_BYTES", "16384"))
 KV_NUM_WARPS = int(os.environ.get("PD_RUNTIME_KV_NUM_WARPS", "8"))
 _WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _ADDR_COLS = [C_CF, C_CS, C_CK, C_LTS, C_PBASE, C_PBS, C_PPS, C_SIZE]
