@@ -5,7 +5,8 @@ engine as of a baseline commit, imported under the name `pd_runtime_base`) and t
 `pd_runtime`. Pulls alternate between the two (the order flips every round), so both see the
 same machine load. Per pull it records the wall time and its parts:
 
-    d_plan        D before PREPARE: table checks, packing, upload (plan_seconds - P's plan)
+    d_plan        D's table checks, packing and upload (plan_seconds - P's plan); a path that
+                  uploads while P answers counts the upload in rpc too (then `other` < 0)
     rpc           PREPARE round trip minus P's plan and gather (frames, HMAC, TCP, wake-ups,
                   P's lease and table check)
     p_plan        P's template lookup, table check and slot (as P reports it)
@@ -192,7 +193,8 @@ def _instrument(dr, kvcopy, timer: _Timer) -> None:
     tr.read = timer.wrap("read_post", tr.read)
     tr.wait = timer.wrap("read_wait", tr.wait)
     tr.send_notif = timer.wrap("notif", tr.send_notif)
-    dr._prepare_all = timer.wrap("prepare_all", dr._prepare_all, capture=True)
+    name = "_finish_all" if hasattr(dr, "_finish_all") else "_prepare_all"  # the replies
+    setattr(dr, name, timer.wrap("prepare_all", getattr(dr, name), capture=True))
     if not getattr(kvcopy.KVProgram.run, "_timed", False):  # D only runs scatters here
         run = timer.wrap("scatter_run", kvcopy.KVProgram.run)
         run._timed = True  # type: ignore[attr-defined]

@@ -1,9 +1,10 @@
 """Prefill and decode ranks: the handshake, the gather on P, one READ per peer, the scatter on D.
 
-Per request: D checks its block tables against the cached pair templates (template.py) and
-uploads them, sends PREPARE to every P rank it reads from (one round trip for all), P gathers
-into a staging slot with the template kernel, D posts one READ per peer and scatters. Nothing is
-planned per request; the planner (planner.py) is the reference the templates are tested against.
+Per request: D checks its block tables against the cached pair templates (template.py), sends
+PREPARE to every P rank it reads from (one round trip for all) and uploads its tables while P
+answers, P gathers into a staging slot with the template kernel, D posts one READ per peer and
+scatters. Nothing is planned per request; the planner (planner.py) is the reference the
+templates are tested against.
 
 P gathers at hold() already, for every decode geometry connected at that moment (stage at hold):
 the gather then overlaps P's answer, the router and D's queue instead of sitting inside the
@@ -394,7 +395,8 @@ class PullStats:
     plan_seconds: float = 0.0  # D planning + P planning (as P reports it)
     gather_seconds: float = 0.0  # P's gather kernel
     scatter_seconds: float = 0.0  # D's scatter kernel
-    prepare_seconds: float = 0.0  # PREPARE round trip as D sees it (includes P's gather)
+    # PREPARE round trip as D sees it: P's gather, and D's table upload, which runs meanwhile
+    prepare_seconds: float = 0.0
 
     @property
     def data_path_seconds(self) -> float:
@@ -507,17 +509,26 @@ class DecodeRank:
             raise TransferError(f"request {req_id}: {T} tokens need {recv_off} bytes of receive "
                                 f"buffer, this decode rank has {self.recv.numel()} (recv_bytes)")
         d_arr = _arrays(d_req) if len(pairs) > 1 else d_req  # several peers: convert once
-        dyns = [tm.dyn("decode", d_arr, T) for _, tm in pairs]
-        with on_stream(self.stream, None):
-            progs = [program_for(tm.scatter, self.device, gather=False) for _, tm in pairs]
-            # tables + scalars of every peer go up now, in one copy that overlaps the PREPARE
-            bts = upload_all(self.arena.device, list(zip(dyns, recv_offs)))
+        dyns = [tm.dyn("decode", d_arr, T) for _, tm in pairs]  # D's tables checked first
         st = PullStats(bytes=sum(sizes), peers=len(pairs))
-        st.plan_seconds = time.perf_counter() - t0
         lease = min((self.peers[pr].lease_s for pr, _ in pairs), default=30.0)
-        replies = self._prepare_all(PrepareRequest(req_id, T, req_to_wire(p_req)),
-                                    [pr for pr, _ in pairs])
-        st.prepare_seconds = time.perf_counter() - t0 - st.plan_seconds
+        tp = time.perf_counter()
+        started, err = self._start_all(PrepareRequest(req_id, T, req_to_wire(p_req)),
+                                       [pr for pr, _ in pairs])
+        # the tables + scalars of every peer go up while P answers (one copy, on this rank's
+        # stream); whatever happens, every peer asked is drained before anything is raised
+        tu = time.perf_counter()
+        try:
+            with on_stream(self.stream, None):
+                progs = [program_for(tm.scatter, self.device, gather=False) for _, tm in pairs]
+                bts = upload_all(self.arena.device, list(zip(dyns, recv_offs)))
+        except BaseException:
+            self._finish_all(started, err, quiet=True)
+            raise
+        tf = time.perf_counter()
+        st.plan_seconds = (tp - t0) + (tf - tu)  # D's own; P's plan is added below
+        replies = self._finish_all(started, err)
+        st.prepare_seconds = time.perf_counter() - tp  # D's upload ran inside it
         for (pr, _), nb in zip(pairs, sizes):
             rep = replies[pr]
             if rep.nbytes != nb:
@@ -551,18 +562,23 @@ class DecodeRank:
         st.seconds = time.perf_counter() - t0
         return st
 
-    def _prepare_all(self, req: PrepareRequest, ranks: list[int]) -> dict[int, PrepareReply]:
-        """PREPARE to every peer at once, then collect the replies (one round trip, not one per
-        peer); every peer asked is drained before the first error is raised."""
+    def _start_all(self, req: PrepareRequest,
+                   ranks: list[int]) -> tuple[list[int], HandshakeError | None]:
+        """PREPARE to every peer at once (one round trip for all, not one per peer): the ranks
+        asked, and the error that stopped the asking (raised by `_finish_all`)."""
         started: list[int] = []
-        err: BaseException | None = None
         for pr in ranks:
             try:
                 self.peers[pr].client.start(req)
             except HandshakeError as e:
-                err = e
-                break
+                return started, e
             started.append(pr)
+        return started, None
+
+    def _finish_all(self, started: list[int], err: HandshakeError | None,
+                    quiet: bool = False) -> dict[int, PrepareReply]:
+        """Every reply of `started`; every peer asked is drained before the first error is
+        raised (none when `quiet`: the caller raises its own)."""
         replies: dict[int, PrepareReply] = {}
         for pr in started:
             try:
@@ -572,7 +588,7 @@ class DecodeRank:
                 replies[pr] = rep
             except HandshakeError as e:
                 err = err or e
-        if err is not None:
+        if err is not None and not quiet:
             raise err
         return replies
 

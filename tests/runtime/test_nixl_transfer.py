@@ -414,3 +414,42 @@ def test_a_decode_that_went_away_is_not_staged_for(connected):
     assert eventually(lambda: not prs[0]._consumers), prs[0]._consumers
     _hold_all(prs, cell)
     assert prs[0].stats()["staged_bytes"] == 0
+
+
+def test_a_failed_table_upload_drains_the_prepare_it_overlapped(pair, monkeypatch):
+    """D uploads its tables while P answers PREPARE: when the upload fails, P's reply is still
+    read (the connection stays in step), and the next pull of the request succeeds."""
+    import numpy as np
+
+    from pd_runtime import worker
+    from pd_runtime.selftest import cell_requests
+
+    cell = _base(p_tp=1, d_tp=1, requests=1)
+    pr, [(dr, want)] = pair(cell)
+    rid, preq, dreq, _ = cell_requests(cell)[0]
+    real = worker.upload_all
+
+    def broken(*a, **k):
+        monkeypatch.setattr(worker, "upload_all", real)  # fails once
+        raise RuntimeError("injected upload failure")
+
+    monkeypatch.setattr(worker, "upload_all", broken)
+    with pytest.raises(RuntimeError, match="injected upload failure"):
+        dr.pull(rid, preq, dreq)
+    dr.pull(rid, preq, dreq)
+    assert np.array_equal(dr.arena.numpy(), want)
+
+
+def test_decode_tables_are_checked_before_prepare(pair):
+    """A D block table that does not fit D's pool is refused before anything reaches P."""
+    from pd_runtime.planner import PlanError, Request
+    from pd_runtime.selftest import cell_requests
+
+    cell = _base(p_tp=1, d_tp=1, requests=1)
+    pr, [(dr, _)] = pair(cell)
+    rid, preq, dreq, _ = cell_requests(cell)[0]
+    g, bt = next(iter(dreq.block_tables.items()))
+    bad = Request(dreq.num_tokens, {**dreq.block_tables, g: [*bt[:-1], 10**9]})
+    with pytest.raises(PlanError):
+        dr.pull(rid, preq, bad)
+    assert pr.stats()["staging_in_use"] == 0 and pr.stats()["held"] == 1
