@@ -9,8 +9,10 @@ templates are tested against.
 P gathers at hold() already, for every decode geometry connected at that moment (stage at hold):
 the gather then overlaps P's answer, the router and D's queue instead of sitting inside the
 PREPARE round trip, and PREPARE only claims the slot (waiting for the gather if it has not
-ended). A geometry that connects later, or a request that does not fit the half of the staging
-region staging may use, is gathered at PREPARE as before. On by default on CUDA only
+ended). "Connected" means an open side-channel session: the server closes one after its idle
+timeout and D reconnects at its next pull, so after a quiet spell the first requests are
+gathered at PREPARE again. A geometry that connects later, or a request that does not fit the
+half of the staging region staging may use, is gathered at PREPARE as before. On by default on CUDA only
 (stage_at_hold_default); PD_RUNTIME_STAGE_AT_HOLD=0 keeps the previous path, to measure against.
 """
 
@@ -204,46 +206,62 @@ class PrefillRank:
             raise LeaseError(f"request {req_id!r} is already held")
         self.requests[req_id] = req
         written = queued_work(self.device) if self.stream is not None else None
-        self._held[req_id] = _held(req, written)  # tables packed once here, not once per PREPARE
+        held = self._held[req_id] = _held(req, written)  # tables packed once, not per PREPARE
         try:
             self.leases.hold(req_id)
         except LeaseError:
             self.requests.pop(req_id, None)
             self._held.pop(req_id, None)
             raise
-        if self.stage_at_hold and self._held[req_id].packed is not None:
+        if self.stage_at_hold and held.packed is not None:
             with self._consumers_lock:
                 geometries = list(self._consumers)
-            for d_spec in geometries:
-                self._stage(req_id, self._held[req_id], d_spec)
+            try:
+                self._stage(req_id, held, geometries)
+            except Exception:  # noqa: BLE001 - the request is held: PREPARE gathers instead
+                self._stage_failures += 1
+                if self._stage_failures == 1:
+                    log.exception("prefill rank %s: gather at hold() failed; gathering at "
+                                  "PREPARE", self.name)
 
-    def _stage(self, rid: str, held: _Held, d_spec: RankSpec) -> None:
-        """Gather `rid` for decode rank geometry `d_spec` now, into a slot PREPARE can claim.
-        Best effort: whatever stops it here leaves the gather to PREPARE, which names errors."""
+    def _stage(self, rid: str, held: _Held, geometries: list[RankSpec]) -> None:
+        """Gather `rid` now for every decode rank geometry in `geometries` that reads from this
+        rank, into slots PREPARE can claim; whatever stops it leaves the gather to PREPARE,
+        which names errors. It only queues work on the engine's thread: the programs exist
+        (built when the decode connected), and the tables of every slot go up in one copy queued
+        before the wait for the request's KV. Its pinned buffer is reused at the next upload of
+        this thread, which waits for this copy: queued after the wait, it would wait for the
+        prefill that was just launched."""
         T = held.req.num_tokens
+        todo = []  # (geometry, program, dyn, slot offset)
         try:
-            tm = self.templates.get(self.spec, d_spec)
-            if tm is None or tm.nbytes(T) == 0:
+            for d_spec in geometries:
+                tm = self.templates.get(self.spec, d_spec)
+                if tm is None or tm.nbytes(T) == 0:
+                    continue
+                try:
+                    dyn = tm.dyn("prefill", held.req, T)
+                except (PlanError, GeometryError):
+                    continue
+                prog = program_for(tm.gather, self.device, gather=True)  # built at meta, as a rule
+                off = self.leases.stage(rid, d_spec, tm.nbytes(T),
+                                        keep_free=self.staging.numel() // 2)
+                if off is not None:
+                    todo.append((d_spec, prog, dyn, off))
+            if not todo:
                 return
-            dyn = tm.dyn("prefill", held.req, T)
-        except (PlanError, GeometryError):
-            return
-        off = self.leases.stage(rid, d_spec, tm.nbytes(T), keep_free=self.staging.numel() // 2)
-        if off is None:
-            return
-        try:
+            with on_stream(self.stream, None):
+                bts = upload_all(self.arena.device, [(dyn, off) for _, _, dyn, off in todo])
             with on_stream(self.stream, held.written):
-                prog = program_for(tm.gather, self.device, gather=True)
-                prog.run(self.arena, self.staging, dyn, off)
-                done = queued_work(self.device)  # on this stream: after the gather
-        except Exception:  # noqa: BLE001 - PREPARE gathers instead, and names what fails
-            self.leases.unstage(rid, d_spec)
-            self._stage_failures += 1
-            if self._stage_failures == 1:
-                log.exception("prefill rank %s: gather at hold() failed; gathering at PREPARE",
-                              self.name)
-            return
-        self.leases.publish(rid, d_spec, done)
+                for (_, prog, dyn, off), bt in zip(todo, bts, strict=True):
+                    prog.run(self.arena, self.staging, dyn, off, bt)
+                done = queued_work(self.device)  # on this stream: after the gathers
+        except BaseException:
+            for d_spec, *_ in todo:
+                self.leases.unstage(rid, d_spec)
+            raise
+        for d_spec, *_ in todo:
+            self.leases.publish(rid, d_spec, done)
 
     def _session_closed(self, session: Session) -> None:
         if isinstance(session.context, _Consumer):
@@ -299,7 +317,10 @@ class PrefillRank:
             raise ProtocolError(f"model geometry differs: decode {msg.spec.model}, "
                                 f"prefill {self.spec.model}")
         try:
-            self.templates.get(self.spec, msg.spec)  # refuse an unplannable pair now, not later
+            tm = self.templates.get(self.spec, msg.spec)  # refuse an unplannable pair now
+            if tm is not None:  # the gather's program: built here, not on the engine's thread
+                with on_stream(self.stream, None):
+                    program_for(tm.gather, self.device, gather=True)
             with self.lock:
                 agent = self.transport.add_peer(msg.agent_meta)
         except (GeometryError, PlanError) as e:
@@ -350,7 +371,7 @@ class PrefillRank:
         nbytes = tm.nbytes(T)
         consumer = consumer_id(peer.agent, peer.spec.tp_rank)
         staged = self.leases.claim(rid, peer.spec, consumer, tm.expected)
-        if staged is not None and staged.nbytes == nbytes:  # gathered at hold()
+        if staged is not None:  # gathered at hold(): same template and token count
             t1 = time.perf_counter()
             if staged.done is not None:
                 staged.done.synchronize()
@@ -516,7 +537,8 @@ class DecodeRank:
         started, err = self._start_all(PrepareRequest(req_id, T, req_to_wire(p_req)),
                                        [pr for pr, _ in pairs])
         # the tables + scalars of every peer go up while P answers (one copy, on this rank's
-        # stream); whatever happens, every peer asked is drained before anything is raised
+        # stream); whatever happens, every peer asked is drained before anything is raised. A
+        # failed upload leaves P's slot to the lease (a release would count this rank as done)
         tu = time.perf_counter()
         try:
             with on_stream(self.stream, None):

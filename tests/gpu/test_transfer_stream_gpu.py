@@ -128,3 +128,32 @@ def test_table_upload_on_the_own_stream_does_not_wait_for_the_engine(monkeypatch
     assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want, strict=True))
     assert pending, "the engine's stream finished first: the sleep was too short"
     assert took < 0.05, f"the upload took {took * 1e3:.1f} ms: it waited for the engine"
+
+
+def test_hold_only_queues_the_gathers(monkeypatch):
+    """hold() with two decode geometries connected while the prefill's KV writes are still
+    queued behind a long kernel: it returns at once (no table upload waits for an earlier copy
+    queued behind the prefill), and the slot claimed afterwards holds the new bytes."""
+    rank, d, preq, pair = _rank_and_pair(monkeypatch, "priority", staged=True)
+    try:
+        rank._consumers[d.with_rank(1)] = 1  # D rank 1 reads P rank 0 too
+        src = torch.from_numpy(pair.p_arena).cuda()
+        rank.arena.copy_(src)
+        rank.hold("r0", preq)  # builds the programs and compiles the kernel
+        _gather(rank, "r0", preq, d)
+        rank.arena.zero_()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(SLEEP_CYCLES)
+        rank.arena.copy_(src)  # the next prefill's KV writes, queued behind the sleep
+        t0 = time.perf_counter()
+        rank.hold("r1", preq)
+        took = time.perf_counter() - t0
+        pending = not torch.cuda.current_stream().query()
+        rep, _ = _gather(rank, "r1", preq, d)  # waits for the gather, which waits for the KV
+        assert np.array_equal(_slot(rank, rep), pair.want_slot[256 : 256 + pair.nbytes])
+        assert pending, "the engine's stream finished first: the sleep was too short"
+        assert took < 0.05, f"hold() took {took * 1e3:.1f} ms: it waited for the engine"
+        assert rank.stats()["staged_claims"] == 2 and rank.stats()["stage_failures"] == 0
+    finally:
+        torch.cuda.synchronize()
+        rank.close()

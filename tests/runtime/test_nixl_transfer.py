@@ -453,3 +453,20 @@ def test_decode_tables_are_checked_before_prepare(pair):
     with pytest.raises(PlanError):
         dr.pull(rid, preq, bad)
     assert pr.stats()["staging_in_use"] == 0 and pr.stats()["held"] == 1
+
+
+def test_a_failed_gather_at_hold_leaves_the_request_held(connected, monkeypatch):
+    """Whatever breaks the gather at hold() (here: an injected error), hold() succeeds, the
+    failure is counted, and PREPARE gathers instead: the bytes are the same."""
+    from pd_runtime.worker import PrefillRank
+
+    def broken(self, *a):
+        raise RuntimeError("injected staging failure")
+
+    cell = _staged_cells()[0]
+    prs, drs = connected(cell)
+    monkeypatch.setattr(PrefillRank, "_stage", broken)
+    _hold_all(prs, cell)
+    assert prs[0].stats()["stage_failures"] == cell.requests
+    assert prs[0].stats()["held"] == cell.requests and prs[0].stats()["staged_bytes"] == 0
+    _pull_all(drs, cell)
