@@ -3,7 +3,8 @@
 Reads one JSON line from stdin: {"model": dir, "token": str, "prompts": [[ids]], "lease_s": s}.
 Prefills every prompt as a do_remote_decode request, prints one line `RESULT <json>` with the
 kv_transfer_params per prompt, then keeps serving (steps, so released blocks are freed) until
-stdin closes or it is killed.
+stdin closes or it is killed; then prints `RESULT {"held": n}` once nothing is held, or after
+10 s.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def main() -> int:
     done = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
     while not done.is_set():
+        eng.step()
+        time.sleep(0.01)
+    # D's release notification of its last pull may still be on its way (or waiting for this
+    # process's poller on a loaded machine): what is still held after 10 s is what leaked
+    end = time.monotonic() + 10.0
+    while eng.held and time.monotonic() < end:
         eng.step()
         time.sleep(0.01)
     print("RESULT " + json.dumps({"held": len(eng.held)}), flush=True)

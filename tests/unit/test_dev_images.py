@@ -187,3 +187,34 @@ def test_no_real_node_is_refused_with_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ImageBuildError, match="--real-node.*--no-import"):
         build.find_node(tmp_path)
     assert not any(tmp_path.iterdir())  # looked, touched nothing
+
+
+def test_a_partial_import_containerd_refuses_is_retried_in_full(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """The node's containerd refusing the archive without the layers it holds (seen: "parent
+    snapshot ... does not exist") is not the end: the whole image is imported instead."""
+    import json as _json
+
+    from pd_dev.images import build, transfer
+    from pd_dev.images.host import ImageBuildError
+
+    digest = "sha256:" + "a" * 64
+    transfer.save_record(tmp_path / "layers.json", {"l1/layer.tar": transfer.Layer(digest, 10)})
+    monkeypatch.setattr(build.host, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(build.host, "docker", lambda *a, **k: _json.dumps([digest]))
+    monkeypatch.setattr(build.rnh, "ctr", lambda *a, **k: digest)
+    monkeypatch.setattr(build, "_label_kept", lambda *a, **k: None)
+    tries: list[str] = []
+
+    def save_into_ctr(p, nl, ref, convert):
+        tries.append("full" if convert is transfer.passthrough else "delta")
+        if len(tries) == 1:
+            raise ImageBuildError("ctr: failed to prepare extraction snapshot: parent snapshot "
+                                  "sha256:x does not exist: not found")
+        return transfer.Transfer({"l1/layer.tar": transfer.Layer(digest, 10)}, sent=10)
+
+    monkeypatch.setattr(build, "_save_into_ctr", save_into_ctr)
+    said: list[str] = []
+    build.import_to_node(None, None, "img:1", "key", said.append)  # type: ignore[arg-type]
+    assert tries == ["delta", "full"]
+    assert any("importing every layer" in s and "parent snapshot" in s for s in said), said

@@ -128,7 +128,11 @@ def import_to_node(p: plan.DockerdPaths, nl: rn.NodeLayout, ref: str, key: str,
         try:
             done = _save_into_ctr(p, nl, ref, lambda src, dst: transfer.delta(
                 src, dst, ref, record, node_has, spill))
-        except transfer.DeltaMiss as exc:
+        except (transfer.DeltaMiss, ImageBuildError) as exc:
+            # ImageBuildError: containerd refused the partial archive. Seen once: "failed to
+            # prepare extraction snapshot ... parent snapshot ... does not exist" for a layer
+            # the archive left out (its blob was in the content store, its snapshot was not
+            # there when the unpack reached it). The full archive unpacks every layer itself.
             progress(f"{ref}: importing every layer ({exc})")
         finally:
             shutil.rmtree(spill, ignore_errors=True)
