@@ -165,12 +165,9 @@ class LeaseTable:
             with self.lock:
                 events = self._expire_locked()
                 le = self._lookup(req_id)
-                le.expected = max(le.expected, expected)
-                if consumer in le.slots:
-                    self.alloc.release(le.slots.pop(consumer))
+                self._renew(le, consumer, expected)
                 off = self.alloc.alloc(nbytes)
                 le.slots[consumer] = off
-                le.done.discard(consumer)
                 return off
         finally:
             self._notify(events)
@@ -223,14 +220,19 @@ class LeaseTable:
                     return None
                 del le.staged[key]
                 self.claims += 1
-                le.expected = max(le.expected, expected)
-                if consumer in le.slots:
-                    self.alloc.release(le.slots.pop(consumer))
+                self._renew(le, consumer, expected)
                 le.slots[consumer] = staged.off
-                le.done.discard(consumer)
                 return staged
         finally:
             self._notify(events)
+
+    def _renew(self, le: Lease, consumer: str, expected: int) -> None:
+        """`consumer` is about to get a slot: the count PREPARE computed, and the consumer's
+        earlier slot (a retried PREPARE) back first, so its room is free for the new one."""
+        le.expected = max(le.expected, expected)
+        if consumer in le.slots:
+            self.alloc.release(le.slots.pop(consumer))
+        le.done.discard(consumer)
 
     def staged_bytes(self) -> int:
         with self.lock:

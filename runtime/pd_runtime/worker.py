@@ -12,8 +12,9 @@ PREPARE round trip, and PREPARE only claims the slot (waiting for the gather if 
 ended). "Connected" means an open side-channel session: the server closes one after its idle
 timeout and D reconnects at its next pull, so after a quiet spell the first requests are
 gathered at PREPARE again. A geometry that connects later, or a request that does not fit the
-half of the staging region staging may use, is gathered at PREPARE as before. On by default on CUDA only
-(stage_at_hold_default); PD_RUNTIME_STAGE_AT_HOLD=0 keeps the previous path, to measure against.
+half of the staging region staging may use, is gathered at PREPARE as before. On by default on
+CUDA only (stage_at_hold_default); PD_RUNTIME_STAGE_AT_HOLD=0 keeps the previous path, to
+measure against.
 """
 
 from __future__ import annotations
@@ -229,9 +230,9 @@ class PrefillRank:
         rank, into slots PREPARE can claim; whatever stops it leaves the gather to PREPARE,
         which names errors. It only queues work on the engine's thread: the programs exist
         (built when the decode connected), and the tables of every slot go up in one copy queued
-        before the wait for the request's KV. Its pinned buffer is reused at the next upload of
-        this thread, which waits for this copy: queued after the wait, it would wait for the
-        prefill that was just launched."""
+        before the wait for the request's KV. (The next upload from this thread's pinned buffer
+        waits for this copy; had it been queued after that wait, it would wait for the prefill
+        just launched.)"""
         T = held.req.num_tokens
         todo = []  # (geometry, program, dyn, slot offset)
         try:
