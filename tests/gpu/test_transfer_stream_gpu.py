@@ -19,7 +19,7 @@ pytestmark = gpu_marks(timeout_s=120)
 SLEEP_CYCLES = 400_000_000  # about 0.2 s of one SM's clock: far longer than a gather
 
 
-def _rank_and_pair(monkeypatch, stream: str, staged: bool = False):
+def _rank_and_pair(monkeypatch, stream: str, staged: bool = False, staging_bytes=None):
     pytest.importorskip("nixl_cu13", reason="PrefillRank registers its memory with NIXL")
     from pd_runtime.compat.hashing import builtin_factors
     from pd_runtime.kvcache import ModelSpec, RankSpec
@@ -34,7 +34,8 @@ def _rank_and_pair(monkeypatch, stream: str, staged: bool = False):
     pair = next(iter(kv_pairs(p, d, preq, dreq)))
     f = builtin_factors(runtime_version="test", model="test", dtype="bfloat16", num_kv_heads=8,
                         head_size=64, num_hidden_layers=4, cache_dtype="auto", family="dense")
-    rank = PrefillRank(p, f, b"gather-stream-test", "cuda", lease_s=60, stage_at_hold=staged)
+    rank = PrefillRank(p, f, b"gather-stream-test", "cuda", lease_s=60, stage_at_hold=staged,
+                       staging_bytes=staging_bytes)
     if staged:  # as if D rank 0 had connected: hold() gathers for it
         rank._consumers[d.with_rank(0)] = 1
     return rank, d, preq, pair
@@ -133,8 +134,13 @@ def test_table_upload_on_the_own_stream_does_not_wait_for_the_engine(monkeypatch
 def test_hold_only_queues_the_gathers(monkeypatch):
     """hold() with two decode geometries connected while the prefill's KV writes are still
     queued behind a long kernel: it returns at once (no table upload waits for an earlier copy
-    queued behind the prefill), and the slot claimed afterwards holds the new bytes."""
-    rank, d, preq, pair = _rank_and_pair(monkeypatch, "priority", staged=True)
+    queued behind the prefill), P does not advertise the slots while their gathers wait, and
+    the slot claimed afterwards holds the new bytes. (Room for r0's and r1's slots: staging
+    keeps half its room free for PREPAREs.)"""
+    from pd_runtime.worker import slot_key
+
+    rank, d, preq, pair = _rank_and_pair(monkeypatch, "priority", staged=True,
+                                         staging_bytes=64 << 20)
     try:
         rank._consumers[d.with_rank(1)] = 1  # D rank 1 reads P rank 0 too
         src = torch.from_numpy(pair.p_arena).cuda()
@@ -148,12 +154,17 @@ def test_hold_only_queues_the_gathers(monkeypatch):
         t0 = time.perf_counter()
         rank.hold("r1", preq)
         took = time.perf_counter() - t0
+        staged = len(rank.leases.published("r1"))
+        advertised = rank.staged_slots("r1")
         pending = not torch.cuda.current_stream().query()
         rep, _ = _gather(rank, "r1", preq, d)  # waits for the gather, which waits for the KV
         assert np.array_equal(_slot(rank, rep), pair.want_slot[256 : 256 + pair.nbytes])
         assert pending, "the engine's stream finished first: the sleep was too short"
+        assert staged == 2 and advertised is None, (staged, advertised)
         assert took < 0.05, f"hold() took {took * 1e3:.1f} ms: it waited for the engine"
         assert rank.stats()["staged_claims"] == 2 and rank.stats()["stage_failures"] == 0
+        torch.cuda.synchronize()
+        assert list(rank.staged_slots("r1") or {}) == [slot_key(d.with_rank(1))]
     finally:
         torch.cuda.synchronize()
         rank.close()

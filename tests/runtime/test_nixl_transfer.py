@@ -470,3 +470,78 @@ def test_a_failed_gather_at_hold_leaves_the_request_held(connected, monkeypatch)
     assert prs[0].stats()["stage_failures"] == cell.requests
     assert prs[0].stats()["held"] == cell.requests and prs[0].stats()["staged_bytes"] == 0
     _pull_all(drs, cell)
+
+
+# -- advertised slots: P names the slots it staged at hold(); D reads before it asks
+
+
+def _advertised_pulls(prs, drs, cell, before_claim=None) -> list:
+    """Every D rank pulls every request with P's advertisement (staged_slots); PullStats."""
+    import numpy as np
+
+    from pd_runtime.selftest import cell_requests
+
+    stats = []
+    for dr, want in drs:
+        for rid, preq, dreq, _ in cell_requests(cell):
+            slots = prs[0].staged_slots(rid)
+            assert slots, "nothing staged to advertise"
+            if before_claim is not None:
+                before_claim(prs[0], rid, dr)
+            stats.append(dr.pull(rid, preq, dreq, slots))
+        assert np.array_equal(dr.arena.numpy(), want)
+    return stats
+
+
+@pytest.mark.parametrize("cell", [c for c in _staged_cells() if c.p_tp == 1],
+                         ids=lambda c: f"{c.family}-p{c.p_tp}-d{c.d_tp}")
+def test_advertised_slots_are_read_before_prepare(connected, cell):
+    """Each D rank reads its own advertised slot before PREPARE, which only claims it; the
+    bytes are exact, and P frees everything on the acknowledgement D sends after the claim
+    (the early READ carries none: one arriving before the claim would count D as done)."""
+    prs, drs = connected(cell)
+    _hold_all(prs, cell)
+    stats = _advertised_pulls(prs, drs, cell)
+    assert all(st.early_read for st in stats)
+    assert prs[0].stats()["staged_claims"] == len(stats)
+    assert eventually(lambda: prs[0].stats()["held"] == 0 and prs[0].stats()["staging_in_use"]
+                      == 0), prs[0].stats()
+    assert prs[0].leases.bad_notifs == 0
+
+
+def test_an_advertised_slot_that_moved_is_read_again(connected):
+    """The slot advertised is gone by the time D claims it (here: unstaged, its room given to
+    a fresh gather, probably at the same offset, and the old bytes wiped): P's reply says it
+    gathered anew, and D reads and scatters again from the slot P names."""
+    cell = _staged_cells()[0]
+    prs, drs = connected(cell)
+    _hold_all(prs, cell)
+
+    def moved(pr, rid, dr):
+        pr.leases.unstage(rid, dr.spec)
+        pr.staging.zero_()
+
+    stats = _advertised_pulls(prs, drs, cell, before_claim=moved)
+    assert not any(st.early_read for st in stats)
+    assert prs[0].stats()["staged_claims"] == 0
+    assert eventually(lambda: prs[0].stats()["held"] == 0), prs[0].stats()
+
+
+def test_an_advertised_slot_outside_the_staging_region_is_refused(connected):
+    """No P advertises a slot past its staging region or of another size: D names it and asks
+    P nothing (the request stays held); a pull without the advertisement then succeeds."""
+    from pd_runtime.protocol import ProtocolError
+    from pd_runtime.selftest import cell_requests
+    from pd_runtime.worker import slot_key
+
+    cell = _staged_cells()[0]
+    prs, drs = connected(cell)
+    _hold_all(prs, cell)
+    rid, preq, dreq, _ = cell_requests(cell)[0]
+    dr = drs[0][0]
+    off, nb = prs[0].staged_slots(rid)[slot_key(dr.spec)]
+    for bad in ([prs[0].staging.numel() - nb + 1, nb], [off, nb + 1]):
+        with pytest.raises(ProtocolError, match="advertised a slot"):
+            dr.pull(rid, preq, dreq, {slot_key(dr.spec): bad})
+    assert prs[0].stats()["staged_claims"] == 0 and prs[0].stats()["held"] == cell.requests
+    assert not dr.pull(rid, preq, dreq).early_read

@@ -10,7 +10,6 @@ masks of a batch) is given by `AttnMeta` from the runner.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kvcache
+from ..switches import env_choice
 from .config import ModelConfig
 from .kv import KVCache, LayerCache
 from .ssm import Mamba2Mixer, StateChunk
@@ -125,10 +125,7 @@ def fused_for(device: str) -> bool:
     always takes the torch ops (the reference)."""
     from ..kernels.segcopy import triton_available
 
-    raw = os.environ.get("PD_RUNTIME_FUSED", "1")
-    if raw not in ("0", "1"):
-        raise ValueError(f"PD_RUNTIME_FUSED={raw!r}: expected 0 or 1")
-    return raw == "1" and triton_available(device)
+    return env_choice("PD_RUNTIME_FUSED", ("0", "1"), "1") == "1" and triton_available(device)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

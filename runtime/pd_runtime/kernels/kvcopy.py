@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..switches import env_choice
 from ..template import (
     C_BS,
     C_CF,
@@ -305,9 +306,7 @@ def transfer_stream(device: torch.device | str) -> torch.cuda.Stream | None:
     recorded at hold()) into its own staging slot; D's scatter writes blocks that no kernel
     reads before the pull ends (the engine's step loop is synchronous, a pulling request joins
     a step only afterwards, there is no prefix sharing, and padded graph rows repeat row 0)."""
-    raw = os.environ.get("PD_RUNTIME_TRANSFER_STREAM", "priority")
-    if raw not in TRANSFER_STREAMS:
-        raise ValueError(f"PD_RUNTIME_TRANSFER_STREAM={raw!r}: expected one of {TRANSFER_STREAMS}")
+    raw = env_choice("PD_RUNTIME_TRANSFER_STREAM", TRANSFER_STREAMS, "priority")
     if raw == "engine" or not str(device).startswith("cuda"):
         return None
     # (lowest, highest): the highest is the most negative; a static method that torch's stubs

@@ -50,5 +50,5 @@ def test_stage_at_hold_switch_names_a_wrong_value(monkeypatch):
     monkeypatch.setenv("PD_RUNTIME_STAGE_AT_HOLD", "1")
     assert stage_at_hold_default("cpu") is True
     monkeypatch.setenv("PD_RUNTIME_STAGE_AT_HOLD", "yes")
-    with pytest.raises(ValueError, match="PD_RUNTIME_STAGE_AT_HOLD='yes': expected 0, 1 or auto"):
+    with pytest.raises(ValueError, match="STAGE_AT_HOLD=.yes.: expected one of 0, 1, auto"):
         stage_at_hold_default("cuda")
