@@ -234,8 +234,6 @@ def wave_pd(p: Worker, d: Worker, rids: list[str], seeds: list[int], length: int
                       "plan_seconds", "seconds"):
                 if k in pl:
                     row["pull_" + k.replace("_seconds", "_s").replace("seconds", "rank_s")] = pl[k]
-            if "early_read" in pl:  # D read P's advertised slot before PREPARE
-                row["pull_early_read"] = bool(pl["early_read"])
             if "pull_rank_s" in row:  # the transfer engine's own time minus its data path
                 row["pull_host_overhead_s"] = row["pull_rank_s"] - sum(
                     row.get(k, 0.0) for k in ("pull_gather_s", "pull_read_s", "pull_scatter_s"))
@@ -252,7 +250,7 @@ def _rank_pull(rank: int, pl: dict[str, Any], t0: float) -> dict[str, Any]:
     out = {"rank": rank, "start_s": pl["t_start"] - t0, "end_s": pl["t_end"] - t0,
            "wall_s": pl["wall_s"], "bytes": pl.get("bytes", 0)}
     for k in ("seconds", "read_seconds", "prepare_seconds", "gather_seconds", "scatter_seconds",
-              "plan_seconds", "descriptors", "early_read"):
+              "plan_seconds", "descriptors"):
         if k in pl:
             out[k] = pl[k]
     return out

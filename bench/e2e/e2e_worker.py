@@ -56,12 +56,7 @@ def _build(role: str, opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
 
     from pd_runtime import kvcache
     from pd_runtime.engine.core import engine_from_checkpoint, rank_spec_for
-    from pd_runtime.engine.pd import (
-        DecodeSide,
-        PrefillSide,
-        advertise_slots_default,
-        engine_factors,
-    )
+    from pd_runtime.engine.pd import DecodeSide, PrefillSide, engine_factors
     from pd_runtime.worker import PrefillRank
 
     dev = opts["device"]
@@ -98,7 +93,7 @@ def _build(role: str, opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
                            staging_bytes=min(opts["p_staging_requests"] * req_bytes,
                                              2 * arena_bytes + (1 << 20)))
         eng.prefill = PrefillSide([rank], uuid.uuid4().hex, "127.0.0.1", rank.address[1], 1,
-                                  spec.block_size, advertise_slots=advertise_slots_default())
+                                  spec.block_size)
     elif role == "decode":
         eng.decode = DecodeSide(spec, factors, token, eng.arena, dev, opts["pull_timeout_s"],
                                 recv_bytes=min(req_bytes, arena_bytes + (1 << 16)))
@@ -133,8 +128,8 @@ def _pull_stats() -> dict[str, dict[str, Any]]:
     stats: dict[str, dict[str, Any]] = {}
     orig = worker.DecodeRank.pull
 
-    def rank_pull(self: Any, req_id: str, p_req: Any, d_req: Any, staged: Any = None) -> Any:
-        st = orig(self, req_id, p_req, d_req, staged)
+    def rank_pull(self: Any, req_id: str, p_req: Any, d_req: Any) -> Any:
+        st = orig(self, req_id, p_req, d_req)
         stats[req_id] = dataclasses.asdict(st)
         return st
 
@@ -180,49 +175,6 @@ def _instrument_decode(eng: Any, pulls: dict[str, dict[str, Any]],
     _time_pulls(side, stats, pulls, by_transfer)
 
 
-class _Answers:
-    """The loop's messages to the driver. P's answers go from a thread of their own once
-    PrefillSide.advertise names the slots staged at hold() (as AsyncEngine waits for that on
-    its event loop, not on the engine's thread); everything else goes at once, in order."""
-
-    def __init__(self, conn: Connection, prefill: Any):
-        import queue
-
-        from pd_runtime.engine.async_engine import ADVERTISE_POLL_S, ADVERTISE_WAIT_S
-
-        self.conn, self.prefill, self.lock = conn, prefill, threading.Lock()
-        self.poll_s, self.wait_s = ADVERTISE_POLL_S, ADVERTISE_WAIT_S
-        self.queue: Any = queue.Queue()
-        if prefill is not None:
-            threading.Thread(target=self._advertise, daemon=True).start()
-
-    def send(self, msg: Any) -> None:
-        with self.lock:
-            self.conn.send(msg)
-
-    def outs(self, t: float, items: list) -> None:
-        if self.prefill is None:
-            self.send(("outs", t, items))
-        else:
-            self.queue.put(items)
-
-    def _advertise(self) -> None:
-        while True:
-            items = self.queue.get()
-            done = []
-            for rid, n, finished, kv, err in items:
-                done.append((rid, n, finished, kv and self._advertised(kv), err))
-            self.send(("outs", time.perf_counter(), done))
-
-    def _advertised(self, kv: dict) -> dict:
-        end = time.perf_counter() + self.wait_s
-        while (adv := self.prefill.advertise(kv)) is None:
-            if time.perf_counter() > end:
-                return kv
-            time.sleep(self.poll_s)
-        return adv
-
-
 def _serve(conn: Connection, role: str, opts: dict[str, Any]) -> None:
     import torch
 
@@ -248,8 +200,7 @@ def _serve(conn: Connection, role: str, opts: dict[str, Any]) -> None:
     if role == "decode":
         _instrument_decode(eng, pulls, by_transfer, rank_log)
     vocab = ckpt.config.vocab_size
-    out = _Answers(conn, eng.prefill if role == "prefill" else None)
-    out.send(("ready", info))
+    conn.send(("ready", info))
     while True:
         busy = eng.has_unfinished()
         if not busy:
@@ -277,21 +228,21 @@ def _serve(conn: Connection, role: str, opts: dict[str, Any]) -> None:
                 try:
                     eng.add_request(rid, prompts.pop(rid), params, kv)
                 except Exception as e:  # noqa: BLE001 - reported to the driver, named
-                    out.send(("outs", time.perf_counter(),
+                    conn.send(("outs", time.perf_counter(),
                                [(rid, 0, True, None, f"{type(e).__name__}: {e}")]))
             elif op == "log":
-                out.send(("log", {"pulls": dict(pulls), "added": dict(added),
+                conn.send(("log", {"pulls": dict(pulls), "added": dict(added),
                                    "rank_pulls": dict(rank_log or {})}))
                 pulls.clear()
                 added.clear()
                 if rank_log is not None:
                     rank_log.clear()
             elif op == "stats":
-                out.send(("stats", eng.snapshot()))
+                conn.send(("stats", eng.snapshot()))
             elif op == "prefill_bench":
                 from prefill_bench import prefill_bench
 
-                out.send(("prefill_bench", prefill_bench(eng, ckpt, opts, msg[1])))
+                conn.send(("prefill_bench", prefill_bench(eng, ckpt, opts, msg[1])))
             elif op == "stop":
                 for side in (eng.prefill, eng.decode):
                     if side is not None:
@@ -300,14 +251,16 @@ def _serve(conn: Connection, role: str, opts: dict[str, Any]) -> None:
                 close = getattr(eng.runner, "close", None)
                 if close is not None:  # TP: the stop order to the other ranks, the group's end
                     close()
-                out.send(("stopped", None))
+                conn.send(("stopped", None))
                 return
         if eng.has_unfinished() or eng.held:
             outs = eng.step()
             if outs:
                 t = time.perf_counter()
-                out.outs(t, [(o.request_id, len(o.token_ids), o.finished, o.kv_transfer_params,
-                              None if o.error is None else repr(o.error)) for o in outs])
+                conn.send(("outs", t, [(o.request_id, len(o.token_ids), o.finished,
+                                        o.kv_transfer_params,
+                                        None if o.error is None else repr(o.error))
+                                       for o in outs]))
 
 
 def _serve_rank(conn: Connection, eng: Any, info: dict[str, Any]) -> None:

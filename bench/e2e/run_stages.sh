@@ -7,9 +7,6 @@
 #   gil     bench_e2e P/D with the GIL switch interval at 5000 (Python's) and 500 us, per round
 #   stage   bench_e2e P/D with P's gather at PREPARE (PD_RUNTIME_STAGE_AT_HOLD=0, the previous
 #           path) and at hold(), P's staging room for 18 requests, per round
-#   advertise bench_e2e P/D with P's answer not naming its staged slots (PD_RUNTIME_ADVERTISE_SLOTS=0,
-#           the previous path: D asks first) and naming them (D reads first), D at TP 1 and 2
-#           (ADV_TPS), per round
 #   tiles   bench/transfer/bench_transfer.py --sweep-mib: the template kernel's tile and warps
 #           at 64 and 128 MiB, every case, against a copy
 #   hostpath bench/transfer/bench_host_path.py: the baseline commit's transfer engine (its
@@ -56,11 +53,6 @@ case " $STAGES " in *" stage "*)
   for round in ${ROUNDS:-a}; do for tp in ${STAGE_TPS:-1}; do
     PD_RUNTIME_STAGE_AT_HOLD=0 e2e tp${tp}_stage0_$round --d-tp $tp --p-staging-requests 18
     PD_RUNTIME_STAGE_AT_HOLD=1 e2e tp${tp}_stage1_$round --d-tp $tp --p-staging-requests 18
-  done; done ;; esac
-case " $STAGES " in *" advertise "*)
-  for round in ${ROUNDS:-a}; do for tp in ${ADV_TPS:-1 2}; do
-    PD_RUNTIME_ADVERTISE_SLOTS=0 e2e tp${tp}_adv0_$round --d-tp $tp --p-staging-requests 18
-    PD_RUNTIME_ADVERTISE_SLOTS=1 e2e tp${tp}_adv1_$round --d-tp $tp --p-staging-requests 18
   done; done ;; esac
 case " $STAGES " in *" hostpath "*)
   timeout ${HOSTPATH_S:-120} python3 bench/transfer/bench_host_path.py --device cuda \

@@ -17,9 +17,6 @@ same machine load. Per pull it records the wall time and its parts:
     host          the issue's definition: wall - (gather + READ + scatter)
     p_hold        P's hold() of the request (outside the pull; tables are packed there, and a
                   P that gathers at hold() launches the gather there)
-    p_advertise   P's wait, after hold(), for the gathers it names in its answer (a P that
-                  advertises staged slots: D then posts the READ before PREPARE; early_read is
-                  the share of pulls that did)
 
 Between hold() and the pull the bench pauses --hold-gap-ms, untimed: in serving P's answer
 goes through the router to D first.
@@ -64,7 +61,6 @@ GEOMETRIES = {
 }
 PARTS = ["wall", "host", "d_plan", "rpc", "p_plan", "gather", "read_post", "read_wait",
          "scatter_run", "scatter_wait", "notif", "other"]
-P_SIDE = ["p_hold", "p_advertise", "early_read"]  # early_read: the share of pulls that read first
 
 
 def pack_baseline(commit: str, path: str = BASE_TAR) -> str:
@@ -159,13 +155,7 @@ def _prefill_proc(base_dir, geo, device, max_blocks, conn, modes):
         req = planner.Request(nbk * 16, {0: pt})
         t0 = time.perf_counter()
         ranks[mode].hold(rid, req)  # P's own per-request cost (the new path packs here)
-        t1 = time.perf_counter()
-        slots = None  # a P that names its staged slots in its answer waits for their gathers
-        staged_slots = getattr(ranks[mode], "staged_slots", None)
-        if staged_slots is not None:
-            while (slots := staged_slots(rid)) is None:
-                time.sleep(0.0001)
-        conn.send((t1 - t0, slots, time.perf_counter() - t1))
+        conn.send(time.perf_counter() - t0)
     for r in ranks.values():
         r.close()
 
@@ -226,13 +216,13 @@ def parts(st, timer: _Timer) -> dict:
     return out
 
 
-def _pull(dr, timer: _Timer, rid: str, preq, dreq, slots):
-    """One pull (with P's advertised slots where P names them); a full staging region on P
-    (its poller had not freed the last slot yet) is waited out, not counted."""
+def _pull(dr, timer: _Timer, rid: str, preq, dreq):
+    """One pull; a full staging region on P (its poller had not freed the last slot yet) is
+    waited out, not counted."""
     for attempt in range(20):
         timer.reset()
         try:
-            return dr.pull(rid, preq, dreq) if slots is None else dr.pull(rid, preq, dreq, slots)
+            return dr.pull(rid, preq, dreq)
         except Exception as e:
             if getattr(e, "code", None) != "staging-full" or attempt == 19:
                 raise
@@ -281,7 +271,7 @@ def run(args, base_dir: str | None, modes: list[str]) -> dict:
                 n += 1
                 time.sleep(args.gap_ms / 1e3)  # lets P's poller free the last slot, untimed
                 conn.send((mode, rid, nbk))
-                hold_s, slots, advertise_s = reply()
+                hold_s = reply()
                 preq, dreq = planner.Request(nbk * 16, {0: pt}), planner.Request(nbk * 16, {0: dt})
                 if i == 0:
                     arena.zero_()
@@ -290,18 +280,16 @@ def run(args, base_dir: str | None, modes: list[str]) -> dict:
                 time.sleep(args.hold_gap_ms / 1e3)
                 if args.device == "cuda":
                     torch.cuda.synchronize()
-                st = _pull(ranks[mode], timers[mode], rid, preq, dreq, slots)
+                st = _pull(ranks[mode], timers[mode], rid, preq, dreq)
                 if i == 0:
                     snap[mode] = arena.clone()
                 if i >= args.warm:
-                    res[mode].append(dict(parts(st, timers[mode]), p_hold=hold_s,
-                                          p_advertise=advertise_s,
-                                          early_read=float(getattr(st, "early_read", False))))
+                    res[mode].append(dict(parts(st, timers[mode]), p_hold=hold_s))
         same = all(torch.equal(snap[m], snap[mode]) for m in snap) and bool(snap[mode].any())
         row = dict(blocks=nbk, tokens=nbk * 16, bytes=int(st.bytes), same_bytes=same,
                    digest=hashlib.sha256(snap[mode].cpu().numpy().tobytes()).hexdigest())
         for mode, lst in res.items():
-            row[mode] = {k: float(np.median([r[k] for r in lst])) for k in PARTS + P_SIDE}
+            row[mode] = {k: float(np.median([r[k] for r in lst])) for k in PARTS + ["p_hold"]}
             row[mode]["host_p90"] = float(np.percentile([r["host"] for r in lst], 90))
             row[mode]["raw"] = lst
         rows.append(row)
@@ -477,8 +465,7 @@ def main() -> int:
         for mode in ("base", "new"):
             if mode in row:
                 print(f"  {row['blocks']:5d} {mode:4s} " + " ".join(
-                    f"{k}={row[mode][k] * 1e6:.0f}" for k in PARTS + P_SIDE[:-1])
-                    + f" early_read={row[mode]['early_read']:.2f}", flush=True)
+                    f"{k}={row[mode][k] * 1e6:.0f}" for k in PARTS + ["p_hold"]), flush=True)
     return 0
 
 

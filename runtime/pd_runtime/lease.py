@@ -199,13 +199,6 @@ class LeaseTable:
             if slot is not None:
                 slot.published, slot.done = True, done
 
-    def published(self, req_id: str) -> dict[Hashable, StagedSlot]:
-        """`req_id`'s published slots no consumer has claimed yet, by geometry."""
-        with self.lock:
-            le = self.leases.get(req_id)
-            staged = le.staged.items() if le is not None else ()
-            return {k: s for k, s in staged if s.published}
-
     def unstage(self, req_id: str, key: Hashable) -> None:
         """Give an unclaimed staged slot back (its gather could not be queued)."""
         with self.lock:

@@ -25,9 +25,8 @@ import msgspec
 from .kvcache import RankSpec
 
 # 1 was the untyped dict protocol (no version on the wire, server-chosen nonce only); 2 sent
-# PREPARE's block tables as lists of ints (one Python int per block on each side, each pull);
-# 3 had no `staged` in PrepareReply (a decode could not tell a claimed slot from a new gather)
-PROTOCOL_VERSION = 4
+# PREPARE's block tables as lists of ints (one Python int per block on each side, each pull)
+PROTOCOL_VERSION = 3
 NONCE_BYTES = 16
 
 Nonce = Annotated[bytes, msgspec.Meta(min_length=NONCE_BYTES, max_length=NONCE_BYTES)]
@@ -119,9 +118,6 @@ class PrepareReply(_Msg, tag="prepare-reply", frozen=True):
     gather_segments: Count = 0
     plan_s: Seconds = 0.0
     gather_s: Seconds = 0.0
-    # the slot was gathered at hold() and advertised before this PREPARE (its bytes have been
-    # there since): a READ the decode posted before asking read them
-    staged: bool = False
 
 
 class PatternRequest(_Msg, tag="pattern", frozen=True):

@@ -19,10 +19,7 @@ measure against.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -52,7 +49,6 @@ from .kernels.kvcopy import (
 from .kvcache import GeometryError, RankSpec, arena_layout
 from .lease import LeaseError, LeaseTable, StagingFull, consumer_id
 from .planner import PlanError, Request, expected_consumers
-from .switches import env_choice
 from .protocol import (
     HandshakeError,
     HashMismatch,
@@ -68,6 +64,7 @@ from .protocol import (
     UnexpectedMessage,
     WireRequest,
 )
+from .switches import env_choice
 from .template import TemplateCache, as_table
 from .transport import TransferError, Transport
 
@@ -129,12 +126,6 @@ def stage_at_hold_default(device: str) -> bool:
     thread, where P's next prefill waits for it (at PREPARE it runs beside the engine)."""
     raw = env_choice("PD_RUNTIME_STAGE_AT_HOLD", ("0", "1", "auto"), "auto")
     return str(device).startswith("cuda") if raw == "auto" else raw == "1"
-
-
-def slot_key(spec: RankSpec) -> str:
-    """A decode rank geometry's name in P's advertisement of the slots it staged at hold();
-    both sides compute it from the same code (the handshake checked the runtime versions)."""
-    return hashlib.blake2s(repr(spec).encode(), digest_size=8).hexdigest()
 
 
 def _check_req_id(req_id: str) -> None:
@@ -271,16 +262,6 @@ class PrefillRank:
         for d_spec, *_ in todo:
             self.leases.publish(rid, d_spec, done)
 
-    def staged_slots(self, req_id: str) -> dict[str, list[int]] | None:
-        """The slots staged at hold() for `req_id` and not yet claimed, by decode geometry
-        (`slot_key`): {key: [offset in the staging region, bytes]}, for P's answer. None while
-        a gather still runs: a decode reads an advertised slot before it claims it, so the
-        advertisement must not leave before the bytes are there."""
-        slots = self.leases.published(req_id)
-        if any(s.done is not None and not s.done.query() for s in slots.values()):
-            return None
-        return {slot_key(k): [s.off, s.nbytes] for k, s in slots.items()}
-
     def _session_closed(self, session: Session) -> None:
         if isinstance(session.context, _Consumer):
             self._forget_consumer(session.context.spec)
@@ -395,7 +376,7 @@ class PrefillRank:
                 staged.done.synchronize()
             return PrepareReply(self.staging.data_ptr() + staged.off, nbytes,
                                 Transport.dev_id(self.staging), self.leases.lease_s, tm.rows(T),
-                                t1 - t0, time.perf_counter() - t1, staged=True)
+                                t1 - t0, time.perf_counter() - t1)
         dyn = tm.dyn("prefill", mine, T)
         off = self.leases.slot(rid, consumer, nbytes, tm.expected)
         with on_stream(self.stream, held.written):  # a new program uploads its tables here too
@@ -436,7 +417,6 @@ class PullStats:
     scatter_seconds: float = 0.0  # D's scatter kernel
     # PREPARE round trip as D sees it: P's gather, and D's table upload, which runs meanwhile
     prepare_seconds: float = 0.0
-    early_read: bool = False  # read from P's advertised slot before PREPARE answered
 
     @property
     def data_path_seconds(self) -> float:
@@ -525,14 +505,7 @@ class DecodeRank:
             self._release = self.templates.release_only(p_pool, self.spec)
         return self._pair_cache
 
-    def pull(self, req_id: str, p_req: Request, d_req: Request,
-             staged: dict[str, list[int]] | None = None) -> PullStats:
-        """Pull `req_id` (P's tables `p_req`) into `d_req`'s blocks. `staged` is P's
-        advertisement of the slots it gathered at hold() (`PrefillRank.staged_slots`, carried in
-        its answer). With one P rank and a slot for this geometry the READ goes out before
-        PREPARE, and the scatter runs while P answers: PREPARE then only claims the slot. If P
-        claims no staged slot or another one (the lease moved on), the pull reads again from
-        the slot P names and scatters again (these blocks are this request's alone)."""
+    def pull(self, req_id: str, p_req: Request, d_req: Request) -> PullStats:
         p_pool = self.p_pool
         if p_pool is None:
             raise NotConnected("DecodeRank.pull before connect()")
@@ -560,35 +533,23 @@ class DecodeRank:
         st = PullStats(bytes=sum(sizes), peers=len(pairs))
         lease = min((self.peers[pr].lease_s for pr, _ in pairs), default=30.0)
         tp = time.perf_counter()
-        slot = self._advertised_slot(req_id, pairs, sizes, staged)  # checked before asking
         started, err = self._start_all(PrepareRequest(req_id, T, req_to_wire(p_req)),
                                        [pr for pr, _ in pairs])
         # the tables + scalars of every peer go up while P answers (one copy, on this rank's
         # stream); whatever happens, every peer asked is drained before anything is raised. A
         # failed upload leaves P's slot to the lease (a release would count this rank as done)
         tu = time.perf_counter()
-        early = None
         try:
-            if slot is not None:  # posted while PREPARE is on its way
-                early = self._read_slot(*slot), slot[1]
             with on_stream(self.stream, None):
                 progs = [program_for(tm.scatter, self.device, gather=False) for _, tm in pairs]
                 bts = upload_all(self.arena.device, list(zip(dyns, recv_offs)))
-            tf = time.perf_counter()
-            if early is not None:  # the advertised bytes, scattered while P answers
-                handle, early = early[0], (None, early[1])
-                self.transport.wait([handle], self.timeout)  # releases the handle, come what may
-                st.read_seconds = time.perf_counter() - tf
-                self._scatter(pairs, progs, dyns, bts, recv_offs, T, st, wait=False)
         except BaseException:
             self._finish_all(started, err, quiet=True)
-            if early is not None and early[0] is not None:  # not waited for yet
-                with contextlib.suppress(TransferError):
-                    self.transport.wait([early[0]], self.timeout)
             raise
+        tf = time.perf_counter()
         st.plan_seconds = (tp - t0) + (tf - tu)  # D's own; P's plan is added below
         replies = self._finish_all(started, err)
-        st.prepare_seconds = time.perf_counter() - tp  # D's upload (and early READ) ran inside
+        st.prepare_seconds = time.perf_counter() - tp  # D's upload ran inside it
         for (pr, _), nb in zip(pairs, sizes):
             rep = replies[pr]
             if rep.nbytes != nb:
@@ -597,73 +558,30 @@ class DecodeRank:
             st.gather_segments += rep.gather_segments
             st.plan_seconds += rep.plan_s
             st.gather_seconds = max(st.gather_seconds, rep.gather_s)
-        pr0 = pairs[0][0] if pairs else 0
-        st.early_read = early is not None and replies[pr0].staged and replies[pr0].addr == early[1]
-        if st.early_read:
-            ts = time.perf_counter()
-            with on_stream(self.stream, None):
-                wait_device(self.device)  # the scatter launched before the replies
-            st.scatter_seconds += time.perf_counter() - ts
-            tm0 = pairs[0][1]
-            self.transport.send_notif(self.peers[pr0].agent,
-                                      f"{req_id}:{self.spec.tp_rank}:{tm0.expected}")
-        else:
-            tr = time.perf_counter()
-            handles = []
-            for (pr, tm), nb, ro in zip(pairs, sizes, recv_offs):
-                handles.append(self.transport.read(
-                    self.peers[pr].agent, (self.recv.data_ptr() + ro, nb, Transport.dev_id(self.recv)),
-                    (replies[pr].addr, nb, replies[pr].dev), f"{req_id}:{self.spec.tp_rank}:{tm.expected}"))
-            self.transport.wait(handles, self.timeout)
-            st.read_seconds = time.perf_counter() - tr
-            self._scatter(pairs, progs, dyns, bts, recv_offs, T, st, wait=True)
-        st.descriptors = len(pairs)
+        tr = time.perf_counter()
+        handles = []
+        for (pr, tm), nb, ro in zip(pairs, sizes, recv_offs):
+            handles.append(self.transport.read(
+                self.peers[pr].agent, (self.recv.data_ptr() + ro, nb, Transport.dev_id(self.recv)),
+                (replies[pr].addr, nb, replies[pr].dev), f"{req_id}:{self.spec.tp_rank}:{tm.expected}"))
+            st.descriptors += 1
+        self.transport.wait(handles, self.timeout)
+        st.read_seconds = time.perf_counter() - tr
         if time.monotonic() - tl0 > lease * 0.9:
             raise LeaseError(f"request {req_id}: READ finished after the prefill lease ({lease}s); "
                              "data may be stale")
+        ts = time.perf_counter()
+        with on_stream(self.stream, None):  # after this stream's table upload
+            for (pr, tm), pg, dy, bt, ro in zip(pairs, progs, dyns, bts, recv_offs):
+                pg.run(self.recv, self.arena, dy, ro, bt)
+                st.scatter_segments += tm.rows(T)
+            wait_device(self.device)
+        st.scatter_seconds = time.perf_counter() - ts
         for pr in self._release:
             exp = expected_consumers(p_pool.with_rank(pr), self.spec, pr)
             self.transport.send_notif(self.peers[pr].agent, f"REL:{req_id}:{self.spec.tp_rank}:{exp}")
         st.seconds = time.perf_counter() - t0
         return st
-
-    def _advertised_slot(self, req_id: str, pairs: list, sizes: list[int],
-                         staged: dict[str, list[int]] | None) -> tuple[_Peer, int, int] | None:
-        """The slot P advertised for this geometry: (peer, address, bytes) to read before P
-        answers PREPARE, or None to read after it as usual. A slot of another size or outside
-        P's staging region is a named error: no P advertises one."""
-        if not staged or len(pairs) != 1 or self.p_pool is None or self.p_pool.tp_size != 1:
-            return None  # (P's answer carries the slots of its rank 0 only)
-        slot = staged.get(slot_key(self.spec))
-        if slot is None:
-            return None
-        (pr, _), nb = pairs[0], sizes[0]
-        peer = self.peers[pr]
-        off, size = slot
-        if size != nb or not 0 <= off <= peer.staging.nbytes - nb:
-            raise ProtocolError(f"request {req_id}: prefill rank {pr} advertised a slot of "
-                                f"{size} bytes at {off} in its staging region of "
-                                f"{peer.staging.nbytes}; this decode rank reads {nb} bytes")
-        return peer, peer.staging.addr + off, nb
-
-    def _read_slot(self, peer: _Peer, addr: int, nb: int) -> Any:
-        """The READ of an advertised slot, with no notification: P learns of it once the claim
-        confirms the slot (an acknowledgement before the claim would count this rank done)."""
-        return self.transport.read(peer.agent, (self.recv.data_ptr(), nb,
-                                                Transport.dev_id(self.recv)),
-                                   (addr, nb, peer.staging.dev), "")
-
-    def _scatter(self, pairs: list, progs: list, dyns: list, bts: list, recv_offs: list[int],
-                 T: int, st: PullStats, wait: bool) -> None:
-        """Receive buffer -> this request's blocks, on this rank's stream (after its upload)."""
-        ts = time.perf_counter()
-        with on_stream(self.stream, None):
-            for (_, tm), pg, dy, bt, ro in zip(pairs, progs, dyns, bts, recv_offs):
-                pg.run(self.recv, self.arena, dy, ro, bt)
-                st.scatter_segments += tm.rows(T)
-            if wait:
-                wait_device(self.device)
-        st.scatter_seconds += time.perf_counter() - ts
 
     def _start_all(self, req: PrepareRequest,
                    ranks: list[int]) -> tuple[list[int], HandshakeError | None]:

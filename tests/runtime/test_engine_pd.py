@@ -209,37 +209,6 @@ def test_heartbeats_keep_a_queued_request_past_its_lease(ckpt):
         close(p, d)
 
 
-def test_advertised_slots_are_read_before_prepare_in_serving(ckpt, monkeypatch):
-    """P gathers at hold() for the decode connected earlier and its answer names the slot
-    once the gather has ended (advertise); D reads it before it asks P, and the tokens equal
-    offline generation. A P answer without the slots (as hold() gives it) still works."""
-    monkeypatch.setenv("PD_RUNTIME_STAGE_AT_HOLD", "1")  # the CPU's default is 0
-    p, d = make_pair(ckpt)
-    try:
-        assert d.decode is not None and p.prefill is not None
-        ps = prompts(4, seed=8)
-        kv = prefill_all(p, ps[:1])  # connects D to P: P stages for it from now on
-        d.add_request("q0", ps[0], SamplingParams(max_tokens=2, temperature=0), kv["q0"])
-        drain(d)
-        kv = prefill_all(p, ps)
-        advertised = {k: p.prefill.advertise(v) for k, v in kv.items()}
-        assert all(a is not None and a["staged_slots"] for a in advertised.values())
-        plain = {"q3"}  # answered as hold() gave it: D asks first
-        for i, pr in enumerate(ps):
-            params = kv[f"q{i}"] if f"q{i}" in plain else advertised[f"q{i}"]
-            d.add_request(f"r{i}", pr, SamplingParams(max_tokens=3, temperature=0), params)
-        got: dict[str, list[int]] = {}
-        for o in drain(d):
-            assert o.error is None, o.error
-            got.setdefault(o.request_id, []).extend(o.token_ids)
-        for i, pr in enumerate(ps):
-            assert got[f"r{i}"] == generate(ckpt, pr, 3, ignore_eos=True), f"prompt {i}"
-        assert d.decode.stats.kv_early_reads == len(ps) - len(plain)
-        wait_released(p)
-    finally:
-        close(p, d)
-
-
 def test_expired_lease_is_an_error_never_tokens(ckpt):
     p, d = make_pair(ckpt, lease_s=0.3)
     try:
@@ -278,8 +247,6 @@ def good_params(n: int) -> dict:
     {"remote_num_tokens": 99}, {"remote_request_id": "a:b"}, {"remote_block_ids": {"7": [1]}},
     {"remote_block_ids": {"0": [-5]}}, {"remote_host": ""}, {"remote_engine_id": None},
     {"remote_block_ids": {"0": [0, 1]}, "remote_block_size": 16}, {"remote_block_size": 0},
-    {"staged_slots": {"k": [0]}}, {"staged_slots": {"k": [-1, 4]}}, {"staged_slots": {"k": [0, 0]}},
-    {"staged_slots": {"k" * 65: [0, 4]}}, {"staged_slots": [0, 4]},
 ])
 def test_malformed_kv_transfer_params_are_refused(ckpt, change):
     with pytest.raises(InvalidKVTransferParams) as e:

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import kvcache
@@ -32,10 +32,6 @@ DEFAULT_KV_MEMORY = {"cpu": 256 << 20, "cuda": 4 << 30}
 MAX_BLOCKS = 1 << 16
 IDLE_WAIT_S = 0.05
 HELD_POLL_S = 0.01  # while P holds blocks for D, step this often to free released ones
-# P's answer waits for the gathers staged at hold() (well under a millisecond on a GPU) this
-# often, this long at most; then it goes without naming their slots (D asks P as before)
-ADVERTISE_POLL_S = 0.0001
-ADVERTISE_WAIT_S = 0.05
 
 
 @dataclass
@@ -191,8 +187,6 @@ class AsyncEngine:
                     finished = True
                     raise item.error
                 finished = item.finished
-                if item.kv_transfer_params is not None:
-                    item = await self._advertised(item)
                 yield item
                 if finished:
                     return
@@ -201,20 +195,6 @@ class AsyncEngine:
                 self._queues.pop(request_id, None)
             if not finished:
                 self._send("abort", request_id)
-
-    async def _advertised(self, out: Output) -> Output:
-        """P's answer naming the slots it gathered at hold() once their gathers have ended
-        (D then reads before it asks P; pd.PrefillSide.advertise). It waits here, on the event
-        loop, not on the engine's thread; after ADVERTISE_WAIT_S the answer goes without."""
-        advertise = getattr(self.engine.prefill, "advertise", None)
-        if advertise is None or out.kv_transfer_params is None:
-            return out
-        deadline = time.monotonic() + ADVERTISE_WAIT_S
-        while (kv := advertise(out.kv_transfer_params)) is None:
-            if time.monotonic() > deadline:
-                return out
-            await asyncio.sleep(ADVERTISE_POLL_S)
-        return replace(out, kv_transfer_params=kv)
 
     async def abort(self, request_id: str) -> None:
         self._send("abort", request_id)

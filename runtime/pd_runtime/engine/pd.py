@@ -14,8 +14,7 @@ kv_transfer_params from P (JSON, forwarded unchanged by the router):
     remote_engine_id, remote_request_id (P's transfer id), remote_host, remote_port (side-channel
     base port; P rank r listens on base + r), tp_size (P's TP), remote_num_tokens (T - 1),
     remote_block_ids ({group: block ids}, as kvcache.make_block_table builds them),
-    remote_block_size (information only: the handshake gives P's real geometry),
-    staged_slots (P TP 1 on a GPU: the slots gathered at hold(), ready to read; optional).
+    remote_block_size (information only: the handshake gives P's real geometry).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ import torch
 
 from ..kvcache import GROUP_STATE, RankSpec, blocks_needed
 from ..planner import Request
-from ..switches import env_choice
 from .errors import InvalidKVTransferParams, KVPullFailed
 
 PD_PROTOCOL = 1
@@ -57,9 +55,6 @@ class DecodeKVParams(msgspec.Struct, forbid_unknown_fields=False):
     pd_protocol: int
     do_remote_decode: bool = False
     remote_block_size: int | None = None
-    # P TP 1: the slots P gathered at hold() whose bytes are ready, {decode geometry: [offset,
-    # bytes]} (worker.PrefillRank.staged_slots); D reads its one before it asks P to prepare
-    staged_slots: dict[str, list[int]] | None = None
 
     def p_request(self) -> Request:
         return Request(self.remote_num_tokens,
@@ -126,9 +121,6 @@ def _decode_params(raw: dict, prompt_len: int) -> DecodeKVParams:
             raise bad(f"remote_block_ids: unknown KV-cache group {g!r}")
         if len(ids) > MAX_BLOCK_IDS or any(i < -1 for i in ids):
             raise bad(f"remote_block_ids[{g}]: block ids must be >= -1")
-    for key, slot in (p.staged_slots or {}).items():
-        if len(key) > 64 or len(slot) != 2 or slot[0] < 0 or slot[1] < 1:
-            raise bad(f"staged_slots[{key[:64]!r}]: expected [offset >= 0, bytes >= 1]")
     if p.remote_block_size is not None:
         if p.remote_block_size < 1:
             raise bad(f"remote_block_size {p.remote_block_size} must be >= 1")
@@ -164,7 +156,6 @@ class PDStats:
     kv_pull_failures: int = 0
     kv_pull_bytes: int = 0
     kv_pull_seconds: float = 0.0
-    kv_early_reads: int = 0  # pulls that read P's advertised slot before PREPARE answered
     kv_holds: int = 0
     kv_releases: int = 0
 
@@ -182,9 +173,6 @@ class PrefillSide:
     hold_remote: Callable[[str, Request], None] | None = None  # TP: the other ranks hold too
     remote_held: Callable[[], set[str]] | None = None  # TP: ids the other ranks still hold
     held: dict[str, str] = field(default_factory=dict)  # transfer id -> sequence key
-    # name the slots staged at hold() in the answer (PD_RUNTIME_ADVERTISE_SLOTS=0: D asks first,
-    # the previous path, kept to measure against)
-    advertise_slots: bool = True
     stats: PDStats = field(default_factory=PDStats)
 
     def hold(self, key: str, req: Request) -> dict:
@@ -203,21 +191,7 @@ class PrefillSide:
             remote_block_ids={str(g): list(ids) for g, ids in req.block_tables.items()},
             remote_host=self.host, remote_port=self.port, tp_size=self.tp_size,
             remote_num_tokens=req.num_tokens, remote_block_size=self.block_size)
-        out = msgspec.to_builtins(params)  # the same type D validates with
-        out.pop("staged_slots")  # named by `advertise` once the gathers have ended
-        return out
-
-    def advertise(self, params: dict) -> dict | None:
-        """P's answer `params` (from `hold`) with the slots staged at hold() whose gathers
-        have ended; None while one still runs (ask again: the gather takes well under a
-        millisecond). Only with one P rank: the slots of the other ranks live in their own
-        processes."""
-        if not self.advertise_slots or self.tp_size != 1 or len(self.ranks) != 1:
-            return params
-        slots = self.ranks[0].staged_slots(params["remote_request_id"])
-        if slots is None:
-            return None
-        return {**params, "staged_slots": slots} if slots else params
+        return msgspec.to_builtins(params)  # the same type D validates with
 
     def released(self) -> list[str]:
         """Sequence keys whose hold ended (consumed by D or expired) on every local rank."""
@@ -272,7 +246,7 @@ class DecodeSide:
                 pool = dr.p_pool
                 if pool is not None:  # P's real geometry, from the handshake
                     check_tables(p, pool.block_size, pool)
-                st = dr.pull(p.remote_request_id, p.p_request(), d_req, p.staged_slots)
+                st = dr.pull(p.remote_request_id, p.p_request(), d_req)
             except InvalidKVTransferParams:
                 self.stats.kv_pull_failures += 1
                 raise
@@ -285,7 +259,6 @@ class DecodeSide:
             self.stats.kv_pulls += 1
             self.stats.kv_pull_bytes += st.bytes
             self.stats.kv_pull_seconds += st.seconds
-            self.stats.kv_early_reads += int(st.early_read)
             return int(st.bytes)
 
     def lease_s(self) -> float | None:
@@ -360,11 +333,4 @@ def make_prefill_side(spec: RankSpec, factors: dict, token: bytes | str, arena: 
                        port=port + spec.tp_rank if port else 0, arena=arena)
     base = rank.address[1] - spec.tp_rank
     return PrefillSide([rank], engine_id or uuid.uuid4().hex, advertise_host or rank.address[0],
-                       base, spec.tp_size, spec.block_size,
-                       advertise_slots=advertise_slots_default())
-
-
-def advertise_slots_default() -> bool:
-    """PD_RUNTIME_ADVERTISE_SLOTS: 1 (the default) names the slots staged at hold() in P's
-    answer; 0 does not (D asks first: the previous path, kept to measure against)."""
-    return env_choice("PD_RUNTIME_ADVERTISE_SLOTS", ("0", "1"), "1") == "1"
+                       base, spec.tp_size, spec.block_size)

@@ -65,38 +65,3 @@ def test_concurrent_requests_abort_and_errors(model_dir):
             await eng.shutdown()
 
     asyncio.run(asyncio.wait_for(main(), 100))
-
-
-class _GatherStillRunning:
-    """A prefill side whose staged gathers end after `polls` advertise() calls (None before)."""
-
-    def __init__(self, polls: int | None):
-        self.polls, self.calls = polls, 0
-
-    def advertise(self, params: dict) -> dict | None:
-        self.calls += 1
-        if self.polls is None or self.calls <= self.polls:
-            return None
-        return {**params, "staged_slots": {"k": [0, 8]}}
-
-
-@pytest.mark.parametrize("polls", [0, 3, None])
-def test_p_answer_waits_for_the_staged_gathers_then_names_their_slots(monkeypatch, polls):
-    """P's answer goes once the gathers staged at hold() have ended, naming their slots; when
-    they do not end within ADVERTISE_WAIT_S it goes as hold() made it (D asks P first)."""
-    from types import SimpleNamespace
-
-    from pd_runtime.engine import async_engine
-    from pd_runtime.engine.core import Output
-
-    monkeypatch.setattr(async_engine, "ADVERTISE_WAIT_S", 0.05)
-    eng = AsyncEngine.__new__(AsyncEngine)
-    side = _GatherStillRunning(polls)
-    eng.engine = SimpleNamespace(prefill=side)  # type: ignore[assignment]
-    out = Output("r", [5], "x", True, "length", 3, 1, {"remote_request_id": "t"})
-    got = asyncio.run(eng._advertised(out))
-    if polls is None:
-        assert got is out and side.calls > 1
-    else:
-        assert got.kv_transfer_params == {"remote_request_id": "t", "staged_slots": {"k": [0, 8]}}
-        assert side.calls == polls + 1 and got.token_ids == [5]
