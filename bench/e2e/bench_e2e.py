@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                 w.stop()
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps(result, separators=(",", ":")) + "\n")
     print_tables(result)
     print(f"\nwrote {args.out} ({result['wall_s']} s)")
     return 0

@@ -130,7 +130,7 @@ def main() -> int:
                  if "old" in modes and "graph" in modes else float("nan"))
         print(f"| {row['batch']} x {row['context']} | " + " | ".join(cells) + f" | {ratio:.1f}x |")
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps(res, separators=(",", ":")) + "\n")
     return 0
 
 

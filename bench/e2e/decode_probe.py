@@ -113,7 +113,7 @@ def main() -> int:
                 row[k.replace("_ms", "_median_ms")] = round(statistics.median(row[k][1:]), 2)
         print(json.dumps(row), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps(res, separators=(",", ":")) + "\n")
     return 0
 
 

@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     print_prefill(res["prefill"])
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps(res, separators=(",", ":")) + "\n")
     return 0
 
 

@@ -126,7 +126,8 @@ def main() -> int:
         print(json.dumps(r), flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"torch": torch.__version__, "rows": rows, "growing": grow}, f, indent=1)
+            json.dump({"torch": torch.__version__, "rows": rows, "growing": grow}, f,
+                      separators=(",", ":"))
     return 0
 
 

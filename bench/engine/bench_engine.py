@@ -198,7 +198,7 @@ def main() -> int:
           f"{round(pd_t / agg_t, 2):>8}")
     pd_e, agg_e = s["disaggregated"]["total_median_s"], s["aggregated"]["total_median_s"]
     print(f"{'request latency, median s':34}{pd_e:>12}{agg_e:>14}{round(pd_e / agg_e, 2):>8}")
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.json).write_text(json.dumps(result, separators=(",", ":")) + "\n")
     print(f"wrote {args.json}")
     return 0
 

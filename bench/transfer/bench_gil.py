@@ -214,7 +214,7 @@ def main() -> int:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+            json.dump(out, f, separators=(",", ":"))
     return 0
 
 

@@ -460,7 +460,7 @@ def main() -> int:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+            json.dump(out, f, separators=(",", ":"))
     for row in res["rows"]:
         for mode in ("base", "new"):
             if mode in row:

@@ -414,11 +414,11 @@ def main() -> int:
                                   args.sweep_configs, args.sweep_rounds)
         best = max(out["sweep"], key=lambda r: r["ratio_b2b"] if r["payload_mib"] >= 32 else 0)
         kvcopy.KV_TILE_BYTES, kvcopy.KV_NUM_WARPS = default
-        json.dump(out, open(args.out, "w"), indent=2)
+        json.dump(out, open(args.out, "w"), separators=(",", ":"))
         print(f"sweep: best single row {best['case']} tile {best['tile_bytes']} "
               f"warps {best['num_warps']}")
     out["kernels"] = kernel_rows([int(x) for x in args.sizes_mib.split(",")])
-    json.dump(out, open(args.out, "w"), indent=2)
+    json.dump(out, open(args.out, "w"), separators=(",", ":"))
     if not args.skip_nixl:
         print("NIXL, two processes on one GPU (VRAM->VRAM):")
         for mib in [int(x) for x in args.nixl_sizes_mib.split(",")]:
@@ -431,7 +431,7 @@ def main() -> int:
                     r = {"kind": "nixl", "error": f"{type(e).__name__}: {e}"}
                 r["case"] = name
                 out["nixl"].append(r)
-                json.dump(out, open(args.out, "w"), indent=2)
+                json.dump(out, open(args.out, "w"), separators=(",", ":"))
                 print(f"  {name}: {json.dumps(r)}", flush=True)
     print("\n| case | MiB | copy | ours | ratio |")
     for r in out["kernels"]:
@@ -449,7 +449,7 @@ def main() -> int:
               f"data path {r['ours_data_path_gbps']:.1f} (READ {r['ours_read_gbps']:.1f}) | "
               f"per-block {r['baseline_gbps']:.2f} GB/s "
               f"({r['descriptors_baseline']} descs) | x{r['speedup_vs_baseline']:.1f} |")
-    json.dump(out, open(args.out, "w"), indent=2)
+    json.dump(out, open(args.out, "w"), separators=(",", ":"))
     return 0
 
 

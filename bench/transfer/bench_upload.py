@@ -89,7 +89,7 @@ def main() -> int:
            "busy_us": a.busy_us, "reps": a.reps, "rows": rows}
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+            json.dump(res, f, separators=(",", ":"))
     return 0
 
 
