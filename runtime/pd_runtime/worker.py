@@ -371,22 +371,19 @@ class PrefillRank:
         consumer = consumer_id(peer.agent, peer.spec.tp_rank)
         staged = self.leases.claim(rid, peer.spec, consumer, tm.expected)
         if staged is not None:  # gathered at hold(): same template and token count
-            t1 = time.perf_counter()
+            off, t1 = staged.off, time.perf_counter()
             if staged.done is not None:
                 staged.done.synchronize()
-            return PrepareReply(self.staging.data_ptr() + staged.off, nbytes,
-                                Transport.dev_id(self.staging), self.leases.lease_s, tm.rows(T),
-                                t1 - t0, time.perf_counter() - t1)
-        dyn = tm.dyn("prefill", mine, T)
-        off = self.leases.slot(rid, consumer, nbytes, tm.expected)
-        with on_stream(self.stream, held.written):  # a new program uploads its tables here too
-            prog = program_for(tm.gather, self.device, gather=True)
-            t1 = time.perf_counter()
-            prog.run(self.arena, self.staging, dyn, off)  # uploads the tables + scalars, launches
-            wait_device(self.device)  # this stream's work: the gather
-        t2 = time.perf_counter()
+        else:
+            dyn = tm.dyn("prefill", mine, T)
+            off = self.leases.slot(rid, consumer, nbytes, tm.expected)
+            with on_stream(self.stream, held.written):  # a new program uploads its tables here
+                prog = program_for(tm.gather, self.device, gather=True)
+                t1 = time.perf_counter()
+                prog.run(self.arena, self.staging, dyn, off)  # uploads tables + scalars, launches
+                wait_device(self.device)  # this stream's work: the gather
         return PrepareReply(self.staging.data_ptr() + off, nbytes, Transport.dev_id(self.staging),
-                            self.leases.lease_s, tm.rows(T), t1 - t0, t2 - t1)
+                            self.leases.lease_s, tm.rows(T), t1 - t0, time.perf_counter() - t1)
 
     def stats(self) -> dict:
         return {"held": self.leases.held(), "staging_in_use": self.leases.alloc.in_use(),
