@@ -11,6 +11,10 @@
 #           at 64 and 128 MiB, every case, against a copy
 #   hostpath bench/transfer/bench_host_path.py: the baseline commit's transfer engine (its
 #           tarball in .device-wheels/) against this one, pulls alternating
+#   launch  bench/transfer/bench_launch.py: a template kernel's launch through Triton's JIT
+#           against the direct launch of its compiled kernel (host time of the call)
+#   kvlaunch bench_e2e P/D with the template kernels launched through the JIT
+#           (PD_RUNTIME_KV_LAUNCH=jit, the previous path) and directly, per round
 #   mla     bench_e2e aggregated and P/D, the MLA geometry, 1k x 8
 #   big     bench_e2e P/D, then aggregated: 8k x 32 and 32k x 8 (8k x 8 beside them)
 # Repository root, on the GPU machine: OUT=dir [STAGES=...] [E2E_ARGS=...]
@@ -62,6 +66,14 @@ case " $STAGES " in *" tiles "*)
   timeout ${TILES_S:-150} python3 bench/transfer/bench_transfer.py --skip-nixl --sizes-mib 64 \
     --sweep-mib ${TILES_MIB:-64,128} ${TILES_ARGS:-} --out $R/tiles.json 2>&1 | grep -E "back-to-back|sweep" \
     > $R/tiles.log; tail -3 $R/tiles.log ;; esac
+case " $STAGES " in *" launch "*)
+  timeout ${LAUNCH_S:-120} python3 bench/transfer/bench_launch.py --out $R/launch.json 2>&1 \
+    | tail -12 ;; esac
+case " $STAGES " in *" kvlaunch "*)
+  for round in ${ROUNDS:-a}; do
+    PD_RUNTIME_KV_LAUNCH=jit e2e kvlaunch_jit_$round
+    PD_RUNTIME_KV_LAUNCH=direct e2e kvlaunch_direct_$round
+  done ;; esac
 case " $STAGES " in *" mla "*)
   E2E_ARGS="--prompts 1024 --concurrency 1,8 --reps 2 --reps-concurrent 2" \
     e2e mla --geometry dsv2-lite-mla --modes aggregated,pd ;; esac

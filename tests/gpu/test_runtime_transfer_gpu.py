@@ -103,3 +103,50 @@ def test_template_kernels_byte_exact(family, geo, cache):
         program_for(tm.scatter, "cuda", False).run(slot, got, tm.dyn("decode", dreq, T), 256)
         torch.cuda.synchronize()
         assert np.array_equal(got.cpu().numpy(), c.want)
+
+
+@pytest.mark.parametrize("geo", [(1, 2, 16, 32, "HND", "NHD"), (2, 1, 16, 12, "NHD", "HND")])
+def test_direct_launches_give_the_jits_bytes(geo, monkeypatch):
+    """After its first launch (through Triton's JIT) a template kernel is launched directly from
+    the compiled kernel kept under its specialization; block tables at an address that is not
+    16-byte aligned get a compiled kernel of their own. Every launch, either way, writes the
+    planner's bytes, and PD_RUNTIME_KV_LAUNCH=jit keeps every launch on the JIT."""
+    from pd_runtime.kernels.kvcopy import KVProgram, upload_all
+    from pd_runtime.kvcache import ModelSpec, RankSpec
+    from pd_runtime.template import Dyn
+    from tests.helpers import kv_pairs, kv_requests
+
+    p_tp, d_tp, pb, db, pl, dl = geo
+    m = ModelSpec(num_layers=3, num_kv_heads=4, head_size=64, cache_dtype="fp8")
+    T = 333
+    p = RankSpec(m, p_tp, 0, pb, pl, (T + pb - 1) // pb + 3)
+    d = RankSpec(m, d_tp, 0, db, dl, (T + db - 1) // db + 3)
+    preq, dreq = kv_requests(p, d, T, np.random.default_rng(5))
+    filler = Dyn(0, 0, 0, 0, 0, np.zeros(1, np.int64))  # 9 int64s: the next table is 8 B off 16
+    dev = torch.device("cuda")
+    for mode in ("direct", "jit"):
+        monkeypatch.setenv("PD_RUNTIME_KV_LAUNCH", mode)
+        for c in kv_pairs(p, d, preq, dreq):
+            tm = c.template
+            g, s = KVProgram(tm.gather, "cuda", True), KVProgram(tm.scatter, "cuda", False)
+            assert g.direct == s.direct == (mode == "direct")
+            pdyn, ddyn = tm.dyn("prefill", preq, T), tm.dyn("decode", dreq, T)
+            p_arena = torch.from_numpy(c.p_arena).cuda()
+            for i in range(6):
+                items = [(pdyn, 256), (ddyn, 256)]
+                bts = upload_all(dev, [(filler, 0)] + items if i % 2 else items)[-2:]
+                assert {bt.data_ptr() % 16 for bt in bts} == ({8} if i % 2 else {0})
+                slot = torch.full(c.want_slot.shape, 0x5A, dtype=torch.uint8, device="cuda")
+                g.run(p_arena, slot, pdyn, 256, bts[0])
+                got = torch.from_numpy(c.d_arena).cuda()
+                s.run(slot, got, ddyn, 256, bts[1])
+                torch.cuda.synchronize()
+                assert np.array_equal(slot.cpu().numpy(), c.want_slot), (mode, i, "gather")
+                assert np.array_equal(got.cpu().numpy(), c.want), (mode, i, "scatter")
+            for prog in (g, s):
+                for k in prog.classes:
+                    if mode == "jit":
+                        assert not k.compiled
+                        continue
+                    assert {key[4] for key in k.compiled} == {True, False}  # bt aligned or not
+                    assert all(x.form in ("all", "plain") for x in k.compiled.values())

@@ -17,7 +17,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from .segcopy import _HAVE_TRITON, triton_available
 # bench/transfer/results/h200_run1{6,7}_tiles.json; docs/performance.md)
 KV_TILE_BYTES = int(os.environ.get("PD_RUNTIME_KV_TILE_BYTES", "16384"))
 KV_NUM_WARPS = int(os.environ.get("PD_RUNTIME_KV_NUM_WARPS", "8"))
+KV_LAUNCHES = ("direct", "jit")
 _WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _ADDR_COLS = [C_CF, C_CS, C_CK, C_LTS, C_PBASE, C_PBS, C_PPS, C_SIZE]
 HDR = 8  # int64 header in front of the block tables (see _kv_kernel)
@@ -121,6 +122,8 @@ class _KClass:
     ent: torch.Tensor  # [E, NCOL] int64 on device (address columns in words)
     ent_np: np.ndarray
     nconst: int = 0
+    # compiled kernels launched without the JIT's dispatch, by their specialization (_launch)
+    compiled: dict = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -143,6 +146,7 @@ class KVProgram:
         self.device = torch.device(device)
         self.gather = gather
         self.use_triton = triton_available(self.device) if use_triton is None else use_triton
+        self.direct = env_choice("PD_RUNTIME_KV_LAUNCH", KV_LAUNCHES, "direct") == "direct"
         self.classes: list[_KClass] = []
         ent = side.ent
         for size in sorted({int(x) for x in ent[:, C_SIZE]}, reverse=True):
@@ -184,11 +188,28 @@ class KVProgram:
                 continue
             if self.use_triton:
                 tt = c.tt if nmax >= c.tt else max(1, triton.next_power_of_2(nmax))
-                grid = (triton.cdiv(nmax, tt), c.n)
-                _kv_kernel[grid](sw, dw, c.ent, bt, NC=NCOL, RB=c.unit, TT=tt, VEC=c.vec, WORD=w,
-                                 GATHER=self.gather, num_warps=KV_NUM_WARPS)
+                self._launch(c, ((nmax + tt - 1) // tt, c.n, 1), (sw, dw, c.ent, bt),
+                             (NCOL, c.unit, tt, c.vec, w, self.gather))
             else:
                 self._torch(c, sw, dw, bt[HDR:], dyn, lin_add // c.word, nmax)
+
+    def _launch(self, c: _KClass, grid: tuple[int, int, int], ptrs: tuple, consts: tuple) -> None:
+        """Launch `_kv_kernel`. Triton's JIT binds the arguments, builds a specialization key and
+        looks the kernel up on every call: 150-200 µs of host time a launch on the H200 machine's
+        host (bench/transfer/results/h200_run20_host_path.log, scatter_run), more than the copy
+        of a small request takes. So the compiled kernel is kept under the key the JIT would
+        build (the constexprs, TT the only one that varies, and which pointers are 16-byte
+        aligned: the compiled code assumes what it saw) and launched directly. Triton's
+        interpreter returns no compiled kernel: every launch goes through the JIT there."""
+        key = (consts[2], *(p.data_ptr() % 16 == 0 for p in ptrs))
+        direct = c.compiled.get(key) if self.direct else None
+        if direct is not None and direct.launch(grid, ptrs, consts):
+            return
+        nc, rb, tt, vec, word, gather = consts
+        k = _kv_kernel[grid[:2]](*ptrs, NC=nc, RB=rb, TT=tt, VEC=vec, WORD=word, GATHER=gather,
+                                 num_warps=KV_NUM_WARPS)
+        if self.direct and direct is None and k is not None and hasattr(k, "run"):
+            c.compiled[key] = _Direct(k)
 
     def _torch(self, c: _KClass, sw, dw, bt, dyn: Dyn, lin_add: int, nmax: int) -> None:
         e = c.ent
@@ -211,6 +232,34 @@ class KVProgram:
         so, do = so[m], do[m]
         cols = torch.arange(c.unit, dtype=torch.int64, device=e.device)
         dw[(do[:, None] + cols).reshape(-1)] = sw[(so[:, None] + cols).reshape(-1)]
+
+
+class _Direct:
+    """A compiled Triton kernel and how its launcher takes arguments: since Triton 3.3 every
+    argument in order, constexprs included (the launcher skips them); before, only the others.
+    The launcher checks the count, so the wrong form raises TypeError before anything runs; a
+    kernel that takes neither is left to the JIT (`launch` returns False)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.form: str | None = None  # "all" | "plain", found at the first launch
+
+    def launch(self, grid: tuple[int, int, int], ptrs: tuple, consts: tuple) -> bool:
+        run = self.kernel[grid]
+        if self.form is None:
+            for form, args in (("all", ptrs + consts), ("plain", ptrs)):
+                try:
+                    run(*args)
+                except TypeError:
+                    continue
+                self.form = form
+                return True
+            self.form = "none"
+            return False
+        if self.form == "none":
+            return False
+        run(*(ptrs + consts) if self.form == "all" else ptrs)
+        return True
 
 
 def program_for(side: SideTables, device: torch.device | str, gather: bool,
