@@ -12,7 +12,8 @@
 #   hostpath bench/transfer/bench_host_path.py: the baseline commit's transfer engine (its
 #           tarball in .device-wheels/) against this one, pulls alternating
 #   launch  bench/transfer/bench_launch.py: a template kernel's launch through Triton's JIT
-#           against the direct launch of its compiled kernel (host time of the call)
+#           against the direct launch of its compiled kernel (host time of the call), without
+#           and with a NIXL agent in the process
 #   kvlaunch bench_e2e P/D with the template kernels launched through the JIT
 #           (PD_RUNTIME_KV_LAUNCH=jit, the previous path) and directly, per round
 #   mla     bench_e2e aggregated and P/D, the MLA geometry, 1k x 8
@@ -67,8 +68,8 @@ case " $STAGES " in *" tiles "*)
     --sweep-mib ${TILES_MIB:-64,128} ${TILES_ARGS:-} --out $R/tiles.json 2>&1 | grep -E "back-to-back|sweep" \
     > $R/tiles.log; tail -3 $R/tiles.log ;; esac
 case " $STAGES " in *" launch "*)
-  timeout ${LAUNCH_S:-120} python3 bench/transfer/bench_launch.py --out $R/launch.json 2>&1 \
-    | tail -12 ;; esac
+  timeout ${LAUNCH_S:-150} python3 bench/transfer/bench_launch.py ${LAUNCH_ARGS:---nixl} \
+    --out $R/launch.json 2>&1 | grep -v "NIXL INFO" | tail -24 ;; esac
 case " $STAGES " in *" kvlaunch "*)
   for round in ${ROUNDS:-a}; do
     PD_RUNTIME_KV_LAUNCH=jit e2e kvlaunch_jit_$round

@@ -54,7 +54,7 @@ BASE_TAR = os.path.join(ROOT, ".device-wheels", "pd_runtime_host_path_baseline.t
 # what the transfer engine imports (the engine, serving and selftest stay out of the baseline)
 BASE_FILES = ["__init__.py", "worker.py", "handshake.py", "protocol.py", "transport.py",
               "template.py", "lease.py", "planner.py", "kvcache.py", "capabilities.py", "kernels",
-              "compat"]
+              "compat", "switches.py"]
 GEOMETRIES = {
     "llama8b": dict(num_layers=32, num_kv_heads=8, head_size=128),  # 128 KiB per token (bf16)
     "tiny": dict(num_layers=1, num_kv_heads=1, head_size=8),  # 32 B per token: host work only

@@ -7,7 +7,10 @@ and times `KVProgram.run` with the tables already on the device, as D's pull and
 it: the host wall time of the call, the copy waited for outside the timing. The two modes
 alternate call by call (the order flips every round). After the timed calls it checks that both
 modes wrote the same bytes (the staging slot after the gather, the decode arena after the
-scatter).
+scatter). With --nixl every case runs again with a NIXL agent alive in the process (UCX, its
+progress thread on, both arenas registered, no transfer running), as in P's and D's processes:
+inside a pull D's scatter call took 150-200 µs (h200_run20_host_path.log) against 40-60 µs here
+without an agent.
 
     python bench/transfer/bench_launch.py --out bench/transfer/results/h200_launch.json
 """
@@ -41,7 +44,7 @@ def programs(tm: PairTemplate, mode: str) -> tuple[KVProgram, KVProgram]:
         del os.environ["PD_RUNTIME_KV_LAUNCH"]
 
 
-def one_case(p_tp: int, d_tp: int, nb: int, reps: int) -> list[dict]:
+def one_case(p_tp: int, d_tp: int, nb: int, reps: int, nixl: bool) -> list[dict]:
     m = ModelSpec(num_layers=32, num_kv_heads=8, head_size=128)
     T = nb * 16
     p = RankSpec(m, p_tp, 0, 16, "HND", nb + 8)
@@ -56,6 +59,13 @@ def one_case(p_tp: int, d_tp: int, nb: int, reps: int) -> list[dict]:
     slots = {mode: torch.zeros(nbytes + 256, dtype=torch.uint8, device="cuda") for mode in MODES}
     d_arenas = {mode: torch.zeros(arena_layout(d).nbytes, dtype=torch.uint8, device="cuda")
                 for mode in MODES}
+    agent = None
+    if nixl:
+        from pd_runtime.transport import Transport
+
+        agent = Transport(f"launch-bench-{nb}-{d_tp}", "cuda")
+        for t in (p_arena, *slots.values(), *d_arenas.values()):
+            agent.register(t)
     pdyn, ddyn = tm.dyn("prefill", preq, T), tm.dyn("decode", dreq, T)
     gbt, sbt = upload_all(torch.device("cuda"), [(pdyn, 0), (ddyn, 0)])
     times: dict[tuple[str, str], list[float]] = {(s, mo): [] for s in ("gather", "scatter")
@@ -73,6 +83,8 @@ def one_case(p_tp: int, d_tp: int, nb: int, reps: int) -> list[dict]:
                 torch.cuda.synchronize()
                 if i >= 5:
                     times[(side, mode)].append(t1 - t0)
+    if agent is not None:
+        agent.close()
     same = (torch.equal(slots["jit"], slots["direct"])
             and torch.equal(d_arenas["jit"], d_arenas["direct"]))
     direct_used = all(k.form in ("all", "plain") for prog in progs["direct"]
@@ -81,7 +93,8 @@ def one_case(p_tp: int, d_tp: int, nb: int, reps: int) -> list[dict]:
     for side in ("gather", "scatter"):
         med = {mo: statistics.median(times[(side, mo)]) * 1e6 for mo in MODES}
         p90 = {mo: float(np.percentile(times[(side, mo)], 90)) * 1e6 for mo in MODES}
-        rows.append({"p_tp": p_tp, "d_tp": d_tp, "blocks": nb, "bytes": nbytes, "side": side,
+        rows.append({"nixl_agent": nixl, "p_tp": p_tp, "d_tp": d_tp, "blocks": nb,
+                     "bytes": nbytes, "side": side,
                      "jit_us": round(med["jit"], 1), "direct_us": round(med["direct"], 1),
                      "jit_p90_us": round(p90["jit"], 1), "direct_p90_us": round(p90["direct"], 1),
                      "ratio": round(med["jit"] / med["direct"], 2), "same_bytes": same,
@@ -93,18 +106,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--blocks", default="64,512,2048")
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--nixl", action="store_true", help="also with a NIXL agent in the process")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     rows = []
-    for case, (p_tp, d_tp) in CASES.items():
-        for nb in [int(x) for x in a.blocks.split(",")]:
-            for r in one_case(p_tp, d_tp, nb, a.reps):
-                r["case"] = case
-                rows.append(r)
-                print(f"{case:20s} {nb:5d} blocks {r['side']:7s} jit {r['jit_us']:7.1f} us "
-                      f"(p90 {r['jit_p90_us']:7.1f})  direct {r['direct_us']:7.1f} us "
-                      f"(p90 {r['direct_p90_us']:7.1f})  x{r['ratio']:.2f}  "
-                      f"same={r['same_bytes']} direct_used={r['direct_used']}", flush=True)
+    for case, (p_tp, d_tp), nb, nixl in [
+            (case, tps, int(nb), nixl) for nixl in ((False, True) if a.nixl else (False,))
+            for case, tps in CASES.items() for nb in a.blocks.split(",")]:
+        for r in one_case(p_tp, d_tp, nb, a.reps, nixl):
+            r["case"] = case
+            rows.append(r)
+            print(f"{'nixl ' if nixl else ''}{case:20s} {nb:5d} blocks {r['side']:7s} "
+                  f"jit {r['jit_us']:7.1f} us "
+                  f"(p90 {r['jit_p90_us']:7.1f})  direct {r['direct_us']:7.1f} us "
+                  f"(p90 {r['direct_p90_us']:7.1f})  x{r['ratio']:.2f}  "
+                  f"same={r['same_bytes']} direct_used={r['direct_used']}", flush=True)
     import triton
 
     res = {"bench": "launch", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
