@@ -198,10 +198,12 @@ class KVProgram:
         looks the kernel up on every call: 150-200 µs of host time a launch on the H200 machine's
         host (bench/transfer/results/h200_run20_host_path.log, scatter_run), more than the copy
         of a small request takes. So the compiled kernel is kept under the key the JIT would
-        build (the constexprs, TT the only one that varies, and which pointers are 16-byte
-        aligned: the compiled code assumes what it saw) and launched directly. Triton's
-        interpreter returns no compiled kernel: every launch goes through the JIT there."""
-        key = (consts[2], *(p.data_ptr() % 16 == 0 for p in ptrs))
+        build (the constexprs, TT the only one that varies, which pointers are 16-byte aligned:
+        the compiled code assumes what it saw, and the current device: the kernel is loaded
+        there) and launched directly. Triton's interpreter returns no compiled kernel: every
+        launch goes through the JIT there."""
+        key = (consts[2], *(p.data_ptr() % 16 == 0 for p in ptrs),
+               torch.cuda.current_device() if self.device.type == "cuda" else -1)
         direct = c.compiled.get(key) if self.direct else None
         if direct is not None and direct.launch(grid, ptrs, consts):
             return
