@@ -230,6 +230,22 @@ def _pull(dr, timer: _Timer, rid: str, preq, dreq):
     raise AssertionError("unreachable")
 
 
+def _without_progress_thread(transport) -> None:
+    """D's agents (this process) without NIXL's progress thread: D's own polls progress its
+    READs. A diagnostic (--d-progress-thread off): is the thread what slows D's calls?"""
+    get = transport.import_nixl
+
+    def no_thread():
+        agent_cls, cfg_cls = get()
+
+        def cfg(**kw):
+            return cfg_cls(**dict(kw, enable_prog_thread=False))
+
+        return agent_cls, cfg
+
+    transport.import_nixl = no_thread
+
+
 def run(args, base_dir: str | None, modes: list[str]) -> dict:
     pkgs = {m: pkg for m, pkg in packages(base_dir).items() if m in modes}
     ctx = mp.get_context("spawn")
@@ -247,6 +263,8 @@ def run(args, base_dir: str | None, modes: list[str]) -> dict:
     addrs = reply()
     ranks, timers, arena = {}, {}, None
     for mode, pkg in pkgs.items():
+        if args.d_progress_thread == "off":
+            _without_progress_thread(importlib.import_module(f"{pkg}.transport"))
         worker, kv, _, _, kvcopy = mods(pkg)
         _, d, f = specs(pkg, args.geometry, max(sizes))
         if arena is None:
@@ -414,6 +432,8 @@ def main() -> int:
     ap.add_argument("--separate", action="store_true",
                     help="the paths one after the other, each in its own P/D processes (on 2 "
                          "cores: NIXL's progress threads spin; two agents a process starve P)")
+    ap.add_argument("--d-progress-thread", choices=("on", "off"), default="on",
+                    help="off: D's NIXL agents without their progress thread (a diagnostic)")
     ap.add_argument("--baseline", default=None,
                     help="commit (git archive) or tarball; default: the packed tarball if present")
     ap.add_argument("--pack-baseline", metavar="COMMIT", help="write the baseline tarball, exit")
@@ -456,7 +476,8 @@ def main() -> int:
     out = dict(bench="host_path", date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                machine=info, device=args.device, geometry=args.geometry,
                geometry_spec=GEOMETRIES[args.geometry], reps=args.reps, warm=args.warm,
-               baseline=base_commit or base, seconds=time.time() - t0, **res)
+               baseline=base_commit or base, d_progress_thread=args.d_progress_thread,
+               seconds=time.time() - t0, **res)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
