@@ -195,13 +195,13 @@ class KVProgram:
 
     def _launch(self, c: _KClass, grid: tuple[int, int, int], ptrs: tuple, consts: tuple) -> None:
         """Launch `_kv_kernel`. Triton's JIT binds the arguments, builds a specialization key and
-        looks the kernel up on every call: 150-200 µs of host time a launch on the H200 machine's
-        host (bench/transfer/results/h200_run20_host_path.log, scatter_run), more than the copy
-        of a small request takes. So the compiled kernel is kept under the key the JIT would
-        build (the constexprs, TT the only one that varies, which pointers are 16-byte aligned:
-        the compiled code assumes what it saw, and the current device: the kernel is loaded
-        there) and launched directly. Triton's interpreter returns no compiled kernel: every
-        launch goes through the JIT there."""
+        looks the kernel up on every call: 10-41 µs of host time a launch more than launching
+        the compiled kernel on an H200 machine (bench/transfer/results/h200_run2{4,5,6}_launch
+        .json), paid on P's engine thread at hold() and in every pull. So the compiled kernel is
+        kept under the key the JIT would build (the constexprs, TT the only one that varies,
+        which pointers are 16-byte aligned: the compiled code assumes what it saw, and the
+        current device: the kernel is loaded there) and launched directly. Triton's
+        interpreter returns no compiled kernel: every launch goes through the JIT there."""
         key = (consts[2], *(p.data_ptr() % 16 == 0 for p in ptrs),
                torch.cuda.current_device() if self.device.type == "cuda" else -1)
         direct = c.compiled.get(key) if self.direct else None
@@ -244,7 +244,7 @@ class _Direct:
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self.form: str | None = None  # "all" | "plain", found at the first launch
+        self.form: str | None = None  # "all" | "plain" | "none", found at the first launch
 
     def launch(self, grid: tuple[int, int, int], ptrs: tuple, consts: tuple) -> bool:
         run = self.kernel[grid]
