@@ -37,11 +37,9 @@ CASES = {"tp1-tp1": (1, 1), "tp1-tp2-head-split": (1, 2)}
 
 
 def programs(tm: PairTemplate, mode: str) -> tuple[KVProgram, KVProgram]:
-    os.environ["PD_RUNTIME_KV_LAUNCH"] = mode  # read when a program is built
-    try:
-        return KVProgram(tm.gather, "cuda", True), KVProgram(tm.scatter, "cuda", False)
-    finally:
-        del os.environ["PD_RUNTIME_KV_LAUNCH"]
+    direct = mode == "direct"
+    return (KVProgram(tm.gather, "cuda", True, direct=direct),
+            KVProgram(tm.scatter, "cuda", False, direct=direct))
 
 
 def one_case(p_tp: int, d_tp: int, nb: int, reps: int, nixl: bool) -> list[dict]:

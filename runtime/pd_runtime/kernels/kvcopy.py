@@ -142,11 +142,14 @@ class KVProgram:
     """One side's entity tables on one device; `run` moves one request's rows."""
 
     def __init__(self, side: SideTables, device: torch.device | str, gather: bool,
-                 use_triton: bool | None = None):
+                 use_triton: bool | None = None, direct: bool | None = None):
+        """`direct`: launch the compiled Triton kernel without the JIT's dispatch (`_launch`);
+        None reads PD_RUNTIME_KV_LAUNCH."""
         self.device = torch.device(device)
         self.gather = gather
         self.use_triton = triton_available(self.device) if use_triton is None else use_triton
-        self.direct = env_choice("PD_RUNTIME_KV_LAUNCH", KV_LAUNCHES, "direct") == "direct"
+        self.direct = (env_choice("PD_RUNTIME_KV_LAUNCH", KV_LAUNCHES, "direct") == "direct"
+                       if direct is None else direct)
         self.classes: list[_KClass] = []
         ent = side.ent
         for size in sorted({int(x) for x in ent[:, C_SIZE]}, reverse=True):
@@ -202,15 +205,17 @@ class KVProgram:
         which pointers are 16-byte aligned: the compiled code assumes what it saw, and the
         current device: the kernel is loaded there) and launched directly. Triton's
         interpreter returns no compiled kernel: every launch goes through the JIT there."""
-        key = (consts[2], *(p.data_ptr() % 16 == 0 for p in ptrs),
-               torch.cuda.current_device() if self.device.type == "cuda" else -1)
-        direct = c.compiled.get(key) if self.direct else None
-        if direct is not None and direct.launch(grid, ptrs, consts):
-            return
+        key, direct = None, None
+        if self.direct:  # the JIT path builds no key of its own
+            key = (consts[2], *(p.data_ptr() % 16 == 0 for p in ptrs),
+                   torch.cuda.current_device() if self.device.type == "cuda" else -1)
+            direct = c.compiled.get(key)
+            if direct is not None and direct.launch(grid, ptrs, consts):
+                return
         nc, rb, tt, vec, word, gather = consts
         k = _kv_kernel[grid[:2]](*ptrs, NC=nc, RB=rb, TT=tt, VEC=vec, WORD=word, GATHER=gather,
                                  num_warps=KV_NUM_WARPS)
-        if self.direct and direct is None and k is not None and hasattr(k, "run"):
+        if key is not None and direct is None and k is not None and hasattr(k, "run"):
             c.compiled[key] = _Direct(k)
 
     def _torch(self, c: _KClass, sw, dw, bt, dyn: Dyn, lin_add: int, nmax: int) -> None:
