@@ -16,6 +16,9 @@
 #           and with a NIXL agent in the process
 #   kvlaunch bench_e2e P/D with the template kernels launched through the JIT
 #           (PD_RUNTIME_KV_LAUNCH=jit, the previous path) and directly, per round
+#   repost  bench_e2e P/D with a NIXL handle built and released per READ
+#           (PD_RUNTIME_NIXL_REPOST=off, the previous path) and finished handles posted
+#           again, per round
 #   mla     bench_e2e aggregated and P/D, the MLA geometry, 1k x 8
 #   big     bench_e2e P/D, then aggregated: 8k x 32 and 32k x 8 (8k x 8 beside them)
 # Repository root, on the GPU machine: OUT=dir [STAGES=...] [E2E_ARGS=...]
@@ -74,6 +77,11 @@ case " $STAGES " in *" kvlaunch "*)
   for round in ${ROUNDS:-a}; do
     PD_RUNTIME_KV_LAUNCH=jit e2e kvlaunch_jit_$round
     PD_RUNTIME_KV_LAUNCH=direct e2e kvlaunch_direct_$round
+  done ;; esac
+case " $STAGES " in *" repost "*)
+  for round in ${ROUNDS:-a}; do
+    PD_RUNTIME_NIXL_REPOST=off e2e repost_off_$round
+    PD_RUNTIME_NIXL_REPOST=on e2e repost_on_$round
   done ;; esac
 case " $STAGES " in *" mla "*)
   E2E_ARGS="--prompts 1024 --concurrency 1,8 --reps 2 --reps-concurrent 2" \

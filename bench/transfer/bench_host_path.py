@@ -278,6 +278,7 @@ def run(args, base_dir: str | None, modes: list[str]) -> dict:
     for nbk in sizes:
         res: dict[str, list[dict]] = {m: [] for m in pkgs}
         snap: dict[str, torch.Tensor] = {}
+        reposts0 = {m: getattr(dr.transport, "reposts", 0) for m, dr in ranks.items()}
         for i in range(args.warm + args.reps):
             order = list(pkgs) if i % 2 == 0 else list(reversed(pkgs))
             for mode in order:
@@ -309,6 +310,8 @@ def run(args, base_dir: str | None, modes: list[str]) -> dict:
         for mode, lst in res.items():
             row[mode] = {k: float(np.median([r[k] for r in lst])) for k in PARTS + ["p_hold"]}
             row[mode]["host_p90"] = float(np.percentile([r["host"] for r in lst], 90))
+            # READs posted on a kept NIXL handle (a transport without repost has no counter)
+            row[mode]["reposts"] = getattr(ranks[mode].transport, "reposts", 0) - reposts0[mode]
             row[mode]["raw"] = lst
         rows.append(row)
         line = " ".join(f"{m}: wall {row[m]['wall'] * 1e6:.0f} host {row[m]['host'] * 1e6:.0f} us"

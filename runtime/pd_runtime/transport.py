@@ -1,5 +1,11 @@
 """NIXL (UCX) transport: one registered arena per side, one READ descriptor per (request, peer).
 
+A finished READ's handle is kept, under its (peer, local range, remote range), and posted again
+with the next request's notification when a READ of the same ranges comes (the same receive
+buffer and the same staging slot, as with requests of one size in turn): that skips building
+two descriptor lists and a handle, and releasing it, on the decode side's critical path.
+`PD_RUNTIME_NIXL_REPOST=off` builds and releases a handle per READ (the previous path).
+
 On one GPU host set UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y and keep tcp in UCX_TLS (NIXL needs an
 active-message transport): see ../shared/reference/transfer-performance.md §0a. `default_env()`
 sets both unless the user already did.
@@ -8,13 +14,21 @@ sets both unless the user already did.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import torch
 
+from .switches import env_choice
+
 
 SPIN_POLLS = int(os.environ.get("PD_RUNTIME_SPIN_POLLS", "20000"))  # busy polls before sleeping
+REPOSTS = ("on", "off")
+IDLE_HANDLES = 32  # finished READ handles kept for reposting, per transport (least recent out)
+
+Range = tuple[int, int, int]  # (address, bytes, device id)
 
 
 class TransferError(RuntimeError):
@@ -44,9 +58,23 @@ def import_nixl():
     raise ImportError("nixl cannot be imported: " + "; ".join(errors))
 
 
+class PostedRead:
+    """A posted READ: NIXL's handle, and the key it is kept under once it has finished."""
+
+    __slots__ = ("handle", "key")
+
+    def __init__(self, handle: Any, key: tuple[str, Range, Range]):
+        self.handle, self.key = handle, key
+
+
 class Transport:
-    def __init__(self, name: str, device: str = "cpu", num_threads: int = 0):
+    def __init__(self, name: str, device: str = "cpu", num_threads: int = 0,
+                 repost: bool | None = None):
+        """`repost`: keep finished READ handles and post them again (module docstring); None
+        reads PD_RUNTIME_NIXL_REPOST."""
         default_env(device)
+        self.repost = (env_choice("PD_RUNTIME_NIXL_REPOST", REPOSTS, "on") == "on"
+                       if repost is None else repost)
         agent_cls, cfg_cls = import_nixl()
         self.name = name
         self.device = device
@@ -56,6 +84,9 @@ class Transport:
         self.regs: list[Any] = []
         self.peers: set[str] = set()
         self._meta_names: dict[bytes, str] = {}
+        self._idle: OrderedDict[tuple[str, Range, Range], Any] = OrderedDict()
+        self._idle_lock = threading.Lock()  # pulls of several requests run on several threads
+        self.reposts = 0  # READs posted on a kept handle (for benches and stats)
 
     @staticmethod
     def dev_id(t: torch.Tensor) -> int:
@@ -78,6 +109,7 @@ class Transport:
         except Exception as e:  # noqa: BLE001 - nixl raises untyped errors
             raise TransferError(f"NIXL refused the peer's agent metadata: {e}") from e
         name = name.decode() if isinstance(name, bytes) else name
+        self._drop_idle(name)  # new metadata under a known name: its old handles are stale
         self.peers.add(name)
         self._meta_names[meta] = name
         return name
@@ -86,28 +118,40 @@ class Transport:
         if name in self.peers:
             self.peers.discard(name)
             self._meta_names = {m: n for m, n in self._meta_names.items() if n != name}
+            self._drop_idle(name)
             try:
                 self.agent.remove_remote_agent(name)
             except Exception:  # noqa: BLE001 - best effort on teardown
                 pass
 
-    def read(self, peer: str, local: tuple[int, int, int], remote: tuple[int, int, int], notif: str):
+    def read(self, peer: str, local: Range, remote: Range, notif: str) -> PostedRead:
         """Post one READ of `local[1]` bytes: local (addr, len, dev) <- remote (addr, len, dev)."""
-        ld = self.agent.get_xfer_descs([local], self.mem_type)
-        rd = self.agent.get_xfer_descs([remote], self.mem_type)
+        key = (peer, local, remote)
+        with self._idle_lock:
+            h = self._idle.pop(key, None)
         try:
-            h = self.agent.initialize_xfer("READ", ld, rd, peer, notif.encode())
-            st = self.agent.transfer(h)
+            if h is None:
+                ld = self.agent.get_xfer_descs([local], self.mem_type)
+                rd = self.agent.get_xfer_descs([remote], self.mem_type)
+                h = self.agent.initialize_xfer("READ", ld, rd, peer, notif.encode())
+                st = self.agent.transfer(h)
+            else:  # the notification is bound per post
+                st = self.agent.transfer(h, notif.encode())
+                self.reposts += 1
         except Exception as e:  # noqa: BLE001 - nixl raises typed pybind errors
+            if h is not None:
+                self._release(h)
             raise TransferError(f"READ from {peer} could not be posted: {e}") from e
         if st == "ERR":
-            self.agent.release_xfer_handle(h)
+            self._release(h)
             raise TransferError(f"READ from {peer} failed at post")
-        return h
+        return PostedRead(h, key)
 
-    def wait(self, handles: list, timeout: float) -> None:
-        """Poll until every handle is DONE; on error or timeout release them all and raise."""
+    def wait(self, reads: list[PostedRead], timeout: float) -> None:
+        """Poll until every READ is DONE; on error or timeout release them all and raise. A
+        finished READ's handle is kept for reposting (or released, with repost off)."""
         deadline = time.monotonic() + timeout
+        handles = [r.handle for r in reads]
         pending = list(handles)
         err = None
         spins = 0
@@ -137,14 +181,43 @@ class Transport:
                     spins += 1
                     if spins > SPIN_POLLS:
                         time.sleep(0.00005 if spins < SPIN_POLLS + 2000 else 0.001)
+        except BaseException:
+            err = err or "interrupted"
+            raise
         finally:
-            for h in handles:
-                try:
-                    self.agent.release_xfer_handle(h)
-                except Exception:  # noqa: BLE001 - a failed handle may refuse release
-                    pass
+            for r in reads:
+                if err or not self.repost or not self._keep(r):
+                    self._release(r.handle)
         if err:
             raise TransferError(err)
+
+    def _keep(self, r: PostedRead) -> bool:
+        """Keep `r`'s finished handle for its ranges; False when one is kept already (a READ
+        of the same ranges ran beside it) or its peer has gone since."""
+        evicted = []
+        with self._idle_lock:
+            if r.key in self._idle or r.key[0] not in self.peers:
+                return False
+            self._idle[r.key] = r.handle
+            while len(self._idle) > IDLE_HANDLES:
+                evicted.append(self._idle.popitem(last=False)[1])
+        for h in evicted:
+            self._release(h)
+        return True
+
+    def _drop_idle(self, peer: str | None = None) -> None:
+        """Release the kept handles of `peer` (every peer's when None)."""
+        with self._idle_lock:
+            gone = [k for k in self._idle if peer is None or k[0] == peer]
+            handles = [self._idle.pop(k) for k in gone]
+        for h in handles:
+            self._release(h)
+
+    def _release(self, h: Any) -> None:
+        try:
+            self.agent.release_xfer_handle(h)
+        except Exception:  # noqa: BLE001 - a failed handle may refuse release
+            pass
 
     def notifs(self) -> list[tuple[str, str]]:
         out = []
@@ -161,6 +234,7 @@ class Transport:
         self.close()
 
     def close(self) -> None:
+        self._drop_idle()
         for p in list(self.peers):
             self.remove_peer(p)
         for r in self.regs:
