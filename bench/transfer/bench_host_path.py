@@ -14,6 +14,7 @@ same machine load. Per pull it records the wall time and its parts:
     read_post     posting the READ(s); read_wait: waiting for them (bytes included)
     scatter_run   D's scatter call (launch on CUDA; the copy itself on CPU); scatter_wait
     notif         release notifications; other: the rest of the wall time
+    d_upload      D's table upload call alone (inside d_plan, and inside rpc where it overlaps)
     host          the issue's definition: wall - (gather + READ + scatter)
     p_hold        P's hold() of the request (outside the pull; tables are packed there, and a
                   P that gathers at hold() launches the gather there)
@@ -61,6 +62,7 @@ GEOMETRIES = {
 }
 PARTS = ["wall", "host", "d_plan", "rpc", "p_plan", "gather", "read_post", "read_wait",
          "scatter_run", "scatter_wait", "notif", "other"]
+EXTRA = ["d_upload", "pre_event", "scatter_rerun"]  # timed beside the parts (0 when not probed)
 
 
 def pack_baseline(commit: str, path: str = BASE_TAR) -> str:
@@ -188,15 +190,40 @@ class _Timer:
         self.replies.clear()
 
 
-def _instrument(dr, kvcopy, timer: _Timer) -> None:
+def _probed_run(timer: _Timer, run):
+    """D's scatter call, probed (a diagnostic, --probe-scatter): an event recorded on the
+    stream first (`pre_event`: does the first CUDA call after the READ absorb the cost?), the
+    call (`scatter_run`), then the same call again (`scatter_rerun`: it writes the same bytes)."""
+    def w(self, *a, **k):
+        t0 = time.perf_counter()
+        torch.cuda.Event().record(torch.cuda.current_stream(self.device))
+        t1 = time.perf_counter()
+        r = run(self, *a, **k)
+        t2 = time.perf_counter()
+        run(self, *a, **k)
+        t3 = time.perf_counter()
+        for key, dt in (("pre_event", t1 - t0), ("scatter_run", t2 - t1),
+                        ("scatter_rerun", t3 - t2)):
+            timer.t[key] = timer.t.get(key, 0.0) + dt
+        return r
+    return w
+
+
+def _instrument(dr, kvcopy, timer: _Timer, probe_scatter: bool = False) -> None:
     tr = dr.transport
     tr.read = timer.wrap("read_post", tr.read)
     tr.wait = timer.wrap("read_wait", tr.wait)
     tr.send_notif = timer.wrap("notif", tr.send_notif)
+    worker = sys.modules[type(dr).__module__]  # D's upload, as the worker module calls it
+    if not getattr(worker.upload_all, "_timed", False):
+        up = timer.wrap("d_upload", worker.upload_all)
+        up._timed = True  # type: ignore[attr-defined]
+        worker.upload_all = up
     name = "_finish_all" if hasattr(dr, "_finish_all") else "_prepare_all"  # the replies
     setattr(dr, name, timer.wrap("prepare_all", getattr(dr, name), capture=True))
     if not getattr(kvcopy.KVProgram.run, "_timed", False):  # D only runs scatters here
-        run = timer.wrap("scatter_run", kvcopy.KVProgram.run)
+        run = (_probed_run(timer, kvcopy.KVProgram.run) if probe_scatter
+               else timer.wrap("scatter_run", kvcopy.KVProgram.run))
         run._timed = True  # type: ignore[attr-defined]
         kvcopy.KVProgram.run = run
 
@@ -272,7 +299,7 @@ def run(args, base_dir: str | None, modes: list[str]) -> dict:
         dr = worker.DecodeRank(d, f, b"bench", args.device, arena=arena, timeout=120)
         dr.connect([tuple(addrs[mode])])
         timers[mode] = _Timer()
-        _instrument(dr, kvcopy, timers[mode])
+        _instrument(dr, kvcopy, timers[mode], args.probe_scatter)
         ranks[mode] = dr
     rows, n = [], 0
     for nbk in sizes:
@@ -303,12 +330,14 @@ def run(args, base_dir: str | None, modes: list[str]) -> dict:
                 if i == 0:
                     snap[mode] = arena.clone()
                 if i >= args.warm:
-                    res[mode].append(dict(parts(st, timers[mode]), p_hold=hold_s))
+                    res[mode].append(dict(parts(st, timers[mode]), p_hold=hold_s,
+                                          **{k: timers[mode].t.get(k, 0.0) for k in EXTRA}))
         same = all(torch.equal(snap[m], snap[mode]) for m in snap) and bool(snap[mode].any())
         row = dict(blocks=nbk, tokens=nbk * 16, bytes=int(st.bytes), same_bytes=same,
                    digest=hashlib.sha256(snap[mode].cpu().numpy().tobytes()).hexdigest())
         for mode, lst in res.items():
-            row[mode] = {k: float(np.median([r[k] for r in lst])) for k in PARTS + ["p_hold"]}
+            row[mode] = {k: float(np.median([r[k] for r in lst]))
+                         for k in PARTS + ["p_hold"] + EXTRA}
             row[mode]["host_p90"] = float(np.percentile([r["host"] for r in lst], 90))
             # READs posted on a kept NIXL handle (a transport without repost has no counter)
             row[mode]["reposts"] = getattr(ranks[mode].transport, "reposts", 0) - reposts0[mode]
@@ -437,6 +466,9 @@ def main() -> int:
                          "cores: NIXL's progress threads spin; two agents a process starve P)")
     ap.add_argument("--d-progress-thread", choices=("on", "off"), default="on",
                     help="off: D's NIXL agents without their progress thread (a diagnostic)")
+    ap.add_argument("--probe-scatter", action="store_true",
+                    help="D's scatter call probed: an event first, the call, the call again "
+                         "(a diagnostic; the scatter parts then mean something else)")
     ap.add_argument("--baseline", default=None,
                     help="commit (git archive) or tarball; default: the packed tarball if present")
     ap.add_argument("--pack-baseline", metavar="COMMIT", help="write the baseline tarball, exit")
@@ -445,6 +477,8 @@ def main() -> int:
     if args.pack_baseline:
         print(pack_baseline(args.pack_baseline))
         return 0
+    if args.probe_scatter and args.device != "cuda":
+        ap.error("--probe-scatter probes CUDA launches: it needs --device cuda")
     if args.device == "cpu":
         torch.set_num_threads(1)
     args.geometry = args.geometry or ("llama8b" if args.device == "cuda" else "tiny")
@@ -480,6 +514,7 @@ def main() -> int:
                machine=info, device=args.device, geometry=args.geometry,
                geometry_spec=GEOMETRIES[args.geometry], reps=args.reps, warm=args.warm,
                baseline=base_commit or base, d_progress_thread=args.d_progress_thread,
+               probe_scatter=args.probe_scatter,
                seconds=time.time() - t0, **res)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
