@@ -62,7 +62,8 @@ GEOMETRIES = {
 }
 PARTS = ["wall", "host", "d_plan", "rpc", "p_plan", "gather", "read_post", "read_wait",
          "scatter_run", "scatter_wait", "notif", "other"]
-EXTRA = ["d_upload", "pre_event", "scatter_rerun"]  # timed beside the parts (0 when not probed)
+# timed beside the parts (0 when not probed)
+EXTRA = ["d_upload", "pre_read_event", "pre_event", "scatter_rerun"]
 
 
 def pack_baseline(commit: str, path: str = BASE_TAR) -> str:
@@ -190,11 +191,15 @@ class _Timer:
         self.replies.clear()
 
 
-def _probed_run(timer: _Timer, run):
-    """D's scatter call, probed (a diagnostic, --probe-scatter): an event recorded on the
-    stream first (`pre_event`: does the first CUDA call after the READ absorb the cost?), the
-    call (`scatter_run`), then the same call again (`scatter_rerun`: it writes the same bytes)."""
+def _probed_run(timer: _Timer, run, sleep_us: float = 0.0):
+    """D's scatter call, probed (a diagnostic, --probe-scatter): after `sleep_us` of busy
+    waiting (untimed), an event recorded on the stream (`pre_event`: does the first CUDA call
+    after the READ absorb the cost?), the call (`scatter_run`), then the same call again
+    (`scatter_rerun`: it writes the same bytes)."""
     def w(self, *a, **k):
+        until = time.perf_counter() + sleep_us / 1e6
+        while time.perf_counter() < until:
+            pass
         t0 = time.perf_counter()
         torch.cuda.Event().record(torch.cuda.current_stream(self.device))
         t1 = time.perf_counter()
@@ -209,8 +214,22 @@ def _probed_run(timer: _Timer, run):
     return w
 
 
-def _instrument(dr, kvcopy, timer: _Timer, probe_scatter: bool = False) -> None:
+def _event_first(timer: _Timer, read):
+    """Posting the READ, after an event recorded on the current stream (`pre_read_event`: the
+    first CUDA call after PREPARE's wait, for comparison with the one after the READ)."""
+    def w(*a, **k):
+        t0 = time.perf_counter()
+        torch.cuda.Event().record()
+        timer.t["pre_read_event"] = timer.t.get("pre_read_event", 0.0) + time.perf_counter() - t0
+        return read(*a, **k)
+    return w
+
+
+def _instrument(dr, kvcopy, timer: _Timer, probe_scatter: bool = False,
+                probe_sleep_us: float = 0.0) -> None:
     tr = dr.transport
+    if probe_scatter:
+        tr.read = _event_first(timer, tr.read)
     tr.read = timer.wrap("read_post", tr.read)
     tr.wait = timer.wrap("read_wait", tr.wait)
     tr.send_notif = timer.wrap("notif", tr.send_notif)
@@ -222,7 +241,7 @@ def _instrument(dr, kvcopy, timer: _Timer, probe_scatter: bool = False) -> None:
     name = "_finish_all" if hasattr(dr, "_finish_all") else "_prepare_all"  # the replies
     setattr(dr, name, timer.wrap("prepare_all", getattr(dr, name), capture=True))
     if not getattr(kvcopy.KVProgram.run, "_timed", False):  # D only runs scatters here
-        run = (_probed_run(timer, kvcopy.KVProgram.run) if probe_scatter
+        run = (_probed_run(timer, kvcopy.KVProgram.run, probe_sleep_us) if probe_scatter
                else timer.wrap("scatter_run", kvcopy.KVProgram.run))
         run._timed = True  # type: ignore[attr-defined]
         kvcopy.KVProgram.run = run
@@ -299,7 +318,7 @@ def run(args, base_dir: str | None, modes: list[str]) -> dict:
         dr = worker.DecodeRank(d, f, b"bench", args.device, arena=arena, timeout=120)
         dr.connect([tuple(addrs[mode])])
         timers[mode] = _Timer()
-        _instrument(dr, kvcopy, timers[mode], args.probe_scatter)
+        _instrument(dr, kvcopy, timers[mode], args.probe_scatter, args.probe_sleep_us)
         ranks[mode] = dr
     rows, n = [], 0
     for nbk in sizes:
@@ -469,6 +488,8 @@ def main() -> int:
     ap.add_argument("--probe-scatter", action="store_true",
                     help="D's scatter call probed: an event first, the call, the call again "
                          "(a diagnostic; the scatter parts then mean something else)")
+    ap.add_argument("--probe-sleep-us", type=float, default=0.0,
+                    help="with --probe-scatter: busy-wait this long after the READ first")
     ap.add_argument("--baseline", default=None,
                     help="commit (git archive) or tarball; default: the packed tarball if present")
     ap.add_argument("--pack-baseline", metavar="COMMIT", help="write the baseline tarball, exit")
@@ -514,7 +535,7 @@ def main() -> int:
                machine=info, device=args.device, geometry=args.geometry,
                geometry_spec=GEOMETRIES[args.geometry], reps=args.reps, warm=args.warm,
                baseline=base_commit or base, d_progress_thread=args.d_progress_thread,
-               probe_scatter=args.probe_scatter,
+               probe_scatter=args.probe_scatter, probe_sleep_us=args.probe_sleep_us,
                seconds=time.time() - t0, **res)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
