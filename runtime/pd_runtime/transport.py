@@ -151,8 +151,7 @@ class Transport:
         """Poll until every READ is DONE; on error or timeout release them all and raise. A
         finished READ's handle is kept for reposting (or released, with repost off)."""
         deadline = time.monotonic() + timeout
-        handles = [r.handle for r in reads]
-        pending = list(handles)
+        pending = [r.handle for r in reads]
         err = None
         spins = 0
         try:

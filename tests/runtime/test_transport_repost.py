@@ -93,11 +93,11 @@ def test_other_ranges_get_their_own_handle(link):
 
 
 def test_repost_off_builds_a_handle_per_read(link, monkeypatch):
+    import torch
+
     from pd_runtime.transport import Transport
 
     src, _, _, a, _ = link
-    import torch
-
     monkeypatch.setenv("PD_RUNTIME_NIXL_REPOST", "off")
     dst = Transport("repost-off", str(a.device))
     try:
